@@ -1,0 +1,1 @@
+//! halo-controller as a library: desired state, placement and reconcile.

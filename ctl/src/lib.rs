@@ -1,0 +1,1 @@
+//! haloctl as a library: the command line's parsing and commands.

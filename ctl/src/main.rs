@@ -1,0 +1,5 @@
+//! `haloctl`: the halo command line.
+
+fn main() -> anyhow::Result<()> {
+    anyhow::bail!("haloctl: not built yet")
+}

@@ -1,0 +1,24 @@
+//! Domain types: what halo's libraries pass around. Each file pairs a type
+//! with its `From`/`TryFrom` conversions to and from the wire.
+
+pub mod memory;
+pub mod model;
+
+pub use memory::{GpuMemory, MemoryReport, ProcessMemory};
+pub use model::{ModelFile, ModelParams, ModelStatus};
+
+/// A wire message that does not describe a valid domain value.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConversionError {
+    /// A required field was absent.
+    #[error("missing field `{0}`")]
+    Missing(&'static str),
+    /// A field held a value outside its range.
+    #[error("invalid `{field}`: {reason}")]
+    Invalid {
+        /// The field's name.
+        field: &'static str,
+        /// Why the value is not accepted.
+        reason: String,
+    },
+}

@@ -1,0 +1,2 @@
+//! Shared harness for halo's integration tests: temp dirs, the llama.cpp
+//! binaries, fixture paths.
