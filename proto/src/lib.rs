@@ -10,6 +10,10 @@ pub mod v1 {
     tonic::include_proto!("halo.v1");
 }
 
+/// The encoded `FileDescriptorSet` of `halo.v1`, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/halo_v1_descriptor.bin"));
+
 pub mod domain;
 
 pub use domain::ConversionError;

@@ -140,13 +140,13 @@ impl TryFrom<v1::MemoryReport> for MemoryReport {
     type Error = crate::ConversionError;
 
     fn try_from(m: v1::MemoryReport) -> Result<Self, Self::Error> {
-        if let (Some(total), Some(avail)) = (m.mem_total_bytes, m.mem_available_bytes) {
-            if avail > total {
-                return Err(crate::ConversionError::Invalid {
-                    field: "mem_available_bytes",
-                    reason: format!("{avail} exceeds mem_total_bytes {total}"),
-                });
-            }
+        if let (Some(total), Some(avail)) = (m.mem_total_bytes, m.mem_available_bytes)
+            && avail > total
+        {
+            return Err(crate::ConversionError::Invalid {
+                field: "mem_available_bytes",
+                reason: format!("{avail} exceeds mem_total_bytes {total}"),
+            });
         }
         Ok(MemoryReport {
             sampled_at_unix_ms: m.sampled_at_unix_ms,

@@ -1,11 +1,15 @@
 //! Domain types: what halo's libraries pass around. Each file pairs a type
 //! with its `From`/`TryFrom` conversions to and from the wire.
 
+pub mod instance;
 pub mod memory;
 pub mod model;
+pub mod node;
 
+pub use instance::{CacheType, Instance, InstanceOptions, InstanceState, LogLine, ObservedBuffers};
 pub use memory::{GpuMemory, MemoryReport, ProcessMemory};
 pub use model::{ModelFile, ModelParams, ModelStatus};
+pub use node::{AgentEvent, AgentEventKind, NodeIdentity, Snapshot};
 
 /// A wire message that does not describe a valid domain value.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -33,7 +33,7 @@ pub struct ModelParams {
     pub head_count_kv: Vec<u32>,
     /// `{arch}.attention.key_length` (default `embedding_length / head_count`).
     pub key_length: u32,
-    /// `{arch}.attention.value_length` (default as `key_length`).
+    /// `{arch}.attention.value_length` (default `embedding_length / head_count`).
     pub value_length: u32,
     /// `{arch}.attention.sliding_window`, 0 when the model has none.
     pub sliding_window: u32,
@@ -73,6 +73,9 @@ pub struct ModelParams {
     pub tensor_count: u64,
     /// Number of files in the split set (1 for a single file).
     pub split_count: u32,
+    /// `{arch}.expert_feed_forward_length`: one expert's FFN width, 0 when
+    /// the header does not say.
+    pub expert_feed_forward_length: u64,
 }
 
 /// Whether a model file could be read.
@@ -134,6 +137,7 @@ impl From<ModelParams> for v1::ModelParams {
             leading_dense_block_count: p.leading_dense_block_count,
             tensor_count: p.tensor_count,
             split_count: p.split_count,
+            expert_feed_forward_length: p.expert_feed_forward_length,
         }
     }
 }
@@ -190,6 +194,7 @@ impl TryFrom<v1::ModelParams> for ModelParams {
             leading_dense_block_count: p.leading_dense_block_count,
             tensor_count: p.tensor_count,
             split_count: p.split_count,
+            expert_feed_forward_length: p.expert_feed_forward_length,
         })
     }
 }

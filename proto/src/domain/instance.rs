@@ -1,0 +1,563 @@
+//! llama-server instances: the typed, range-checked options an instance is
+//! started with, its lifecycle state, and what the agent observed of it.
+//! `TryFrom<v1::InstanceOptions>` is where every option's range is checked,
+//! so the agent builds an argv only from values already known to be sane.
+
+use super::ProcessMemory;
+use crate::ConversionError;
+use crate::v1;
+use serde::{Deserialize, Serialize};
+
+/// Largest context accepted (16 Mi tokens): far past any model's, small
+/// enough that arithmetic on it cannot overflow.
+pub const MAX_CONTEXT_SIZE: u32 = 1 << 24;
+/// Most parallel slots (`-np`).
+pub const MAX_PARALLEL: u32 = 256;
+/// Most threads (`-t`).
+pub const MAX_THREADS: u32 = 1024;
+/// Largest logical batch (`-b`).
+pub const MAX_BATCH_SIZE: u32 = 1 << 20;
+/// Most layers offloaded (`-ngl`); anything at or above the model's layer
+/// count means "all".
+pub const MAX_GPU_LAYERS: u32 = 10_000;
+/// Longest alias.
+pub const MAX_ALIAS_LEN: usize = 128;
+/// Most extra flags in one request.
+pub const MAX_EXTRA_FLAGS: usize = 32;
+/// Longest extra flag entry.
+pub const MAX_EXTRA_FLAG_LEN: usize = 256;
+
+/// Where an instance is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum InstanceState {
+    /// The agent is preparing or spawning the process.
+    Starting,
+    /// The process runs; its model is not ready yet (`/health` refused or 503).
+    Loading,
+    /// `/health` answers 200.
+    Ready,
+    /// A stop was requested; the process is being terminated.
+    Stopping,
+    /// Stopped on request; no process.
+    Stopped,
+    /// The process exited, failed to load or stalled; the reason is kept and
+    /// a restart follows after a back-off.
+    Failed,
+    /// A llama-server this agent found running but did not start.
+    Unmanaged,
+}
+
+impl InstanceState {
+    /// Lower-case name for people and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceState::Starting => "starting",
+            InstanceState::Loading => "loading",
+            InstanceState::Ready => "ready",
+            InstanceState::Stopping => "stopping",
+            InstanceState::Stopped => "stopped",
+            InstanceState::Failed => "failed",
+            InstanceState::Unmanaged => "unmanaged",
+        }
+    }
+}
+
+impl std::fmt::Display for InstanceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<InstanceState> for v1::InstanceState {
+    fn from(s: InstanceState) -> Self {
+        match s {
+            InstanceState::Starting => v1::InstanceState::Starting,
+            InstanceState::Loading => v1::InstanceState::Loading,
+            InstanceState::Ready => v1::InstanceState::Ready,
+            InstanceState::Stopping => v1::InstanceState::Stopping,
+            InstanceState::Stopped => v1::InstanceState::Stopped,
+            InstanceState::Failed => v1::InstanceState::Failed,
+            InstanceState::Unmanaged => v1::InstanceState::Unmanaged,
+        }
+    }
+}
+
+impl TryFrom<v1::InstanceState> for InstanceState {
+    type Error = ConversionError;
+
+    fn try_from(s: v1::InstanceState) -> Result<Self, Self::Error> {
+        Ok(match s {
+            v1::InstanceState::Unspecified => return Err(ConversionError::Missing("state")),
+            v1::InstanceState::Starting => InstanceState::Starting,
+            v1::InstanceState::Loading => InstanceState::Loading,
+            v1::InstanceState::Ready => InstanceState::Ready,
+            v1::InstanceState::Stopping => InstanceState::Stopping,
+            v1::InstanceState::Stopped => InstanceState::Stopped,
+            v1::InstanceState::Failed => InstanceState::Failed,
+            v1::InstanceState::Unmanaged => InstanceState::Unmanaged,
+        })
+    }
+}
+
+/// A KV cache element type llama-server accepts for `-ctk`/`-ctv`
+/// (`kv_cache_types` in llama.cpp's `common/arg.cpp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum CacheType {
+    /// `f16`, llama.cpp's default.
+    F16,
+    /// `bf16`.
+    Bf16,
+    /// `q8_0`.
+    Q8_0,
+    /// `q4_0`.
+    Q4_0,
+    /// `q4_1`.
+    Q4_1,
+    /// `q5_0`.
+    Q5_0,
+    /// `q5_1`.
+    Q5_1,
+    /// `iq4_nl`.
+    Iq4Nl,
+    /// `f32`.
+    F32,
+}
+
+impl CacheType {
+    /// The name llama-server takes (`ggml_type_name`).
+    pub fn llama_name(self) -> &'static str {
+        match self {
+            CacheType::F16 => "f16",
+            CacheType::Bf16 => "bf16",
+            CacheType::Q8_0 => "q8_0",
+            CacheType::Q4_0 => "q4_0",
+            CacheType::Q4_1 => "q4_1",
+            CacheType::Q5_0 => "q5_0",
+            CacheType::Q5_1 => "q5_1",
+            CacheType::Iq4Nl => "iq4_nl",
+            CacheType::F32 => "f32",
+        }
+    }
+}
+
+/// `None` (unspecified) becomes `CACHE_TYPE_UNSPECIFIED`.
+fn cache_type_to_wire(c: Option<CacheType>) -> i32 {
+    let w = match c {
+        None => v1::CacheType::Unspecified,
+        Some(CacheType::F16) => v1::CacheType::F16,
+        Some(CacheType::Bf16) => v1::CacheType::Bf16,
+        Some(CacheType::Q8_0) => v1::CacheType::Q80,
+        Some(CacheType::Q4_0) => v1::CacheType::Q40,
+        Some(CacheType::Q4_1) => v1::CacheType::Q41,
+        Some(CacheType::Q5_0) => v1::CacheType::Q50,
+        Some(CacheType::Q5_1) => v1::CacheType::Q51,
+        Some(CacheType::Iq4Nl) => v1::CacheType::Iq4Nl,
+        Some(CacheType::F32) => v1::CacheType::F32,
+    };
+    w as i32
+}
+
+fn cache_type_from_wire(
+    field: &'static str,
+    raw: i32,
+) -> Result<Option<CacheType>, ConversionError> {
+    let w = v1::CacheType::try_from(raw).map_err(|_| ConversionError::Invalid {
+        field,
+        reason: format!("unknown cache type {raw}"),
+    })?;
+    Ok(match w {
+        v1::CacheType::Unspecified => None,
+        v1::CacheType::F16 => Some(CacheType::F16),
+        v1::CacheType::Bf16 => Some(CacheType::Bf16),
+        v1::CacheType::Q80 => Some(CacheType::Q8_0),
+        v1::CacheType::Q40 => Some(CacheType::Q4_0),
+        v1::CacheType::Q41 => Some(CacheType::Q4_1),
+        v1::CacheType::Q50 => Some(CacheType::Q5_0),
+        v1::CacheType::Q51 => Some(CacheType::Q5_1),
+        v1::CacheType::Iq4Nl => Some(CacheType::Iq4Nl),
+        v1::CacheType::F32 => Some(CacheType::F32),
+    })
+}
+
+/// Options for one llama-server instance. Every value has been range
+/// checked; the agent turns them into argv and passes nothing verbatim.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceOptions {
+    /// `-c`; 0 means the model's trained context.
+    pub context_size: u32,
+    /// `-np`, at least 1.
+    pub parallel: u32,
+    /// `-ctk`; `None` leaves llama.cpp's default (f16).
+    pub cache_type_k: Option<CacheType>,
+    /// `-ctv`; `None` leaves llama.cpp's default (f16).
+    pub cache_type_v: Option<CacheType>,
+    /// `-fa on|off`; `None` leaves llama.cpp's `auto`.
+    pub flash_attention: Option<bool>,
+    /// `-ngl`; `None` leaves llama.cpp's default.
+    pub gpu_layers: Option<u32>,
+    /// `-t`; `None` leaves llama.cpp's default.
+    pub threads: Option<u32>,
+    /// `-b`; `None` leaves llama.cpp's default.
+    pub batch_size: Option<u32>,
+    /// `-ub`; `None` leaves llama.cpp's default.
+    pub ubatch_size: Option<u32>,
+    /// `--alias`; empty leaves llama.cpp's default (the file name).
+    pub alias: String,
+    /// Entries of the agent's allow-list of extra flags.
+    pub extra_flags: Vec<String>,
+    /// Allow `context_size` above the model's trained maximum.
+    pub allow_context_over_trained: bool,
+}
+
+impl From<InstanceOptions> for v1::InstanceOptions {
+    fn from(o: InstanceOptions) -> Self {
+        v1::InstanceOptions {
+            context_size: o.context_size,
+            parallel: o.parallel,
+            cache_type_k: cache_type_to_wire(o.cache_type_k),
+            cache_type_v: cache_type_to_wire(o.cache_type_v),
+            flash_attention: o.flash_attention,
+            gpu_layers: o.gpu_layers,
+            threads: o.threads,
+            batch_size: o.batch_size,
+            ubatch_size: o.ubatch_size,
+            alias: o.alias,
+            extra_flags: o.extra_flags,
+            allow_context_over_trained: o.allow_context_over_trained,
+        }
+    }
+}
+
+fn check_range(
+    field: &'static str,
+    v: Option<u32>,
+    min: u32,
+    max: u32,
+) -> Result<(), ConversionError> {
+    match v {
+        Some(v) if v < min || v > max => Err(ConversionError::Invalid {
+            field,
+            reason: format!("{v} is outside {min}..={max}"),
+        }),
+        _ => Ok(()),
+    }
+}
+
+impl TryFrom<v1::InstanceOptions> for InstanceOptions {
+    type Error = ConversionError;
+
+    fn try_from(o: v1::InstanceOptions) -> Result<Self, Self::Error> {
+        check_range("context_size", Some(o.context_size), 0, MAX_CONTEXT_SIZE)?;
+        // 0 means "not set": one slot.
+        let parallel = o.parallel.max(1);
+        check_range("parallel", Some(parallel), 1, MAX_PARALLEL)?;
+        check_range("gpu_layers", o.gpu_layers, 0, MAX_GPU_LAYERS)?;
+        check_range("threads", o.threads, 1, MAX_THREADS)?;
+        check_range("batch_size", o.batch_size, 1, MAX_BATCH_SIZE)?;
+        check_range("ubatch_size", o.ubatch_size, 1, MAX_BATCH_SIZE)?;
+        if let (Some(b), Some(ub)) = (o.batch_size, o.ubatch_size)
+            && ub > b
+        {
+            return Err(ConversionError::Invalid {
+                field: "ubatch_size",
+                reason: format!("{ub} is larger than batch_size {b}"),
+            });
+        }
+        if o.alias.len() > MAX_ALIAS_LEN
+            || !o
+                .alias
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._:/-".contains(&b))
+        {
+            return Err(ConversionError::Invalid {
+                field: "alias",
+                reason: format!(
+                    "must be at most {MAX_ALIAS_LEN} characters of A-Z a-z 0-9 . _ : / -"
+                ),
+            });
+        }
+        if o.extra_flags.len() > MAX_EXTRA_FLAGS {
+            return Err(ConversionError::Invalid {
+                field: "extra_flags",
+                reason: format!("{} entries, at most {MAX_EXTRA_FLAGS}", o.extra_flags.len()),
+            });
+        }
+        if let Some(f) = o
+            .extra_flags
+            .iter()
+            .find(|f| f.len() > MAX_EXTRA_FLAG_LEN || f.contains('\0'))
+        {
+            return Err(ConversionError::Invalid {
+                field: "extra_flags",
+                reason: format!(
+                    "an entry of {} bytes (at most {MAX_EXTRA_FLAG_LEN}, no NUL)",
+                    f.len()
+                ),
+            });
+        }
+        Ok(InstanceOptions {
+            context_size: o.context_size,
+            parallel,
+            cache_type_k: cache_type_from_wire("cache_type_k", o.cache_type_k)?,
+            cache_type_v: cache_type_from_wire("cache_type_v", o.cache_type_v)?,
+            flash_attention: o.flash_attention,
+            gpu_layers: o.gpu_layers,
+            threads: o.threads,
+            batch_size: o.batch_size,
+            ubatch_size: o.ubatch_size,
+            alias: o.alias,
+            extra_flags: o.extra_flags,
+            allow_context_over_trained: o.allow_context_over_trained,
+        })
+    }
+}
+
+/// Buffer sizes llama-server printed while loading, summed over devices.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObservedBuffers {
+    /// `model buffer size` lines.
+    pub model_bytes: u64,
+    /// `KV buffer size` lines.
+    pub kv_bytes: u64,
+    /// `compute buffer size` lines.
+    pub compute_bytes: u64,
+    /// `output buffer size` lines.
+    pub output_bytes: u64,
+    /// `RS buffer size` lines (recurrent state).
+    pub recurrent_bytes: u64,
+}
+
+impl ObservedBuffers {
+    /// Sum of all buffers.
+    pub fn total_bytes(&self) -> u64 {
+        self.model_bytes
+            .saturating_add(self.kv_bytes)
+            .saturating_add(self.compute_bytes)
+            .saturating_add(self.output_bytes)
+            .saturating_add(self.recurrent_bytes)
+    }
+}
+
+impl From<ObservedBuffers> for v1::ObservedBuffers {
+    fn from(b: ObservedBuffers) -> Self {
+        v1::ObservedBuffers {
+            model_bytes: b.model_bytes,
+            kv_bytes: b.kv_bytes,
+            compute_bytes: b.compute_bytes,
+            output_bytes: b.output_bytes,
+            recurrent_bytes: b.recurrent_bytes,
+        }
+    }
+}
+
+impl From<v1::ObservedBuffers> for ObservedBuffers {
+    fn from(b: v1::ObservedBuffers) -> Self {
+        ObservedBuffers {
+            model_bytes: b.model_bytes,
+            kv_bytes: b.kv_bytes,
+            compute_bytes: b.compute_bytes,
+            output_bytes: b.output_bytes,
+            recurrent_bytes: b.recurrent_bytes,
+        }
+    }
+}
+
+/// One llama-server instance as an agent reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Instance {
+    /// Agent-chosen id, unique on the node.
+    pub id: String,
+    /// The model id (path relative to a model directory); empty when unmanaged.
+    pub model_id: String,
+    /// Where it is in its life.
+    pub state: InstanceState,
+    /// What it was started with.
+    pub options: InstanceOptions,
+    /// The running process, if any.
+    pub pid: Option<u32>,
+    /// HTTP port.
+    pub port: u16,
+    /// Base URL clients use (`http://host:port`).
+    pub endpoint: String,
+    /// Restarts after failures since the instance was created.
+    pub restart_count: u32,
+    /// Why it last failed (exit code or signal, last log lines); empty if never.
+    pub last_error: String,
+    /// When `state` was entered (Unix ms).
+    pub state_since_unix_ms: u64,
+    /// Buffer sizes parsed from the load log.
+    pub observed: Option<ObservedBuffers>,
+    /// Live memory use of the process.
+    pub memory: Option<ProcessMemory>,
+    /// Generation of the request that created it.
+    pub generation: u64,
+    /// Bearer token of its HTTP API.
+    pub api_key: String,
+    /// The start request id that created it.
+    pub request_id: String,
+    /// For unmanaged instances, the process's command line.
+    pub command_line: String,
+}
+
+impl From<Instance> for v1::Instance {
+    fn from(i: Instance) -> Self {
+        v1::Instance {
+            id: i.id,
+            model_id: i.model_id,
+            state: v1::InstanceState::from(i.state) as i32,
+            options: Some(i.options.into()),
+            pid: i.pid,
+            port: u32::from(i.port),
+            endpoint: i.endpoint,
+            restart_count: i.restart_count,
+            last_error: i.last_error,
+            state_since_unix_ms: i.state_since_unix_ms,
+            observed: i.observed.map(Into::into),
+            memory: i.memory.map(Into::into),
+            generation: i.generation,
+            api_key: i.api_key,
+            request_id: i.request_id,
+            command_line: i.command_line,
+        }
+    }
+}
+
+impl TryFrom<v1::Instance> for Instance {
+    type Error = ConversionError;
+
+    fn try_from(i: v1::Instance) -> Result<Self, Self::Error> {
+        let state = v1::InstanceState::try_from(i.state).map_err(|_| ConversionError::Invalid {
+            field: "state",
+            reason: format!("unknown state {}", i.state),
+        })?;
+        let port = u16::try_from(i.port).map_err(|_| ConversionError::Invalid {
+            field: "port",
+            reason: format!("{} is not a TCP port", i.port),
+        })?;
+        Ok(Instance {
+            id: i.id,
+            model_id: i.model_id,
+            state: state.try_into()?,
+            options: i.options.unwrap_or_default().try_into()?,
+            pid: i.pid,
+            port,
+            endpoint: i.endpoint,
+            restart_count: i.restart_count,
+            last_error: i.last_error,
+            state_since_unix_ms: i.state_since_unix_ms,
+            observed: i.observed.map(Into::into),
+            memory: i.memory.map(Into::into),
+            generation: i.generation,
+            api_key: i.api_key,
+            request_id: i.request_id,
+            command_line: i.command_line,
+        })
+    }
+}
+
+/// One line of an instance's log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// When the agent read it (Unix ms).
+    pub at_unix_ms: u64,
+    /// The line, without its newline.
+    pub line: String,
+}
+
+impl From<LogLine> for v1::LogLine {
+    fn from(l: LogLine) -> Self {
+        v1::LogLine {
+            at_unix_ms: l.at_unix_ms,
+            line: l.line,
+        }
+    }
+}
+
+impl From<v1::LogLine> for LogLine {
+    fn from(l: v1::LogLine) -> Self {
+        LogLine {
+            at_unix_ms: l.at_unix_ms,
+            line: l.line,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_round_trip_through_the_wire() {
+        let o = InstanceOptions {
+            context_size: 4096,
+            parallel: 2,
+            cache_type_k: Some(CacheType::Q8_0),
+            cache_type_v: None,
+            flash_attention: Some(true),
+            gpu_layers: Some(99),
+            threads: Some(4),
+            batch_size: Some(512),
+            ubatch_size: Some(256),
+            alias: "qwen3-coder:30b".into(),
+            extra_flags: vec!["--jinja".into()],
+            allow_context_over_trained: false,
+        };
+        let back = InstanceOptions::try_from(v1::InstanceOptions::from(o.clone()));
+        assert_eq!(back, Ok(o));
+    }
+
+    #[test]
+    fn options_out_of_range_are_refused_with_the_field_named() {
+        let bad = [
+            (
+                v1::InstanceOptions {
+                    context_size: MAX_CONTEXT_SIZE + 1,
+                    ..Default::default()
+                },
+                "context_size",
+            ),
+            (
+                v1::InstanceOptions {
+                    threads: Some(0),
+                    ..Default::default()
+                },
+                "threads",
+            ),
+            (
+                v1::InstanceOptions {
+                    batch_size: Some(64),
+                    ubatch_size: Some(128),
+                    ..Default::default()
+                },
+                "ubatch_size",
+            ),
+            (
+                v1::InstanceOptions {
+                    alias: "a,b".into(),
+                    ..Default::default()
+                },
+                "alias",
+            ),
+            (
+                v1::InstanceOptions {
+                    cache_type_k: 99,
+                    ..Default::default()
+                },
+                "cache_type_k",
+            ),
+        ];
+        for (o, field) in bad {
+            match InstanceOptions::try_from(o) {
+                Err(ConversionError::Invalid { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn parallel_zero_means_one_slot() {
+        let o = InstanceOptions::try_from(v1::InstanceOptions::default()).expect("valid");
+        assert_eq!(o.parallel, 1);
+        assert_eq!(o.cache_type_k, None);
+    }
+}

@@ -1,0 +1,158 @@
+//! Who a node is, and what its agent streams to watchers: a full snapshot
+//! first, then instance state changes, memory samples and model lists.
+
+use super::{Instance, MemoryReport, ModelFile};
+use crate::ConversionError;
+use crate::v1;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// A node's name, the roles placement matches on, and free-form labels.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeIdentity {
+    /// Node name, unique in the cluster.
+    pub name: String,
+    /// Roles such as `speed` or `reasoning`.
+    pub roles: Vec<String>,
+    /// Free-form labels.
+    pub labels: BTreeMap<String, String>,
+    /// Address the agent serves gRPC on (`host:port`).
+    pub agent_address: String,
+    /// The agent's version.
+    pub agent_version: String,
+}
+
+impl From<NodeIdentity> for v1::NodeIdentity {
+    fn from(n: NodeIdentity) -> Self {
+        v1::NodeIdentity {
+            name: n.name,
+            roles: n.roles,
+            labels: n.labels.into_iter().collect(),
+            agent_address: n.agent_address,
+            agent_version: n.agent_version,
+        }
+    }
+}
+
+impl From<v1::NodeIdentity> for NodeIdentity {
+    fn from(n: v1::NodeIdentity) -> Self {
+        NodeIdentity {
+            name: n.name,
+            roles: n.roles,
+            labels: n.labels.into_iter().collect(),
+            agent_address: n.agent_address,
+            agent_version: n.agent_version,
+        }
+    }
+}
+
+/// Everything a watcher needs to start from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The node.
+    pub node: NodeIdentity,
+    /// A fresh memory reading.
+    pub memory: MemoryReport,
+    /// Models on disk.
+    pub models: Vec<ModelFile>,
+    /// Instances, managed and unmanaged.
+    pub instances: Vec<Instance>,
+}
+
+/// What an agent's Watch stream carries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AgentEventKind {
+    /// Full state; first on every stream, and again after a watcher lagged.
+    Snapshot(Box<Snapshot>),
+    /// An instance changed (state, pid, observed buffers…).
+    Instance(Box<Instance>),
+    /// A memory sample.
+    Memory(Box<MemoryReport>),
+    /// The model list after a rescan.
+    Models(Vec<ModelFile>),
+}
+
+/// One event with its time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentEvent {
+    /// When it happened (Unix ms).
+    pub at_unix_ms: u64,
+    /// What happened.
+    pub kind: AgentEventKind,
+}
+
+impl From<Snapshot> for v1::Snapshot {
+    fn from(s: Snapshot) -> Self {
+        v1::Snapshot {
+            node: Some(s.node.into()),
+            memory: Some(s.memory.into()),
+            models: s.models.into_iter().map(Into::into).collect(),
+            instances: s.instances.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+impl TryFrom<v1::Snapshot> for Snapshot {
+    type Error = ConversionError;
+
+    fn try_from(s: v1::Snapshot) -> Result<Self, Self::Error> {
+        Ok(Snapshot {
+            node: s.node.ok_or(ConversionError::Missing("node"))?.into(),
+            memory: s
+                .memory
+                .ok_or(ConversionError::Missing("memory"))?
+                .try_into()?,
+            models: s
+                .models
+                .into_iter()
+                .map(TryInto::try_into)
+                .collect::<Result<_, _>>()?,
+            instances: s
+                .instances
+                .into_iter()
+                .map(TryInto::try_into)
+                .collect::<Result<_, _>>()?,
+        })
+    }
+}
+
+impl From<AgentEvent> for v1::AgentEvent {
+    fn from(e: AgentEvent) -> Self {
+        use v1::agent_event::Event;
+        let event = match e.kind {
+            AgentEventKind::Snapshot(s) => Event::Snapshot((*s).into()),
+            AgentEventKind::Instance(i) => Event::Instance((*i).into()),
+            AgentEventKind::Memory(m) => Event::Memory((*m).into()),
+            AgentEventKind::Models(models) => Event::Models(v1::ListModelsResponse {
+                models: models.into_iter().map(Into::into).collect(),
+            }),
+        };
+        v1::AgentEvent {
+            at_unix_ms: e.at_unix_ms,
+            event: Some(event),
+        }
+    }
+}
+
+impl TryFrom<v1::AgentEvent> for AgentEvent {
+    type Error = ConversionError;
+
+    fn try_from(e: v1::AgentEvent) -> Result<Self, Self::Error> {
+        use v1::agent_event::Event;
+        let kind = match e.event.ok_or(ConversionError::Missing("event"))? {
+            Event::Snapshot(s) => AgentEventKind::Snapshot(Box::new(s.try_into()?)),
+            Event::Instance(i) => AgentEventKind::Instance(Box::new(i.try_into()?)),
+            Event::Memory(m) => AgentEventKind::Memory(Box::new(m.try_into()?)),
+            Event::Models(m) => AgentEventKind::Models(
+                m.models
+                    .into_iter()
+                    .map(TryInto::try_into)
+                    .collect::<Result<_, _>>()?,
+            ),
+        };
+        Ok(AgentEvent {
+            at_unix_ms: e.at_unix_ms,
+            kind,
+        })
+    }
+}
