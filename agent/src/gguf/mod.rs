@@ -4,10 +4,16 @@
 //! demo (a tiny real model, and sparse big models whose data is a file hole).
 
 pub mod fixtures;
+#[cfg(test)]
+mod malformed_tests;
 pub mod params;
 pub mod read;
 pub mod types;
 pub mod write;
 
-pub use read::{GgufError, GgufFile, TensorInfo, read_header, read_model};
+pub use params::{ParamsError, model_params};
+pub use read::{
+    GgufError, GgufFile, GgufModel, ReadLimits, TensorInfo, read_header, read_header_from,
+    read_model,
+};
 pub use types::{GgmlType, Value, ValueType};

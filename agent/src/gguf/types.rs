@@ -36,9 +36,12 @@ macro_rules! ggml_types {
 const QK_K: u64 = 256;
 
 // blck_size and type_size per ggml/src/ggml.c `type_traits`; the byte counts
-// spelled out are sizeof(block_*) from ggml/src/ggml-common.h. Ids 4, 5
-// (Q4_2, Q4_3) and 31..33, 36..38 (the removed *_4_4/_4_8/_8_8 repacks) are
-// gone from llama.cpp and refused.
+// spelled out are sizeof(block_*) from ggml/src/ggml-common.h, written the way
+// its `static_assert(sizeof(block_*) == ...)` lines spell them (ggml_half = 2
+// bytes, K_SCALE_SIZE = 12, IQ3S_N_SCALE = QK_K/64). Every entry was checked
+// against those asserts; see `table_matches_ggml_common_sizes` below. Ids 4, 5
+// (Q4_2, Q4_3) and 31..33, 36..38 (the removed *_4_4/_4_8/_8_8 repacks) have
+// `blck_size = 0` in `type_traits` and are refused (see [`GgmlType::is_removed_id`]).
 ggml_types! {
     F32 = 0, "F32", 1, 4;
     F16 = 1, "F16", 1, 2;
@@ -72,9 +75,27 @@ ggml_types! {
     TQ1_0 = 34, "TQ1_0", QK_K, (QK_K - 4 * QK_K / 64) / 5 + QK_K / 64 + 2;
     TQ2_0 = 35, "TQ2_0", QK_K, QK_K / 4 + 2;
     MXFP4 = 39, "MXFP4", 32, 1 + 16;
+    // block_nvfp4: 4 UE4M3 scales (one per 16-element sub-block) + 32 bytes
+    // of packed E2M1 quants; QK_NVFP4 = 64.
+    NVFP4 = 40, "NVFP4", 64, 64 / 16 + 64 / 2;
+    // block_q1_0: ggml_half d + QK1_0 / 8 bytes of sign bits; QK1_0 = 128.
+    Q1_0 = 41, "Q1_0", 128, 2 + 128 / 8;
+    // block_q2_0: ggml_half d + QK2_0 / 4 bytes of 2-bit quants; QK2_0 = 64.
+    Q2_0 = 42, "Q2_0", 64, 2 + 64 / 4;
 }
 
 impl GgmlType {
+    /// `GGML_TYPE_COUNT` in `ggml/include/ggml.h`: ids at or above this are
+    /// unknown to this llama.cpp.
+    pub const COUNT: u32 = 43;
+
+    /// Whether `id` names a type llama.cpp has removed (`Q4_2`, `Q4_3`, the
+    /// `Q4_0_*_*` and `IQ4_NL_*_*` repacks): `type_traits` keeps a
+    /// `blck_size = 0` placeholder for them and `gguf.cpp` refuses them.
+    pub fn is_removed_id(id: u32) -> bool {
+        matches!(id, 4 | 5 | 31..=33 | 36..=38)
+    }
+
     /// The type with this id, if llama.cpp still ships it.
     pub fn from_id(id: u32) -> Option<GgmlType> {
         GgmlType::ALL.iter().copied().find(|t| t.id == id)
@@ -91,7 +112,7 @@ impl GgmlType {
     /// Bytes of one row of `ne0` elements, or `None` when `ne0` is not a
     /// whole number of blocks (`ggml_row_size`).
     pub fn row_bytes(self, ne0: u64) -> Option<u64> {
-        if ne0 % self.block_size != 0 {
+        if !ne0.is_multiple_of(self.block_size) {
             return None;
         }
         (ne0 / self.block_size).checked_mul(self.type_size)
@@ -250,5 +271,91 @@ impl Value {
             Value::String(s) => Some(s),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn table_has_unique_sorted_ids_and_names() {
+        let mut ids = HashSet::new();
+        let mut names = HashSet::new();
+        for t in GgmlType::ALL {
+            assert!(ids.insert(t.id), "duplicate id {}", t.id);
+            assert!(names.insert(t.name), "duplicate name {}", t.name);
+            assert!(t.block_size > 0 && t.type_size > 0, "{t}");
+            assert!(t.id < GgmlType::COUNT, "{t}");
+            assert!(!GgmlType::is_removed_id(t.id), "{t} is a removed id");
+            assert_eq!(GgmlType::from_id(t.id), Some(*t));
+            assert_eq!(GgmlType::from_name(&t.name.to_lowercase()), Some(*t));
+        }
+        assert!(GgmlType::ALL.windows(2).all(|w| w[0].id < w[1].id));
+        // Every id below GGML_TYPE_COUNT is either shipped or removed.
+        for id in 0..GgmlType::COUNT {
+            assert!(
+                GgmlType::from_id(id).is_some() != GgmlType::is_removed_id(id),
+                "id {id}"
+            );
+        }
+        assert_eq!(GgmlType::from_id(GgmlType::COUNT), None);
+    }
+
+    #[test]
+    fn table_matches_ggml_common_sizes() {
+        // (id, blck_size, sizeof(block)) as the static_asserts in
+        // ggml/src/ggml-common.h evaluate with QK_K = 256.
+        let expected: &[(u32, u64, u64)] = &[
+            (0, 1, 4),
+            (1, 1, 2),
+            (2, 32, 18),
+            (3, 32, 20),
+            (6, 32, 22),
+            (7, 32, 24),
+            (8, 32, 34),
+            (9, 32, 36),
+            (10, 256, 84),
+            (11, 256, 110),
+            (12, 256, 144),
+            (13, 256, 176),
+            (14, 256, 210),
+            (15, 256, 292),
+            (16, 256, 66),
+            (17, 256, 74),
+            (18, 256, 98),
+            (19, 256, 50),
+            (20, 32, 18),
+            (21, 256, 110),
+            (22, 256, 82),
+            (23, 256, 136),
+            (24, 1, 1),
+            (25, 1, 2),
+            (26, 1, 4),
+            (27, 1, 8),
+            (28, 1, 8),
+            (29, 256, 56),
+            (30, 1, 2),
+            (34, 256, 54),
+            (35, 256, 66),
+            (39, 32, 17),
+            (40, 64, 36),
+            (41, 128, 18),
+            (42, 64, 18),
+        ];
+        assert_eq!(expected.len(), GgmlType::ALL.len());
+        for &(id, blck, size) in expected {
+            let t = GgmlType::from_id(id).expect("id in table");
+            assert_eq!((t.block_size, t.type_size), (blck, size), "{t}");
+        }
+    }
+
+    #[test]
+    fn tensor_bytes_checks_blocks_and_overflow() {
+        assert_eq!(GgmlType::Q4_K.tensor_bytes(&[512, 3]), Some(2 * 144 * 3));
+        assert_eq!(GgmlType::Q4_K.tensor_bytes(&[100]), None);
+        assert_eq!(GgmlType::F32.tensor_bytes(&[u64::MAX, 2]), None);
+        assert_eq!(GgmlType::F32.tensor_bytes(&[]), None);
     }
 }
