@@ -1,0 +1,629 @@
+//! Parity with llama.cpp's own projection.
+//!
+//! `llama-fit-params -m FILE -c CTX --fit-print on` loads the model with
+//! `no_alloc` (`common_get_device_memory_data_impl` in `common/fit.cpp`):
+//! it builds every buffer's layout without reading the weights, so sparse
+//! fixture files work. `common_fit_print` then prints, on stdout, one line
+//! per device and one `Host <model MiB> <context MiB> <compute MiB>` line
+//! (each value `bytes / MiB`, rounded down). Only host buffer types are in
+//! that line (`ggml_backend_buft_is_host`); the CPU's repacked weights
+//! (`CPU_REPACK`) are not host-typed, so they appear only in the
+//! `common_memory_breakdown_print` table logged on stderr at debug
+//! verbosity (`-v`). [`run_fit_params`] reads both and sums every row.
+
+use super::{
+    CacheType, Estimate, EstimateOptions, FlashAttn, MIB, ObservedBuffers, parse_load_log,
+};
+use std::fmt;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Why a `llama-fit-params` run gave no projection.
+#[derive(Debug, thiserror::Error)]
+pub enum ParityError {
+    /// The binary could not be started.
+    #[error("cannot run {bin}: {source}")]
+    Spawn {
+        /// The binary.
+        bin: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The binary exited unsuccessfully.
+    #[error("{bin} failed ({status}): {stderr_tail}")]
+    Failed {
+        /// The binary.
+        bin: PathBuf,
+        /// Its exit status.
+        status: std::process::ExitStatus,
+        /// The last lines of its stderr.
+        stderr_tail: String,
+    },
+    /// The binary succeeded but printed no `Host` line.
+    #[error("no `Host` projection line in the output of {bin}: {stdout}")]
+    NoProjection {
+        /// The binary.
+        bin: PathBuf,
+        /// What it printed on stdout.
+        stdout: String,
+    },
+    /// An option has no `llama-fit-params` flag.
+    #[error("llama-fit-params has no flag for {0}")]
+    Unsupported(&'static str),
+    /// `llama-server` printed no projection table in time.
+    #[error("{bin} printed no memory breakdown within {seconds} s: {stderr_tail}")]
+    NoTable {
+        /// The binary.
+        bin: PathBuf,
+        /// The deadline.
+        seconds: u64,
+        /// The last lines of its stderr.
+        stderr_tail: String,
+    },
+}
+
+/// One row of llama.cpp's projection, in whole MiB as it prints them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BufferRow {
+    /// `Host`, a device name, or a buffer type such as `CPU_REPACK`.
+    pub name: String,
+    /// Weights.
+    pub model_mib: u64,
+    /// KV cache and recurrent state.
+    pub context_mib: u64,
+    /// Compute buffer.
+    pub compute_mib: u64,
+}
+
+/// What `llama-fit-params --fit-print on` projected.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaProjection {
+    /// The stdout lines (`Host` last), as `common_fit_print` prints them.
+    pub printed: Vec<BufferRow>,
+    /// The stderr breakdown table rows (`Host`, `CPU_REPACK`, devices), when
+    /// the log carried them.
+    pub table: Vec<BufferRow>,
+    /// The exact figures the debug log carries (KV `size = ...`, `compute
+    /// buffer size = ...`), for diagnosis.
+    pub precise: ObservedBuffers,
+}
+
+impl LlamaProjection {
+    /// The rows to sum: the breakdown table when it was logged (it includes
+    /// non-host buffer types), else the printed lines.
+    fn rows(&self) -> &[BufferRow] {
+        if self.table.is_empty() {
+            &self.printed
+        } else {
+            &self.table
+        }
+    }
+
+    /// Weights, MiB, over every buffer type.
+    pub fn model_mib(&self) -> u64 {
+        self.rows().iter().map(|r| r.model_mib).sum()
+    }
+
+    /// KV + recurrent state, MiB.
+    pub fn context_mib(&self) -> u64 {
+        self.rows().iter().map(|r| r.context_mib).sum()
+    }
+
+    /// Compute buffers, MiB.
+    pub fn compute_mib(&self) -> u64 {
+        self.rows().iter().map(|r| r.compute_mib).sum()
+    }
+
+    /// Parses `llama-fit-params` stdout and stderr (`-v`).
+    pub fn parse(stdout: &str, stderr: &str) -> Option<LlamaProjection> {
+        let printed: Vec<BufferRow> = stdout.lines().filter_map(parse_printed_line).collect();
+        if !printed.iter().any(|r| r.name == "Host") {
+            return None;
+        }
+        Some(LlamaProjection {
+            printed,
+            table: parse_table(stderr),
+            precise: parse_load_log(stderr),
+        })
+    }
+}
+
+/// `Host 693 512 294` (`common_fit_print`): a name then three integers.
+fn parse_printed_line(line: &str) -> Option<BufferRow> {
+    let mut it = line.split_whitespace();
+    let name = it.next()?.to_owned();
+    let model_mib = it.next()?.parse().ok()?;
+    let context_mib = it.next()?.parse().ok()?;
+    let compute_mib = it.next()?.parse().ok()?;
+    if it.next().is_some() {
+        return None;
+    }
+    Some(BufferRow {
+        name,
+        model_mib,
+        context_mib,
+        compute_mib,
+    })
+}
+
+/// A `common_memory_breakdown_print` row. Host and buffer-type rows read
+/// `| - Host | self = model + context + compute |`; device rows read
+/// `| - Dev (desc) | total = free + (self = model + context + compute) +
+/// unaccounted |`.
+pub(crate) fn parse_table_row(line: &str) -> Option<(String, u64, u64, u64)> {
+    let mut cells = line.split('|').skip(1);
+    let name = cells.next()?.trim().strip_prefix("- ")?.trim().to_owned();
+    let values = cells.next()?;
+    let inner = match (values.find('('), values.rfind(')')) {
+        (Some(a), Some(b)) if a < b => &values[a + 1..b],
+        _ => values,
+    };
+    let (_, sum) = inner.split_once('=')?;
+    let mut parts = sum.split('+').map(|p| p.trim().parse::<u64>());
+    let model = parts.next()?.ok()?;
+    let context = parts.next()?.ok()?;
+    let compute = parts.next()?.ok()?;
+    Some((name, model, context, compute))
+}
+
+impl From<(String, u64, u64, u64)> for BufferRow {
+    fn from((name, model_mib, context_mib, compute_mib): (String, u64, u64, u64)) -> Self {
+        BufferRow {
+            name,
+            model_mib,
+            context_mib,
+            compute_mib,
+        }
+    }
+}
+
+fn parse_table(stderr: &str) -> Vec<BufferRow> {
+    stderr
+        .lines()
+        .filter(|l| l.contains("memory_breakdown_print"))
+        .filter_map(parse_table_row)
+        .map(BufferRow::from)
+        .collect()
+}
+
+/// The command-line flags for `opts`.
+pub fn fit_params_args(opts: &EstimateOptions) -> Result<Vec<String>, ParityError> {
+    if opts.kv_unified {
+        // -kvu is registered for the server, perplexity and batched tools only.
+        return Err(ParityError::Unsupported("--kv-unified"));
+    }
+    if opts.n_outputs_max != 0 && u64::from(opts.n_outputs_max) < u64::from(opts.n_ubatch) {
+        // common_params::n_outputs_max has no command-line flag.
+        return Err(ParityError::Unsupported("n_outputs_max"));
+    }
+    Ok(common_args(opts))
+}
+
+/// Flags both tools share.
+fn common_args(opts: &EstimateOptions) -> Vec<String> {
+    let mut args = vec![
+        "-c".to_owned(),
+        opts.ctx.to_string(),
+        "-np".to_owned(),
+        opts.parallel.max(1).to_string(),
+        "-b".to_owned(),
+        opts.n_batch.to_string(),
+        "-ub".to_owned(),
+        opts.n_ubatch.to_string(),
+        "-ctk".to_owned(),
+        opts.cache_type_k.name().to_owned(),
+        "-ctv".to_owned(),
+        opts.cache_type_v.name().to_owned(),
+        "-fa".to_owned(),
+        opts.flash_attn.name().to_owned(),
+        "-ngl".to_owned(),
+        opts.gpu_layers.to_string(),
+    ];
+    if opts.swa_full {
+        args.push("--swa-full".to_owned());
+    }
+    args
+}
+
+/// Runs `bin` (`llama-fit-params`) on `model` with `opts` and parses its
+/// projection. The stderr table comes from llama.cpp's asynchronous logger,
+/// which can lose its last lines when the process exits; the run is repeated
+/// (up to 5 times) until the table is complete, and otherwise the printed
+/// `Host` line alone is used.
+pub fn run_fit_params(
+    bin: &Path,
+    model: &Path,
+    opts: &EstimateOptions,
+) -> Result<LlamaProjection, ParityError> {
+    let args = fit_params_args(opts)?;
+    let mut last = None;
+    for _ in 0..5 {
+        let out = Command::new(bin)
+            .arg("-m")
+            .arg(model)
+            .args(&args)
+            .args(["--fit-print", "on", "-v"])
+            .output()
+            .map_err(|source| ParityError::Spawn {
+                bin: bin.to_owned(),
+                source,
+            })?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
+            return Err(ParityError::Failed {
+                bin: bin.to_owned(),
+                status: out.status,
+                stderr_tail: tail.into_iter().rev().collect::<Vec<_>>().join(" | "),
+            });
+        }
+        let Some(mut p) = LlamaProjection::parse(&stdout, &stderr) else {
+            return Err(ParityError::NoProjection {
+                bin: bin.to_owned(),
+                stdout: stdout.into_owned(),
+            });
+        };
+        if table_is_complete(&p) {
+            return Ok(p);
+        }
+        p.table.clear();
+        last = Some(p);
+    }
+    last.ok_or_else(|| ParityError::NoProjection {
+        bin: bin.to_owned(),
+        stdout: String::new(),
+    })
+}
+
+/// Whether the stderr table has a `Host` row equal to the printed line and a
+/// row for every non-host weight buffer the load logged (`CPU_REPACK`, ...;
+/// host types, `CPU` and `*_Mapped`, are folded into `Host`).
+fn table_is_complete(p: &LlamaProjection) -> bool {
+    let host_printed = p.printed.iter().find(|r| r.name == "Host");
+    let host_table = p.table.iter().find(|r| r.name == "Host");
+    let others_present = p
+        .precise
+        .lines
+        .iter()
+        .filter(|l| l.kind == super::loadlog::BufferKind::Model)
+        .filter(|l| l.buffer != "CPU" && !l.buffer.ends_with("_Mapped"))
+        .all(|l| p.table.iter().any(|r| r.name == l.buffer));
+    host_printed.is_some() && host_printed == host_table && others_present
+}
+
+/// The projection `llama-server` itself makes before loading: with `--fit`
+/// on (its default) it measures the model with `no_alloc` exactly like
+/// `llama-fit-params`, but with its own context parameters (one logit row
+/// per slot, `-kvu`), and logs the breakdown table at `-v`. This starts
+/// `bin` (`llama-server`) on `model`, reads stderr until that first table is
+/// complete and kills the server before it loads any weight, so sparse
+/// files work. `n_outputs_max` follows `-np` (`server_output_limits`).
+pub fn run_server_projection(
+    bin: &Path,
+    model: &Path,
+    opts: &EstimateOptions,
+    timeout: Duration,
+) -> Result<LlamaProjection, ParityError> {
+    let mut args = common_args(opts);
+    args.push(if opts.kv_unified { "-kvu" } else { "-no-kvu" }.to_owned());
+    // A port nobody listens on; the server is stopped before it binds.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(18_999);
+    let mut child = Command::new(bin)
+        .arg("-m")
+        .arg(model)
+        .args(&args)
+        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "-v"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| ParityError::Spawn {
+            bin: bin.to_owned(),
+            source,
+        })?;
+    let (tx, rx) = mpsc::channel::<String>();
+    let reader = child.stderr.take().map(|stderr| {
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        })
+    });
+    let deadline = Instant::now() + timeout;
+    let mut log = String::new();
+    let mut table = Vec::new();
+    let mut in_table = false;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(line) = rx.recv_timeout(left) else {
+            break; // deadline, or the server exited
+        };
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains("memory breakdown [MiB]") {
+            in_table = true;
+        } else if in_table {
+            match parse_table_row(&line) {
+                Some(row) if line.contains("memory_breakdown_print") => {
+                    table.push(BufferRow::from(row))
+                }
+                _ => break,
+            }
+        }
+    }
+    // Our own child; it is stopped before it loads weights or binds.
+    let _ = child.kill();
+    let _ = child.wait();
+    drop(rx);
+    if let Some(r) = reader {
+        let _ = r.join();
+    }
+    if table.is_empty() {
+        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+        return Err(ParityError::NoTable {
+            bin: bin.to_owned(),
+            seconds: timeout.as_secs(),
+            stderr_tail: tail.into_iter().rev().collect::<Vec<_>>().join(" | "),
+        });
+    }
+    Ok(LlamaProjection {
+        printed: Vec::new(),
+        table,
+        precise: parse_load_log(&log),
+    })
+}
+
+/// [`run_fit_params`] at `llama-fit-params` defaults with one context size
+/// and cache type for both K and V.
+pub fn run_fit_params_ctx(
+    bin: &Path,
+    model: &Path,
+    ctx: u32,
+    cache: CacheType,
+) -> Result<LlamaProjection, ParityError> {
+    run_fit_params(bin, model, &EstimateOptions::with_ctx(ctx).cache(cache))
+}
+
+/// How close is close enough: within `rel` of llama.cpp's figure or
+/// `abs_mib`, whichever is larger.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tolerance {
+    /// Relative tolerance (0.02 = 2 %).
+    pub rel: f64,
+    /// Absolute tolerance in MiB.
+    pub abs_mib: f64,
+}
+
+impl Default for Tolerance {
+    /// 2 % or 16 MiB.
+    fn default() -> Self {
+        Tolerance {
+            rel: 0.02,
+            abs_mib: 16.0,
+        }
+    }
+}
+
+impl Tolerance {
+    /// Whether `ours` (MiB) is close enough to `theirs` (MiB).
+    pub fn allows(&self, theirs: f64, ours: f64) -> bool {
+        (ours - theirs).abs() <= (self.rel * theirs.abs()).max(self.abs_mib)
+    }
+}
+
+/// One comparison: llama.cpp's projection against ours.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParityRow {
+    /// Architecture or model label.
+    pub label: String,
+    /// Requested context.
+    pub ctx: u32,
+    /// K/V cache type.
+    pub cache: CacheType,
+    /// Flash attention option.
+    pub flash_attn: FlashAttn,
+    /// Parallel sequences.
+    pub parallel: u32,
+    /// Other options that differ from the defaults (`kvu`, `swa-full`,
+    /// `out=N` logit rows).
+    pub flags: String,
+    /// llama.cpp `[model, context, compute]`, MiB (rounded down per row).
+    pub llama_mib: [u64; 3],
+    /// Ours, MiB (exact).
+    pub halo_mib: [f64; 3],
+    /// Whether each of the three is within tolerance.
+    pub ok: [bool; 3],
+}
+
+impl ParityRow {
+    /// Compares `est` with `proj`. llama.cpp rounds each buffer row down to
+    /// whole MiB, so a figure may sit up to one MiB per row under ours.
+    pub fn new(
+        label: &str,
+        opts: &EstimateOptions,
+        est: &Estimate,
+        proj: &LlamaProjection,
+        tol: Tolerance,
+    ) -> ParityRow {
+        let llama_mib = [proj.model_mib(), proj.context_mib(), proj.compute_mib()];
+        let halo_mib = [
+            est.weights_bytes as f64 / MIB as f64,
+            est.kv_bytes as f64 / MIB as f64,
+            est.compute_bytes as f64 / MIB as f64,
+        ];
+        let rows = proj.rows().len().max(1) as f64;
+        let ok = [0, 1, 2].map(|i| {
+            let theirs = llama_mib[i] as f64;
+            // Compare against the midpoint of the rounding interval.
+            tol.allows(theirs + rows / 2.0, halo_mib[i]) || tol.allows(theirs, halo_mib[i])
+        });
+        let mut flags = Vec::new();
+        if opts.kv_unified {
+            flags.push("kvu".to_owned());
+        }
+        if opts.swa_full {
+            flags.push("swa-full".to_owned());
+        }
+        if opts.n_outputs_max != 0 {
+            flags.push(format!("out={}", opts.n_outputs_max));
+        }
+        if (opts.n_batch, opts.n_ubatch) != (2048, 512) {
+            flags.push(format!("b={},ub={}", opts.n_batch, opts.n_ubatch));
+        }
+        ParityRow {
+            label: label.to_owned(),
+            ctx: opts.ctx,
+            cache: opts.cache_type_k,
+            flash_attn: opts.flash_attn,
+            parallel: opts.parallel,
+            flags: flags.join(","),
+            llama_mib,
+            halo_mib,
+            ok,
+        }
+    }
+
+    /// Whether all three figures are within tolerance.
+    pub fn passes(&self) -> bool {
+        self.ok.iter().all(|&x| x)
+    }
+
+    /// Relative error of figure `i` in percent (0 when llama.cpp says 0).
+    pub fn error_pct(&self, i: usize) -> f64 {
+        let theirs = self.llama_mib[i] as f64;
+        if theirs == 0.0 {
+            0.0
+        } else {
+            (self.halo_mib[i] - theirs) / theirs * 100.0
+        }
+    }
+
+    /// The table header matching [`fmt::Display`].
+    pub fn header() -> String {
+        format!(
+            "{:<36} {:>7} {:>5} {:>4} {:>3} {:<14} | {:>8} {:>8} {:>7} | {:>8} {:>8} {:>7} | {:>7} {:>7} {:>7} | ok",
+            "model",
+            "ctx",
+            "cache",
+            "fa",
+            "np",
+            "flags",
+            "ll.model",
+            "ll.ctx",
+            "ll.comp",
+            "hl.model",
+            "hl.ctx",
+            "hl.comp",
+            "err.m%",
+            "err.c%",
+            "err.k%"
+        )
+    }
+}
+
+impl fmt::Display for ParityRow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mark = |b: bool| if b { "" } else { "!" };
+        write!(
+            f,
+            "{:<36} {:>7} {:>5} {:>4} {:>3} {:<14} | {:>8} {:>8} {:>7} | {:>8.0} {:>8.0} {:>7.0} | {:>6.2}{:1} {:>6.2}{:1} {:>6.2}{:1} | {}",
+            self.label,
+            self.ctx,
+            self.cache.name(),
+            self.flash_attn.name(),
+            self.parallel,
+            self.flags,
+            self.llama_mib[0],
+            self.llama_mib[1],
+            self.llama_mib[2],
+            self.halo_mib[0],
+            self.halo_mib[1],
+            self.halo_mib[2],
+            self.error_pct(0),
+            mark(self.ok[0]),
+            self.error_pct(1),
+            mark(self.ok[1]),
+            self.error_pct(2),
+            mark(self.ok[2]),
+            if self.passes() { "yes" } else { "NO" }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STDOUT: &str = "Host 693 512 294 \n";
+    const STDERR: &str = "\
+0.00.011.161 D sched_reserve:        CPU compute buffer size =   294.52 MiB
+0.00.011.421 I common_memory_breakdown_print: | memory breakdown [MiB] | total   free    self   model   context   compute    unaccounted |
+0.00.011.421 I common_memory_breakdown_print: |   - Host               |                 1500 =   693 +     512 +     294                |
+0.00.011.421 I common_memory_breakdown_print: |   - CPU_REPACK         |                 3744 =  3744 +       0 +       0                |
+";
+
+    #[test]
+    fn projection_sums_host_line_and_repacked_weights() {
+        let p = LlamaProjection::parse(STDOUT, STDERR).expect("parse");
+        assert_eq!(p.printed.len(), 1);
+        assert_eq!(p.table.len(), 2);
+        assert_eq!(
+            (p.model_mib(), p.context_mib(), p.compute_mib()),
+            (693 + 3744, 512, 294)
+        );
+        assert_eq!(
+            p.precise.compute_bytes,
+            Some((294.52 * MIB as f64).round() as u64)
+        );
+    }
+
+    #[test]
+    fn projection_without_table_uses_printed_lines() {
+        let p = LlamaProjection::parse(STDOUT, "").expect("parse");
+        assert_eq!((p.model_mib(), p.compute_mib()), (693, 294));
+        assert!(LlamaProjection::parse("nothing here\n", STDERR).is_none());
+    }
+
+    #[test]
+    fn device_rows_read_the_parenthesised_sum() {
+        let row = "x: |   - ROCm0 (8060S) | 98304 = 50000 + (40000 = 30000 + 8000 + 2000) + 8304 |";
+        assert_eq!(
+            parse_table_row(row),
+            Some(("ROCm0 (8060S)".to_owned(), 30000, 8000, 2000))
+        );
+        assert_eq!(parse_table_row("| memory breakdown [MiB] | total |"), None);
+    }
+
+    #[test]
+    fn tolerance_is_two_percent_or_sixteen_mib() {
+        let t = Tolerance::default();
+        assert!(t.allows(100.0, 115.0));
+        assert!(!t.allows(100.0, 117.0));
+        assert!(t.allows(10_000.0, 10_190.0));
+        assert!(!t.allows(10_000.0, 10_210.0));
+    }
+
+    #[test]
+    fn args_follow_the_options() {
+        let args =
+            fit_params_args(&EstimateOptions::with_ctx(4096).cache(CacheType::Q8_0)).expect("args");
+        let joined = args.join(" ");
+        assert!(joined.contains("-c 4096"));
+        assert!(joined.contains("-ctk q8_0 -ctv q8_0"));
+        assert!(joined.contains("-fa auto"));
+        let unified = EstimateOptions {
+            kv_unified: true,
+            ..EstimateOptions::default()
+        };
+        assert!(fit_params_args(&unified).is_err());
+    }
+}
