@@ -1,5 +1,5 @@
 //! `haloctl`: the halo command line.
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("haloctl: not built yet")
+fn main() -> std::process::ExitCode {
+    ctl::run(std::env::args_os())
 }

@@ -1,0 +1,147 @@
+//! Output for people and scripts: byte formatting, aligned tables, and the
+//! `-o table|json` switch. Results go to stdout, diagnostics to stderr.
+
+use std::io::{self, Write};
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum Format {
+    /// Aligned tables for people.
+    #[default]
+    Table,
+    /// JSON with stable field names, for scripts.
+    Json,
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+const MIB: f64 = (1u64 << 20) as f64;
+
+/// Bytes as a person reads them: `170.3 GiB`, `512.0 MiB`, `900 B`.
+pub fn bytes(n: u64) -> String {
+    let f = n as f64;
+    if f >= GIB {
+        format!("{:.1} GiB", f / GIB)
+    } else if f >= MIB {
+        format!("{:.1} MiB", f / MIB)
+    } else if n >= 1024 {
+        format!("{:.1} KiB", f / 1024.0)
+    } else {
+        format!("{n} B")
+    }
+}
+
+/// A large count as a person reads it: `671.0B`, `8.0B`, `30.5M`.
+pub fn count(n: u64) -> String {
+    let f = n as f64;
+    if f >= 1e9 {
+        format!("{:.1}B", f / 1e9)
+    } else if f >= 1e6 {
+        format!("{:.1}M", f / 1e6)
+    } else {
+        n.to_string()
+    }
+}
+
+/// A table: a header row and data rows, columns aligned; numeric-looking
+/// cells are right-aligned.
+#[derive(Debug, Default)]
+pub struct Table {
+    header: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    /// A table with these column names.
+    pub fn new<I: IntoIterator<Item = S>, S: Into<String>>(header: I) -> Table {
+        Table {
+            header: header.into_iter().map(Into::into).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    /// Appends a row.
+    pub fn row<I: IntoIterator<Item = S>, S: Into<String>>(&mut self, cells: I) {
+        self.rows.push(cells.into_iter().map(Into::into).collect());
+    }
+
+    /// Renders the table, one line per row, no trailing spaces.
+    pub fn render(&self) -> String {
+        let ncol = self.header.len();
+        let mut width = vec![0usize; ncol];
+        for r in std::iter::once(&self.header).chain(&self.rows) {
+            for (i, c) in r.iter().enumerate().take(ncol) {
+                width[i] = width[i].max(c.chars().count());
+            }
+        }
+        let numeric: Vec<bool> = (0..ncol)
+            .map(|i| {
+                self.rows.iter().all(|r| {
+                    r.get(i)
+                        .and_then(|c| c.chars().next())
+                        .is_none_or(|ch| ch.is_ascii_digit() || ch == '-')
+                })
+            })
+            .collect();
+        let mut out = String::new();
+        for r in std::iter::once(&self.header).chain(&self.rows) {
+            let mut line = String::new();
+            for (i, w) in width.iter().enumerate() {
+                let c = r.get(i).map(String::as_str).unwrap_or("");
+                if i > 0 {
+                    line.push_str("  ");
+                }
+                let pad = w - c.chars().count();
+                if numeric[i] && !std::ptr::eq(r, &self.header) {
+                    line.push_str(&" ".repeat(pad));
+                    line.push_str(c);
+                } else {
+                    line.push_str(c);
+                    line.push_str(&" ".repeat(pad));
+                }
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// Writes to stdout; a closed pipe (`haloctl … | head`) is a quiet exit.
+pub fn print(s: &str) {
+    let mut out = io::stdout().lock();
+    if let Err(e) = out.write_all(s.as_bytes()).and_then(|()| out.flush()) {
+        if e.kind() == io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("haloctl: writing output: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// Prints a value as pretty JSON with a trailing newline.
+pub fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    let mut s = serde_json::to_string_pretty(v)?;
+    s.push('\n');
+    print(&s);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_are_printed_in_the_largest_fitting_unit() {
+        assert_eq!(bytes(900), "900 B");
+        assert_eq!(bytes(512 << 20), "512.0 MiB");
+        assert_eq!(bytes(170 << 30), "170.0 GiB");
+    }
+
+    #[test]
+    fn tables_align_columns_and_right_align_numbers() {
+        let mut t = Table::new(["ctx", "model"]);
+        t.row(["4096", "a"]);
+        t.row(["131072", "bbb"]);
+        assert_eq!(t.render(), "ctx     model\n  4096  a\n131072  bbb\n");
+    }
+}
