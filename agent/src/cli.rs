@@ -1,6 +1,108 @@
-//! Command line of `halo-agent`.
+//! Command line of `halo-agent`: parse and validate the whole config (one
+//! line and exit 64 on any problem, before a socket is bound), set up
+//! logging (`HALO_LOG`, then `RUST_LOG`; `HALO_LOG_FORMAT=json`), and run the
+//! daemon until SIGTERM or SIGINT.
+
+use crate::config::{Args, Config};
+use crate::daemon::Daemon;
+use clap::Parser;
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+
+/// Exit code for a bad command line or config (`EX_USAGE`).
+pub const EXIT_CONFIG: u8 = 64;
 
 /// Entry point of the `halo-agent` binary.
-pub fn main() -> anyhow::Result<()> {
-    anyhow::bail!("halo-agent: the daemon is not built yet")
+pub fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) if !e.use_stderr() => {
+            // --help, --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let text = e.to_string();
+            let line = text
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            eprintln!("halo-agent: {line} (see --help)");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let config = match Config::resolve(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("halo-agent: config: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("halo-agent: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let daemon = match Daemon::bind(config, shutdown.clone()).await {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("halo-agent: {e}");
+                return ExitCode::from(e.exit_code());
+            }
+        };
+        tokio::spawn(cancel_on_signal(shutdown));
+        match daemon.run().await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e}");
+                eprintln!("halo-agent: {e}");
+                ExitCode::from(e.exit_code())
+            }
+        }
+    })
+}
+
+/// Cancels `token` on the first SIGTERM or SIGINT.
+async fn cancel_on_signal(token: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+    token.cancel();
+}
+
+/// Logs to stderr, filtered by `HALO_LOG`, else `RUST_LOG`, else `info`.
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("HALO_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .ok()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("HALO_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
 }

@@ -1,7 +1,23 @@
 //! halo-agent as a library: what a node knows about itself (GGUF models on
-//! its disks, its memory) and, later, the llama-server instances it runs.
-//! `main.rs` is a thin shell over this.
+//! its disks, its memory) and the llama-server instances it runs for the
+//! controller. `main.rs` is a thin shell over [`cli::main`].
+//!
+//! * [`config`]: file < env < flag, validated before anything is bound.
+//! * [`scan`]: model directories → models (ids, params or why broken).
+//! * [`supervisor`]: instances: spawn, watch, restart, stop, re-adopt.
+//! * [`state`]: what survives an agent restart (atomic JSON + lock).
+//! * [`service`]: the gRPC `AgentService`; [`error`]: its status codes.
+//! * [`daemon`]: wiring and graceful shutdown; [`cli`]: the binary.
 
 pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod error;
 pub mod gguf;
+pub mod loadlog;
 pub mod probe;
+pub mod procfs;
+pub mod scan;
+pub mod service;
+pub mod state;
+pub mod supervisor;

@@ -1,5 +1,5 @@
-//! `halo-agent`: the per-node daemon.
+//! `halo-agent`: the per-node daemon. Everything is in the library.
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     agent::cli::main()
 }

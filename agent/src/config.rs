@@ -1,0 +1,918 @@
+//! The agent's configuration: a TOML file, `HALO_AGENT_*` environment
+//! variables and command-line flags (precedence file < env < flag; clap
+//! merges env and flag, [`Config::resolve`] lays them over the file), parsed
+//! and validated in full before anything is bound or spawned. Every error is
+//! one line naming the key.
+
+use clap::Parser;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Default gRPC listen address: loopback only until mTLS lands.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7301";
+/// Default instance port range.
+pub const DEFAULT_PORT_RANGE: &str = "8100-8199";
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/halo-agent";
+
+/// Flags the agent sets itself or that reach the network or the file
+/// system on their own; no allow-list entry may name them.
+pub const DENIED_FLAGS: &[&str] = &[
+    // Set by the agent from typed options.
+    "-m",
+    "--model",
+    "--host",
+    "--port",
+    "-c",
+    "--ctx-size",
+    "-np",
+    "--parallel",
+    "-ctk",
+    "--cache-type-k",
+    "-ctv",
+    "--cache-type-v",
+    "-fa",
+    "--flash-attn",
+    "-ngl",
+    "--gpu-layers",
+    "--n-gpu-layers",
+    "-t",
+    "--threads",
+    "-b",
+    "--batch-size",
+    "-ub",
+    "--ubatch-size",
+    "-a",
+    "--alias",
+    "--api-key",
+    "--api-key-file",
+    "-lv",
+    "--verbosity",
+    "--log-verbosity",
+    "--log-file",
+    "--log-disable",
+    "--ui",
+    "--webui",
+    "--no-ui",
+    "--no-webui",
+    // Reach other machines or download.
+    "--rpc",
+    "-hf",
+    "-hfr",
+    "--hf-repo",
+    "-hff",
+    "--hf-file",
+    "-hfv",
+    "-hfrv",
+    "--hf-repo-v",
+    "-hffv",
+    "--hf-file-v",
+    "-hft",
+    "--hf-token",
+    "-mu",
+    "--model-url",
+    "-dr",
+    "--docker-repo",
+    "-mmu",
+    "--mmproj-url",
+    // Serve or write files, or change TLS.
+    "--path",
+    "--ssl-key-file",
+    "--ssl-cert-file",
+    "--slot-save-path",
+    "--media-path",
+    "--models-dir",
+    "--models-preset",
+];
+
+/// A configuration that cannot be used. Displays as one line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for this schema.
+    #[error("{}: line {line}: {message}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the problem (0 when unknown).
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is not acceptable.
+    #[error("`{key}`: {reason}")]
+    Invalid {
+        /// The config key (file key; the flag and env var are derived from it).
+        key: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+/// Command line of `halo-agent`. Every option is also an environment
+/// variable and a key of the `--config` file (same name, `_` for `-`).
+#[derive(Debug, Default, Parser)]
+#[command(
+    name = "halo-agent",
+    version,
+    args_override_self = true,
+    about = "halo's per-node daemon: reports memory and GGUF models, runs llama-server"
+)]
+pub struct Args {
+    /// TOML config file; flags and env vars override its keys.
+    #[arg(long, env = "HALO_AGENT_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Node name (default: the host name).
+    #[arg(long, env = "HALO_AGENT_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// gRPC listen address, host:port [default: 127.0.0.1:7301].
+    #[arg(long, env = "HALO_AGENT_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Roles placement matches on (speed, reasoning…); repeat or comma-separate.
+    #[arg(long = "role", env = "HALO_AGENT_ROLES", value_delimiter = ',')]
+    pub roles: Option<Vec<String>>,
+    /// Labels as key=value; repeat or comma-separate.
+    #[arg(long = "label", env = "HALO_AGENT_LABELS", value_delimiter = ',')]
+    pub labels: Option<Vec<String>>,
+    /// Directories holding GGUF models; repeat, or `:`-separate in the env var.
+    #[arg(
+        long = "model-dir",
+        env = "HALO_AGENT_MODEL_DIRS",
+        value_delimiter = ':'
+    )]
+    pub model_dirs: Option<Vec<PathBuf>>,
+    /// The llama-server executable (a path, or a name looked up in PATH).
+    #[arg(long, env = "HALO_AGENT_LLAMA_SERVER", value_name = "PATH")]
+    pub llama_server: Option<PathBuf>,
+    /// Ports given to instances, FIRST-LAST [default: 8100-8199].
+    #[arg(long, env = "HALO_AGENT_PORT_RANGE", value_name = "FIRST-LAST")]
+    pub port_range: Option<String>,
+    /// Address instances listen on (default: the listen address's host).
+    #[arg(long, env = "HALO_AGENT_INSTANCE_HOST", value_name = "IP")]
+    pub instance_host: Option<String>,
+    /// Memory held back for the OS and the agent, e.g. 8GiB [default: 4GiB].
+    #[arg(long, env = "HALO_AGENT_RESERVE", value_name = "SIZE")]
+    pub reserve: Option<String>,
+    /// Root the memory probe reads /proc and /sys under [default: /].
+    #[arg(long, env = "HALO_AGENT_PROBE_ROOT", value_name = "DIR")]
+    pub probe_root: Option<PathBuf>,
+    /// Where the agent keeps instance records, API keys and logs
+    /// [default: /var/lib/halo-agent].
+    #[arg(long, env = "HALO_AGENT_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Seconds a model may take to load before the instance fails [default: 600].
+    #[arg(long, env = "HALO_AGENT_LOAD_TIMEOUT_SECS", value_name = "SECS")]
+    pub load_timeout_secs: Option<u64>,
+    /// Default period of memory samples on Watch streams [default: 5000].
+    #[arg(long, env = "HALO_AGENT_MEMORY_SAMPLE_MS", value_name = "MS")]
+    pub memory_sample_ms: Option<u64>,
+    /// Seconds between SIGTERM and SIGKILL when stopping [default: 15].
+    #[arg(long, env = "HALO_AGENT_STOP_TIMEOUT_SECS", value_name = "SECS")]
+    pub stop_timeout_secs: Option<u64>,
+    /// First restart delay after a failure; doubles up to the max [default: 1000].
+    #[arg(long, env = "HALO_AGENT_RESTART_BACKOFF_MS", value_name = "MS")]
+    pub restart_backoff_ms: Option<u64>,
+    /// Longest restart delay [default: 60000].
+    #[arg(long, env = "HALO_AGENT_RESTART_BACKOFF_MAX_MS", value_name = "MS")]
+    pub restart_backoff_max_ms: Option<u64>,
+    /// Seconds ready after which the back-off starts over [default: 60].
+    #[arg(long, env = "HALO_AGENT_RESTART_STABLE_SECS", value_name = "SECS")]
+    pub restart_stable_secs: Option<u64>,
+    /// Size at which an instance's log file is rotated [default: 64MiB].
+    #[arg(long, env = "HALO_AGENT_MAX_LOG_SIZE", value_name = "SIZE")]
+    pub max_log_size: Option<String>,
+    /// Extra llama-server flags requests may name, e.g. "--jinja" or
+    /// "--cache-reuse 256"; repeat or comma-separate.
+    #[arg(
+        long = "allow-flag",
+        env = "HALO_AGENT_ALLOWED_FLAGS",
+        value_delimiter = ',',
+        allow_hyphen_values = true
+    )]
+    pub allowed_flags: Option<Vec<String>>,
+}
+
+/// A byte size in a config file: an integer, or a string such as `8GiB`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+impl SizeValue {
+    fn into_text(self) -> String {
+        match self {
+            SizeValue::Bytes(b) => b.to_string(),
+            SizeValue::Text(t) => t,
+        }
+    }
+}
+
+/// The config file's schema: every key optional, unknown keys refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    node_name: Option<String>,
+    listen: Option<String>,
+    roles: Option<Vec<String>>,
+    labels: Option<BTreeMap<String, String>>,
+    model_dirs: Option<Vec<PathBuf>>,
+    llama_server: Option<PathBuf>,
+    port_range: Option<String>,
+    instance_host: Option<String>,
+    reserve: Option<SizeValue>,
+    probe_root: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    load_timeout_secs: Option<u64>,
+    memory_sample_ms: Option<u64>,
+    stop_timeout_secs: Option<u64>,
+    restart_backoff_ms: Option<u64>,
+    restart_backoff_max_ms: Option<u64>,
+    restart_stable_secs: Option<u64>,
+    max_log_size: Option<SizeValue>,
+    allowed_flags: Option<Vec<String>>,
+}
+
+/// An inclusive range of TCP ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    /// First port.
+    pub first: u16,
+    /// Last port (inclusive).
+    pub last: u16,
+}
+
+impl PortRange {
+    /// Whether `port` is in the range.
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+
+    /// Every port, in order.
+    pub fn iter(&self) -> impl Iterator<Item = u16> {
+        self.first..=self.last
+    }
+
+    /// Number of ports.
+    pub fn len(&self) -> usize {
+        usize::from(self.last - self.first) + 1
+    }
+
+    /// Never empty (first ≤ last is validated); here for clippy's sake.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+/// One allow-listed extra flag: the entry as configured (the name requests
+/// use) and the argv words it expands to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowedFlag {
+    /// The entry, e.g. `--cache-reuse 256`.
+    pub entry: String,
+    /// Its words, e.g. `["--cache-reuse", "256"]`.
+    pub argv: Vec<String>,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Node name.
+    pub node_name: String,
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Roles.
+    pub roles: Vec<String>,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Model directories, canonical.
+    pub model_dirs: Vec<PathBuf>,
+    /// The llama-server executable, canonical.
+    pub llama_server: PathBuf,
+    /// Instance ports.
+    pub port_range: PortRange,
+    /// Address instances listen on.
+    pub instance_host: IpAddr,
+    /// Bytes held back for the OS.
+    pub reserve_bytes: u64,
+    /// Memory probe root.
+    pub probe_root: PathBuf,
+    /// State directory, canonical.
+    pub state_dir: PathBuf,
+    /// Longest model load.
+    pub load_timeout: Duration,
+    /// Default memory sample period.
+    pub memory_sample_period: Duration,
+    /// SIGTERM → SIGKILL grace.
+    pub stop_timeout: Duration,
+    /// First restart delay.
+    pub restart_backoff: Duration,
+    /// Longest restart delay.
+    pub restart_backoff_max: Duration,
+    /// Ready time after which the back-off resets.
+    pub restart_stable: Duration,
+    /// Log rotation size.
+    pub max_log_bytes: u64,
+    /// Extra flags requests may name.
+    pub allowed_flags: Vec<AllowedFlag>,
+}
+
+impl Config {
+    /// Reads the file named by `args.config` (if any), lays env and flags
+    /// over it, and validates everything. Creates the state directory.
+    pub fn resolve(args: Args) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let node_name = match args.node_name.or(file.node_name) {
+            Some(n) => n,
+            None => hostname()
+                .ok_or_else(|| invalid("node_name", "not set and the host name is unreadable"))?,
+        };
+        if node_name.is_empty()
+            || node_name.len() > 63
+            || !node_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err(invalid(
+                "node_name",
+                format!("`{node_name}`: use 1-63 characters of A-Z a-z 0-9 - _ ."),
+            ));
+        }
+        let listen_text = args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.into());
+        let listen: SocketAddr = listen_text.parse().map_err(|_| {
+            invalid(
+                "listen",
+                format!("`{listen_text}` is not an address such as 127.0.0.1:7301"),
+            )
+        })?;
+        let roles = args.roles.or(file.roles).unwrap_or_default();
+        for r in &roles {
+            check_word("roles", r)?;
+        }
+        let labels = match args.labels {
+            Some(pairs) => parse_labels(&pairs)?,
+            None => file.labels.unwrap_or_default(),
+        };
+        for (k, v) in &labels {
+            check_word("labels", k)?;
+            if v.len() > 256 || v.contains('\0') {
+                return Err(invalid(
+                    "labels",
+                    format!("value of `{k}` is too long or has NUL"),
+                ));
+            }
+        }
+        let model_dirs = args.model_dirs.or(file.model_dirs).unwrap_or_default();
+        let model_dirs = check_model_dirs(model_dirs)?;
+        let llama_server = args
+            .llama_server
+            .or(file.llama_server)
+            .unwrap_or_else(|| PathBuf::from("llama-server"));
+        let llama_server = find_executable(&llama_server)?;
+        let range_text = args
+            .port_range
+            .or(file.port_range)
+            .unwrap_or_else(|| DEFAULT_PORT_RANGE.into());
+        let port_range = parse_port_range(&range_text)?;
+        if port_range.contains(listen.port()) {
+            return Err(invalid(
+                "port_range",
+                format!("{port_range} includes the listen port {}", listen.port()),
+            ));
+        }
+        let instance_host = match args.instance_host.or(file.instance_host) {
+            Some(h) => h
+                .parse()
+                .map_err(|_| invalid("instance_host", format!("`{h}` is not an IP address")))?,
+            None => listen.ip(),
+        };
+        let reserve_bytes = match args.reserve.or(file.reserve.map(SizeValue::into_text)) {
+            Some(t) => parse_size(&t).map_err(|r| invalid("reserve", r))?,
+            None => 4 << 30,
+        };
+        let max_log_bytes = match args
+            .max_log_size
+            .or(file.max_log_size.map(SizeValue::into_text))
+        {
+            Some(t) => parse_size(&t).map_err(|r| invalid("max_log_size", r))?,
+            None => 64 << 20,
+        };
+        if max_log_bytes < 64 << 10 {
+            return Err(invalid("max_log_size", "must be at least 64KiB"));
+        }
+        let probe_root = args
+            .probe_root
+            .or(file.probe_root)
+            .unwrap_or_else(|| PathBuf::from("/"));
+        if !probe_root.is_dir() {
+            return Err(invalid(
+                "probe_root",
+                format!("{} is not a directory", probe_root.display()),
+            ));
+        }
+        let state_dir = args
+            .state_dir
+            .or(file.state_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        let state_dir = prepare_state_dir(&state_dir)?;
+        for d in &model_dirs {
+            if state_dir.starts_with(d) || d.starts_with(&state_dir) {
+                return Err(invalid(
+                    "state_dir",
+                    format!("{} overlaps model dir {}", state_dir.display(), d.display()),
+                ));
+            }
+        }
+        let secs = |key, v: Option<u64>, default, max| -> Result<Duration, ConfigError> {
+            let v = v.unwrap_or(default);
+            if v == 0 || v > max {
+                return Err(invalid(key, format!("{v} is outside 1..={max}")));
+            }
+            Ok(Duration::from_secs(v))
+        };
+        let millis = |key, v: Option<u64>, default, min, max| -> Result<Duration, ConfigError> {
+            let v = v.unwrap_or(default);
+            if v < min || v > max {
+                return Err(invalid(key, format!("{v} is outside {min}..={max}")));
+            }
+            Ok(Duration::from_millis(v))
+        };
+        let load_timeout = secs(
+            "load_timeout_secs",
+            args.load_timeout_secs.or(file.load_timeout_secs),
+            600,
+            7 * 86_400,
+        )?;
+        let memory_sample_period = millis(
+            "memory_sample_ms",
+            args.memory_sample_ms.or(file.memory_sample_ms),
+            5_000,
+            100,
+            3_600_000,
+        )?;
+        let stop_timeout = secs(
+            "stop_timeout_secs",
+            args.stop_timeout_secs.or(file.stop_timeout_secs),
+            15,
+            3_600,
+        )?;
+        let restart_backoff = millis(
+            "restart_backoff_ms",
+            args.restart_backoff_ms.or(file.restart_backoff_ms),
+            1_000,
+            10,
+            3_600_000,
+        )?;
+        let restart_backoff_max = millis(
+            "restart_backoff_max_ms",
+            args.restart_backoff_max_ms.or(file.restart_backoff_max_ms),
+            60_000,
+            10,
+            86_400_000,
+        )?;
+        if restart_backoff_max < restart_backoff {
+            return Err(invalid(
+                "restart_backoff_max_ms",
+                "is smaller than restart_backoff_ms",
+            ));
+        }
+        let restart_stable = secs(
+            "restart_stable_secs",
+            args.restart_stable_secs.or(file.restart_stable_secs),
+            60,
+            86_400,
+        )?;
+        let allowed_flags = args
+            .allowed_flags
+            .or(file.allowed_flags)
+            .unwrap_or_default();
+        let allowed_flags = check_allowed_flags(allowed_flags)?;
+        Ok(Config {
+            node_name,
+            listen,
+            roles,
+            labels,
+            model_dirs,
+            llama_server,
+            port_range,
+            instance_host,
+            reserve_bytes,
+            probe_root,
+            state_dir,
+            load_timeout,
+            memory_sample_period,
+            stop_timeout,
+            restart_backoff,
+            restart_backoff_max,
+            restart_stable,
+            max_log_bytes,
+            allowed_flags,
+        })
+    }
+
+    /// The host part of instance endpoints: the instance host, or the node
+    /// name when instances listen on every address.
+    pub fn endpoint_host(&self) -> String {
+        match self.instance_host {
+            ip if ip.is_unspecified() => self.node_name.clone(),
+            IpAddr::V6(ip) => format!("[{ip}]"),
+            IpAddr::V4(ip) => ip.to_string(),
+        }
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| {
+        let line = e.span().map_or(0, |s| {
+            text[..s.start.min(text.len())].matches('\n').count() + 1
+        });
+        ConfigError::Parse {
+            path: path.to_owned(),
+            line,
+            message: e.message().replace('\n', " "),
+        }
+    })
+}
+
+fn check_word(key: &'static str, w: &str) -> Result<(), ConfigError> {
+    if w.is_empty()
+        || w.len() > 63
+        || !w
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+    {
+        return Err(invalid(
+            key,
+            format!("`{w}`: use 1-63 characters of A-Z a-z 0-9 - _ . /"),
+        ));
+    }
+    Ok(())
+}
+
+fn parse_labels(pairs: &[String]) -> Result<BTreeMap<String, String>, ConfigError> {
+    pairs
+        .iter()
+        .map(|p| {
+            p.split_once('=')
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .ok_or_else(|| invalid("labels", format!("`{p}` is not key=value")))
+        })
+        .collect()
+}
+
+fn check_model_dirs(dirs: Vec<PathBuf>) -> Result<Vec<PathBuf>, ConfigError> {
+    if dirs.is_empty() {
+        return Err(invalid(
+            "model_dirs",
+            "at least one model directory is needed",
+        ));
+    }
+    let mut out: Vec<PathBuf> = Vec::new();
+    for d in dirs {
+        let c = d
+            .canonicalize()
+            .map_err(|e| invalid("model_dirs", format!("{}: {e}", d.display())))?;
+        if !c.is_dir() {
+            return Err(invalid(
+                "model_dirs",
+                format!("{} is not a directory", d.display()),
+            ));
+        }
+        if let Some(o) = out.iter().find(|o| o.starts_with(&c) || c.starts_with(o)) {
+            return Err(invalid(
+                "model_dirs",
+                format!("{} and {} overlap", o.display(), c.display()),
+            ));
+        }
+        out.push(c);
+    }
+    Ok(out)
+}
+
+fn find_executable(p: &Path) -> Result<PathBuf, ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let candidates: Vec<PathBuf> = if p.components().count() > 1 || p.is_absolute() {
+        vec![p.to_owned()]
+    } else {
+        std::env::var_os("PATH")
+            .map(|path| std::env::split_paths(&path).map(|d| d.join(p)).collect())
+            .unwrap_or_default()
+    };
+    for c in &candidates {
+        if let Ok(meta) = std::fs::metadata(c)
+            && meta.is_file()
+            && meta.permissions().mode() & 0o111 != 0
+        {
+            return c
+                .canonicalize()
+                .map_err(|e| invalid("llama_server", format!("{}: {e}", c.display())));
+        }
+    }
+    Err(invalid(
+        "llama_server",
+        format!("{}: no such executable file", p.display()),
+    ))
+}
+
+fn parse_port_range(t: &str) -> Result<PortRange, ConfigError> {
+    let bad = || {
+        invalid(
+            "port_range",
+            format!("`{t}` is not FIRST-LAST with 1024 <= FIRST <= LAST <= 65535"),
+        )
+    };
+    let (a, b) = t.split_once('-').ok_or_else(bad)?;
+    let first: u16 = a.trim().parse().map_err(|_| bad())?;
+    let last: u16 = b.trim().parse().map_err(|_| bad())?;
+    if first < 1024 || first > last {
+        return Err(bad());
+    }
+    Ok(PortRange { first, last })
+}
+
+/// Parses `8GiB`, `512 MiB`, `1G`, `4096` (bytes) and the like: binary
+/// units for `K`/`KiB`…, decimal for `KB`….
+pub fn parse_size(t: &str) -> Result<u64, String> {
+    let t = t.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let unit = unit.trim().to_ascii_lowercase();
+    let mult: u64 = match unit.as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        _ => {
+            return Err(format!(
+                "`{t}`: unknown unit `{unit}` (use B, KiB, MiB, GiB, TiB)"
+            ));
+        }
+    };
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("`{t}` is not a size such as 8GiB"))?;
+    let bytes = value * mult as f64;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+        return Err(format!("`{t}` is out of range"));
+    }
+    Ok(bytes as u64)
+}
+
+fn prepare_state_dir(d: &Path) -> Result<PathBuf, ConfigError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(d)
+        .map_err(|e| invalid("state_dir", format!("{}: {e}", d.display())))?;
+    let c = d
+        .canonicalize()
+        .map_err(|e| invalid("state_dir", format!("{}: {e}", d.display())))?;
+    let probe = c.join(".write-test");
+    std::fs::write(&probe, b"")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|e| invalid("state_dir", format!("{} is not writable: {e}", c.display())))?;
+    Ok(c)
+}
+
+fn check_allowed_flags(entries: Vec<String>) -> Result<Vec<AllowedFlag>, ConfigError> {
+    let mut out: Vec<AllowedFlag> = Vec::new();
+    for entry in entries {
+        let entry = entry.trim().to_owned();
+        let argv: Vec<String> = entry.split_whitespace().map(str::to_owned).collect();
+        let Some(name) = argv.first() else {
+            return Err(invalid("allowed_flags", "an empty entry"));
+        };
+        if !name.starts_with('-') || entry.contains('\0') {
+            return Err(invalid(
+                "allowed_flags",
+                format!("`{entry}` does not start with a flag"),
+            ));
+        }
+        // `--flag=value` names the same flag.
+        let bare = name.split('=').next().unwrap_or(name);
+        if DENIED_FLAGS.contains(&bare) {
+            return Err(invalid(
+                "allowed_flags",
+                format!(
+                    "`{bare}` is set by the agent or reaches beyond this node; it cannot be allowed"
+                ),
+            ));
+        }
+        if out.iter().any(|f| f.entry == entry) {
+            return Err(invalid(
+                "allowed_flags",
+                format!("`{entry}` is listed twice"),
+            ));
+        }
+        out.push(AllowedFlag { entry, argv });
+    }
+    Ok(out)
+}
+
+fn hostname() -> Option<String> {
+    let h = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .ok()?;
+    let h = h.trim();
+    (!h.is_empty()).then(|| h.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Dirs {
+        _tmp: tempfile::TempDir,
+        models: PathBuf,
+        state: PathBuf,
+        exe: PathBuf,
+    }
+
+    fn dirs() -> Dirs {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let models = tmp.path().join("models");
+        std::fs::create_dir(&models).expect("mkdir");
+        let exe = tmp.path().join("llama-server");
+        std::fs::write(&exe, "#!/bin/sh\n").expect("write");
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        Dirs {
+            state: tmp.path().join("state"),
+            models,
+            exe,
+            _tmp: tmp,
+        }
+    }
+
+    fn args(d: &Dirs) -> Args {
+        Args {
+            node_name: Some("n1".into()),
+            model_dirs: Some(vec![d.models.clone()]),
+            llama_server: Some(d.exe.clone()),
+            state_dir: Some(d.state.clone()),
+            ..Args::default()
+        }
+    }
+
+    #[test]
+    fn defaults_fill_every_unset_key() {
+        let d = dirs();
+        let c = Config::resolve(args(&d)).expect("valid");
+        assert_eq!(c.listen, DEFAULT_LISTEN.parse().expect("addr"));
+        assert_eq!(
+            c.port_range,
+            PortRange {
+                first: 8100,
+                last: 8199
+            }
+        );
+        assert_eq!(c.instance_host, c.listen.ip());
+        assert_eq!(c.reserve_bytes, 4 << 30);
+        assert_eq!(c.load_timeout, Duration::from_secs(600));
+        assert!(c.state_dir.is_dir());
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let d = dirs();
+        let file = d.state.with_file_name("agent.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:9000\"\nreserve = \"8GiB\"\nroles = [\"speed\"]\n\
+             allowed_flags = [\"--jinja\", \"--cache-reuse 256\"]\n",
+        )
+        .expect("write");
+        let c = Config::resolve(Args {
+            config: Some(file),
+            reserve: Some("1GiB".into()),
+            ..args(&d)
+        })
+        .expect("valid");
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.reserve_bytes, 1 << 30);
+        assert_eq!(c.roles, vec!["speed".to_owned()]);
+        assert_eq!(c.allowed_flags[1].argv, vec!["--cache-reuse", "256"]);
+    }
+
+    #[test]
+    fn bad_values_name_their_key_in_one_line() {
+        let d = dirs();
+        let cases: Vec<(Args, &str)> = vec![
+            (
+                Args {
+                    listen: Some("nowhere".into()),
+                    ..args(&d)
+                },
+                "`listen`",
+            ),
+            (
+                Args {
+                    port_range: Some("9000-8000".into()),
+                    ..args(&d)
+                },
+                "`port_range`",
+            ),
+            (
+                Args {
+                    allowed_flags: Some(vec!["--rpc 10.0.0.1:50052".into()]),
+                    ..args(&d)
+                },
+                "`allowed_flags`",
+            ),
+            (
+                Args {
+                    model_dirs: Some(vec!["/nonexistent/models".into()]),
+                    ..args(&d)
+                },
+                "`model_dirs`",
+            ),
+            (
+                Args {
+                    llama_server: Some("/nonexistent/llama-server".into()),
+                    ..args(&d)
+                },
+                "`llama_server`",
+            ),
+            (
+                Args {
+                    reserve: Some("8 parsecs".into()),
+                    ..args(&d)
+                },
+                "`reserve`",
+            ),
+        ];
+        for (a, key) in cases {
+            let e = Config::resolve(a).expect_err(key).to_string();
+            assert!(e.starts_with(key), "{e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_file_key_is_refused_with_its_line() {
+        let d = dirs();
+        let file = d.state.with_file_name("agent.toml");
+        std::fs::write(&file, "listen = \"127.0.0.1:9000\"\nlisten_adress = 1\n").expect("write");
+        let e = Config::resolve(Args {
+            config: Some(file),
+            ..args(&d)
+        })
+        .expect_err("unknown key");
+        let s = e.to_string();
+        assert!(s.contains("line 2") && s.contains("listen_adress"), "{s}");
+        assert!(!s.contains('\n'), "{s}");
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_and_decimal_units() {
+        assert_eq!(parse_size("8GiB"), Ok(8 << 30));
+        assert_eq!(parse_size("512 MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_size("2GB"), Ok(2_000_000_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("GiB").is_err());
+    }
+}

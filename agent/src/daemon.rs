@@ -1,0 +1,158 @@
+//! The daemon: locks the state directory, binds the gRPC listener (after the
+//! config was validated in full), re-adopts instances, and serves
+//! `AgentService`, `grpc.health.v1.Health` and server reflection until the
+//! root token is cancelled; then drains within a bounded grace period.
+//! Instances keep running across an agent shutdown.
+
+use crate::config::Config;
+use crate::service::AgentApi;
+use crate::state::{StateError, StateStore};
+use crate::supervisor::Supervisor;
+use proto::domain::NodeIdentity;
+use proto::v1::agent_service_server::AgentServiceServer;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+/// How long in-flight RPCs and instance tasks get after shutdown begins.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the daemon could not start. Each displays as one line.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// The state directory is locked, unreadable or corrupt.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The configured address.
+        addr: SocketAddr,
+        /// Why (address in use, not local…).
+        source: std::io::Error,
+    },
+    /// The instance supervisor could not start.
+    #[error(transparent)]
+    Supervisor(#[from] crate::error::Error),
+    /// The reflection service could not be built.
+    #[error("reflection: {0}")]
+    Reflection(String),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Serve(String),
+}
+
+impl StartupError {
+    /// The process exit code: 64 (EX_USAGE) for a state directory another
+    /// agent holds (a config clash), 69 (EX_UNAVAILABLE) when the listen
+    /// address cannot be bound, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            StartupError::State(StateError::Locked { .. }) => 64,
+            StartupError::Listen { .. } => 69,
+            _ => 1,
+        }
+    }
+}
+
+/// A daemon with its state locked and its listener bound.
+#[derive(Debug)]
+pub struct Daemon {
+    listener: TcpListener,
+    supervisor: Supervisor,
+    shutdown: CancellationToken,
+}
+
+impl Daemon {
+    /// Locks the state directory, reads it, and binds the listen address.
+    pub async fn bind(config: Config, shutdown: CancellationToken) -> Result<Daemon, StartupError> {
+        let store = StateStore::open(&config.state_dir)?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartupError::Listen {
+                    addr: config.listen,
+                    source,
+                })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| StartupError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+        let node = NodeIdentity {
+            name: config.node_name.clone(),
+            roles: config.roles.clone(),
+            labels: config.labels.clone(),
+            agent_address: addr.to_string(),
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        };
+        let supervisor = Supervisor::new(Arc::new(config), store, node, shutdown.clone())?;
+        Ok(Daemon {
+            listener,
+            supervisor,
+            shutdown,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Re-adopts instances, then serves until the token is cancelled.
+    pub async fn run(self) -> Result<(), StartupError> {
+        let Daemon {
+            listener,
+            supervisor,
+            shutdown,
+        } = self;
+        supervisor.boot().await?;
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<AgentServiceServer<AgentApi>>().await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| StartupError::Reflection(e.to_string()))?;
+        let api = AgentApi::new(supervisor.clone(), shutdown.clone());
+        let addr = listener
+            .local_addr()
+            .map_or_else(|e| e.to_string(), |a| a.to_string());
+        let server = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(AgentServiceServer::new(api))
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                shutdown.clone().cancelled_owned(),
+            );
+        tracing::info!(%addr, "halo-agent serving");
+        let mut server = tokio::spawn(server);
+        let result = tokio::select! {
+            r = &mut server => {
+                // The server ended on its own: take everything down.
+                shutdown.cancel();
+                match r {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(StartupError::Serve(e.to_string())),
+                    Err(e) => Err(StartupError::Serve(e.to_string())),
+                }
+            }
+            () = shutdown.cancelled() => {
+                tracing::info!("shutting down");
+                health.set_not_serving::<AgentServiceServer<AgentApi>>().await;
+                if tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await.is_err() {
+                    tracing::warn!("RPCs still open after {SHUTDOWN_GRACE:?}; closing them");
+                    server.abort();
+                }
+                Ok(())
+            }
+        };
+        supervisor.shutdown(SHUTDOWN_GRACE).await;
+        tracing::info!("stopped; instances keep running");
+        result
+    }
+}

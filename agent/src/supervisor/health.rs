@@ -1,0 +1,97 @@
+//! `GET /health` against a llama-server: 503 while the model loads, 200
+//! when ready (`tools/server/server-http.cpp`; a public endpoint, no API
+//! key). A few lines of HTTP/1.1 over a TCP stream, with one deadline over
+//! connect, write and read: the agent needs only the status code.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Most bytes read looking for the status line.
+const MAX_STATUS_LINE: usize = 256;
+
+/// The HTTP status of `GET /health`, or `None` when nothing answers in time
+/// (refused, reset, timed out, or not HTTP).
+pub async fn health(addr: SocketAddr, deadline: Duration) -> Option<u16> {
+    tokio::time::timeout(deadline, get_status(addr))
+        .await
+        .ok()
+        .flatten()
+}
+
+async fn get_status(addr: SocketAddr) -> Option<u16> {
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut buf = Vec::with_capacity(64);
+    let mut chunk = [0u8; 64];
+    while !buf.windows(2).any(|w| w == b"\r\n") {
+        if buf.len() >= MAX_STATUS_LINE {
+            return None;
+        }
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    parse_status_line(&buf)
+}
+
+/// `HTTP/1.1 200 OK` → 200.
+fn parse_status_line(buf: &[u8]) -> Option<u16> {
+    let line = buf.split(|&b| b == b'\r').next()?;
+    let line = std::str::from_utf8(line).ok()?;
+    let mut words = line.split(' ');
+    if !words.next()?.starts_with("HTTP/1.") {
+        return None;
+    }
+    let code: u16 = words.next()?.parse().ok()?;
+    (100..=599).contains(&code).then_some(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    #[test]
+    fn status_lines_parse_and_junk_does_not() {
+        assert_eq!(parse_status_line(b"HTTP/1.1 200 OK\r\n"), Some(200));
+        assert_eq!(
+            parse_status_line(b"HTTP/1.1 503 Service Unavailable\r\n"),
+            Some(503)
+        );
+        assert_eq!(parse_status_line(b"SSH-2.0-OpenSSH\r\n"), None);
+        assert_eq!(parse_status_line(b"HTTP/1.1 abc\r\n"), None);
+        assert_eq!(parse_status_line(b""), None);
+    }
+
+    #[tokio::test]
+    async fn a_server_that_answers_gives_its_code_and_a_silent_one_times_out() {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.expect("accept");
+            let mut req = [0u8; 256];
+            let _ = s.read(&mut req).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+                .await;
+            // Second connection: accept and say nothing.
+            let (_s2, _) = l.accept().await.expect("accept");
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        assert_eq!(health(addr, Duration::from_secs(2)).await, Some(503));
+        assert_eq!(health(addr, Duration::from_millis(100)).await, None);
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_none() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        drop(l);
+        assert_eq!(health(addr, Duration::from_secs(1)).await, None);
+    }
+}

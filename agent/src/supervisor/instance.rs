@@ -1,0 +1,504 @@
+//! One instance's task: spawn (or take over an adopted process), watch it
+//! through `GET /health` and process exit, restart it with exponential
+//! back-off after failures, and terminate it on a stop request.
+//!
+//! States: `Starting` (spawning) → `Loading` (the process runs, `/health`
+//! refuses or answers 503) → `Ready` (200) → on exit or a stalled load
+//! `Failed` (reason: exit code or signal plus the last log lines) → back-off
+//! → `Starting`…; a stop request goes `Stopping` → `Stopped` from any state.
+//! A process this run spawned is watched through its child handle (exit
+//! status known); an adopted one by polling pid + start time.
+
+use super::health::health;
+use super::logs::LogTail;
+use super::{Inner, argv, now_unix_ms};
+use crate::loadlog::LoadLog;
+use crate::procfs::{self, ProcessId};
+use proto::domain::{InstanceState, LogLine};
+use rustix::process::Signal;
+use std::os::unix::fs::OpenOptionsExt;
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::process::{Child, Command};
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+
+/// Poll period while the model loads: the Ready event follows `/health`
+/// turning 200 by at most this (plus one request).
+const LOADING_POLL: Duration = Duration::from_millis(25);
+/// Poll period once ready (log tail, liveness of adopted processes).
+const READY_POLL: Duration = Duration::from_millis(500);
+/// Deadline of one `/health` request.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Grace after SIGKILL before a process counts as stuck.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+/// Log lines quoted in a failure reason.
+const REASON_LINES: usize = 12;
+/// Log lines a stopped instance keeps in memory (its file keeps the rest).
+const STOPPED_RING_LINES: usize = 100;
+
+/// A process the task watches.
+#[derive(Debug)]
+enum Running {
+    /// Spawned by this agent run: its exit status will be known.
+    Owned { child: Child, id: ProcessId },
+    /// Found alive on boot; watched by polling.
+    Adopted { id: ProcessId },
+}
+
+/// How watching a process ended.
+#[derive(Debug)]
+enum Outcome {
+    /// The agent is shutting down: leave the process running.
+    Shutdown,
+    /// A stop was requested.
+    Stop,
+    /// The process exited (reason) after being ready for a while (or not).
+    Exited { reason: String, ready_for: Duration },
+    /// The model did not become ready in time; the process still runs.
+    Stalled { reason: String },
+}
+
+/// How a back-off wait ended.
+enum Wake {
+    Elapsed,
+    Stop,
+    Shutdown,
+}
+
+/// The task of one instance.
+#[derive(Debug)]
+pub(super) struct InstanceTask {
+    inner: Arc<Inner>,
+    id: String,
+    stop: CancellationToken,
+    finished: CancellationToken,
+    tail: LogTail,
+    load: LoadLog,
+    adopted: Option<(ProcessId, bool)>,
+}
+
+impl InstanceTask {
+    pub(super) fn new(
+        inner: Arc<Inner>,
+        id: String,
+        stop: CancellationToken,
+        finished: CancellationToken,
+        log: std::path::PathBuf,
+        adopted: Option<(ProcessId, bool)>,
+    ) -> InstanceTask {
+        let tail = LogTail::new(log, inner.config.max_log_bytes);
+        InstanceTask {
+            inner,
+            id,
+            stop,
+            finished,
+            tail,
+            load: LoadLog::default(),
+            adopted,
+        }
+    }
+
+    /// Runs until the instance is stopped or the agent shuts down.
+    pub(super) async fn run(mut self, shutdown: CancellationToken) {
+        let mut failures: u32 = 0;
+        let mut next = self.adopted.take().map(|(id, ready)| {
+            self.tail.seek_back(super::ADOPT_LOG_BYTES);
+            self.drain_log();
+            (Running::Adopted { id }, ready)
+        });
+        loop {
+            if self.stop.is_cancelled() {
+                if let Some((running, _)) = next.take() {
+                    self.terminate(running).await;
+                }
+                self.stopped().await;
+                return;
+            }
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let (mut running, ready) = match next.take() {
+                Some(r) => r,
+                None => match self.spawn().await {
+                    Ok(r) => (r, false),
+                    Err(reason) => {
+                        failures = failures.saturating_add(1);
+                        self.failed(reason).await;
+                        match self.back_off(failures, &shutdown).await {
+                            Wake::Elapsed => self.count_restart(),
+                            Wake::Stop => {}
+                            Wake::Shutdown => return,
+                        }
+                        continue;
+                    }
+                },
+            };
+            match self.watch(&mut running, ready, &shutdown).await {
+                Outcome::Shutdown => return,
+                Outcome::Stop => {
+                    self.terminate(running).await;
+                    self.stopped().await;
+                    return;
+                }
+                Outcome::Exited { reason, ready_for } => {
+                    failures = if ready_for >= self.inner.config.restart_stable {
+                        1
+                    } else {
+                        failures.saturating_add(1)
+                    };
+                    self.failed(reason).await;
+                }
+                Outcome::Stalled { reason } => {
+                    self.terminate(running).await;
+                    failures = failures.saturating_add(1);
+                    self.failed(reason).await;
+                }
+            }
+            match self.back_off(failures, &shutdown).await {
+                Wake::Elapsed => self.count_restart(),
+                Wake::Stop => {}
+                Wake::Shutdown => return,
+            }
+        }
+    }
+
+    /// Spawns llama-server with the recorded argv, stdout and stderr
+    /// appended to the log file, in its own process group, with a cleared
+    /// environment. Records its identity before reporting it.
+    async fn spawn(&mut self) -> Result<Running, String> {
+        let inner = self.inner.clone();
+        inner.set_state(&self.id, InstanceState::Starting, None);
+        let Some((argv, restarts)) = inner
+            .table()
+            .instances
+            .get(&self.id)
+            .map(|s| (s.record.argv.clone(), s.record.restart_count))
+        else {
+            return Err("instance record vanished".into());
+        };
+        let Some((program, args)) = argv.split_first() else {
+            return Err("empty argv".into());
+        };
+        // The model path (after `-m`) must still resolve inside the model
+        // directories: a symlink may have been swapped since the start.
+        let model_ok = argv
+            .windows(2)
+            .find(|w| w[0] == "-m")
+            .and_then(|w| std::path::Path::new(&w[1]).canonicalize().ok())
+            .is_some_and(|p| crate::scan::is_inside(&inner.config.model_dirs, &p));
+        if !model_ok {
+            return Err(
+                "the model file is gone or now resolves outside the model directories".into(),
+            );
+        }
+        let log_path = self.tail.path().to_owned();
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&log_path)
+            .and_then(|mut f| {
+                use std::io::Write;
+                // Tail from before the marker so it shows in the ring.
+                self.tail.seek_end();
+                writeln!(
+                    f,
+                    "----- halo-agent: starting llama-server (restart {restarts}) at unix ms {} -----",
+                    now_unix_ms()
+                )?;
+                Ok(f)
+            })
+            .map_err(|e| format!("cannot open log {}: {e}", log_path.display()))?;
+        let err = log
+            .try_clone()
+            .map_err(|e| format!("cannot open log {}: {e}", log_path.display()))?;
+        let dir = log_path
+            .parent()
+            .map(std::path::Path::to_owned)
+            .unwrap_or_default();
+        let child = Command::new(program)
+            .args(args)
+            .env_clear()
+            .envs(argv::environment())
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(err))
+            .process_group(0)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|e| format!("cannot start {program}: {e}"))?;
+        let Some(pid) = child.id() else {
+            return Err("llama-server exited before it could be recorded".into());
+        };
+        // The child is not reaped until we wait, so its stat is readable.
+        let start_ticks = procfs::start_ticks(pid).unwrap_or(0);
+        let id = ProcessId { pid, start_ticks };
+        self.load = LoadLog::default();
+        inner.update(&self.id, |s| {
+            s.record.process = Some(id);
+            s.record.observed = None;
+        });
+        if let Err(e) = inner.persist().await {
+            tracing::error!(instance = %self.id, "recording pid {pid} failed: {e}");
+        }
+        tracing::info!(instance = %self.id, pid, "spawned llama-server");
+        inner.set_state(&self.id, InstanceState::Loading, None);
+        Ok(Running::Owned { child, id })
+    }
+
+    /// Watches a process until it exits, stalls, or a stop or shutdown.
+    async fn watch(
+        &mut self,
+        running: &mut Running,
+        already_ready: bool,
+        shutdown: &CancellationToken,
+    ) -> Outcome {
+        let inner = self.inner.clone();
+        let port = inner
+            .table()
+            .instances
+            .get(&self.id)
+            .map_or(0, |s| s.record.port);
+        let addr = inner.health_addr(port);
+        let since = Instant::now();
+        let mut ready_at = already_ready.then(Instant::now);
+        let mut tick = new_interval(if already_ready {
+            READY_POLL
+        } else {
+            LOADING_POLL
+        });
+        loop {
+            let exited = async {
+                match running {
+                    Running::Owned { child, .. } => Some(child.wait().await),
+                    Running::Adopted { .. } => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                () = self.stop.cancelled() => return Outcome::Stop,
+                () = shutdown.cancelled() => return Outcome::Shutdown,
+                status = exited => {
+                    self.drain_log();
+                    let reason = match status {
+                        Some(Ok(status)) => describe_exit(status),
+                        Some(Err(e)) => format!("waiting for llama-server failed: {e}"),
+                        None => "llama-server exited".into(),
+                    };
+                    return Outcome::Exited {
+                        reason: self.with_last_lines(reason),
+                        ready_for: ready_at.map_or(Duration::ZERO, |t| t.elapsed()),
+                    };
+                }
+                _ = tick.tick() => {}
+            }
+            self.drain_log();
+            if let Running::Adopted { id } = running
+                && !procfs::is_alive(*id)
+            {
+                let reason = format!(
+                    "llama-server (pid {}) exited; status unknown (adopted after an agent restart, not its child)",
+                    id.pid
+                );
+                return Outcome::Exited {
+                    reason: self.with_last_lines(reason),
+                    ready_for: ready_at.map_or(Duration::ZERO, |t| t.elapsed()),
+                };
+            }
+            if ready_at.is_some() {
+                continue;
+            }
+            if health(addr, HEALTH_TIMEOUT).await == Some(200) {
+                // Lines printed before the server answered hold the buffers.
+                self.drain_log();
+                let observed = self.load.buffers();
+                inner.update(&self.id, |s| {
+                    if observed.is_some() {
+                        s.record.observed = observed;
+                    }
+                });
+                inner.set_state(&self.id, InstanceState::Ready, None);
+                if let Err(e) = inner.persist().await {
+                    tracing::error!(instance = %self.id, "state write failed: {e}");
+                }
+                ready_at = Some(Instant::now());
+                tick = new_interval(READY_POLL);
+            } else if since.elapsed() > inner.config.load_timeout {
+                let reason = format!(
+                    "the model did not become ready within {}s (load_timeout_secs)",
+                    inner.config.load_timeout.as_secs()
+                );
+                return Outcome::Stalled {
+                    reason: self.with_last_lines(reason),
+                };
+            }
+        }
+    }
+
+    /// Reads new log lines into the ring, the followers and the load log.
+    fn drain_log(&mut self) {
+        let lines = self.tail.read_lines();
+        if lines.is_empty() {
+            return;
+        }
+        for l in &lines {
+            self.load.feed(l);
+        }
+        let at = now_unix_ms();
+        self.inner.update(&self.id, |s| {
+            for line in lines {
+                let line = LogLine {
+                    at_unix_ms: at,
+                    line,
+                };
+                // No followers is fine.
+                let _ = s.log_tx.send(line.clone());
+                s.ring.push(line);
+            }
+        });
+    }
+
+    fn with_last_lines(&self, reason: String) -> String {
+        let lines = self
+            .inner
+            .table()
+            .instances
+            .get(&self.id)
+            .map(|s| s.ring.last(REASON_LINES))
+            .unwrap_or_default();
+        if lines.is_empty() {
+            return reason;
+        }
+        let mut s = format!("{reason}; last log lines:");
+        for l in lines {
+            s.push('\n');
+            s.push_str(&l.line);
+        }
+        s
+    }
+
+    /// Records a failure (the process is gone) and publishes it.
+    async fn failed(&mut self, reason: String) {
+        tracing::warn!(instance = %self.id, "instance failed: {}", reason.lines().next().unwrap_or_default());
+        self.inner.update(&self.id, |s| s.record.process = None);
+        self.inner
+            .set_state(&self.id, InstanceState::Failed, Some(reason));
+        if let Err(e) = self.inner.persist().await {
+            tracing::error!(instance = %self.id, "state write failed: {e}");
+        }
+    }
+
+    fn count_restart(&self) {
+        self.inner.update(&self.id, |s| {
+            s.record.restart_count = s.record.restart_count.saturating_add(1)
+        });
+    }
+
+    /// Waits the back-off for the `failures`-th failure in a row:
+    /// initial × 2^(failures-1), capped.
+    async fn back_off(&self, failures: u32, shutdown: &CancellationToken) -> Wake {
+        let c = &self.inner.config;
+        let exp = failures.saturating_sub(1).min(20);
+        let delay = c
+            .restart_backoff
+            .saturating_mul(1 << exp)
+            .min(c.restart_backoff_max);
+        tracing::info!(instance = %self.id, "restarting in {delay:?}");
+        tokio::select! {
+            () = tokio::time::sleep(delay) => Wake::Elapsed,
+            () = self.stop.cancelled() => Wake::Stop,
+            () = shutdown.cancelled() => Wake::Shutdown,
+        }
+    }
+
+    /// SIGTERM to the process group, a bounded wait, then SIGKILL.
+    async fn terminate(&mut self, running: Running) {
+        let grace = self.inner.config.stop_timeout;
+        match running {
+            Running::Owned { mut child, id } => {
+                // Not reaped yet, so the pid (and group) are still ours.
+                signal(id.pid, Signal::TERM);
+                if tokio::time::timeout(grace, child.wait()).await.is_err() {
+                    tracing::warn!(instance = %self.id, pid = id.pid, "no exit {grace:?} after SIGTERM; sending SIGKILL");
+                    signal(id.pid, Signal::KILL);
+                    if tokio::time::timeout(KILL_WAIT, child.wait()).await.is_err() {
+                        tracing::error!(instance = %self.id, pid = id.pid, "still running after SIGKILL");
+                    }
+                }
+            }
+            Running::Adopted { id } => terminate_adopted(id, grace).await,
+        }
+        self.drain_log();
+    }
+
+    async fn stopped(&mut self) {
+        self.inner.update(&self.id, |s| {
+            s.record.process = None;
+            s.ring.keep_last(STOPPED_RING_LINES);
+        });
+        self.inner.set_state(&self.id, InstanceState::Stopped, None);
+        if let Err(e) = self.inner.persist().await {
+            tracing::error!(instance = %self.id, "state write failed: {e}");
+        }
+        self.finished.cancel();
+    }
+}
+
+/// Terminates a process this run did not spawn: each signal only after
+/// checking that pid + start time still name it.
+pub(super) async fn terminate_adopted(id: ProcessId, grace: Duration) {
+    if !procfs::is_alive(id) {
+        return;
+    }
+    signal(id.pid, Signal::TERM);
+    if wait_gone(id, grace).await {
+        return;
+    }
+    if procfs::is_alive(id) {
+        tracing::warn!(
+            pid = id.pid,
+            "no exit {grace:?} after SIGTERM; sending SIGKILL"
+        );
+        signal(id.pid, Signal::KILL);
+        if !wait_gone(id, KILL_WAIT).await {
+            tracing::error!(pid = id.pid, "still running after SIGKILL");
+        }
+    }
+}
+
+async fn wait_gone(id: ProcessId, deadline: Duration) -> bool {
+    let end = Instant::now() + deadline;
+    while Instant::now() < end {
+        if !procfs::is_alive(id) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    !procfs::is_alive(id)
+}
+
+fn signal(pgid: u32, sig: Signal) {
+    match procfs::signal_group(pgid, sig) {
+        Ok(true) => {}
+        Ok(false) => tracing::debug!(pgid, "process group already gone"),
+        Err(e) => tracing::warn!(pgid, "signal failed: {e}"),
+    }
+}
+
+fn new_interval(period: Duration) -> tokio::time::Interval {
+    let mut i = tokio::time::interval(period);
+    i.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    i
+}
+
+fn describe_exit(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("llama-server exited with code {code}"),
+        (None, Some(sig)) => format!("llama-server was killed by {}", procfs::signal_name(sig)),
+        _ => format!("llama-server ended: {status}"),
+    }
+}
