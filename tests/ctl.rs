@@ -1,0 +1,118 @@
+//! `haloctl` as a user runs it: a process, its stdout, stderr and exit code.
+
+use agent::gguf::fixtures::{self, SparseModel, VocabStyle};
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn haloctl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_haloctl-shim"))
+        .args(args)
+        .env_remove("HALO_PROBE_ROOT")
+        .output()
+        .expect("run haloctl")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn sparse(dir: &Path, kind: SparseModel) -> String {
+    let path = dir.join(kind.spec().file_name);
+    fixtures::write_sparse_with(kind, &path, VocabStyle::SizeOnly).expect("fixture");
+    path.display().to_string()
+}
+
+#[test]
+fn plan_says_deepseek_v3_1_1bit_fits_no_128_gib_node_at_any_context() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ds = sparse(dir.path(), SparseModel::DeepSeekV31);
+    let out = haloctl(&["plan", &ds, "--memory", "128"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("deepseek2"), "{stdout}");
+    assert!(stdout.contains("fits in 128.0 GiB?"), "{stdout}");
+    assert!(!stdout.contains("yes,"), "{stdout}");
+    assert!(
+        stdout.contains("Does not fit at any context: the weights alone (158.4 GiB) exceed 128.0 GiB by 30.4 GiB"),
+        "{stdout}"
+    );
+
+    let json = haloctl(&[
+        "plan", &ds, "--memory", "128", "--ctx", "16384", "-o", "json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("json");
+    let row = &v["rows"][0];
+    assert_eq!(row["ctx"], 16384);
+    assert_eq!(row["fits"], false);
+    let sum = ["weights_bytes", "kv_bytes", "compute_bytes"]
+        .iter()
+        .map(|k| row[k].as_u64().expect(k))
+        .sum::<u64>();
+    assert_eq!(row["total_bytes"].as_u64(), Some(sum));
+    assert_eq!(v["budget_bytes"].as_u64(), Some(128 << 30));
+}
+
+#[test]
+fn plan_finds_the_largest_context_and_what_a_quantized_cache_buys() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let qc = sparse(dir.path(), SparseModel::Qwen3Coder30B);
+    let out = haloctl(&["plan", &qc, "--memory", "40"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("Largest context that fits with f16/f16 KV cache"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("--cache-type-k q8_0 --cache-type-v q8_0"),
+        "{stdout}"
+    );
+
+    // With q8_0 already chosen, q8_0 is not offered again.
+    let out = haloctl(&[
+        "plan",
+        &qc,
+        "--memory",
+        "40",
+        "--cache-type-k",
+        "q8_0",
+        "--cache-type-v",
+        "q8_0",
+    ]);
+    assert!(!text(&out.stdout).contains("--cache-type-k q8_0"));
+}
+
+#[test]
+fn plan_rejects_bad_input_with_a_clear_message_and_exit_code() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("bad.gguf");
+    std::fs::write(&bad, b"GGUF\x03\x00\x00\x00\xff").expect("write");
+    let out = haloctl(&["plan", &bad.display().to_string(), "--memory", "128"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("bad.gguf: at byte 8"), "{err}");
+
+    let out = haloctl(&["plan", "/no/such/model.gguf", "--memory", "128"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("/no/such/model.gguf"));
+
+    let out = haloctl(&["plan", "x.gguf", "--cache-type-k", "q9"]);
+    assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
+    assert!(
+        text(&out.stderr).contains("q8_0"),
+        "lists the valid choices"
+    );
+}
+
+#[test]
+fn memory_reads_the_strix_halo_fixture_as_one_unified_pool() {
+    let root = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/probe/strix-halo-128g"
+    );
+    let out = haloctl(&["memory", "--root", root, "-o", "json"]);
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["unified_memory"], true);
+    assert_eq!(v["usable_bytes"].as_u64(), Some(129_385_889_792));
+}
