@@ -1,13 +1,20 @@
-//! halo's memory estimate agrees with llama.cpp's own projection: for every
-//! sparse fixture architecture, at contexts 4096 … 131072 (where the model
-//! allows) with f16 and q8_0 caches, each of model / context / compute is
-//! within 2 % or 16 MiB of what `llama-fit-params` prints.
-//! (`cargo bench -p controller --bench estimate_parity` prints the table.)
+//! halo's memory estimate agrees with llama.cpp: with its own projection
+//! (for every sparse fixture architecture, at contexts 4096 … 131072 where
+//! the model allows, with f16 and q8_0 caches, each of model / context /
+//! compute is within 2 % or 16 MiB of what `llama-fit-params` prints;
+//! `cargo bench -p tests --bench estimate_parity` prints the table), and
+//! with real `llama-server` loads: captured logs (`agent/src/testdata/`),
+//! read by the agent's parser as the agent reports them, against the formula.
 
 use agent::gguf::{self, fixtures};
-use controller::estimate::parity::{ParityRow, Tolerance, run_fit_params};
-use controller::estimate::{CacheType, EstimateOptions, estimate};
+use agent::loadlog::parse_load_log;
+use controller::estimate::{
+    CacheType, Estimate, EstimateOptions, EstimateSource, FlashAttn, MIB, ObservedRecord, estimate,
+    estimate_with_observed,
+};
+use proto::domain::{ModelParams, ObservedBuffers};
 use tests::llama_bin;
+use tests::parity::{ParityRow, Tolerance, run_fit_params};
 
 #[test]
 fn estimate_matches_llama_fit_params_for_every_fixture_context_and_cache_type() {
@@ -54,4 +61,147 @@ fn estimate_matches_llama_fit_params_for_every_fixture_context_and_cache_type() 
         ParityRow::header(),
         failed.join("\n")
     );
+}
+
+/// A captured `llama-server` log from the agent's test data.
+macro_rules! agent_log {
+    ($name:literal) => {
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../agent/src/testdata/",
+            $name
+        ))
+    };
+}
+
+/// What the agent reports for a captured log.
+fn observed(log: &str) -> ObservedBuffers {
+    parse_load_log(log).buffers().expect("buffer lines")
+}
+
+fn mib_f(bytes: u64) -> f64 {
+    bytes as f64 / MIB as f64
+}
+
+/// The formula's context within 1/64 MiB of what the load logged (KV and
+/// recurrent state), its compute buffer within `compute_within`.
+fn assert_close_to_the_load(e: &Estimate, obs: &ObservedBuffers, compute_within: u64) {
+    let kv = obs.context_bytes().expect("kv");
+    assert!(
+        e.kv_bytes.abs_diff(kv) < MIB / 64,
+        "{} vs {}",
+        e.kv_bytes,
+        kv
+    );
+    let compute = obs.compute_bytes.expect("compute");
+    assert!(
+        e.compute_bytes.abs_diff(compute) < compute_within,
+        "{}",
+        mib_f(e.compute_bytes)
+    );
+}
+
+/// The sparse Llama-3.1-8B fixture's header, the model the log was
+/// captured with.
+fn llama8b() -> ModelParams {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kind = fixtures::SparseModel::Llama31_8B;
+    let path = dir.path().join(kind.spec().file_name);
+    fixtures::write_sparse_with(kind, &path, fixtures::VocabStyle::SizeOnly).expect("write");
+    gguf::model_params(&gguf::read_model(&path).expect("read")).expect("params")
+}
+
+/// The real llama-server load of the sparse Llama-3.1-8B fixture
+/// (`-c 8192`, 4 unified slots): the formula already agrees with it.
+#[test]
+fn a_real_server_log_agrees_with_the_formula_and_replaces_it() {
+    let obs = observed(agent_log!("server-llama8b-q4km-lv4.log"));
+    let params = llama8b();
+    let opts = EstimateOptions::llama_server(8192);
+    let formula = estimate(&params, &opts);
+    assert_eq!(Some(formula.kv_bytes), obs.context_bytes());
+    let compute = obs.compute_bytes.expect("compute line");
+    assert!(
+        formula.compute_bytes.abs_diff(compute) < MIB / 8,
+        "{}",
+        mib_f(formula.compute_bytes)
+    );
+    let output = obs.output_bytes.expect("output line");
+    assert!(formula.output_bytes.abs_diff(output) < MIB / 64);
+
+    let rec = ObservedRecord::new("llama/8b.gguf", &opts, obs);
+    let s = estimate_with_observed("llama/8b.gguf", &params, &opts, &[rec]);
+    assert_eq!(s.source, EstimateSource::Observed);
+    assert_eq!(s.sources.compute, EstimateSource::Observed);
+    assert_eq!(s.estimate.compute_bytes, compute);
+    // CPU_Mapped (whole file) + CPU_REPACK double-counts: keep the header.
+    assert_eq!(s.sources.weights, EstimateSource::Formula);
+    assert_eq!(s.estimate.weights_bytes, params.weight_bytes);
+    assert!(s.estimate.notes.iter().any(|n| n.contains("repacked")));
+}
+
+/// A 4-layer gpt-oss written for the test data: two KV caches (full and
+/// sliding window), q8_0, two per-slot streams, MoE compute.
+#[test]
+fn a_sliding_window_moe_load_matches_the_formula() {
+    let p = ModelParams {
+        architecture: "gpt-oss".into(),
+        block_count: 4,
+        embedding_length: 1024,
+        vocab_size: 32_000,
+        head_count: vec![16; 4],
+        head_count_kv: vec![4; 4],
+        key_length: 64,
+        value_length: 64,
+        sliding_window: 128,
+        swa_layers: vec![true, false, true, false],
+        recurrent_layers: vec![false; 4],
+        expert_count: 8,
+        expert_used_count: 2,
+        context_length: 131_072,
+        ..ModelParams::default()
+    };
+    let obs = observed(agent_log!("server-gptoss-small-iswa-q8-lv4.log"));
+    let opts = EstimateOptions::llama_server_slots(8192, 2, false).cache(CacheType::Q8_0);
+    let p = ModelParams {
+        expert_feed_forward_length: 1024,
+        ..p
+    };
+    let e = estimate(&p, &opts);
+    assert_eq!((e.context.kv_size, e.context.swa_size), (4096, 768));
+    assert_close_to_the_load(&e, &obs, MIB);
+    assert_eq!(e.compute.dominant, "MoE experts");
+}
+
+/// A 4-layer Nemotron-H ("M-M*") written for the test data: KV plus
+/// recurrent state, flash attention off.
+#[test]
+fn a_hybrid_load_matches_the_formula() {
+    let p = ModelParams {
+        architecture: "nemotron_h".into(),
+        block_count: 4,
+        embedding_length: 1024,
+        vocab_size: 32_000,
+        head_count: vec![8; 4],
+        head_count_kv: vec![0, 0, 0, 2],
+        key_length: 128,
+        value_length: 128,
+        swa_layers: vec![false; 4],
+        ssm_conv_kernel: 4,
+        ssm_inner_size: 2048,
+        ssm_state_size: 64,
+        ssm_group_count: 2,
+        ssm_time_step_rank: 32,
+        recurrent_layers: vec![true, false, true, false],
+        context_length: 131_072,
+        ..ModelParams::default()
+    };
+    let obs = observed(agent_log!("server-nemotronh-small-hybrid-lv4.log"));
+    let opts = EstimateOptions {
+        flash_attn: FlashAttn::Off,
+        ..EstimateOptions::llama_server(4096)
+    };
+    let e = estimate(&p, &opts);
+    assert_close_to_the_load(&e, &obs, 4 * MIB);
+    assert_eq!(e.compute.dominant, "attention (no flash)");
 }

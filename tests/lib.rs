@@ -1,6 +1,9 @@
 //! Shared harness for halo's integration tests: where the llama.cpp binaries
 //! are, free ports, and real child processes that are killed (and whose logs
-//! are printed) when a test ends.
+//! are printed) when a test ends. [`parity`] compares halo's memory estimate
+//! with llama.cpp's own projection.
+
+pub mod parity;
 
 use std::io::Read;
 use std::net::TcpListener;

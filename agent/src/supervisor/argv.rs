@@ -58,10 +58,10 @@ pub fn build(config: &Config, spec: &ArgvSpec<'_>) -> Vec<String> {
     push("-c", o.context_size.to_string());
     push("-np", o.parallel.max(1).to_string());
     if let Some(t) = o.cache_type_k {
-        push("-ctk", t.llama_name().to_owned());
+        push("-ctk", t.name().to_owned());
     }
     if let Some(t) = o.cache_type_v {
-        push("-ctv", t.llama_name().to_owned());
+        push("-ctv", t.name().to_owned());
     }
     if let Some(fa) = o.flash_attention {
         push("-fa", if fa { "on" } else { "off" }.to_owned());

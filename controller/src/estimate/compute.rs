@@ -31,8 +31,9 @@
 //! Each phase also holds a few `n_embd x n_tokens` f32 activations (the
 //! residual, the normed input, the layer output, the vector-embedding
 //! input). Their count and the exact placement were CALIBRATED against
-//! `llama-fit-params` and `llama-server` (see `benches/estimate_parity.rs`):
-//! 5 activations next to the FFN or the MLA queries, 5.5 next to the logits,
+//! `llama-fit-params` and `llama-server` (see
+//! `tests/benches/estimate_parity.rs`): 5 activations next to the FFN or
+//! the MLA queries, 5.5 next to the logits,
 //! `2 q + k + v` and 4 or 5 next to the attention scores. ggml-alloc's
 //! best-fit placement sometimes leaves a hole of about one activation below
 //! the logits, which is the error that remains (half an activation either

@@ -20,9 +20,11 @@
 //! projection leaves it out; [`Estimate::output_bytes`] reports it and
 //! [`Estimate::total_bytes`] includes it.
 //!
-//! [`parity`] runs the real `llama-fit-params` and compares; [`loadlog`]
-//! reads what a real `llama-server` printed at load; [`observed`] prefers
-//! such observed figures over the formulas when they exist.
+//! [`observed`] prefers what a real `llama-server` load logged (the agent
+//! parses its instances' logs and reports [`proto::domain::ObservedBuffers`])
+//! over the formulas when such figures exist. The parity tooling that runs
+//! the real `llama-fit-params` and compares is in the `tests` crate
+//! (`tests::parity`, `cargo bench -p tests --bench estimate_parity`).
 //!
 //! Known gaps (the header report does not carry what they need):
 //!
@@ -39,13 +41,12 @@
 
 pub mod compute;
 pub mod context;
-pub mod loadlog;
 pub mod observed;
-pub mod parity;
 
-pub use loadlog::{ObservedBuffers, parse_load_log};
 pub use observed::{EstimateSource, ObservedRecord, SourcedEstimate, estimate_with_observed};
-pub use parity::{LlamaProjection, ParityRow, Tolerance};
+/// The KV cache element type (`-ctk` / `-ctv`) with its block sizes: the
+/// domain type instances are started with.
+pub use proto::domain::CacheType;
 
 use proto::domain::ModelParams;
 use std::fmt;
@@ -54,102 +55,7 @@ use std::str::FromStr;
 /// One mebibyte, the unit llama.cpp prints.
 pub const MIB: u64 = 1024 * 1024;
 
-/// A KV cache element type (`-ctk` / `-ctv`; the `kv_cache_types` list in
-/// `common/arg.cpp`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum CacheType {
-    /// `f32`
-    F32,
-    /// `f16`, llama.cpp's default.
-    #[default]
-    F16,
-    /// `bf16`
-    Bf16,
-    /// `q8_0`
-    Q8_0,
-    /// `q4_0`
-    Q4_0,
-    /// `q4_1`
-    Q4_1,
-    /// `q5_0`
-    Q5_0,
-    /// `q5_1`
-    Q5_1,
-    /// `iq4_nl`
-    Iq4Nl,
-}
-
-impl CacheType {
-    /// Every cache type llama.cpp accepts.
-    pub const ALL: [CacheType; 9] = [
-        CacheType::F32,
-        CacheType::F16,
-        CacheType::Bf16,
-        CacheType::Q8_0,
-        CacheType::Q4_0,
-        CacheType::Q4_1,
-        CacheType::Q5_0,
-        CacheType::Q5_1,
-        CacheType::Iq4Nl,
-    ];
-
-    /// `(elements per block, bytes per block)`: `blck_size` and `type_size`
-    /// of the `type_traits` table in `ggml/src/ggml.c`; the block structs
-    /// (`block_q8_0` = f16 scale + 32 int8 = 34 bytes, ...) are in
-    /// `ggml/src/ggml-common.h`.
-    pub fn block(self) -> (u64, u64) {
-        match self {
-            CacheType::F32 => (1, 4),
-            CacheType::F16 | CacheType::Bf16 => (1, 2),
-            CacheType::Q8_0 => (32, 34),
-            CacheType::Q4_0 | CacheType::Iq4Nl => (32, 18),
-            CacheType::Q4_1 => (32, 20),
-            CacheType::Q5_0 => (32, 22),
-            CacheType::Q5_1 => (32, 24),
-        }
-    }
-
-    /// Bytes of one row of `n` elements (`ggml_row_size`), rounding a
-    /// partial block up (llama.cpp refuses such rows; see [`Self::fits`]).
-    pub fn row_bytes(self, n: u64) -> u64 {
-        let (blck, size) = self.block();
-        n.div_ceil(blck) * size
-    }
-
-    /// Whether a row of `n` elements is a whole number of blocks, as
-    /// `ggml_row_size` asserts.
-    pub fn fits(self, n: u64) -> bool {
-        n.is_multiple_of(self.block().0)
-    }
-
-    /// Whether the type is block-quantized (`ggml_is_quantized`).
-    pub fn is_quantized(self) -> bool {
-        self.block().0 > 1
-    }
-
-    /// The name llama.cpp uses on its command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            CacheType::F32 => "f32",
-            CacheType::F16 => "f16",
-            CacheType::Bf16 => "bf16",
-            CacheType::Q8_0 => "q8_0",
-            CacheType::Q4_0 => "q4_0",
-            CacheType::Q4_1 => "q4_1",
-            CacheType::Q5_0 => "q5_0",
-            CacheType::Q5_1 => "q5_1",
-            CacheType::Iq4Nl => "iq4_nl",
-        }
-    }
-}
-
-impl fmt::Display for CacheType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// A string that names no cache type or flash-attention mode.
+/// A string that names no flash-attention mode.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unknown {what} `{value}`")]
 pub struct ParseOptionError {
@@ -157,20 +63,6 @@ pub struct ParseOptionError {
     pub what: &'static str,
     /// The rejected text.
     pub value: String,
-}
-
-impl FromStr for CacheType {
-    type Err = ParseOptionError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        CacheType::ALL
-            .into_iter()
-            .find(|t| t.name().eq_ignore_ascii_case(s))
-            .ok_or_else(|| ParseOptionError {
-                what: "cache type",
-                value: s.to_owned(),
-            })
-    }
 }
 
 /// `-fa on|off|auto`.

@@ -1,10 +1,12 @@
 //! Learning from real loads: when a model has been loaded before with the
-//! same settings, what `llama-server` logged (see [`super::loadlog`]) beats
-//! any formula. [`estimate_with_observed`] prefers observed figures, field
+//! same settings, what `llama-server` logged beats any formula. The agent
+//! reads its instances' load logs (`agent::loadlog`) and reports the sizes as
+//! [`ObservedBuffers`]; an [`ObservedRecord`] pairs them with the settings
+//! of that load. [`estimate_with_observed`] prefers observed figures, field
 //! by field, and says where each came from.
 
-use super::{CacheType, Estimate, EstimateOptions, ObservedBuffers, Resolved, estimate, mib};
-use proto::domain::ModelParams;
+use super::{CacheType, Estimate, EstimateOptions, Resolved, estimate, mib};
+use proto::domain::{ModelParams, ObservedBuffers};
 
 /// Where a figure came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -32,7 +34,7 @@ pub struct ObservedRecord {
     pub flash_attn: bool,
     /// `-kvu`
     pub kv_unified: bool,
-    /// What the log said.
+    /// What the agent read from the load's log.
     pub buffers: ObservedBuffers,
 }
 
@@ -123,7 +125,7 @@ pub fn estimate_with_observed(
         .find(|r| r.matches(model_id, params, opts) && !r.buffers.is_empty())
     {
         let b = &rec.buffers;
-        let breakdown = b.breakdown_mib.map(|m| m.map(|x| x * super::MIB));
+        let breakdown = b.breakdown;
         let mut notes = Vec::new();
         let mut take =
             |value: Option<u64>, slot: &mut u64, src: &mut EstimateSource, what: &str| {
@@ -146,20 +148,20 @@ pub fn estimate_with_observed(
         };
         if !double_counted {
             take(
-                b.model_bytes.or(breakdown.map(|m| m[0])),
+                b.model_bytes.or(breakdown.map(|t| t.model_bytes)),
                 &mut est.weights_bytes,
                 &mut sources.weights,
                 "weights",
             );
         }
         take(
-            b.kv_bytes.or(breakdown.map(|m| m[1])),
+            b.context_bytes().or(breakdown.map(|t| t.context_bytes)),
             &mut est.kv_bytes,
             &mut sources.kv,
             "context",
         );
         take(
-            b.compute_bytes.or(breakdown.map(|m| m[2])),
+            b.compute_bytes.or(breakdown.map(|t| t.compute_bytes)),
             &mut est.compute_bytes,
             &mut sources.compute,
             "compute",

@@ -100,10 +100,12 @@ impl TryFrom<v1::InstanceState> for InstanceState {
 }
 
 /// A KV cache element type llama-server accepts for `-ctk`/`-ctv`
-/// (`kv_cache_types` in llama.cpp's `common/arg.cpp`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// (`kv_cache_types` in llama.cpp's `common/arg.cpp`), with the block sizes
+/// the memory estimate needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub enum CacheType {
     /// `f16`, llama.cpp's default.
+    #[default]
     F16,
     /// `bf16`.
     Bf16,
@@ -124,8 +126,21 @@ pub enum CacheType {
 }
 
 impl CacheType {
-    /// The name llama-server takes (`ggml_type_name`).
-    pub fn llama_name(self) -> &'static str {
+    /// Every cache type llama.cpp accepts.
+    pub const ALL: [CacheType; 9] = [
+        CacheType::F32,
+        CacheType::F16,
+        CacheType::Bf16,
+        CacheType::Q8_0,
+        CacheType::Q4_0,
+        CacheType::Q4_1,
+        CacheType::Q5_0,
+        CacheType::Q5_1,
+        CacheType::Iq4Nl,
+    ];
+
+    /// The name llama.cpp uses on its command line (`ggml_type_name`).
+    pub fn name(self) -> &'static str {
         match self {
             CacheType::F16 => "f16",
             CacheType::Bf16 => "bf16",
@@ -137,6 +152,63 @@ impl CacheType {
             CacheType::Iq4Nl => "iq4_nl",
             CacheType::F32 => "f32",
         }
+    }
+
+    /// `(elements per block, bytes per block)`: `blck_size` and `type_size`
+    /// of the `type_traits` table in `ggml/src/ggml.c`; the block structs
+    /// (`block_q8_0` = f16 scale + 32 int8 = 34 bytes, ...) are in
+    /// `ggml/src/ggml-common.h`.
+    pub fn block(self) -> (u64, u64) {
+        match self {
+            CacheType::F32 => (1, 4),
+            CacheType::F16 | CacheType::Bf16 => (1, 2),
+            CacheType::Q8_0 => (32, 34),
+            CacheType::Q4_0 | CacheType::Iq4Nl => (32, 18),
+            CacheType::Q4_1 => (32, 20),
+            CacheType::Q5_0 => (32, 22),
+            CacheType::Q5_1 => (32, 24),
+        }
+    }
+
+    /// Bytes of one row of `n` elements (`ggml_row_size`), rounding a
+    /// partial block up (llama.cpp refuses such rows; see [`Self::fits`]).
+    pub fn row_bytes(self, n: u64) -> u64 {
+        let (blck, size) = self.block();
+        n.div_ceil(blck) * size
+    }
+
+    /// Whether a row of `n` elements is a whole number of blocks, as
+    /// `ggml_row_size` asserts.
+    pub fn fits(self, n: u64) -> bool {
+        n.is_multiple_of(self.block().0)
+    }
+
+    /// Whether the type is block-quantized (`ggml_is_quantized`).
+    pub fn is_quantized(self) -> bool {
+        self.block().0 > 1
+    }
+}
+
+impl std::fmt::Display for CacheType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A string that names no cache type.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown cache type `{0}`")]
+pub struct UnknownCacheType(pub String);
+
+impl std::str::FromStr for CacheType {
+    type Err = UnknownCacheType;
+
+    /// llama.cpp's names, case-insensitive.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        CacheType::ALL
+            .into_iter()
+            .find(|t| t.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| UnknownCacheType(s.to_owned()))
     }
 }
 
@@ -312,29 +384,97 @@ impl TryFrom<v1::InstanceOptions> for InstanceOptions {
     }
 }
 
-/// Buffer sizes llama-server printed while loading, summed over devices.
+/// Buffer sizes llama-server printed while loading, summed over devices
+/// (the agent reads them from the instance's log: `agent::loadlog`). `None`
+/// where the log printed no such line, never a zero that looks real.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObservedBuffers {
-    /// `model buffer size` lines.
+    /// `model buffer size` lines: the weights, every buffer type.
+    pub model_bytes: Option<u64>,
+    /// The memory-mapped part of [`Self::model_bytes`] (`CPU_Mapped` and
+    /// other `*_Mapped` buffers). A mapped buffer spans the whole tensor data
+    /// range of the file, including tensors that were copied out into a
+    /// repacked buffer (`CPU_REPACK`), so mapped + repacked counts those
+    /// tensors twice; the mapped copies are clean page cache.
+    pub mapped_model_bytes: Option<u64>,
+    /// The KV cache: the caches' `size =` summaries (exact even when a
+    /// `no_alloc` pass logged dummy buffers), else `KV buffer size` lines.
+    pub kv_bytes: Option<u64>,
+    /// Recurrent state: the `size =` summaries, else `RS buffer size` lines.
+    pub recurrent_bytes: Option<u64>,
+    /// `compute buffer size` lines of the last reservation, all backends.
+    pub compute_bytes: Option<u64>,
+    /// `output buffer size` (logits/embeddings).
+    pub output_bytes: Option<u64>,
+    /// The `memory breakdown` table llama.cpp logs (at exit for
+    /// llama-server), summed over its rows.
+    pub breakdown: Option<MemoryBreakdown>,
+}
+
+/// llama.cpp's `memory breakdown [MiB]` table (`common_memory_breakdown_print`
+/// in `common/fit.cpp`), summed over its rows. Each row is printed in whole
+/// MiB, rounded down; the figures here are those MiB in bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryBreakdown {
+    /// Weights ("model").
     pub model_bytes: u64,
-    /// `KV buffer size` lines.
-    pub kv_bytes: u64,
-    /// `compute buffer size` lines.
+    /// KV cache and recurrent state ("context").
+    pub context_bytes: u64,
+    /// Compute buffers ("compute").
     pub compute_bytes: u64,
-    /// `output buffer size` lines.
-    pub output_bytes: u64,
-    /// `RS buffer size` lines (recurrent state).
-    pub recurrent_bytes: u64,
 }
 
 impl ObservedBuffers {
-    /// Sum of all buffers.
-    pub fn total_bytes(&self) -> u64 {
-        self.model_bytes
-            .saturating_add(self.kv_bytes)
-            .saturating_add(self.compute_bytes)
-            .saturating_add(self.output_bytes)
-            .saturating_add(self.recurrent_bytes)
+    /// KV cache plus recurrent state: llama.cpp's "context" bucket.
+    pub fn context_bytes(&self) -> Option<u64> {
+        match (self.kv_bytes, self.recurrent_bytes) {
+            (None, None) => None,
+            (a, b) => Some(a.unwrap_or(0).saturating_add(b.unwrap_or(0))),
+        }
+    }
+
+    /// Whether the log said anything about buffers at all.
+    pub fn is_empty(&self) -> bool {
+        self.model_bytes.is_none()
+            && self.kv_bytes.is_none()
+            && self.recurrent_bytes.is_none()
+            && self.compute_bytes.is_none()
+            && self.output_bytes.is_none()
+            && self.breakdown.is_none()
+    }
+
+    /// Sum of the buffers the log printed (weights, context, compute,
+    /// output); `None` when it printed none of them.
+    pub fn total_bytes(&self) -> Option<u64> {
+        [
+            self.model_bytes,
+            self.context_bytes(),
+            self.compute_bytes,
+            self.output_bytes,
+        ]
+        .into_iter()
+        .flatten()
+        .reduce(u64::saturating_add)
+    }
+}
+
+impl From<MemoryBreakdown> for v1::MemoryBreakdown {
+    fn from(b: MemoryBreakdown) -> Self {
+        v1::MemoryBreakdown {
+            model_bytes: b.model_bytes,
+            context_bytes: b.context_bytes,
+            compute_bytes: b.compute_bytes,
+        }
+    }
+}
+
+impl From<v1::MemoryBreakdown> for MemoryBreakdown {
+    fn from(b: v1::MemoryBreakdown) -> Self {
+        MemoryBreakdown {
+            model_bytes: b.model_bytes,
+            context_bytes: b.context_bytes,
+            compute_bytes: b.compute_bytes,
+        }
     }
 }
 
@@ -346,6 +486,8 @@ impl From<ObservedBuffers> for v1::ObservedBuffers {
             compute_bytes: b.compute_bytes,
             output_bytes: b.output_bytes,
             recurrent_bytes: b.recurrent_bytes,
+            mapped_model_bytes: b.mapped_model_bytes,
+            breakdown: b.breakdown.map(Into::into),
         }
     }
 }
@@ -354,10 +496,12 @@ impl From<v1::ObservedBuffers> for ObservedBuffers {
     fn from(b: v1::ObservedBuffers) -> Self {
         ObservedBuffers {
             model_bytes: b.model_bytes,
+            mapped_model_bytes: b.mapped_model_bytes,
             kv_bytes: b.kv_bytes,
+            recurrent_bytes: b.recurrent_bytes,
             compute_bytes: b.compute_bytes,
             output_bytes: b.output_bytes,
-            recurrent_bytes: b.recurrent_bytes,
+            breakdown: b.breakdown.map(Into::into),
         }
     }
 }
@@ -552,6 +696,40 @@ mod tests {
                 other => panic!("{field}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn cache_types_parse_like_llama_cpp_flags_and_size_their_blocks() {
+        for t in CacheType::ALL {
+            assert_eq!(t.name().parse::<CacheType>(), Ok(t));
+        }
+        assert_eq!("Q8_0".parse::<CacheType>(), Ok(CacheType::Q8_0));
+        assert!("q3_k".parse::<CacheType>().is_err());
+        assert_eq!(CacheType::Q8_0.row_bytes(1024), 1088);
+        assert!(!CacheType::Q4_0.fits(100));
+    }
+
+    #[test]
+    fn observed_buffers_round_trip_and_absent_stays_absent() {
+        let b = ObservedBuffers {
+            model_bytes: Some(100),
+            mapped_model_bytes: Some(60),
+            kv_bytes: Some(0),
+            recurrent_bytes: None,
+            compute_bytes: Some(7),
+            output_bytes: None,
+            breakdown: Some(MemoryBreakdown {
+                model_bytes: 1 << 20,
+                context_bytes: 0,
+                compute_bytes: 2 << 20,
+            }),
+        };
+        assert_eq!(ObservedBuffers::from(v1::ObservedBuffers::from(b)), b);
+        assert_eq!(b.context_bytes(), Some(0));
+        assert_eq!(b.total_bytes(), Some(107));
+        let none = ObservedBuffers::default();
+        assert!(none.is_empty());
+        assert_eq!((none.context_bytes(), none.total_bytes()), (None, None));
     }
 
     #[test]

@@ -9,11 +9,14 @@
 //! that line (`ggml_backend_buft_is_host`); the CPU's repacked weights
 //! (`CPU_REPACK`) are not host-typed, so they appear only in the
 //! `common_memory_breakdown_print` table logged on stderr at debug
-//! verbosity (`-v`). [`run_fit_params`] reads both and sums every row.
+//! verbosity (`-v`). [`run_fit_params`] reads both and sums every row; the
+//! stderr goes through the agent's load-log parser (`agent::loadlog`).
+//!
+//! Test and bench tooling: `tests/estimate.rs` asserts parity,
+//! `cargo bench -p tests --bench estimate_parity` prints the whole table.
 
-use super::{
-    CacheType, Estimate, EstimateOptions, FlashAttn, MIB, ObservedBuffers, parse_load_log,
-};
+use agent::loadlog::{BreakdownRow, BufferKind, LoadLog, parse_load_log, parse_table_row};
+use controller::estimate::{CacheType, Estimate, EstimateOptions, FlashAttn, MIB};
 use std::fmt;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -65,36 +68,23 @@ pub enum ParityError {
     },
 }
 
-/// One row of llama.cpp's projection, in whole MiB as it prints them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BufferRow {
-    /// `Host`, a device name, or a buffer type such as `CPU_REPACK`.
-    pub name: String,
-    /// Weights.
-    pub model_mib: u64,
-    /// KV cache and recurrent state.
-    pub context_mib: u64,
-    /// Compute buffer.
-    pub compute_mib: u64,
-}
-
 /// What `llama-fit-params --fit-print on` projected.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaProjection {
     /// The stdout lines (`Host` last), as `common_fit_print` prints them.
-    pub printed: Vec<BufferRow>,
+    pub printed: Vec<BreakdownRow>,
     /// The stderr breakdown table rows (`Host`, `CPU_REPACK`, devices), when
     /// the log carried them.
-    pub table: Vec<BufferRow>,
+    pub table: Vec<BreakdownRow>,
     /// The exact figures the debug log carries (KV `size = ...`, `compute
     /// buffer size = ...`), for diagnosis.
-    pub precise: ObservedBuffers,
+    pub precise: LoadLog,
 }
 
 impl LlamaProjection {
     /// The rows to sum: the breakdown table when it was logged (it includes
     /// non-host buffer types), else the printed lines.
-    fn rows(&self) -> &[BufferRow] {
+    fn rows(&self) -> &[BreakdownRow] {
         if self.table.is_empty() {
             &self.printed
         } else {
@@ -119,7 +109,7 @@ impl LlamaProjection {
 
     /// Parses `llama-fit-params` stdout and stderr (`-v`).
     pub fn parse(stdout: &str, stderr: &str) -> Option<LlamaProjection> {
-        let printed: Vec<BufferRow> = stdout.lines().filter_map(parse_printed_line).collect();
+        let printed: Vec<BreakdownRow> = stdout.lines().filter_map(parse_printed_line).collect();
         if !printed.iter().any(|r| r.name == "Host") {
             return None;
         }
@@ -132,7 +122,7 @@ impl LlamaProjection {
 }
 
 /// `Host 693 512 294` (`common_fit_print`): a name then three integers.
-fn parse_printed_line(line: &str) -> Option<BufferRow> {
+fn parse_printed_line(line: &str) -> Option<BreakdownRow> {
     let mut it = line.split_whitespace();
     let name = it.next()?.to_owned();
     let model_mib = it.next()?.parse().ok()?;
@@ -141,7 +131,7 @@ fn parse_printed_line(line: &str) -> Option<BufferRow> {
     if it.next().is_some() {
         return None;
     }
-    Some(BufferRow {
+    Some(BreakdownRow {
         name,
         model_mib,
         context_mib,
@@ -149,43 +139,11 @@ fn parse_printed_line(line: &str) -> Option<BufferRow> {
     })
 }
 
-/// A `common_memory_breakdown_print` row. Host and buffer-type rows read
-/// `| - Host | self = model + context + compute |`; device rows read
-/// `| - Dev (desc) | total = free + (self = model + context + compute) +
-/// unaccounted |`.
-pub(crate) fn parse_table_row(line: &str) -> Option<(String, u64, u64, u64)> {
-    let mut cells = line.split('|').skip(1);
-    let name = cells.next()?.trim().strip_prefix("- ")?.trim().to_owned();
-    let values = cells.next()?;
-    let inner = match (values.find('('), values.rfind(')')) {
-        (Some(a), Some(b)) if a < b => &values[a + 1..b],
-        _ => values,
-    };
-    let (_, sum) = inner.split_once('=')?;
-    let mut parts = sum.split('+').map(|p| p.trim().parse::<u64>());
-    let model = parts.next()?.ok()?;
-    let context = parts.next()?.ok()?;
-    let compute = parts.next()?.ok()?;
-    Some((name, model, context, compute))
-}
-
-impl From<(String, u64, u64, u64)> for BufferRow {
-    fn from((name, model_mib, context_mib, compute_mib): (String, u64, u64, u64)) -> Self {
-        BufferRow {
-            name,
-            model_mib,
-            context_mib,
-            compute_mib,
-        }
-    }
-}
-
-fn parse_table(stderr: &str) -> Vec<BufferRow> {
+fn parse_table(stderr: &str) -> Vec<BreakdownRow> {
     stderr
         .lines()
         .filter(|l| l.contains("memory_breakdown_print"))
         .filter_map(parse_table_row)
-        .map(BufferRow::from)
         .collect()
 }
 
@@ -287,9 +245,9 @@ fn table_is_complete(p: &LlamaProjection) -> bool {
     let host_table = p.table.iter().find(|r| r.name == "Host");
     let others_present = p
         .precise
-        .lines
+        .lines()
         .iter()
-        .filter(|l| l.kind == super::loadlog::BufferKind::Model)
+        .filter(|l| l.kind == BufferKind::Model)
         .filter(|l| l.buffer != "CPU" && !l.buffer.ends_with("_Mapped"))
         .all(|l| p.table.iter().any(|r| r.name == l.buffer));
     host_printed.is_some() && host_printed == host_table && others_present
@@ -353,9 +311,7 @@ pub fn run_server_projection(
             in_table = true;
         } else if in_table {
             match parse_table_row(&line) {
-                Some(row) if line.contains("memory_breakdown_print") => {
-                    table.push(BufferRow::from(row))
-                }
+                Some(row) if line.contains("memory_breakdown_print") => table.push(row),
                 _ => break,
             }
         }
@@ -581,7 +537,7 @@ mod tests {
             (693 + 3744, 512, 294)
         );
         assert_eq!(
-            p.precise.compute_bytes,
+            p.precise.buffers().and_then(|b| b.compute_bytes),
             Some((294.52 * MIB as f64).round() as u64)
         );
     }
@@ -591,16 +547,6 @@ mod tests {
         let p = LlamaProjection::parse(STDOUT, "").expect("parse");
         assert_eq!((p.model_mib(), p.compute_mib()), (693, 294));
         assert!(LlamaProjection::parse("nothing here\n", STDERR).is_none());
-    }
-
-    #[test]
-    fn device_rows_read_the_parenthesised_sum() {
-        let row = "x: |   - ROCm0 (8060S) | 98304 = 50000 + (40000 = 30000 + 8000 + 2000) + 8304 |";
-        assert_eq!(
-            parse_table_row(row),
-            Some(("ROCm0 (8060S)".to_owned(), 30000, 8000, 2000))
-        );
-        assert_eq!(parse_table_row("| memory breakdown [MiB] | total |"), None);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! passes when each figure is within 2 % or 16 MiB.
 //!
 //! ```text
-//! cargo bench -p controller --bench estimate_parity
+//! cargo bench -p tests --bench estimate_parity
 //! HALO_LLAMA_BIN=/path/to/bin      directory holding llama-fit-params
 //! HALO_FIXTURE_DIR=/tmp/fixtures   keep the sparse files there
 //! HALO_PARITY_STRICT=1             exit 1 when a row misses
@@ -16,18 +16,18 @@
 //! ```
 //!
 //! `--write-tiny PATH` writes the tiny llama model instead (used to capture
-//! real `llama-server` load logs for `estimate::loadlog`'s test data).
+//! real `llama-server` load logs for `agent::loadlog`'s test data).
 
 use agent::gguf::fixtures::{SparseModel, VocabStyle, write_sparse_with, write_tiny_llama};
 use agent::gguf::{model_params, read_model};
 use anyhow::{Context, bail};
 use controller::estimate::compute::infer_expert_ff;
-use controller::estimate::parity::{
-    LlamaProjection, ParityError, ParityRow, Tolerance, run_fit_params, run_server_projection,
-};
 use controller::estimate::{CacheType, EstimateOptions, FlashAttn, estimate};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tests::parity::{
+    LlamaProjection, ParityError, ParityRow, Tolerance, run_fit_params, run_server_projection,
+};
 
 /// Where the llama.cpp binaries are: `$HALO_LLAMA_BIN`, else the cache
 /// directory `deploy/build-llama.sh` installs into, else its build tree.
@@ -280,7 +280,7 @@ fn main() -> anyhow::Result<()> {
     for (row, notes, proj) in &failures {
         println!();
         println!("MISS {row}");
-        println!("  llama.cpp precise: {:?}", proj.precise);
+        println!("  llama.cpp precise: {:?}", proj.precise.buffers());
         for n in notes {
             println!("  {n}");
         }
