@@ -2,7 +2,16 @@
 //! Each module drives real processes: llama.cpp's binaries, and halo's own.
 
 mod agent;
+mod cluster;
+mod cluster_crash;
+mod cluster_failover;
+mod cluster_leader;
+mod controller_config;
+mod controller_place;
+mod controller_placement;
+mod controller_store;
 mod ctl;
+mod deploy;
 mod estimate;
 mod fitparams;
 mod llama;

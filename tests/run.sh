@@ -7,6 +7,24 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The controller's tests start a real etcd (Debian's etcd-server), and the
+# etcd client crate's build script compiles etcd's protos with protoc
+# (Debian's protobuf-compiler). Install them when missing and we are root.
+missing=()
+command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "tests: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >&2
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+  else
+    echo "tests: missing ${missing[*]}; install them (Debian: apt-get install ${missing[*]})" >&2
+    exit 1
+  fi
+fi
+
 if [ -z "${HALO_LLAMA_BIN:-}" ]; then
   HALO_LLAMA_BIN=$(bash deploy/build-llama.sh)
 fi

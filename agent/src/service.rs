@@ -122,9 +122,13 @@ impl v1::agent_service_server::AgentService for AgentApi {
         let r = req.into_inner();
         let options =
             InstanceOptions::try_from(r.options.unwrap_or_default()).map_err(Error::from)?;
-        let instance = self
-            .supervisor
-            .start(StartRequest {
+        // In its own task: a caller that goes away (a controller killed
+        // mid-call) must not cancel a start halfway, leaving a recorded
+        // instance that never runs while retries of the same request id
+        // return it.
+        let sup = self.supervisor.clone();
+        let instance = tokio::spawn(async move {
+            sup.start(StartRequest {
                 request_id: r.request_id,
                 model_id: r.model_id,
                 options,
@@ -132,7 +136,10 @@ impl v1::agent_service_server::AgentService for AgentApi {
                 leader_revision: r.leader_revision,
             })
             .await
-            .inspect_err(|e| tracing::info!("start refused: {e}"))?;
+        })
+        .await
+        .map_err(|e| Status::internal(format!("start task failed: {e}")))?
+        .inspect_err(|e| tracing::info!("start refused: {e}"))?;
         Ok(Response::new(instance.into()))
     }
 
@@ -142,10 +149,12 @@ impl v1::agent_service_server::AgentService for AgentApi {
         req: Request<v1::StopInstanceRequest>,
     ) -> Result<Response<v1::Instance>, Status> {
         let r = req.into_inner();
-        let instance = self
-            .supervisor
-            .stop(&r.instance_id, r.leader_revision)
-            .await?;
+        // In its own task, like a start: a stop is finished once begun.
+        let sup = self.supervisor.clone();
+        let instance =
+            tokio::spawn(async move { sup.stop(&r.instance_id, r.leader_revision).await })
+                .await
+                .map_err(|e| Status::internal(format!("stop task failed: {e}")))??;
         Ok(Response::new(instance.into()))
     }
 

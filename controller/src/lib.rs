@@ -1,4 +1,19 @@
-//! halo-controller as a library: desired state, placement and reconcile.
-//! Today it holds the memory estimate that placement and `haloctl plan` use.
+//! halo-controller as a library: the memory estimate ([`estimate`]), the
+//! desired-state store ([`store`]), placement as a pure function
+//! ([`placement`]), the view of agents ([`observe`]), reconcile and node
+//! loss ([`reconcile`]), the gRPC API ([`api`]), configuration ([`config`])
+//! and the daemon that ties them together ([`daemon`]).
 
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod desired;
+pub mod error;
 pub mod estimate;
+pub mod events;
+pub mod leader;
+pub mod observe;
+pub mod placement;
+pub mod reconcile;
+pub mod store;

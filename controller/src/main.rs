@@ -1,5 +1,6 @@
-//! `halo-controller`: keeps desired state and places models on nodes.
+//! `halo-controller`: desired state, placement by memory, reconcile and
+//! failover for halo's nodes. All of it lives in the library.
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("halo-controller: not built yet")
+fn main() -> std::process::ExitCode {
+    controller::cli::main()
 }

@@ -1,15 +1,22 @@
 //! Domain types: what halo's libraries pass around. Each file pairs a type
 //! with its `From`/`TryFrom` conversions to and from the wire.
 
+pub mod catalog;
 pub mod instance;
 pub mod memory;
 pub mod model;
 pub mod node;
+pub mod placement;
 
-pub use instance::{CacheType, Instance, InstanceOptions, InstanceState, LogLine, ObservedBuffers};
+pub use catalog::{CatalogEntry, EditorMode};
+pub use instance::{
+    CacheType, Instance, InstanceOptions, InstanceState, LogLine, MemoryBreakdown, ObservedBuffers,
+    UnknownCacheType,
+};
 pub use memory::{GpuMemory, MemoryReport, ProcessMemory};
 pub use model::{ModelFile, ModelParams, ModelStatus};
 pub use node::{AgentEvent, AgentEventKind, NodeIdentity, Snapshot};
+pub use placement::{Placement, PlacementOptions, Replica, ReplicaKey};
 
 /// A wire message that does not describe a valid domain value.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -1,0 +1,448 @@
+//! The `halo.v1.ControllerService` gRPC service for haloctl: reads come from
+//! the store and the observed state on any controller; writes (place,
+//! unplace, catalog) only on the leader. Wire types stop here.
+
+use crate::desired::{Desired, catalog_key, json, placement_key};
+use crate::error::Error;
+use crate::events::Events;
+use crate::observe::{Observed, instances_by_request};
+use crate::placement::{self, Liveness, NodeFit, PlaceRequest, estimate_options, used_by_node};
+use crate::store::{Compare, Op, Store};
+use proto::domain::{CatalogEntry, EditorMode, InstanceState, ModelStatus, Placement};
+use proto::v1;
+use std::pin::Pin;
+use tokio::sync::{broadcast, mpsc};
+use tokio::time::Instant;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+/// Longest wait for another placement decision to finish.
+const PLACE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The service.
+#[derive(Debug, Clone)]
+pub struct ControllerApi {
+    desired: Desired,
+    observed: Observed,
+    events: Events,
+    shutdown: CancellationToken,
+    /// One decision at a time: two concurrent placements must not both
+    /// count the same free memory (only the leader writes, so a process
+    /// lock is enough; the store's compares catch anything else).
+    place_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
+}
+
+impl ControllerApi {
+    /// A service over the shared state; streams end on `shutdown`.
+    pub fn new(
+        desired: Desired,
+        observed: Observed,
+        events: Events,
+        shutdown: CancellationToken,
+    ) -> Self {
+        ControllerApi {
+            desired,
+            observed,
+            events,
+            shutdown,
+            place_lock: std::sync::Arc::default(),
+        }
+    }
+
+    /// Decides, and unless dry run records, a placement.
+    pub async fn place(&self, r: v1::PlaceRequest) -> Result<v1::PlaceResponse, Error> {
+        let req = PlaceRequest {
+            role: r.role,
+            model: r.model,
+            context: r.context_size.filter(|&c| c > 0),
+            node: (!r.node.is_empty()).then_some(r.node),
+            replicas: r.replicas.clamp(1, 64),
+            evict: r.evict,
+            any_node: r.any_node,
+            pack: r.pack,
+            name: (!r.name.is_empty()).then_some(r.name),
+            paused: r.paused,
+        };
+        if let Some(n) = &req.name {
+            proto::domain::catalog::check_name("name", n)?;
+        }
+        if !r.dry_run && self.desired.leadership().term().is_none() {
+            return Err(Error::NotLeader);
+        }
+        let _serial = match tokio::time::timeout(PLACE_LOCK_WAIT, self.place_lock.lock()).await {
+            Ok(g) => g,
+            Err(_) => {
+                return Err(Error::Conflict(
+                    "another placement is being decided; retry".into(),
+                ));
+            }
+        };
+        let catalog = self.desired.catalog().await?;
+        let (placed, _) = self.desired.placements().await?;
+        let plain: Vec<Placement> = placed.iter().map(|v| v.value.clone()).collect();
+        let nodes = self.observed.node_states(Instant::now());
+        let d = placement::place(&nodes, &plain, &catalog, &req);
+        let accepted = d.accepted;
+        if accepted
+            && !r.dry_run
+            && let Some(p) = &d.placement
+        {
+            let key = placement_key(&p.name);
+            let mut compares = vec![Compare::absent(&key)];
+            let mut ops = vec![Op::Put {
+                key,
+                value: json(p),
+            }];
+            for name in &d.evicted {
+                if let Some(v) = placed.iter().find(|v| &v.value.name == name) {
+                    compares.push(Compare::at(&placement_key(name), v.revision));
+                    ops.push(Op::Delete {
+                        key: placement_key(name),
+                    });
+                }
+            }
+            self.desired.write(compares, ops).await?;
+            for e in &d.evicted {
+                self.events.emit("evicted", e, format!("for {}", p.name));
+            }
+            self.events
+                .emit("placed", &p.name, d.explanation.join("; "));
+        }
+        Ok(v1::PlaceResponse {
+            accepted,
+            placement: d.placement.map(Into::into),
+            fits: d.fits.into_iter().map(fit_to_wire).collect(),
+            evicted: d.evicted,
+            explanation: d.explanation,
+            estimate: d.estimate.map(|b| v1::EstimateBreakdown {
+                weights_bytes: b.weights_bytes,
+                kv_bytes: b.kv_bytes,
+                compute_bytes: b.compute_bytes,
+                output_bytes: b.output_bytes,
+                total_bytes: b.total_bytes,
+                context_size: b.context_size,
+                cache_type_k: b.cache_type_k,
+                cache_type_v: b.cache_type_v,
+            }),
+            dry_run: r.dry_run,
+        })
+    }
+}
+
+fn fit_to_wire(f: NodeFit) -> v1::NodeFit {
+    v1::NodeFit {
+        node: f.node,
+        candidate: f.candidate,
+        fits: f.fits,
+        usable_bytes: f.usable_bytes,
+        reserve_bytes: f.reserve_bytes,
+        used_bytes: f.used_bytes,
+        free_bytes: f.free_bytes,
+        needed_bytes: f.needed_bytes,
+        margin_bytes: f.margin_bytes,
+        context_size: f.context_size,
+        cache_type: f.cache_type,
+        reason: f.reason,
+        replicas: f.replicas,
+    }
+}
+
+fn status(l: Liveness) -> v1::NodeStatus {
+    match l {
+        Liveness::Ready => v1::NodeStatus::Ready,
+        Liveness::Unreachable => v1::NodeStatus::Unreachable,
+        Liveness::Lost => v1::NodeStatus::Lost,
+        Liveness::Unknown => v1::NodeStatus::Unknown,
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<v1::ClusterEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl v1::controller_service_server::ControllerService for ControllerApi {
+    #[tracing::instrument(skip_all)]
+    async fn list_nodes(
+        &self,
+        _r: Request<v1::ListNodesRequest>,
+    ) -> Result<Response<v1::ListNodesResponse>, Status> {
+        let (placed, _) = self.desired.placements().await?;
+        let plain: Vec<Placement> = placed.into_iter().map(|v| v.value).collect();
+        let now = Instant::now();
+        let states = self.observed.node_states(now);
+        let used = used_by_node(&states, &plain, &[]);
+        let t = self.observed.timing();
+        let nodes = self
+            .observed
+            .read()
+            .values()
+            .map(|n| {
+                let mut identity = n.identity.clone().unwrap_or_default();
+                identity.name = n.config.name.clone();
+                identity.agent_address = n.config.address.clone();
+                identity.roles = n.roles();
+                v1::NodeView {
+                    node: Some(identity.into()),
+                    status: status(n.liveness(now, &t)) as i32,
+                    memory: n.memory.clone().map(Into::into),
+                    reserve_bytes: n.reserve_bytes,
+                    placed_bytes: used.get(&n.config.name).copied().unwrap_or(0),
+                    instances: n.instances.values().cloned().map(Into::into).collect(),
+                    silent_for_ms: u64::try_from(n.silent_for(now).as_millis()).unwrap_or(u64::MAX),
+                }
+            })
+            .collect();
+        Ok(Response::new(v1::ListNodesResponse { nodes }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_catalog(
+        &self,
+        _r: Request<v1::ListCatalogRequest>,
+    ) -> Result<Response<v1::ListCatalogResponse>, Status> {
+        let catalog = self.desired.catalog().await?;
+        let obs = self.observed.read();
+        let entries = catalog
+            .into_values()
+            .map(|e| {
+                let id = e.model_id.clone();
+                let mut w = v1::CatalogEntry::from(e);
+                for n in obs.values() {
+                    if let Some(m) = n.models.iter().find(|m| m.id == id) {
+                        w.nodes.push(n.config.name.clone());
+                        if w.params.is_none()
+                            && let ModelStatus::Ok(p) = &m.status
+                        {
+                            w.params = Some((**p).clone().into());
+                            w.file_size_bytes = m.file_size_bytes;
+                        }
+                    }
+                }
+                w
+            })
+            .collect();
+        Ok(Response::new(v1::ListCatalogResponse { entries }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn put_catalog_entry(
+        &self,
+        r: Request<v1::PutCatalogEntryRequest>,
+    ) -> Result<Response<v1::CatalogEntry>, Status> {
+        let e = r
+            .into_inner()
+            .entry
+            .ok_or_else(|| Error::InvalidArgument("entry is required".into()))?;
+        let e = CatalogEntry::try_from(e).map_err(Error::from)?;
+        self.desired.put_catalog(&e).await?;
+        self.events
+            .emit("catalog", &e.name, format!("-> {}", e.model_id));
+        Ok(Response::new(e.into()))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_placements(
+        &self,
+        _r: Request<v1::ListPlacementsRequest>,
+    ) -> Result<Response<v1::ListPlacementsResponse>, Status> {
+        let (placed, _) = self.desired.placements().await?;
+        let by_rid = instances_by_request(&self.observed);
+        let placements = placed
+            .into_iter()
+            .map(|v| {
+                let mut w = v1::Placement::from(v.value);
+                for r in &mut w.replicas {
+                    r.instance = by_rid.get(&r.request_id).map(|(_, i)| i.clone().into());
+                }
+                w
+            })
+            .collect();
+        Ok(Response::new(v1::ListPlacementsResponse { placements }))
+    }
+
+    #[tracing::instrument(skip_all, fields(model = %r.get_ref().model.escape_debug()))]
+    async fn plan(
+        &self,
+        r: Request<v1::PlanRequest>,
+    ) -> Result<Response<v1::PlanResponse>, Status> {
+        let r = r.into_inner();
+        let catalog = self.desired.catalog().await?;
+        let e = catalog
+            .get(&r.model)
+            .ok_or_else(|| Error::NotFound(format!("`{}` is not in the catalog", r.model)))?;
+        let contexts = if r.contexts.is_empty() {
+            let mut v = vec![e.default_context];
+            let mut c = e.default_context;
+            while c / 2 >= e.min_context {
+                c /= 2;
+                v.push(c);
+            }
+            v
+        } else {
+            r.contexts
+        };
+        let (placed, _) = self.desired.placements().await?;
+        let plain: Vec<Placement> = placed.into_iter().map(|v| v.value).collect();
+        let states = self.observed.node_states(Instant::now());
+        let used = used_by_node(&states, &plain, &[]);
+        let mut rows = Vec::new();
+        for n in states
+            .iter()
+            .filter(|n| r.node.is_empty() || n.name == r.node)
+        {
+            let Some(p) = n.models.get(&e.model_id) else {
+                continue;
+            };
+            let avail = n
+                .usable_bytes
+                .unwrap_or(0)
+                .saturating_sub(n.reserve_bytes)
+                .saturating_sub(used.get(&n.name).copied().unwrap_or(0));
+            for &ctx in &contexts {
+                let est = crate::estimate::estimate(
+                    p,
+                    &estimate_options(ctx, e.parallel, &e.cache_type_k, &e.cache_type_v),
+                );
+                let need = est.total_bytes + placement::margin(est.total_bytes);
+                rows.push(v1::PlanRow {
+                    node: n.name.clone(),
+                    context_size: ctx,
+                    weights_bytes: est.weights_bytes,
+                    kv_bytes: est.kv_bytes,
+                    compute_bytes: est.compute_bytes,
+                    output_bytes: est.output_bytes,
+                    total_bytes: est.total_bytes,
+                    available_bytes: avail,
+                    fits: need <= avail,
+                    reason: format!(
+                        "needs {} with margin, {} available",
+                        placement::gib(need),
+                        placement::gib(avail)
+                    ),
+                });
+            }
+        }
+        Ok(Response::new(v1::PlanResponse { rows }))
+    }
+
+    #[tracing::instrument(skip_all, fields(role = %r.get_ref().role.escape_debug(), model = %r.get_ref().model.escape_debug()))]
+    async fn place(
+        &self,
+        r: Request<v1::PlaceRequest>,
+    ) -> Result<Response<v1::PlaceResponse>, Status> {
+        Ok(Response::new(
+            ControllerApi::place(self, r.into_inner()).await?,
+        ))
+    }
+
+    #[tracing::instrument(skip_all, fields(name = %r.get_ref().name.escape_debug()))]
+    async fn unplace(
+        &self,
+        r: Request<v1::UnplaceRequest>,
+    ) -> Result<Response<v1::UnplaceResponse>, Status> {
+        let name = r.into_inner().name;
+        let key = placement_key(&name);
+        let Some(kv) = self.desired.store().get(&key).await.map_err(Error::from)? else {
+            return Err(Error::NotFound(format!("no placement `{name}`")).into());
+        };
+        self.desired
+            .write(
+                vec![Compare::at(&key, kv.mod_revision)],
+                vec![Op::Delete { key }],
+            )
+            .await?;
+        self.events.emit("unplaced", &name, "removed");
+        Ok(Response::new(v1::UnplaceResponse {}))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn endpoints(
+        &self,
+        _r: Request<v1::EndpointsRequest>,
+    ) -> Result<Response<v1::EndpointsResponse>, Status> {
+        let catalog = self.desired.catalog().await?;
+        let (placed, _) = self.desired.placements().await?;
+        let by_rid = instances_by_request(&self.observed);
+        let mut endpoints = Vec::new();
+        for v in placed {
+            let p = v.value;
+            let modes: Vec<EditorMode> = catalog
+                .get(&p.model)
+                .map(|e| e.modes.clone())
+                .unwrap_or_default();
+            for r in &p.replicas {
+                let Some((node, i)) = by_rid.get(&p.key(r).request_id()) else {
+                    continue;
+                };
+                if i.state != InstanceState::Ready || node != &r.node {
+                    continue;
+                }
+                for m in &modes {
+                    endpoints.push(v1::Endpoint {
+                        mode: v1::EditorMode::from(*m) as i32,
+                        base_url: i.endpoint.clone(),
+                        model: p.model.clone(),
+                        placement: p.name.clone(),
+                        node: node.clone(),
+                        api_key: i.api_key.clone(),
+                    });
+                }
+            }
+        }
+        Ok(Response::new(v1::EndpointsResponse { endpoints }))
+    }
+
+    type WatchEventsStream = EventStream;
+
+    #[tracing::instrument(skip_all)]
+    async fn watch_events(
+        &self,
+        _r: Request<v1::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let mut rx = self.events.subscribe();
+        let (tx, out) = mpsc::channel(64);
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let e = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tx.closed() => return,
+                    e = rx.recv() => e,
+                };
+                let e = match e {
+                    Ok(e) => e,
+                    Err(broadcast::error::RecvError::Lagged(n)) => crate::events::ClusterEvent {
+                        at_unix_ms: crate::events::now_unix_ms(),
+                        kind: "lagged".into(),
+                        subject: String::new(),
+                        message: format!("{n} events skipped: this reader was too slow"),
+                    },
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                let w = v1::ClusterEvent {
+                    at_unix_ms: e.at_unix_ms,
+                    kind: e.kind,
+                    subject: e.subject,
+                    message: e.message,
+                };
+                if tx.send(Ok(w)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+    }
+}
+
+/// Writes catalog entries that differ from the store's (leader only).
+pub async fn sync_catalog(desired: &Desired, entries: &[CatalogEntry]) -> Result<(), Error> {
+    let current = desired.catalog().await?;
+    for e in entries {
+        if current.get(&e.name) != Some(e) {
+            desired.put_catalog(e).await?;
+            tracing::info!(model = %e.name, key = %catalog_key(&e.name), "catalog entry written");
+        }
+    }
+    Ok(())
+}

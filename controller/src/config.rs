@@ -1,0 +1,357 @@
+//! The controller's configuration: a TOML file (`--config`),
+//! `HALO_CONTROLLER_*` environment variables and flags, precedence file <
+//! env < flag (clap merges env and flag; [`Config::resolve`] lays them over
+//! the file). Everything, including the catalog file, is read and validated
+//! before a socket is bound; each error is one line naming the key.
+
+use crate::observe::{NodeConfig, Timing};
+use clap::Parser;
+use proto::domain::CatalogEntry;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Default gRPC listen address: loopback until mTLS lands.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7300";
+/// Default embedded store file.
+pub const DEFAULT_STORE_PATH: &str = "/var/lib/halo-controller/state.json";
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A file could not be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A file is not valid TOML for its schema.
+    #[error("{}: {message}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with the line when known.
+        message: String,
+    },
+    /// A value is not acceptable.
+    #[error("`{key}`: {reason}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+/// Command line of `halo-controller`. Every option is also an environment
+/// variable and a key of the `--config` file (same name, `_` for `-`).
+#[derive(Debug, Default, Parser)]
+#[command(
+    name = "halo-controller",
+    version,
+    args_override_self = true,
+    about = "halo's controller: desired state, placement by memory, reconcile, failover"
+)]
+pub struct Args {
+    /// TOML config file; flags and env vars override its keys.
+    #[arg(long, env = "HALO_CONTROLLER_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// gRPC listen address [default: 127.0.0.1:7300].
+    #[arg(long, env = "HALO_CONTROLLER_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// This controller's id in leader election [default: host name and pid].
+    #[arg(long, env = "HALO_CONTROLLER_ID")]
+    pub id: Option<String>,
+    /// etcd client URLs; when set, desired state lives in etcd and several
+    /// controllers elect a leader. Repeat or comma-separate.
+    #[arg(long = "etcd", env = "HALO_CONTROLLER_ETCD", value_delimiter = ',')]
+    pub etcd: Option<Vec<String>>,
+    /// Embedded store file, used when no etcd is given
+    /// [default: /var/lib/halo-controller/state.json].
+    #[arg(long, env = "HALO_CONTROLLER_STORE_PATH", value_name = "FILE")]
+    pub store_path: Option<PathBuf>,
+    /// Nodes as NAME=HOST:PORT (the agent's address); repeat or comma-separate.
+    #[arg(long = "node", env = "HALO_CONTROLLER_NODES", value_delimiter = ',')]
+    pub nodes: Option<Vec<String>>,
+    /// Catalog file (TOML, `[[models]]` entries), written to the store at start.
+    #[arg(long, env = "HALO_CONTROLLER_CATALOG", value_name = "FILE")]
+    pub catalog: Option<PathBuf>,
+    /// Silence after which a node is unreachable, ms [default: 2000]: four
+    /// missed heartbeats, so a dead agent is seen within 3 s.
+    #[arg(long, env = "HALO_CONTROLLER_GRACE_MS", value_name = "MS")]
+    pub grace_ms: Option<u64>,
+    /// Silence after which floating placements leave a node, s [default: 30]:
+    /// longer than an agent restart or a network blip (which must move
+    /// nothing), short next to the tens of seconds a big model takes to load.
+    #[arg(long, env = "HALO_CONTROLLER_MOVE_AFTER_SECS", value_name = "SECS")]
+    pub move_after_secs: Option<u64>,
+    /// Memory sample period asked of agents, the heartbeat, ms [default: 500].
+    #[arg(long, env = "HALO_CONTROLLER_HEARTBEAT_MS", value_name = "MS")]
+    pub heartbeat_ms: Option<u64>,
+    /// Reconcile at least this often, ms [default: 1000].
+    #[arg(long, env = "HALO_CONTROLLER_REQUEUE_MS", value_name = "MS")]
+    pub requeue_ms: Option<u64>,
+    /// etcd leader lease, s [default: 5]: a paused or cut-off leader stops
+    /// acting within this time, and another takes over.
+    #[arg(long, env = "HALO_CONTROLLER_LEASE_SECS", value_name = "SECS")]
+    pub lease_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileNode {
+    name: String,
+    address: String,
+    #[serde(default)]
+    roles: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    id: Option<String>,
+    etcd: Option<Vec<String>>,
+    store_path: Option<PathBuf>,
+    nodes: Option<Vec<FileNode>>,
+    catalog: Option<PathBuf>,
+    grace_ms: Option<u64>,
+    move_after_secs: Option<u64>,
+    heartbeat_ms: Option<u64>,
+    requeue_ms: Option<u64>,
+    lease_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CatalogFile {
+    #[serde(default)]
+    models: Vec<CatalogEntry>,
+}
+
+/// Where desired state lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// etcd endpoints.
+    Etcd(Vec<String>),
+    /// The embedded file.
+    File(PathBuf),
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Election id.
+    pub id: String,
+    /// Store.
+    pub store: StoreConfig,
+    /// Nodes.
+    pub nodes: Vec<NodeConfig>,
+    /// Catalog entries from the catalog file.
+    pub catalog: Vec<CatalogEntry>,
+    /// Liveness timing.
+    pub timing: Timing,
+    /// Requeue period.
+    pub requeue: Duration,
+    /// Leader lease.
+    pub lease: Duration,
+}
+
+fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e
+            .to_string()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect::<Vec<_>>()
+            .join(" "),
+    })
+}
+
+fn parse_node(s: &str) -> Result<NodeConfig, ConfigError> {
+    let (name, address) = s
+        .split_once('=')
+        .ok_or_else(|| invalid("nodes", format!("`{s}` is not NAME=HOST:PORT")))?;
+    Ok(NodeConfig {
+        name: name.trim().to_owned(),
+        address: address.trim().to_owned(),
+        roles: Vec::new(),
+    })
+}
+
+fn millis(key: &'static str, v: u64, min: u64, max: u64) -> Result<Duration, ConfigError> {
+    if !(min..=max).contains(&v) {
+        return Err(invalid(key, format!("{v} is outside {min}-{max}")));
+    }
+    Ok(Duration::from_millis(v))
+}
+
+impl Config {
+    /// Merges file, env and flags, reads the catalog file and validates.
+    pub fn resolve(args: Args) -> Result<Config, ConfigError> {
+        let file: FileConfig = match &args.config {
+            Some(p) => read_toml(p)?,
+            None => FileConfig::default(),
+        };
+        let listen_text = args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+        let listen: SocketAddr = listen_text
+            .parse()
+            .map_err(|_| invalid("listen", format!("`{listen_text}` is not host:port")))?;
+        let id = args.id.or(file.id).unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "controller".to_owned());
+            format!("{host}-{}", std::process::id())
+        });
+        let etcd = args.etcd.or(file.etcd).unwrap_or_default();
+        let etcd: Vec<String> = etcd.into_iter().filter(|e| !e.trim().is_empty()).collect();
+        for e in &etcd {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                return Err(invalid("etcd", format!("`{e}` is not an http(s):// URL")));
+            }
+        }
+        let store = if etcd.is_empty() {
+            let p = args
+                .store_path
+                .or(file.store_path)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STORE_PATH));
+            match p.parent() {
+                Some(d) if !d.as_os_str().is_empty() && !d.is_dir() => {
+                    return Err(invalid(
+                        "store_path",
+                        format!("directory {} does not exist", d.display()),
+                    ));
+                }
+                _ => {}
+            }
+            StoreConfig::File(p)
+        } else {
+            StoreConfig::Etcd(etcd)
+        };
+        let nodes: Vec<NodeConfig> = match args.nodes {
+            Some(list) => list
+                .iter()
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| parse_node(s))
+                .collect::<Result<_, _>>()?,
+            None => file
+                .nodes
+                .unwrap_or_default()
+                .into_iter()
+                .map(|n| NodeConfig {
+                    name: n.name,
+                    address: n.address,
+                    roles: n.roles,
+                })
+                .collect(),
+        };
+        let mut seen = std::collections::BTreeSet::new();
+        for n in &nodes {
+            proto::domain::catalog::check_name("nodes", &n.name)
+                .map_err(|e| invalid("nodes", e.to_string()))?;
+            if n.address.parse::<SocketAddr>().is_err()
+                && !n
+                    .address
+                    .rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+            {
+                return Err(invalid(
+                    "nodes",
+                    format!("{}: `{}` is not host:port", n.name, n.address),
+                ));
+            }
+            if !seen.insert(n.name.clone()) {
+                return Err(invalid(
+                    "nodes",
+                    format!("node `{}` is listed twice", n.name),
+                ));
+            }
+        }
+        let catalog = match args.catalog.or(file.catalog) {
+            Some(p) => {
+                let c: CatalogFile = read_toml(&p)?;
+                for e in &c.models {
+                    e.validate().map_err(|err| ConfigError::Parse {
+                        path: p.clone(),
+                        message: format!("model `{}`: {err}", e.name),
+                    })?;
+                }
+                c.models
+            }
+            None => Vec::new(),
+        };
+        let grace = millis(
+            "grace_ms",
+            args.grace_ms.or(file.grace_ms).unwrap_or(2000),
+            100,
+            600_000,
+        )?;
+        let heartbeat = millis(
+            "heartbeat_ms",
+            args.heartbeat_ms.or(file.heartbeat_ms).unwrap_or(500),
+            100,
+            3_600_000,
+        )?;
+        if heartbeat >= grace {
+            return Err(invalid(
+                "heartbeat_ms",
+                format!("{heartbeat:?} must be shorter than the grace period {grace:?}"),
+            ));
+        }
+        let move_after_secs = args.move_after_secs.or(file.move_after_secs).unwrap_or(30);
+        let move_after = Duration::from_secs(move_after_secs);
+        if move_after <= grace {
+            return Err(invalid(
+                "move_after_secs",
+                format!("{move_after:?} must be longer than the grace period {grace:?}"),
+            ));
+        }
+        let requeue = millis(
+            "requeue_ms",
+            args.requeue_ms.or(file.requeue_ms).unwrap_or(1000),
+            50,
+            600_000,
+        )?;
+        let lease_secs = args.lease_secs.or(file.lease_secs).unwrap_or(5);
+        if !(2..=600).contains(&lease_secs) {
+            return Err(invalid(
+                "lease_secs",
+                format!("{lease_secs} is outside 2-600"),
+            ));
+        }
+        Ok(Config {
+            listen,
+            id,
+            store,
+            nodes,
+            catalog,
+            timing: Timing {
+                grace,
+                move_after,
+                heartbeat,
+            },
+            requeue,
+            lease: Duration::from_secs(lease_secs),
+        })
+    }
+}

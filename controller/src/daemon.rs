@@ -1,0 +1,167 @@
+//! The daemon: opens the store, binds the gRPC listener, and runs the
+//! services (one agent link per node, the reconciler, leader election on
+//! etcd, catalog sync, the API) until the root token is cancelled; then
+//! drains within a bounded grace period.
+
+use crate::api::{ControllerApi, sync_catalog};
+use crate::config::{Config, StoreConfig};
+use crate::desired::Desired;
+use crate::events::Events;
+use crate::leader::{Election, Leadership};
+use crate::observe::{AgentLink, Observed};
+use crate::reconcile::Reconciler;
+use crate::store::etcd::EtcdStore;
+use crate::store::file::FileStore;
+use crate::store::{AnyStore, StoreError};
+use proto::v1::controller_service_server::ControllerServiceServer;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How long services get after shutdown begins.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// The store could not be opened or reached.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// Address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Serve(String),
+}
+
+impl StartupError {
+    /// Exit code: 69 (EX_UNAVAILABLE) for an unreachable store or a busy
+    /// address, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            StartupError::Store(StoreError::Unavailable(_)) | StartupError::Listen { .. } => 69,
+            StartupError::Store(StoreError::Corrupt { .. }) => 64,
+            _ => 1,
+        }
+    }
+}
+
+/// Runs the controller until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), StartupError> {
+    let leadership = Leadership::new(&config.id);
+    let store = match &config.store {
+        StoreConfig::File(p) => AnyStore::File(FileStore::open(p)?),
+        StoreConfig::Etcd(eps) => AnyStore::Etcd(Box::new(EtcdStore::connect(eps).await?)),
+    };
+    let listener =
+        TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartupError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+    let tracker = TaskTracker::new();
+    match &store {
+        AnyStore::File(f) => {
+            let term = leadership.claim(f).await?;
+            tracing::info!(term, "leader (embedded store)");
+        }
+        AnyStore::Etcd(e) => {
+            let election = Election::new((**e).clone(), leadership.clone(), config.lease);
+            tracker.spawn(election.run(shutdown.clone()));
+        }
+    }
+    let desired = Desired::new(store, leadership.clone());
+    // Nodes: the configured ones, plus any another controller registered.
+    let mut nodes = config.nodes.clone();
+    match tokio::time::timeout(Duration::from_secs(5), desired.nodes()).await {
+        Ok(Ok(stored)) => {
+            for r in stored {
+                if !nodes.iter().any(|n| n.name == r.name) {
+                    nodes.push(r.into());
+                }
+            }
+        }
+        Ok(Err(e)) => tracing::warn!("registered nodes not read: {e}"),
+        Err(_) => tracing::warn!("registered nodes not read: the store did not answer in 5 s"),
+    }
+    let observed = Observed::new(&nodes, config.timing);
+    let events = Events::default();
+    for n in &nodes {
+        tracker.spawn(AgentLink::new(n.clone(), observed.clone()).run(shutdown.clone()));
+    }
+    // Catalog file and nodes -> store whenever this controller becomes leader.
+    {
+        let desired = desired.clone();
+        let entries = config.catalog.clone();
+        let nodes = config.nodes.clone();
+        let mut term = leadership.subscribe();
+        let token = shutdown.clone();
+        tracker.spawn(async move {
+            loop {
+                if desired.leadership().term().is_some() {
+                    let mut delay = Duration::from_millis(100);
+                    while let Err(e) = async {
+                        sync_catalog(&desired, &entries).await?;
+                        desired.register_nodes(&nodes).await
+                    }
+                    .await
+                    {
+                        tracing::warn!("catalog and node sync: {e}");
+                        if desired.leadership().term().is_none() {
+                            break;
+                        }
+                        tokio::select! {
+                            () = token.cancelled() => return,
+                            () = tokio::time::sleep(delay) => {}
+                        }
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
+                }
+                tokio::select! {
+                    () = token.cancelled() => return,
+                    r = term.changed() => if r.is_err() { return },
+                }
+            }
+        });
+    }
+    tracker.spawn(
+        Reconciler::new(
+            desired.clone(),
+            observed.clone(),
+            events.clone(),
+            config.requeue,
+        )
+        .run(shutdown.clone()),
+    );
+    let api = ControllerApi::new(desired, observed, events, shutdown.clone());
+    let addr = listener
+        .local_addr()
+        .map_or_else(|e| e.to_string(), |a| a.to_string());
+    tracing::info!(%addr, id = %config.id, "halo-controller serving");
+    let server = tonic::transport::Server::builder()
+        .add_service(ControllerServiceServer::new(api))
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            shutdown.clone().cancelled_owned(),
+        );
+    let result = server.await.map_err(|e| StartupError::Serve(e.to_string()));
+    shutdown.cancel();
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("services still running after {SHUTDOWN_GRACE:?}; exiting");
+    }
+    result
+}

@@ -1,0 +1,363 @@
+//! Observed state: one [`AgentLink`] per node keeps a Watch stream open to
+//! its agent (snapshot, then changes and periodic memory samples that double
+//! as heartbeats) and folds it into [`Observed`]. A stream that ends, errors
+//! or stays silent longer than the grace period is dropped and redialled;
+//! [`Observed::liveness`] turns "last heard" into Ready / Unreachable / Lost.
+
+use crate::placement::{Liveness, NodeState};
+use proto::domain::{
+    AgentEvent, AgentEventKind, Instance, InstanceState, MemoryReport, ModelFile, ModelStatus,
+    NodeIdentity, ReplicaKey,
+};
+use proto::v1;
+use proto::v1::agent_service_client::AgentServiceClient;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+/// Deadline of connecting to an agent.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Deadline of one unary agent call (stops wait for the process to exit).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest pause between redials.
+const MAX_REDIAL: Duration = Duration::from_secs(2);
+
+/// Timing of liveness.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// Silence after which a node is Unreachable.
+    pub grace: Duration,
+    /// Silence after which a node is Lost and floating placements move.
+    pub move_after: Duration,
+    /// Memory sample period asked of agents (the heartbeat).
+    pub heartbeat: Duration,
+}
+
+/// A node as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Name.
+    pub name: String,
+    /// Agent address, `host:port`.
+    pub address: String,
+    /// Roles (empty: take the agent's).
+    pub roles: Vec<String>,
+}
+
+/// What the controller knows about one node.
+#[derive(Debug, Clone)]
+pub struct NodeObs {
+    /// As configured.
+    pub config: NodeConfig,
+    /// As the agent describes itself.
+    pub identity: Option<NodeIdentity>,
+    /// Reserve the agent holds back.
+    pub reserve_bytes: u64,
+    /// Latest memory sample.
+    pub memory: Option<MemoryReport>,
+    /// Models on disk.
+    pub models: Vec<ModelFile>,
+    /// Instances by id.
+    pub instances: BTreeMap<String, Instance>,
+    /// When the agent was last heard from.
+    pub last_heard: Option<Instant>,
+    /// When the controller started watching.
+    pub watching_since: Instant,
+    /// Whether a stream is open.
+    pub connected: bool,
+}
+
+impl NodeObs {
+    /// Roles: the configured ones, else the agent's.
+    pub fn roles(&self) -> Vec<String> {
+        if !self.config.roles.is_empty() {
+            return self.config.roles.clone();
+        }
+        self.identity
+            .as_ref()
+            .map(|i| i.roles.clone())
+            .unwrap_or_default()
+    }
+
+    /// Time since last heard (or since watching began).
+    pub fn silent_for(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.last_heard.unwrap_or(self.watching_since))
+    }
+
+    /// Ready / Unreachable / Lost / Unknown at `now`.
+    pub fn liveness(&self, now: Instant, t: &Timing) -> Liveness {
+        let silent = self.silent_for(now);
+        if silent > t.move_after {
+            Liveness::Lost
+        } else if silent > t.grace {
+            Liveness::Unreachable
+        } else if self.last_heard.is_none() {
+            Liveness::Unknown
+        } else {
+            Liveness::Ready
+        }
+    }
+
+    /// Live managed instances (not stopped) by request id.
+    pub fn managed(&self) -> impl Iterator<Item = (ReplicaKey, &Instance)> {
+        self.instances
+            .values()
+            .filter_map(|i| ReplicaKey::parse(&i.request_id).map(|k| (k, i)))
+    }
+}
+
+/// Every node's observed state, shared by links, reconcile and the API.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    nodes: Arc<RwLock<BTreeMap<String, NodeObs>>>,
+    changed: Arc<Notify>,
+    timing: Timing,
+}
+
+impl Observed {
+    /// Observed state for `nodes`, none heard from yet.
+    pub fn new(nodes: &[NodeConfig], timing: Timing) -> Observed {
+        let now = Instant::now();
+        let map = nodes
+            .iter()
+            .map(|n| {
+                (
+                    n.name.clone(),
+                    NodeObs {
+                        config: n.clone(),
+                        identity: None,
+                        reserve_bytes: 0,
+                        memory: None,
+                        models: Vec::new(),
+                        instances: BTreeMap::new(),
+                        last_heard: None,
+                        watching_since: now,
+                        connected: false,
+                    },
+                )
+            })
+            .collect();
+        Observed {
+            nodes: Arc::new(RwLock::new(map)),
+            changed: Arc::new(Notify::new()),
+            timing,
+        }
+    }
+
+    /// The timing.
+    pub fn timing(&self) -> Timing {
+        self.timing
+    }
+
+    /// A read view.
+    pub fn read(&self) -> RwLockReadGuard<'_, BTreeMap<String, NodeObs>> {
+        self.nodes
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, BTreeMap<String, NodeObs>> {
+        self.nodes
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Wakes when anything changed.
+    pub fn changed(&self) -> Arc<Notify> {
+        self.changed.clone()
+    }
+
+    fn update(&self, node: &str, f: impl FnOnce(&mut NodeObs)) {
+        if let Some(n) = self.write().get_mut(node) {
+            f(n);
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Records a start or stop answer, unless the stream already reported
+    /// a newer state of the instance.
+    pub fn record_instance(&self, node: &str, i: Instance) {
+        self.update(node, |n| {
+            let newer = n
+                .instances
+                .get(&i.id)
+                .is_none_or(|old| old.state_since_unix_ms < i.state_since_unix_ms);
+            if newer {
+                n.instances.insert(i.id.clone(), i);
+            }
+        });
+    }
+
+    /// Placement's view of every node at `now`.
+    pub fn node_states(&self, now: Instant) -> Vec<NodeState> {
+        self.read()
+            .values()
+            .map(|n| NodeState {
+                name: n.config.name.clone(),
+                roles: n.roles(),
+                liveness: n.liveness(now, &self.timing),
+                usable_bytes: n.memory.as_ref().and_then(|m| m.usable_bytes),
+                reserve_bytes: n.reserve_bytes,
+                models: n
+                    .models
+                    .iter()
+                    .filter_map(|m| match &m.status {
+                        ModelStatus::Ok(p) => Some((m.id.clone(), Arc::new((**p).clone()))),
+                        ModelStatus::Broken(_) => None,
+                    })
+                    .collect(),
+                observed: n
+                    .instances
+                    .values()
+                    .filter(|i| !matches!(i.state, InstanceState::Stopped))
+                    .filter_map(|i| {
+                        let b = i.observed.as_ref().and_then(|o| o.total_bytes())?;
+                        Some((i.request_id.clone(), b))
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+/// A gRPC client for the agent at `address`, dialled lazily.
+pub fn agent_client(address: &str) -> Result<AgentServiceClient<Channel>, tonic::transport::Error> {
+    let ep = Endpoint::from_shared(format!("http://{address}"))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(CALL_TIMEOUT)
+        .tcp_nodelay(true);
+    Ok(AgentServiceClient::new(ep.connect_lazy()))
+}
+
+/// Keeps one node's Watch stream open and folds it into [`Observed`].
+#[derive(Debug)]
+pub struct AgentLink {
+    node: NodeConfig,
+    observed: Observed,
+}
+
+impl AgentLink {
+    /// A link for `node`.
+    pub fn new(node: NodeConfig, observed: Observed) -> AgentLink {
+        AgentLink { node, observed }
+    }
+
+    /// Watches until cancelled, redialling with back-off.
+    pub async fn run(self, token: CancellationToken) {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let r = tokio::select! {
+                () = token.cancelled() => return,
+                r = self.session() => r,
+            };
+            self.observed
+                .update(&self.node.name, |n| n.connected = false);
+            match r {
+                Ok(()) => pause = Duration::from_millis(100),
+                Err(e) => {
+                    tracing::debug!(node = %self.node.name, "agent link: {e}");
+                    pause = (pause * 2).min(MAX_REDIAL);
+                }
+            }
+            tokio::select! {
+                () = token.cancelled() => return,
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    /// One connection: GetNode, then the Watch stream until it ends or goes
+    /// silent for the grace period.
+    async fn session(&self) -> Result<(), String> {
+        let t = self.observed.timing();
+        let mut client = agent_client(&self.node.address).map_err(|e| e.to_string())?;
+        let node = tokio::time::timeout(
+            t.grace.max(CONNECT_TIMEOUT),
+            client.get_node(v1::GetNodeRequest {}),
+        )
+        .await
+        .map_err(|_| "GetNode timed out".to_owned())?
+        .map_err(|e| e.message().to_owned())?
+        .into_inner();
+        let heartbeat_ms = u32::try_from(t.heartbeat.as_millis()).unwrap_or(u32::MAX);
+        let mut stream = tokio::time::timeout(
+            t.grace.max(CONNECT_TIMEOUT),
+            client.watch(v1::WatchRequest {
+                memory_period_ms: heartbeat_ms,
+            }),
+        )
+        .await
+        .map_err(|_| "Watch timed out".to_owned())?
+        .map_err(|e| e.message().to_owned())?
+        .into_inner();
+        let identity = node.node.map(NodeIdentity::from);
+        if let Some(id) = &identity
+            && id.name != self.node.name
+        {
+            tracing::warn!(node = %self.node.name, agent = %id.name, "agent reports another node name");
+        }
+        let reserve = node.reserve_bytes;
+        // Heard from (Ready) only once the snapshot arrives: before it,
+        // models and instances are unknown.
+        self.observed.update(&self.node.name, |n| {
+            n.identity = identity;
+            n.reserve_bytes = reserve;
+        });
+        loop {
+            let msg = tokio::time::timeout(t.grace, stream.message())
+                .await
+                .map_err(|_| format!("silent for {:?}", t.grace))?
+                .map_err(|e| e.message().to_owned())?;
+            let Some(ev) = msg else {
+                return Err("stream ended".into());
+            };
+            let ev = match AgentEvent::try_from(ev) {
+                Ok(ev) => ev,
+                Err(e) => {
+                    tracing::warn!(node = %self.node.name, "agent sent an invalid event: {e}");
+                    continue;
+                }
+            };
+            self.observed.update(&self.node.name, |n| {
+                n.last_heard = Some(Instant::now());
+                n.connected = true;
+                match ev.kind {
+                    AgentEventKind::Snapshot(s) => {
+                        n.memory = Some(s.memory);
+                        n.models = s.models;
+                        n.instances = s.instances.into_iter().map(|i| (i.id.clone(), i)).collect();
+                        if n.identity.is_none() {
+                            n.identity = Some(s.node);
+                        }
+                    }
+                    AgentEventKind::Instance(i) => {
+                        n.instances.insert(i.id.clone(), *i);
+                    }
+                    AgentEventKind::Memory(m) => n.memory = Some(*m),
+                    AgentEventKind::Models(m) => n.models = m,
+                }
+            });
+        }
+    }
+}
+
+/// Instances of every node by request id (for the API), a live one
+/// preferred over a stopped one with the same id.
+pub fn instances_by_request(observed: &Observed) -> HashMap<String, (String, Instance)> {
+    let mut out: HashMap<String, (String, Instance)> = HashMap::new();
+    for n in observed.read().values() {
+        for i in n.instances.values().filter(|i| !i.request_id.is_empty()) {
+            let replace = out
+                .get(&i.request_id)
+                .is_none_or(|(_, old)| old.state == InstanceState::Stopped);
+            if replace {
+                out.insert(i.request_id.clone(), (n.config.name.clone(), i.clone()));
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,796 @@
+//! Placement as a pure function: [`place`] takes the cluster as the
+//! controller sees it ([`NodeState`]s), the placements already made, the
+//! catalog and a [`PlaceRequest`], and returns a [`Decision`] that carries
+//! its per-node arithmetic whether it is accepted or refused. No I/O, no
+//! clock: unit-testable and benchmarkable.
+//!
+//! The rule, per node: `free = usable − reserve − used`, where `used` sums
+//! what the node's placements use (the observed buffers of a running
+//! instance when the agent reported them, else the placement's estimate);
+//! a replica fits when `estimate + margin ≤ free`, with
+//! `margin = max(MARGIN_MIN, estimate × MARGIN_PERCENT / 100)`.
+//!
+//! Context: the request's, else the catalog default; when nothing fits, the
+//! context is halved down to the catalog floor, and at each size the KV
+//! cache is tried at the catalog's types and then at `q8_0`. A model that
+//! does not fit an empty candidate node even at the floor with `q8_0` is
+//! refused as larger than any node, with the numbers and the real options.
+//! Eviction of lower-priority placements is considered only after every
+//! setting failed without it, and done only when the request allows it.
+
+use crate::estimate::{CacheType, EstimateOptions, estimate};
+use proto::domain::{CatalogEntry, ModelParams, Placement, PlacementOptions, Replica};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+/// Smallest safety margin on top of an estimate.
+pub const MARGIN_MIN: u64 = 512 * 1024 * 1024;
+/// Margin as a percentage of the estimate.
+pub const MARGIN_PERCENT: u64 = 3;
+/// The KV cache type tried after the catalog's.
+pub const FALLBACK_CACHE: &str = "q8_0";
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Formats bytes as GiB with two decimals.
+pub fn gib(b: u64) -> String {
+    format!("{:.2} GiB", b as f64 / GIB)
+}
+
+/// Whether the controller hears from a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    /// The agent's stream is live.
+    Ready,
+    /// Silent for longer than the grace period.
+    Unreachable,
+    /// Silent for longer than the move period.
+    Lost,
+    /// Never heard from.
+    Unknown,
+}
+
+/// One node as placement sees it.
+#[derive(Debug, Clone)]
+pub struct NodeState {
+    /// Name.
+    pub name: String,
+    /// Roles.
+    pub roles: Vec<String>,
+    /// Whether it is live.
+    pub liveness: Liveness,
+    /// Usable memory the agent reported (`None` = unknown: never placed on).
+    pub usable_bytes: Option<u64>,
+    /// Held back for the OS and the agent.
+    pub reserve_bytes: u64,
+    /// Models on its disks, by id.
+    pub models: BTreeMap<String, Arc<ModelParams>>,
+    /// Observed bytes of running instances, by request id.
+    pub observed: HashMap<String, u64>,
+}
+
+/// What the user asks for.
+#[derive(Debug, Clone, Default)]
+pub struct PlaceRequest {
+    /// Role the node must have (ignored with `any_node`).
+    pub role: String,
+    /// Catalog name.
+    pub model: String,
+    /// Context; default the catalog's.
+    pub context: Option<u32>,
+    /// Pin to this node.
+    pub node: Option<String>,
+    /// Replicas (0 counts as 1).
+    pub replicas: u32,
+    /// Allow evicting lower-priority placements.
+    pub evict: bool,
+    /// Ignore the role.
+    pub any_node: bool,
+    /// Replicas on as few nodes as possible (default: spread).
+    pub pack: bool,
+    /// Placement name; default the model name made unique.
+    pub name: Option<String>,
+    /// Hold memory without starting.
+    pub paused: bool,
+}
+
+/// The arithmetic on one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeFit {
+    /// Node.
+    pub node: String,
+    /// Whether the node could take the model at all.
+    pub candidate: bool,
+    /// Whether the replica(s) fit.
+    pub fits: bool,
+    /// Usable memory.
+    pub usable_bytes: u64,
+    /// Reserve.
+    pub reserve_bytes: u64,
+    /// What placements use.
+    pub used_bytes: u64,
+    /// `usable − reserve − used`.
+    pub free_bytes: u64,
+    /// Estimate plus margin, per replica.
+    pub needed_bytes: u64,
+    /// The margin in `needed_bytes`.
+    pub margin_bytes: u64,
+    /// Context of the settings shown.
+    pub context_size: u32,
+    /// KV cache type of the settings shown.
+    pub cache_type: String,
+    /// Replicas this decision puts here.
+    pub replicas: u32,
+    /// Why, in words.
+    pub reason: String,
+}
+
+/// The estimate of one replica at the settings shown.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Breakdown {
+    /// Weights.
+    pub weights_bytes: u64,
+    /// KV cache and recurrent state.
+    pub kv_bytes: u64,
+    /// Compute buffer.
+    pub compute_bytes: u64,
+    /// Logits buffer.
+    pub output_bytes: u64,
+    /// Sum.
+    pub total_bytes: u64,
+    /// Context.
+    pub context_size: u32,
+    /// `-ctk`
+    pub cache_type_k: String,
+    /// `-ctv`
+    pub cache_type_v: String,
+}
+
+/// What placement decided.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    /// Whether the request can be carried out.
+    pub accepted: bool,
+    /// The placement to record (when accepted).
+    pub placement: Option<Placement>,
+    /// Per-node arithmetic.
+    pub fits: Vec<NodeFit>,
+    /// Placements removed, or (refused) that would have to be.
+    pub evicted: Vec<String>,
+    /// The decision in words.
+    pub explanation: Vec<String>,
+    /// The estimate at the chosen (or smallest tried) settings.
+    pub estimate: Option<Breakdown>,
+}
+
+impl Decision {
+    fn refused(explanation: Vec<String>) -> Decision {
+        Decision {
+            accepted: false,
+            placement: None,
+            fits: Vec::new(),
+            evicted: Vec::new(),
+            explanation,
+            estimate: None,
+        }
+    }
+}
+
+/// One setting tried: context and cache types.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Attempt {
+    ctx: u32,
+    ctk: String,
+    ctv: String,
+}
+
+fn cache(name: &str) -> CacheType {
+    name.parse().unwrap_or_default()
+}
+
+/// The estimate options of a llama-server started with these settings:
+/// `-c ctx -np parallel` without `-kvu` (the agent's argv), given cache types.
+pub fn estimate_options(ctx: u32, parallel: u32, ctk: &str, ctv: &str) -> EstimateOptions {
+    let mut o = EstimateOptions::llama_server_slots(ctx, parallel, false);
+    o.cache_type_k = cache(ctk);
+    o.cache_type_v = cache(ctv);
+    o
+}
+
+/// The margin on top of an estimate.
+pub fn margin(total: u64) -> u64 {
+    MARGIN_MIN.max(total * MARGIN_PERCENT / 100)
+}
+
+/// Bytes a placement's replica uses on its node: observed when reported.
+fn replica_use(p: &Placement, r: &Replica, node: Option<&NodeState>) -> u64 {
+    let rid = p.key(r).request_id();
+    node.and_then(|n| n.observed.get(&rid).copied())
+        .unwrap_or(p.estimate_bytes)
+}
+
+/// Bytes each node's placements use, excluding `skip`.
+pub fn used_by_node(
+    nodes: &[NodeState],
+    placements: &[Placement],
+    skip: &[&str],
+) -> HashMap<String, u64> {
+    let by_name: HashMap<&str, &NodeState> = nodes.iter().map(|n| (n.name.as_str(), n)).collect();
+    let mut used: HashMap<String, u64> = HashMap::new();
+    for p in placements {
+        if skip.contains(&p.name.as_str()) {
+            continue;
+        }
+        for r in &p.replicas {
+            let u = replica_use(p, r, by_name.get(r.node.as_str()).copied());
+            *used.entry(r.node.clone()).or_default() += u;
+        }
+    }
+    used
+}
+
+/// A unique placement name for `base`.
+fn unique_name(base: &str, placements: &[Placement]) -> String {
+    if !placements.iter().any(|p| p.name == base) {
+        return base.to_owned();
+    }
+    (2..)
+        .map(|i| format!("{base}-{i}"))
+        .find(|n| !placements.iter().any(|p| &p.name == n))
+        .unwrap_or_else(|| base.to_owned())
+}
+
+/// Decides where `req` runs. Pure: same inputs, same decision.
+pub fn place(
+    nodes: &[NodeState],
+    placements: &[Placement],
+    catalog: &BTreeMap<String, CatalogEntry>,
+    req: &PlaceRequest,
+) -> Decision {
+    let Some(entry) = catalog.get(&req.model) else {
+        let names: Vec<&str> = catalog.keys().map(String::as_str).collect();
+        return Decision::refused(vec![format!(
+            "`{}` is not in the catalog (it has: {})",
+            req.model,
+            names.join(", ")
+        )]);
+    };
+    let name = match &req.name {
+        Some(n) if placements.iter().any(|p| &p.name == n) => {
+            return Decision::refused(vec![format!("a placement named `{n}` exists")]);
+        }
+        Some(n) => n.clone(),
+        None => unique_name(&entry.name, placements),
+    };
+    let replicas = req.replicas.max(1);
+    let parallel = entry.parallel.max(1);
+
+    // Candidates, and why the others are not.
+    let mut fits: Vec<NodeFit> = Vec::with_capacity(nodes.len());
+    let mut candidates: Vec<(usize, Arc<ModelParams>)> = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let reason = if req.node.as_ref().is_some_and(|p| p != &n.name) {
+            Some("not the pinned node".to_owned())
+        } else if n.liveness != Liveness::Ready {
+            Some(format!("node is {:?}", n.liveness).to_lowercase())
+        } else if !req.any_node && !n.roles.iter().any(|r| r == &req.role) {
+            Some(format!(
+                "no `{}` role (has: {})",
+                req.role,
+                n.roles.join(", ")
+            ))
+        } else if n.usable_bytes.is_none() {
+            Some("usable memory unknown".to_owned())
+        } else {
+            None
+        };
+        let params = n.models.get(&entry.model_id);
+        let reason = reason.or_else(|| {
+            params
+                .is_none()
+                .then(|| format!("does not hold `{}`", entry.model_id))
+        });
+        match (reason, params) {
+            (None, Some(p)) => candidates.push((i, p.clone())),
+            (reason, _) => fits.push(NodeFit {
+                node: n.name.clone(),
+                candidate: false,
+                fits: false,
+                usable_bytes: n.usable_bytes.unwrap_or(0),
+                reserve_bytes: n.reserve_bytes,
+                used_bytes: 0,
+                free_bytes: 0,
+                needed_bytes: 0,
+                margin_bytes: 0,
+                context_size: 0,
+                cache_type: String::new(),
+                replicas: 0,
+                reason: reason.unwrap_or_default(),
+            }),
+        }
+    }
+    if let Some(pin) = &req.node
+        && !nodes.iter().any(|n| &n.name == pin)
+    {
+        return Decision::refused(vec![format!("no node named `{pin}`")]);
+    }
+    if candidates.is_empty() {
+        let mut d = Decision::refused(vec![format!(
+            "no live node {}holds `{}`",
+            if req.any_node {
+                String::new()
+            } else {
+                format!("with role `{}` ", req.role)
+            },
+            entry.model_id
+        )]);
+        d.fits = fits;
+        return d;
+    }
+
+    // The settings ladder.
+    let ctx0 = req.context.unwrap_or(entry.default_context).max(1);
+    let floor = entry.min_context.min(ctx0).max(1);
+    let mut ctxs = vec![ctx0];
+    let mut c = ctx0;
+    while c / 2 >= floor {
+        c /= 2;
+        ctxs.push(c);
+    }
+    if *ctxs.last().unwrap_or(&ctx0) != floor {
+        ctxs.push(floor);
+    }
+    let mut attempts = Vec::new();
+    for &ctx in &ctxs {
+        attempts.push(Attempt {
+            ctx,
+            ctk: entry.cache_type_k.clone(),
+            ctv: entry.cache_type_v.clone(),
+        });
+        if entry.cache_type_k != FALLBACK_CACHE || entry.cache_type_v != FALLBACK_CACHE {
+            attempts.push(Attempt {
+                ctx,
+                ctk: FALLBACK_CACHE.to_owned(),
+                ctv: FALLBACK_CACHE.to_owned(),
+            });
+        }
+    }
+
+    // Estimates per (attempt, params): nodes holding the same file share one.
+    let mut memo: HashMap<(usize, *const ModelParams), Breakdown> = HashMap::new();
+    let mut est = |a: usize, p: &Arc<ModelParams>| -> Breakdown {
+        memo.entry((a, Arc::as_ptr(p)))
+            .or_insert_with(|| {
+                let at = &attempts[a];
+                let e = estimate(p, &estimate_options(at.ctx, parallel, &at.ctk, &at.ctv));
+                Breakdown {
+                    weights_bytes: e.weights_bytes,
+                    kv_bytes: e.kv_bytes,
+                    compute_bytes: e.compute_bytes,
+                    output_bytes: e.output_bytes,
+                    total_bytes: e.total_bytes,
+                    context_size: at.ctx,
+                    cache_type_k: at.ctk.clone(),
+                    cache_type_v: at.ctv.clone(),
+                }
+            })
+            .clone()
+    };
+
+    let used = used_by_node(nodes, placements, &[]);
+    let cap = |i: usize| {
+        let n = &nodes[i];
+        n.usable_bytes.unwrap_or(0).saturating_sub(n.reserve_bytes)
+    };
+    let free = |i: usize, used: &HashMap<String, u64>| {
+        cap(i).saturating_sub(used.get(&nodes[i].name).copied().unwrap_or(0))
+    };
+
+    // Larger than any node: even the smallest setting on an empty node.
+    let last = attempts.len() - 1;
+    let biggest = candidates
+        .iter()
+        .map(|(i, p)| {
+            let b = est(last, p);
+            (cap(*i), b.total_bytes + margin(b.total_bytes), *i)
+        })
+        .max_by_key(|(c, _, _)| *c);
+    if let Some((cap_max, need_min, _)) = biggest
+        && candidates.iter().all(|(i, p)| {
+            let b = est(last, p);
+            b.total_bytes + margin(b.total_bytes) > cap(*i)
+        })
+    {
+        let b = est(last, &candidates[0].1);
+        let mut d = Decision::refused(vec![
+            format!(
+                "refused: `{}` needs {} (weights {} + KV {} + compute {} + output {}, plus margin {}) \
+                 even at the floor context {} with {} KV cache",
+                entry.name,
+                gib(need_min),
+                gib(b.weights_bytes),
+                gib(b.kv_bytes),
+                gib(b.compute_bytes),
+                gib(b.output_bytes),
+                gib(margin(b.total_bytes)),
+                b.context_size,
+                b.cache_type_k
+            ),
+            format!(
+                "the largest candidate node has {} usable after its reserve: the model is larger than any node",
+                gib(cap_max)
+            ),
+            "options: a smaller quantization of the model whose weights fit one node; \
+             splitting one model across nodes (llama.cpp RPC) is not built yet"
+                .to_owned(),
+        ]);
+        d.estimate = Some(b);
+        for (i, p) in &candidates {
+            let b = est(last, p);
+            let m = margin(b.total_bytes);
+            d.fits.push(fit_row(
+                &nodes[*i],
+                cap(*i),
+                &used,
+                &b,
+                m,
+                0,
+                false,
+                format!(
+                    "needs {} > {} usable after reserve, even empty",
+                    gib(b.total_bytes + m),
+                    gib(cap(*i))
+                ),
+            ));
+        }
+        d.fits.extend(fits);
+        return d;
+    }
+
+    // Try each setting without eviction, then with.
+    let order_spread = !req.pack;
+    let assign = |a: usize,
+                  est: &mut dyn FnMut(usize, &Arc<ModelParams>) -> Breakdown,
+                  used: &HashMap<String, u64>|
+     -> Option<Vec<usize>> {
+        let mut free_now: Vec<(usize, u64, u64, u32)> = candidates
+            .iter()
+            .map(|(i, p)| {
+                let b = est(a, p);
+                (
+                    *i,
+                    free(*i, used),
+                    b.total_bytes + margin(b.total_bytes),
+                    0u32,
+                )
+            })
+            .collect();
+        let mut chosen = Vec::new();
+        for _ in 0..replicas {
+            let pick = free_now
+                .iter_mut()
+                .filter(|(_, f, need, _)| need <= f)
+                .min_by(|x, y| {
+                    if order_spread {
+                        // Fewest replicas here, then most free.
+                        x.3.cmp(&y.3).then(y.1.cmp(&x.1))
+                    } else {
+                        // Most replicas here, then least free (best fit).
+                        y.3.cmp(&x.3).then(x.1.cmp(&y.1))
+                    }
+                })?;
+            pick.1 -= pick.2;
+            pick.3 += 1;
+            chosen.push(pick.0);
+        }
+        Some(chosen)
+    };
+
+    let mut explanation = Vec::new();
+    let mut chosen: Option<(usize, Vec<usize>, Vec<String>)> = None;
+    for a in 0..attempts.len() {
+        if let Some(c) = assign(a, &mut est, &used) {
+            chosen = Some((a, c, Vec::new()));
+            break;
+        }
+    }
+    if chosen.is_none() {
+        // Eviction: per candidate node, the lowest-priority placements on
+        // it until the replica fits; the node needing the fewest wins.
+        let by_name: HashMap<&str, &NodeState> =
+            nodes.iter().map(|n| (n.name.as_str(), n)).collect();
+        let mut on_node: HashMap<&str, Vec<(&Placement, u64)>> = HashMap::new();
+        for p in placements.iter().filter(|p| p.priority < entry.priority) {
+            for r in &p.replicas {
+                let u = replica_use(p, r, by_name.get(r.node.as_str()).copied());
+                on_node.entry(r.node.as_str()).or_default().push((p, u));
+            }
+        }
+        for v in on_node.values_mut() {
+            v.sort_by(|x, y| {
+                x.0.priority
+                    .cmp(&y.0.priority)
+                    .then(x.0.name.cmp(&y.0.name))
+            });
+        }
+        for a in 0..attempts.len() {
+            let mut best: Option<(usize, u64, Vec<String>)> = None;
+            for (i, p) in &candidates {
+                let b = est(a, p);
+                let need = b.total_bytes + margin(b.total_bytes);
+                let mut avail = free(*i, &used);
+                let mut victims = Vec::new();
+                for (v, u) in on_node
+                    .get(nodes[*i].name.as_str())
+                    .map_or(&[][..], Vec::as_slice)
+                {
+                    if avail >= need {
+                        break;
+                    }
+                    avail += u;
+                    if !victims.contains(&v.name) {
+                        victims.push(v.name.clone());
+                    }
+                }
+                if avail >= need
+                    && best.as_ref().is_none_or(|(_, f, vs)| {
+                        victims.len() < vs.len() || (victims.len() == vs.len() && avail > *f)
+                    })
+                {
+                    best = Some((*i, avail, victims));
+                }
+            }
+            if let Some((_, _, victims)) = best {
+                let skip: Vec<&str> = victims.iter().map(String::as_str).collect();
+                let used_after = used_by_node(nodes, placements, &skip);
+                if let Some(c) = assign(a, &mut est, &used_after) {
+                    chosen = Some((a, c, victims));
+                    break;
+                }
+            }
+        }
+    }
+
+    let Some((a, chosen_nodes, evicted)) = chosen else {
+        let b = est(last, &candidates[0].1);
+        let mut d = Decision::refused(vec![format!(
+            "refused: {} replica(s) of `{}` do not fit at any setting from context {} ({} KV) \
+             down to {} ({} KV), and evicting lower-priority placements would not help",
+            replicas, entry.name, ctx0, entry.cache_type_k, floor, attempts[last].ctk
+        )]);
+        for (i, p) in &candidates {
+            let b = est(last, p);
+            let m = margin(b.total_bytes);
+            let f = free(*i, &used);
+            d.fits.push(fit_row(
+                &nodes[*i],
+                cap(*i),
+                &used,
+                &b,
+                m,
+                0,
+                false,
+                format!("needs {} > {} free", gib(b.total_bytes + m), gib(f)),
+            ));
+        }
+        d.fits.extend(fits);
+        d.estimate = Some(b);
+        return d;
+    };
+
+    let at = &attempts[a];
+    if a > 0 {
+        explanation.push(format!(
+            "context {} with {} KV did not fit; chose context {} with {}/{} KV (the largest setting that fits)",
+            ctx0, entry.cache_type_k, at.ctx, at.ctk, at.ctv
+        ));
+    }
+    let used_after = if evicted.is_empty() {
+        used.clone()
+    } else {
+        let skip: Vec<&str> = evicted.iter().map(String::as_str).collect();
+        used_by_node(nodes, placements, &skip)
+    };
+    let mut per_node: HashMap<usize, u32> = HashMap::new();
+    for &i in &chosen_nodes {
+        *per_node.entry(i).or_default() += 1;
+    }
+    let mut d = Decision::refused(Vec::new());
+    for (i, p) in &candidates {
+        let b = est(a, p);
+        let m = margin(b.total_bytes);
+        let f = free(*i, &used_after);
+        let k = per_node.get(i).copied().unwrap_or(0);
+        let need = b.total_bytes + m;
+        let reason = if k > 0 {
+            format!(
+                "{k} replica(s): {} usable − {} reserve − {} used = {} free ≥ {} × {} needed",
+                gib(cap(*i) + nodes[*i].reserve_bytes),
+                gib(nodes[*i].reserve_bytes),
+                gib(used_after.get(&nodes[*i].name).copied().unwrap_or(0)),
+                gib(f),
+                k,
+                gib(need)
+            )
+        } else if need > f {
+            format!("needs {} > {} free", gib(need), gib(f))
+        } else {
+            "fits, not chosen".to_owned()
+        };
+        d.fits.push(fit_row(
+            &nodes[*i],
+            cap(*i),
+            &used_after,
+            &b,
+            m,
+            k,
+            need <= f,
+            reason,
+        ));
+    }
+    d.fits.extend(fits);
+    let b = est(a, &candidates[0].1);
+    d.estimate = Some(b.clone());
+    let placement = Placement {
+        name: name.clone(),
+        role: req.role.clone(),
+        model: entry.name.clone(),
+        model_id: entry.model_id.clone(),
+        pinned_node: req.node.clone(),
+        options: PlacementOptions {
+            context_size: at.ctx,
+            parallel,
+            cache_type_k: at.ctk.clone(),
+            cache_type_v: at.ctv.clone(),
+            extra_flags: entry.extra_flags.clone(),
+        },
+        estimate_bytes: b.total_bytes,
+        priority: entry.priority,
+        replicas: chosen_nodes
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| Replica {
+                index: u32::try_from(k).unwrap_or(u32::MAX),
+                node: nodes[i].name.clone(),
+                generation: 1,
+            })
+            .collect(),
+        paused: req.paused,
+    };
+    let where_: Vec<String> = placement.replicas.iter().map(|r| r.node.clone()).collect();
+    explanation.insert(
+        0,
+        format!(
+            "placed `{}` as `{name}` on {}: {} per replica (weights {} + KV {} + compute {} + output {}) at context {}, {}/{} KV",
+            entry.name,
+            where_.join(", "),
+            gib(b.total_bytes),
+            gib(b.weights_bytes),
+            gib(b.kv_bytes),
+            gib(b.compute_bytes),
+            gib(b.output_bytes),
+            at.ctx,
+            at.ctk,
+            at.ctv
+        ),
+    );
+    if !evicted.is_empty() {
+        if req.evict {
+            explanation.push(format!(
+                "evicts lower-priority placement(s): {} (priority below {})",
+                evicted.join(", "),
+                entry.priority
+            ));
+        } else {
+            d.explanation = vec![
+                format!(
+                    "refused: `{}` fits only after evicting lower-priority placement(s) {}; \
+                     allow eviction to proceed",
+                    entry.name,
+                    evicted.join(", ")
+                ),
+                explanation.remove(0).replacen("placed", "would place", 1),
+            ];
+            d.explanation.extend(explanation);
+            d.evicted = evicted;
+            return d;
+        }
+    }
+    d.accepted = true;
+    d.placement = Some(placement);
+    d.evicted = evicted;
+    d.explanation = explanation;
+    d
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fit_row(
+    n: &NodeState,
+    cap: u64,
+    used: &HashMap<String, u64>,
+    b: &Breakdown,
+    margin: u64,
+    replicas: u32,
+    fits: bool,
+    reason: String,
+) -> NodeFit {
+    let u = used.get(&n.name).copied().unwrap_or(0);
+    NodeFit {
+        node: n.name.clone(),
+        candidate: true,
+        fits,
+        usable_bytes: n.usable_bytes.unwrap_or(0),
+        reserve_bytes: n.reserve_bytes,
+        used_bytes: u,
+        free_bytes: cap.saturating_sub(u),
+        needed_bytes: b.total_bytes + margin,
+        margin_bytes: margin,
+        context_size: b.context_size,
+        cache_type: b.cache_type_k.clone(),
+        replicas,
+        reason,
+    }
+}
+
+/// Where a replica of an existing placement can move when its node is
+/// lost: a live node with the placement's role that holds the file and has
+/// room for the placement's estimate plus margin, most free first. The
+/// placement's options are kept. `Err` says why no node qualifies.
+pub fn relocate(
+    nodes: &[NodeState],
+    placements: &[Placement],
+    p: &Placement,
+    replica: u32,
+) -> Result<String, String> {
+    let used = used_by_node(nodes, placements, &[]);
+    let need = p.estimate_bytes + margin(p.estimate_bytes);
+    let hosting: Vec<&str> = p
+        .replicas
+        .iter()
+        .filter(|r| r.index != replica)
+        .map(|r| r.node.as_str())
+        .collect();
+    let mut why = Vec::new();
+    let mut best: Option<(u64, &str)> = None;
+    for n in nodes {
+        let reason = if n.liveness != Liveness::Ready {
+            Some("not ready")
+        } else if !p.role.is_empty() && !n.roles.iter().any(|r| r == &p.role) {
+            Some("no such role")
+        } else if !n.models.contains_key(&p.model_id) {
+            Some("does not hold the file")
+        } else {
+            None
+        };
+        if let Some(r) = reason {
+            why.push(format!("{}: {r}", n.name));
+            continue;
+        }
+        let free = n
+            .usable_bytes
+            .unwrap_or(0)
+            .saturating_sub(n.reserve_bytes)
+            .saturating_sub(used.get(&n.name).copied().unwrap_or(0));
+        if need > free {
+            why.push(format!(
+                "{}: needs {} > {} free",
+                n.name,
+                gib(need),
+                gib(free)
+            ));
+            continue;
+        }
+        // Prefer a node without another replica of this placement.
+        let score = free / 2
+            + if hosting.contains(&n.name.as_str()) {
+                0
+            } else {
+                u64::MAX / 2
+            };
+        if best.is_none_or(|(s, _)| score > s) {
+            best = Some((score, &n.name));
+        }
+    }
+    best.map(|(_, n)| n.to_owned())
+        .ok_or_else(|| why.join("; "))
+}

@@ -1,0 +1,363 @@
+//! The catalog: a model name people type (`qwen3-coder-30b`) mapped to the
+//! file agents report (`model_id`), with the settings placement starts from
+//! and the editor modes it serves. Stored as JSON under `/halo/v1/catalog/`.
+
+use crate::ConversionError;
+use crate::v1;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// An editor mode a model serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EditorMode {
+    /// Questions about code.
+    Ask,
+    /// Edits.
+    Code,
+    /// Inline completion.
+    Autocomplete,
+    /// Planning across files.
+    Architect,
+    /// Finding bugs.
+    Debug,
+}
+
+impl EditorMode {
+    /// Every mode.
+    pub const ALL: [EditorMode; 5] = [
+        EditorMode::Ask,
+        EditorMode::Code,
+        EditorMode::Autocomplete,
+        EditorMode::Architect,
+        EditorMode::Debug,
+    ];
+
+    /// The lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EditorMode::Ask => "ask",
+            EditorMode::Code => "code",
+            EditorMode::Autocomplete => "autocomplete",
+            EditorMode::Architect => "architect",
+            EditorMode::Debug => "debug",
+        }
+    }
+}
+
+impl fmt::Display for EditorMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for EditorMode {
+    type Err = ConversionError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        EditorMode::ALL
+            .into_iter()
+            .find(|m| m.as_str().eq_ignore_ascii_case(s))
+            .ok_or_else(|| ConversionError::Invalid {
+                field: "modes",
+                reason: format!(
+                    "unknown editor mode `{s}` (ask, code, autocomplete, architect, debug)"
+                ),
+            })
+    }
+}
+
+impl From<EditorMode> for v1::EditorMode {
+    fn from(m: EditorMode) -> Self {
+        match m {
+            EditorMode::Ask => v1::EditorMode::Ask,
+            EditorMode::Code => v1::EditorMode::Code,
+            EditorMode::Autocomplete => v1::EditorMode::Autocomplete,
+            EditorMode::Architect => v1::EditorMode::Architect,
+            EditorMode::Debug => v1::EditorMode::Debug,
+        }
+    }
+}
+
+impl TryFrom<v1::EditorMode> for EditorMode {
+    type Error = ConversionError;
+
+    fn try_from(m: v1::EditorMode) -> Result<Self, Self::Error> {
+        Ok(match m {
+            v1::EditorMode::Ask => EditorMode::Ask,
+            v1::EditorMode::Code => EditorMode::Code,
+            v1::EditorMode::Autocomplete => EditorMode::Autocomplete,
+            v1::EditorMode::Architect => EditorMode::Architect,
+            v1::EditorMode::Debug => EditorMode::Debug,
+            v1::EditorMode::Unspecified => return Err(ConversionError::Missing("modes")),
+        })
+    }
+}
+
+/// KV cache type names llama.cpp accepts (`-ctk`/`-ctv`), as the wire enum
+/// orders them.
+const CACHE_NAMES: [(v1::CacheType, &str); 9] = [
+    (v1::CacheType::F16, "f16"),
+    (v1::CacheType::Bf16, "bf16"),
+    (v1::CacheType::Q80, "q8_0"),
+    (v1::CacheType::Q40, "q4_0"),
+    (v1::CacheType::Q41, "q4_1"),
+    (v1::CacheType::Q50, "q5_0"),
+    (v1::CacheType::Q51, "q5_1"),
+    (v1::CacheType::Iq4Nl, "iq4_nl"),
+    (v1::CacheType::F32, "f32"),
+];
+
+/// The llama.cpp name of a wire cache type; `None` for unspecified.
+pub fn cache_name(t: v1::CacheType) -> Option<&'static str> {
+    CACHE_NAMES.iter().find(|(w, _)| *w == t).map(|(_, n)| *n)
+}
+
+/// The wire cache type of a llama.cpp name (case-insensitive).
+pub fn cache_from_name(name: &str) -> Option<v1::CacheType> {
+    CACHE_NAMES
+        .iter()
+        .find(|(_, n)| n.eq_ignore_ascii_case(name))
+        .map(|(w, _)| *w)
+}
+
+/// Default context when an entry names none.
+pub const DEFAULT_CONTEXT: u32 = 8192;
+/// Default smallest context placement falls back to.
+pub const DEFAULT_MIN_CONTEXT: u32 = 2048;
+
+/// One catalog entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogEntry {
+    /// The name people type, e.g. `qwen3-coder-30b`.
+    pub name: String,
+    /// The file's id as agents report it (path relative to a model dir).
+    pub model_id: String,
+    /// Context placement asks for when the request names none.
+    #[serde(default = "default_context")]
+    pub default_context: u32,
+    /// Smallest context placement falls back to.
+    #[serde(default = "default_min_context")]
+    pub min_context: u32,
+    /// `-ctk` (llama.cpp name).
+    #[serde(default = "f16")]
+    pub cache_type_k: String,
+    /// `-ctv` (llama.cpp name).
+    #[serde(default = "f16")]
+    pub cache_type_v: String,
+    /// Names from the agents' extra-flag allow-list.
+    #[serde(default)]
+    pub extra_flags: Vec<String>,
+    /// Higher wins; eviction removes only lower-priority placements.
+    #[serde(default)]
+    pub priority: i32,
+    /// Editor modes served.
+    #[serde(default)]
+    pub modes: Vec<EditorMode>,
+    /// llama-server slots (`-np`).
+    #[serde(default = "one")]
+    pub parallel: u32,
+}
+
+fn default_context() -> u32 {
+    DEFAULT_CONTEXT
+}
+fn default_min_context() -> u32 {
+    DEFAULT_MIN_CONTEXT
+}
+fn f16() -> String {
+    "f16".to_owned()
+}
+fn one() -> u32 {
+    1
+}
+
+impl CatalogEntry {
+    /// An entry with defaults for everything but the two names.
+    pub fn new(name: &str, model_id: &str) -> CatalogEntry {
+        CatalogEntry {
+            name: name.to_owned(),
+            model_id: model_id.to_owned(),
+            default_context: DEFAULT_CONTEXT,
+            min_context: DEFAULT_MIN_CONTEXT,
+            cache_type_k: f16(),
+            cache_type_v: f16(),
+            extra_flags: Vec::new(),
+            priority: 0,
+            modes: Vec::new(),
+            parallel: 1,
+        }
+    }
+
+    /// Checks names, ranges and cache types; the reason names the field.
+    pub fn validate(&self) -> Result<(), ConversionError> {
+        check_name("name", &self.name)?;
+        if self.model_id.is_empty() || self.model_id.len() > 4096 {
+            return Err(ConversionError::Invalid {
+                field: "model_id",
+                reason: "must be 1-4096 characters".into(),
+            });
+        }
+        if self.default_context == 0 || self.min_context == 0 {
+            return Err(ConversionError::Invalid {
+                field: "default_context",
+                reason: "contexts must be at least 1".into(),
+            });
+        }
+        if self.min_context > self.default_context {
+            return Err(ConversionError::Invalid {
+                field: "min_context",
+                reason: format!(
+                    "{} is above default_context {}",
+                    self.min_context, self.default_context
+                ),
+            });
+        }
+        for (field, t) in [
+            ("cache_type_k", &self.cache_type_k),
+            ("cache_type_v", &self.cache_type_v),
+        ] {
+            if cache_from_name(t).is_none() {
+                return Err(ConversionError::Invalid {
+                    field,
+                    reason: format!("unknown cache type `{t}`"),
+                });
+            }
+        }
+        if self.parallel == 0 || self.parallel > 256 {
+            return Err(ConversionError::Invalid {
+                field: "parallel",
+                reason: "must be 1-256".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Checks a name used in keys and request ids: 1-63 of `a-z 0-9 . _ -`,
+/// starting with a letter or digit.
+pub fn check_name(field: &'static str, name: &str) -> Result<(), ConversionError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConversionError::Invalid {
+            field,
+            reason: format!(
+                "`{}` is not 1-63 of a-z 0-9 . _ - starting with a letter or digit",
+                name.escape_debug()
+            ),
+        })
+    }
+}
+
+impl From<CatalogEntry> for v1::CatalogEntry {
+    fn from(e: CatalogEntry) -> Self {
+        v1::CatalogEntry {
+            name: e.name,
+            model_id: e.model_id,
+            default_context: e.default_context,
+            cache_type_k: cache_from_name(&e.cache_type_k).unwrap_or(v1::CacheType::Unspecified)
+                as i32,
+            cache_type_v: cache_from_name(&e.cache_type_v).unwrap_or(v1::CacheType::Unspecified)
+                as i32,
+            extra_flags: e.extra_flags,
+            priority: e.priority,
+            modes: e
+                .modes
+                .into_iter()
+                .map(|m| v1::EditorMode::from(m) as i32)
+                .collect(),
+            nodes: Vec::new(),
+            params: None,
+            file_size_bytes: 0,
+            min_context: e.min_context,
+            parallel: e.parallel,
+        }
+    }
+}
+
+impl TryFrom<v1::CatalogEntry> for CatalogEntry {
+    type Error = ConversionError;
+
+    fn try_from(e: v1::CatalogEntry) -> Result<Self, Self::Error> {
+        let cache = |field: &'static str, v: i32| -> Result<String, ConversionError> {
+            match v1::CacheType::try_from(v) {
+                Ok(v1::CacheType::Unspecified) => Ok(f16()),
+                Ok(t) => Ok(cache_name(t).unwrap_or("f16").to_owned()),
+                Err(_) => Err(ConversionError::Invalid {
+                    field,
+                    reason: format!("unknown cache type {v}"),
+                }),
+            }
+        };
+        let modes = e
+            .modes
+            .iter()
+            .map(|&m| {
+                v1::EditorMode::try_from(m)
+                    .map_err(|_| ConversionError::Invalid {
+                        field: "modes",
+                        reason: format!("unknown editor mode {m}"),
+                    })
+                    .and_then(EditorMode::try_from)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let entry = CatalogEntry {
+            name: e.name,
+            model_id: e.model_id,
+            default_context: if e.default_context == 0 {
+                DEFAULT_CONTEXT
+            } else {
+                e.default_context
+            },
+            min_context: if e.min_context == 0 {
+                DEFAULT_MIN_CONTEXT.min(e.default_context.max(1))
+            } else {
+                e.min_context
+            },
+            cache_type_k: cache("cache_type_k", e.cache_type_k)?,
+            cache_type_v: cache("cache_type_v", e.cache_type_v)?,
+            extra_flags: e.extra_flags,
+            priority: e.priority,
+            modes,
+            parallel: e.parallel.max(1),
+        };
+        entry.validate()?;
+        Ok(entry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn catalog_entry_survives_the_wire() {
+        let mut e = CatalogEntry::new("qwen3-coder-30b", "qwen3/coder.gguf");
+        e.cache_type_k = "q8_0".into();
+        e.modes = vec![EditorMode::Code, EditorMode::Ask];
+        e.priority = 5;
+        let back = CatalogEntry::try_from(v1::CatalogEntry::from(e.clone()));
+        assert_eq!(back, Ok(e));
+    }
+
+    #[test]
+    fn names_with_upper_case_or_slashes_are_refused() {
+        assert!(check_name("name", "gpt-oss-20b").is_ok());
+        assert!(check_name("name", "GPT").is_err());
+        assert!(check_name("name", "a/b").is_err());
+        assert!(check_name("name", "").is_err());
+        assert!(check_name("name", "-x").is_err());
+    }
+}

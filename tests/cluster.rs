@@ -1,0 +1,374 @@
+//! Harness for the controller's multi-process tests: a real etcd on free
+//! loopback ports with its own data dir, real agents (`halo-agent-shim`)
+//! and real controllers (`halo-controller-shim`), each a [`tests::Proc`]
+//! whose log is printed when a test fails.
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+use tests::{Proc, free_port, wait_for};
+
+/// A real etcd server.
+pub struct Etcd {
+    /// The process, killed on drop.
+    _server: Proc,
+    /// Client URL.
+    pub endpoint: String,
+}
+
+/// Where etcd is: `$HALO_ETCD` or `etcd` on PATH (Debian's `etcd-server`).
+fn etcd_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("HALO_ETCD") {
+        return PathBuf::from(p);
+    }
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let p = Path::new(dir).join("etcd");
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("etcd not found: install Debian's etcd-server (tests/run.sh does) or set HALO_ETCD");
+}
+
+impl Etcd {
+    /// Starts etcd in `dir/etcd-NAME` and waits until it takes connections.
+    pub fn start(dir: &Path, name: &str) -> Etcd {
+        let client = free_port();
+        let peer = free_port();
+        let data = dir.join(format!("etcd-{name}"));
+        let mut cmd = Command::new(etcd_bin());
+        let c = format!("http://127.0.0.1:{client}");
+        let p = format!("http://127.0.0.1:{peer}");
+        cmd.arg("--name")
+            .arg("default")
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("--listen-client-urls")
+            .arg(&c)
+            .arg("--advertise-client-urls")
+            .arg(&c)
+            .arg("--listen-peer-urls")
+            .arg(&p)
+            .arg("--initial-advertise-peer-urls")
+            .arg(&p)
+            .arg("--initial-cluster")
+            .arg(format!("default={p}"))
+            .env("ETCD_UNSUPPORTED_ARCH", "arm64");
+        let mut proc = Proc::spawn(&format!("etcd-{name}"), cmd, dir);
+        let up = wait_for(Duration::from_secs(20), || {
+            proc.assert_running();
+            TcpStream::connect(("127.0.0.1", client)).ok()
+        });
+        assert!(up.is_some(), "etcd did not listen:\n{}", proc.log());
+        Etcd {
+            _server: proc,
+            endpoint: c,
+        }
+    }
+}
+
+/// The agent daemon binary of this package.
+pub const AGENT: &str = env!("CARGO_BIN_EXE_halo-agent-shim");
+/// The controller daemon binary of this package.
+pub const CONTROLLER: &str = env!("CARGO_BIN_EXE_halo-controller-shim");
+
+/// The simulated 128 GB Strix Halo probe tree.
+pub fn strix_halo_probe() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/probe/strix-halo-128g")
+}
+
+/// A loopback port outside `range`.
+pub fn port_outside(range: (u16, u16)) -> u16 {
+    loop {
+        let p = free_port();
+        if !(range.0..=range.1).contains(&p) {
+            return p;
+        }
+    }
+}
+
+/// `n` consecutive loopback ports that are free now.
+pub fn free_range(n: u16) -> (u16, u16) {
+    for _ in 0..200 {
+        let first = 20_000 + (rand_u16() % 30_000);
+        let Some(last) = first.checked_add(n - 1) else {
+            continue;
+        };
+        if (first..=last).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+            return (first, last);
+        }
+    }
+    panic!("no {n} free consecutive ports");
+}
+
+fn rand_u16() -> u16 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    u16::try_from((t ^ std::process::id().wrapping_mul(2_654_435_761)) % 65_536).unwrap_or(0)
+}
+
+/// One node: model dir, state dir, ports, and its agent process (restartable).
+pub struct AgentNode {
+    /// Node name.
+    pub name: String,
+    /// Where its files live.
+    pub dir: PathBuf,
+    /// Model directory.
+    pub models: PathBuf,
+    /// State directory.
+    pub state: PathBuf,
+    /// gRPC port.
+    pub port: u16,
+    /// Instance ports.
+    pub ports: (u16, u16),
+    /// Roles.
+    pub roles: Vec<String>,
+    /// The running agent.
+    pub proc: Option<Proc>,
+    runs: u32,
+}
+
+impl AgentNode {
+    /// A node under `root/NAME` with `ports` instance ports; nothing runs yet.
+    pub fn new(root: &Path, name: &str, roles: &[&str], ports: u16) -> AgentNode {
+        let dir = root.join(name);
+        let models = dir.join("models");
+        std::fs::create_dir_all(&models).expect("mkdir models");
+        let ports = free_range(ports);
+        AgentNode {
+            name: name.to_owned(),
+            state: dir.join("state"),
+            port: port_outside(ports),
+            dir,
+            models,
+            ports,
+            roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+            proc: None,
+            runs: 0,
+        }
+    }
+
+    /// `host:port` of the agent.
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the agent and waits until it accepts connections.
+    pub fn start(&mut self) {
+        assert!(self.proc.is_none(), "agent {} already running", self.name);
+        self.runs += 1;
+        let mut cmd = Command::new(AGENT);
+        cmd.arg("--node-name")
+            .arg(&self.name)
+            .arg("--listen")
+            .arg(self.address())
+            .arg("--model-dir")
+            .arg(&self.models)
+            .arg("--llama-server")
+            .arg(tests::llama_bin("llama-server"))
+            .arg("--port-range")
+            .arg(format!("{}-{}", self.ports.0, self.ports.1))
+            .arg("--state-dir")
+            .arg(&self.state)
+            .arg("--probe-root")
+            .arg(strix_halo_probe())
+            .arg("--stop-timeout-secs")
+            .arg("5")
+            .env("HALO_LOG", "info")
+            .env_remove("HALO_AGENT_CONFIG");
+        for r in &self.roles {
+            cmd.arg("--role").arg(r);
+        }
+        let mut proc = Proc::spawn(
+            &format!("agent-{}-{}", self.name, self.runs),
+            cmd,
+            &self.dir,
+        );
+        let port = self.port;
+        let up = wait_for(Duration::from_secs(20), || {
+            proc.assert_running();
+            TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        assert!(
+            up.is_some(),
+            "agent {} did not listen:\n{}",
+            self.name,
+            proc.log()
+        );
+        self.proc = Some(proc);
+    }
+
+    /// SIGKILLs the agent; its llama-server instances keep running.
+    pub fn kill9(&mut self) {
+        self.proc = None;
+    }
+
+    /// Live llama-server processes this node's agent started.
+    pub fn servers(&self) -> Vec<u32> {
+        let mark = self.state.join("instances").display().to_string();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|&pid| {
+                agent::procfs::cmdline(pid).is_some_and(|a| a.iter().any(|w| w.contains(&mark)))
+                    && agent::procfs::identify(pid).is_some_and(agent::procfs::is_alive)
+            })
+            .collect()
+    }
+}
+
+impl Drop for AgentNode {
+    fn drop(&mut self) {
+        self.proc = None;
+        for pid in self.servers() {
+            let _ = agent::procfs::signal_group(pid, rustix::process::Signal::KILL);
+        }
+    }
+}
+
+/// A controller process (restartable) with its command line.
+pub struct ControllerProc {
+    /// Listen port.
+    pub port: u16,
+    args: Vec<String>,
+    dir: PathBuf,
+    /// The running process.
+    pub proc: Option<Proc>,
+    runs: u32,
+    name: String,
+}
+
+impl ControllerProc {
+    /// A controller named `name` started with `args` (plus `--listen`).
+    pub fn new(dir: &Path, name: &str, args: &[String]) -> ControllerProc {
+        ControllerProc {
+            port: free_port(),
+            args: args.to_vec(),
+            dir: dir.to_owned(),
+            proc: None,
+            runs: 0,
+            name: name.to_owned(),
+        }
+    }
+
+    /// gRPC URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the controller and waits until it accepts connections.
+    pub fn start(&mut self) {
+        self.runs += 1;
+        let mut cmd = Command::new(CONTROLLER);
+        cmd.arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .args(&self.args)
+            .env("HALO_LOG", "info,controller=debug")
+            .env_remove("HALO_CONTROLLER_CONFIG");
+        let mut proc = Proc::spawn(&format!("{}-{}", self.name, self.runs), cmd, &self.dir);
+        let port = self.port;
+        let up = wait_for(Duration::from_secs(20), || {
+            proc.assert_running();
+            TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        assert!(up.is_some(), "controller did not listen:\n{}", proc.log());
+        self.proc = Some(proc);
+    }
+
+    /// SIGKILLs the controller.
+    pub fn kill9(&mut self) {
+        self.proc = None;
+    }
+
+    /// The pid of the running controller.
+    pub fn pid(&self) -> u32 {
+        self.proc
+            .as_ref()
+            .map(Proc::pid)
+            .expect("controller running")
+    }
+
+    /// Every run's log.
+    pub fn logs(&self) -> String {
+        (1..=self.runs)
+            .map(|r| {
+                std::fs::read_to_string(self.dir.join(format!("{}-{r}.log", self.name)))
+                    .unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("\n----- next run -----\n")
+    }
+}
+
+/// A controller client.
+pub type Client =
+    proto::v1::controller_service_client::ControllerServiceClient<tonic::transport::Channel>;
+
+/// Connects to a controller.
+pub async fn connect(url: &str) -> Client {
+    for _ in 0..100 {
+        if let Ok(c) = Client::connect(url.to_owned()).await {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("cannot connect to {url}");
+}
+
+/// Polls `f` every 100 ms until it returns `Some` or `timeout` passes.
+pub async fn eventually<T, F, Fut>(timeout: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until the controller reports every node in `names` with `status`.
+pub async fn wait_nodes(
+    c: &mut Client,
+    names: &[&str],
+    status: proto::v1::NodeStatus,
+    timeout: Duration,
+) -> bool {
+    eventually(timeout, || {
+        let mut c = c.clone();
+        async move {
+            let nodes = c
+                .list_nodes(proto::v1::ListNodesRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .nodes;
+            names
+                .iter()
+                .all(|n| {
+                    nodes.iter().any(|v| {
+                        v.node.as_ref().is_some_and(|i| i.name == *n) && v.status == status as i32
+                    })
+                })
+                .then_some(())
+        }
+    })
+    .await
+    .is_some()
+}
+
+/// Writes a catalog TOML file.
+pub fn write_catalog(path: &Path, toml: &str) {
+    std::fs::write(path, toml).expect("write catalog");
+}

@@ -1,0 +1,270 @@
+//! Node loss with real processes: a controller (embedded store), two
+//! agents and real llama-server instances of the tiny model. The floating
+//! placement is served; a pause of its agent shorter than the move period
+//! moves nothing; then its agent is killed (its llama-server keeps
+//! running, as under systemd's `KillMode=process`), the node is detected
+//! unreachable, the placement moves to the other node and answers there;
+//! when the agent comes back with the stale instance, exactly one remains.
+
+use crate::cluster::{
+    AgentNode, Client, ControllerProc, connect, eventually, wait_nodes, write_catalog,
+};
+use agent::gguf::fixtures::write_tiny_llama;
+use proto::v1;
+use std::time::{Duration, Instant};
+
+/// A chat completion through an endpoint with its API key.
+pub fn chat(base_url: &str, api_key: &str, model: &str) -> anyhow::Result<String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into();
+    let body = serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "Hello"}],
+        "max_tokens": 4,
+    });
+    let mut resp = agent
+        .post(&format!("{base_url}/v1/chat/completions"))
+        .header("Authorization", &format!("Bearer {api_key}"))
+        .send_json(&body)?;
+    let v: serde_json::Value = resp.body_mut().read_json()?;
+    v["choices"][0]["message"]["content"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow::anyhow!("no content in {v}"))
+}
+
+/// The code-mode endpoint of `placement`, once its instance is ready.
+pub async fn endpoint(c: &Client, placement: &str, timeout: Duration) -> Option<v1::Endpoint> {
+    eventually(timeout, || {
+        let mut c = c.clone();
+        async move {
+            c.endpoints(v1::EndpointsRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .endpoints
+                .into_iter()
+                .find(|e| e.placement == placement && e.mode == v1::EditorMode::Code as i32)
+        }
+    })
+    .await
+}
+
+/// Managed, not-stopped instances the controller sees on every node.
+pub async fn live_instances(c: &mut Client) -> Vec<(String, v1::Instance)> {
+    let nodes = c
+        .list_nodes(v1::ListNodesRequest {})
+        .await
+        .expect("nodes")
+        .into_inner()
+        .nodes;
+    nodes
+        .into_iter()
+        .flat_map(|n| {
+            let name = n.node.map(|i| i.name).unwrap_or_default();
+            n.instances
+                .into_iter()
+                .filter(|i| {
+                    i.request_id.starts_with("halo.")
+                        && i.state != v1::InstanceState::Stopped as i32
+                })
+                .map(move |i| (name.clone(), i))
+        })
+        .collect()
+}
+
+/// The tiny model in the catalog, serving code and ask.
+pub const TINY_CATALOG: &str = r#"
+[[models]]
+name = "tiny"
+model_id = "tiny.gguf"
+default_context = 256
+min_context = 256
+modes = ["code", "ask"]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floating_placement_moves_off_a_lost_node_and_one_instance_remains_when_it_returns() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut a = AgentNode::new(dir.path(), "halo1", &["speed"], 4);
+    let mut b = AgentNode::new(dir.path(), "halo2", &["speed"], 4);
+    for n in [&a, &b] {
+        write_tiny_llama(&n.models.join("tiny.gguf"), 7).expect("tiny model");
+    }
+    a.start();
+    b.start();
+    let catalog = dir.path().join("catalog.toml");
+    write_catalog(&catalog, TINY_CATALOG);
+    let mut ctl = ControllerProc::new(
+        dir.path(),
+        "controller",
+        &[
+            "--store-path".into(),
+            dir.path().join("state.json").display().to_string(),
+            "--node".into(),
+            format!("halo1={},halo2={}", a.address(), b.address()),
+            "--catalog".into(),
+            catalog.display().to_string(),
+            "--grace-ms".into(),
+            "1000".into(),
+            "--heartbeat-ms".into(),
+            "250".into(),
+            "--move-after-secs".into(),
+            "3".into(),
+            "--requeue-ms".into(),
+            "300".into(),
+        ],
+    );
+    ctl.start();
+    let mut c = connect(&ctl.url()).await;
+    assert!(
+        wait_nodes(
+            &mut c,
+            &["halo1", "halo2"],
+            v1::NodeStatus::Ready,
+            Duration::from_secs(20)
+        )
+        .await
+    );
+
+    // Pin nothing: place, wait for the endpoint, chat.
+    let r = c
+        .place(v1::PlaceRequest {
+            role: "speed".into(),
+            model: "tiny".into(),
+            ..v1::PlaceRequest::default()
+        })
+        .await
+        .expect("place")
+        .into_inner();
+    assert!(r.accepted, "{:?}", r.explanation);
+    let first = endpoint(&c, "tiny", Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|| panic!("no endpoint:\n{}", ctl.logs()));
+    let reply = chat(&first.base_url, &first.api_key, "tiny").expect("chat on the first node");
+    eprintln!("first node {} answered {reply:?}", first.node);
+
+    // A partition shorter than the move period moves nothing: pause the
+    // hosting agent past the grace period, then let it back.
+    let host = if first.node == "halo1" { &a } else { &b };
+    let pid = rustix::process::Pid::from_raw(
+        i32::try_from(host.proc.as_ref().expect("running").pid()).expect("pid"),
+    )
+    .expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::STOP).expect("SIGSTOP");
+    let paused = wait_nodes(
+        &mut c,
+        &[&first.node],
+        v1::NodeStatus::Unreachable,
+        Duration::from_secs(5),
+    )
+    .await;
+    rustix::process::kill_process(pid, rustix::process::Signal::CONT).expect("SIGCONT");
+    assert!(
+        paused,
+        "a silent agent was not seen unreachable:\n{}",
+        ctl.logs()
+    );
+    assert!(
+        wait_nodes(
+            &mut c,
+            &[&first.node],
+            v1::NodeStatus::Ready,
+            Duration::from_secs(5)
+        )
+        .await
+    );
+    let p = c
+        .list_placements(v1::ListPlacementsRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .placements;
+    assert_eq!(
+        p[0].replicas[0].node, first.node,
+        "a short partition moved the placement"
+    );
+    assert_eq!(p[0].replicas[0].generation, 1);
+    assert_eq!(live_instances(&mut c).await.len(), 1);
+
+    // Kill the hosting node's agent (its llama-server keeps running).
+    let (lost, other) = if first.node == "halo1" {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    let lost_name = lost.name.clone();
+    let other_name = other.name.clone();
+    let killed_at = Instant::now();
+    lost.kill9();
+    assert!(
+        wait_nodes(
+            &mut c,
+            &[&lost_name],
+            v1::NodeStatus::Unreachable,
+            Duration::from_secs(5)
+        )
+        .await,
+        "node not detected unreachable:\n{}",
+        ctl.logs()
+    );
+    let detected = killed_at.elapsed();
+    let moved = endpoint_on(&c, &other_name, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|| panic!("placement did not move:\n{}", ctl.logs()));
+    let answered = killed_at.elapsed();
+    let reply = chat(&moved.base_url, &moved.api_key, "tiny").expect("chat on the other node");
+    eprintln!(
+        "node loss: detected unreachable after {detected:?}; moved and ready on {other_name} after {answered:?} \
+         (move period 3 s); answered {reply:?}"
+    );
+    assert!(
+        detected < Duration::from_secs(3),
+        "detection took {detected:?}"
+    );
+
+    // The lost agent returns and re-adopts the stale instance: it is stopped.
+    lost.start();
+    let one = eventually(Duration::from_secs(30), || {
+        let mut c = c.clone();
+        async move {
+            let live = live_instances(&mut c).await;
+            (live.len() == 1).then_some(live)
+        }
+    })
+    .await
+    .unwrap_or_else(|| panic!("duplicate not resolved:\n{}", ctl.logs()));
+    assert_eq!(one[0].0, other_name, "the moved instance stays");
+    let stale_gone = eventually(Duration::from_secs(20), || async {
+        lost.servers().is_empty().then_some(())
+    })
+    .await;
+    assert!(
+        stale_gone.is_some(),
+        "stale llama-server still running on {lost_name}"
+    );
+    assert_eq!(other.servers().len(), 1);
+    chat(&moved.base_url, &moved.api_key, "tiny").expect("still answering");
+}
+
+/// The code endpoint of placement `tiny` once it is ready on `node`.
+async fn endpoint_on(c: &Client, node: &str, timeout: Duration) -> Option<v1::Endpoint> {
+    eventually(timeout, || {
+        let mut c = c.clone();
+        let node = node.to_owned();
+        async move {
+            c.endpoints(v1::EndpointsRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .endpoints
+                .into_iter()
+                .find(|e| {
+                    e.placement == "tiny" && e.node == node && e.mode == v1::EditorMode::Code as i32
+                })
+        }
+    })
+    .await
+}

@@ -1,0 +1,101 @@
+//! `halo-controller`'s command line: a bad config is one line on stderr and
+//! exit 64, before anything is bound; `--help` documents every key.
+
+use crate::cluster::CONTROLLER;
+use std::net::TcpListener;
+use std::process::Command;
+
+fn run(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(CONTROLLER)
+        .args(args)
+        .env_remove("HALO_CONTROLLER_CONFIG")
+        .output()
+        .expect("run halo-controller");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_config_exits_64_with_one_line_before_binding() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = tests::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let store = dir.path().join("state.json").display().to_string();
+    let bad_catalog = dir.path().join("catalog.toml");
+    std::fs::write(
+        &bad_catalog,
+        "[[models]]\nname = \"Bad Name\"\nmodel_id = \"x.gguf\"\n",
+    )
+    .expect("write");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--node".into(), "halo1".into()], "NAME=HOST:PORT"),
+        (vec!["--grace-ms".into(), "5".into()], "grace_ms"),
+        (
+            vec!["--move-after-secs".into(), "1".into()],
+            "move_after_secs",
+        ),
+        (vec!["--etcd".into(), "127.0.0.1:2379".into()], "etcd"),
+        (
+            vec![
+                "--catalog".into(),
+                dir.path().join("missing.toml").display().to_string(),
+            ],
+            "missing.toml",
+        ),
+        (
+            vec!["--catalog".into(), bad_catalog.display().to_string()],
+            "Bad Name",
+        ),
+        (vec!["--no-such-flag".into()], "no-such-flag"),
+    ];
+    for (extra, needle) in cases {
+        let mut args = vec![
+            "--listen".to_owned(),
+            listen.clone(),
+            "--store-path".into(),
+            store.clone(),
+        ];
+        args.extend(extra.iter().cloned());
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _, err) = run(&refs);
+        assert_eq!(code, Some(64), "{extra:?}: {err}");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{extra:?}: one line, got {err}"
+        );
+        assert!(err.contains(needle), "{extra:?}: {err}");
+        assert!(
+            !dir.path().join("state.json").exists(),
+            "nothing opened for {extra:?}"
+        );
+    }
+    // The port was never bound.
+    assert!(TcpListener::bind(("127.0.0.1", port)).is_ok());
+}
+
+#[test]
+fn help_names_every_key_with_its_default_and_env_var() {
+    let (code, out, _) = run(&["--help"]);
+    assert_eq!(code, Some(0));
+    for key in [
+        "--config",
+        "--listen",
+        "--etcd",
+        "--store-path",
+        "--node",
+        "--catalog",
+        "--grace-ms",
+        "--move-after-secs",
+        "--heartbeat-ms",
+        "--requeue-ms",
+        "--lease-secs",
+        "HALO_CONTROLLER_MOVE_AFTER_SECS",
+        "[default: 30]",
+    ] {
+        assert!(out.contains(key), "--help lacks {key}:\n{out}");
+    }
+}
