@@ -2,7 +2,8 @@
 //! config was validated in full), re-adopts instances, and serves
 //! `AgentService`, `grpc.health.v1.Health` and server reflection until the
 //! root token is cancelled; then drains within a bounded grace period.
-//! Instances keep running across an agent shutdown.
+//! Instances keep running across an agent shutdown. Under systemd it reports
+//! readiness, stopping and watchdog keep-alives ([`crate::notify`]).
 
 use crate::config::Config;
 use crate::service::AgentApi;
@@ -131,9 +132,24 @@ impl Daemon {
             );
         tracing::info!(%addr, "halo-agent serving");
         let mut server = tokio::spawn(server);
+        let notify = crate::notify::Notifier::from_env();
+        notify.ready(&format!("serving on {addr}"));
+        let watchdog = shutdown.child_token();
+        let probe = supervisor.clone();
+        // Healthy = the supervisor answers within the period (state lock,
+        // blocking pool and runtime all alive).
+        tokio::spawn(notify.clone().run_watchdog(watchdog.clone(), move || {
+            let probe = probe.clone();
+            async move {
+                let _ = probe.instances().await;
+                true
+            }
+        }));
         let result = tokio::select! {
             r = &mut server => {
-                // The server ended on its own: take everything down.
+                // The server ended on its own (or first, on shutdown): take
+                // everything down.
+                notify.stopping("shutting down; instances keep running");
                 shutdown.cancel();
                 match r {
                     Ok(Ok(())) => Ok(()),
@@ -143,6 +159,7 @@ impl Daemon {
             }
             () = shutdown.cancelled() => {
                 tracing::info!("shutting down");
+                notify.stopping("shutting down; instances keep running");
                 health.set_not_serving::<AgentServiceServer<AgentApi>>().await;
                 if tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await.is_err() {
                     tracing::warn!("RPCs still open after {SHUTDOWN_GRACE:?}; closing them");
@@ -151,6 +168,7 @@ impl Daemon {
                 Ok(())
             }
         };
+        watchdog.cancel();
         supervisor.shutdown(SHUTDOWN_GRACE).await;
         tracing::info!("stopped; instances keep running");
         result

@@ -8,6 +8,7 @@
 //! * [`state`]: what survives an agent restart (atomic JSON + lock).
 //! * [`service`]: the gRPC `AgentService`; [`error`]: its status codes.
 //! * [`daemon`]: wiring and graceful shutdown; [`cli`]: the binary.
+//! * [`notify`]: systemd readiness, stopping and watchdog (`sd_notify`).
 
 pub mod cli;
 pub mod config;
@@ -15,6 +16,7 @@ pub mod daemon;
 pub mod error;
 pub mod gguf;
 pub mod loadlog;
+pub mod notify;
 pub mod probe;
 pub mod procfs;
 pub mod scan;
