@@ -233,6 +233,14 @@ impl InstanceTask {
         let Some(pid) = child.id() else {
             return Err("llama-server exited before it could be recorded".into());
         };
+        // Raising a child's OOM score needs no privilege; failing to is
+        // logged, not fatal (the instance still runs).
+        if let Err(e) = std::fs::write(
+            format!("/proc/{pid}/oom_score_adj"),
+            super::INSTANCE_OOM_SCORE_ADJ.to_string(),
+        ) {
+            tracing::warn!(instance = %self.id, pid, "cannot set oom_score_adj: {e}");
+        }
         // The child is not reaped until we wait, so its stat is readable.
         let start_ticks = procfs::start_ticks(pid).unwrap_or(0);
         let id = ProcessId { pid, start_ticks };

@@ -44,6 +44,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// Events buffered per watcher before it counts as lagging.
+/// `oom_score_adj` given to every llama-server the agent starts: when memory
+/// runs out, the kernel kills an instance (which the agent restarts with
+/// back-off), not the agent (the systemd unit runs it at -500).
+pub const INSTANCE_OOM_SCORE_ADJ: i32 = 500;
+
 const EVENT_BUFFER: usize = 1024;
 /// Log lines buffered per follower before it counts as lagging.
 const LOG_BUFFER: usize = 1024;
