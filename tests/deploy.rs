@@ -407,6 +407,7 @@ fn shell_scripts_pass_shellcheck() {
         "deploy/build-llama.sh",
         "deploy/images/build.sh",
         "deploy/systemd/install.sh",
+        "tests/deps.sh",
         "tests/run.sh",
     ];
     let out = tool(

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs what halo's tests need beyond a Rust toolchain, when missing:
+# Debian packages (etcd for the store and leader tests; systemd-analyze and
+# the shell linter for the deploy checks; protoc for the etcd client build),
+# cargo-nextest, and llama.cpp's binaries (built once, cached; see
+# deploy/build-llama.sh). Prints the llama.cpp bin directory on stdout.
+#
+#   HALO_LLAMA_BIN=$(bash tests/deps.sh)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "deps: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >&2
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+  else
+    echo "deps: missing ${missing[*]}; install them (Debian: apt-get install ${missing[*]})" >&2
+    exit 1
+  fi
+fi
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "deps: cargo-nextest missing; installing it" >&2
+  cargo install --locked cargo-nextest >&2
+fi
+
+if [ -n "${HALO_LLAMA_BIN:-}" ]; then
+  echo "$HALO_LLAMA_BIN"
+else
+  bash deploy/build-llama.sh
+fi
