@@ -1,14 +1,16 @@
 //! `controller::placement::place`, the pure placement function, on the
 //! sparse fixture models (real GGUF headers, data a hole) and simulated
 //! 128 GB Strix Halo nodes: refusals with arithmetic, context fallback,
-//! eviction, replicas, candidates, observed figures.
+//! eviction, replicas, candidates, observed figures (of running replicas
+//! and of real loads sizing new requests).
 
 use agent::gguf::fixtures::{SparseModel, VocabStyle, write_sparse_with};
+use controller::estimate::{EstimateSource, ObservedRecord, estimate};
 use controller::placement::{
-    Liveness, NodeState, PlaceRequest, estimate_options, place, used_by_node,
+    Liveness, NodeState, PlaceRequest, estimate_options, margin, place, used_by_node,
 };
 use proto::domain::CatalogEntry;
-use proto::domain::ModelParams;
+use proto::domain::{ModelParams, ObservedBuffers};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -37,6 +39,7 @@ fn node(name: &str, role: &str, models: &[(SparseModel, &Arc<ModelParams>)]) -> 
             .map(|(k, p)| (k.spec().file_name.to_owned(), (*p).clone()))
             .collect(),
         observed: HashMap::new(),
+        loads: Vec::new(),
     }
 }
 
@@ -311,4 +314,178 @@ fn a_replica_on_a_lost_node_moves_to_a_live_node_with_the_role_the_file_and_room
         .expect_err("no node qualifies");
     assert!(nowhere.contains("full: needs"), "{nowhere}");
     assert!(nowhere.contains("no-file: does not hold"), "{nowhere}");
+}
+
+const MIB: u64 = 1 << 20;
+
+/// A real load of gpt-oss-20b at `ctx` with `cache` KV, as an agent reports
+/// it: figures far from the formula's (2 GiB more weights, 3 GiB of KV,
+/// 1 GiB of compute, 100 MiB of output).
+fn gpt_oss_load(g: &ModelParams, ctx: u32, cache: &str) -> (ObservedRecord, u64) {
+    let formula = estimate(g, &estimate_options(ctx, 1, cache, cache));
+    let b = ObservedBuffers {
+        model_bytes: Some(formula.weights_bytes + 2 * GIB),
+        kv_bytes: Some(3 * GIB),
+        compute_bytes: Some(GIB),
+        output_bytes: Some(100 * MIB),
+        ..ObservedBuffers::default()
+    };
+    let total = formula.weights_bytes + 2 * GIB + 3 * GIB + GIB + 100 * MIB;
+    let id = SparseModel::GptOss20B.spec().file_name;
+    let rec = ObservedRecord::new(id, &estimate_options(ctx, 1, cache, cache), b);
+    (rec, total)
+}
+
+#[test]
+fn a_new_request_is_sized_by_a_real_load_at_the_same_settings_and_says_so() {
+    let g = params(SparseModel::GptOss20B);
+    let mut halo1 = node("halo1", "speed", &[(SparseModel::GptOss20B, &g)]);
+    let halo2 = node("halo2", "speed", &[(SparseModel::GptOss20B, &g)]);
+    let (rec, observed) = gpt_oss_load(&g, 8192, "f16");
+    halo1.loads.push(rec);
+    let formula = estimate(&g, &estimate_options(8192, 1, "f16", "f16"));
+    assert!(
+        observed > formula.total_bytes + 5 * GIB,
+        "the load differs markedly from the formula"
+    );
+    let cat = catalog(vec![entry(SparseModel::GptOss20B, 8192, 1)]);
+    // Pinned to halo2: a load seen on another node counts too.
+    let mut r = req("speed", "gpt-oss-20b");
+    r.node = Some("halo2".into());
+    let d = place(&[halo1, halo2], &[], &cat, &r);
+    assert!(d.accepted, "{:?}", d.explanation);
+    let p = d.placement.as_ref().expect("accepted");
+    assert_eq!(p.replicas[0].node, "halo2");
+    assert_eq!(
+        p.estimate_bytes, observed,
+        "the observed total, not the formula's"
+    );
+    let b = d.estimate.as_ref().expect("estimate");
+    assert_eq!(b.total_bytes, observed);
+    assert_eq!(b.formula_total_bytes, formula.total_bytes);
+    assert_eq!(b.observed_on.as_deref(), Some("halo1"));
+    for s in [
+        b.sources.weights,
+        b.sources.kv,
+        b.sources.compute,
+        b.sources.output,
+    ] {
+        assert_eq!(s, EstimateSource::Observed);
+    }
+    assert_eq!(b.source(), "observed on halo1");
+    assert!(
+        d.explanation[0].contains("KV 3.00 GiB (observed on halo1)")
+            && d.explanation[0].contains("compute 1.00 GiB (observed on halo1)"),
+        "{:?}",
+        d.explanation
+    );
+    assert!(
+        d.explanation
+            .iter()
+            .any(|l| l.contains("sized by a real load") && l.contains("where the formula gives")),
+        "{:?}",
+        d.explanation
+    );
+    let f = d
+        .fits
+        .iter()
+        .find(|f| f.node == "halo2")
+        .expect("halo2 row");
+    assert_eq!(f.needed_bytes, observed + margin(observed));
+    assert_eq!(f.source, "observed on halo1");
+    assert!(
+        f.reason.contains("(estimate: observed on halo1)"),
+        "{}",
+        f.reason
+    );
+    // A load that logged only some figures: the rest from the formula.
+    let (mut partial, _) = gpt_oss_load(&g, 8192, "f16");
+    partial.buffers.output_bytes = None;
+    let mut halo1 = node("halo1", "speed", &[(SparseModel::GptOss20B, &g)]);
+    halo1.loads.push(partial);
+    let d = place(&[halo1], &[], &cat, &req("speed", "gpt-oss-20b"));
+    let b = d.estimate.expect("estimate");
+    assert_eq!(b.sources.output, EstimateSource::Formula);
+    assert_eq!(b.output_bytes, formula.output_bytes);
+    assert_eq!(b.source(), "observed on halo1 (output: formula)");
+    assert!(
+        d.explanation[0].contains("(observed on halo1)") && d.explanation[0].contains("(formula)"),
+        "{:?}",
+        d.explanation
+    );
+}
+
+#[test]
+fn a_real_load_at_other_settings_is_ignored() {
+    let g = params(SparseModel::GptOss20B);
+    let mut halo1 = node("halo1", "speed", &[(SparseModel::GptOss20B, &g)]);
+    // Another context, another cache type, another model.
+    let (ctx, _) = gpt_oss_load(&g, 16384, "f16");
+    let (q8, _) = gpt_oss_load(&g, 8192, "q8_0");
+    let (mut other, _) = gpt_oss_load(&g, 8192, "f16");
+    other.model_id = "other.gguf".into();
+    halo1.loads = vec![ctx, q8, other];
+    let cat = catalog(vec![entry(SparseModel::GptOss20B, 8192, 1)]);
+    let d = place(&[halo1], &[], &cat, &req("speed", "gpt-oss-20b"));
+    assert!(d.accepted, "{:?}", d.explanation);
+    let formula = estimate(&g, &estimate_options(8192, 1, "f16", "f16"));
+    assert_eq!(
+        d.placement.expect("accepted").estimate_bytes,
+        formula.total_bytes
+    );
+    let b = d.estimate.expect("estimate");
+    assert_eq!(b.observed_on, None);
+    for s in [
+        b.sources.weights,
+        b.sources.kv,
+        b.sources.compute,
+        b.sources.output,
+    ] {
+        assert_eq!(s, EstimateSource::Formula);
+    }
+    assert!(
+        d.explanation[0].contains("(formula)") && !d.explanation.join(" ").contains("observed"),
+        "{:?}",
+        d.explanation
+    );
+    assert_eq!(d.fits[0].source, "formula");
+    assert!(
+        d.fits[0].reason.contains("(estimate: formula)"),
+        "{}",
+        d.fits[0].reason
+    );
+}
+
+#[test]
+fn relocation_needs_what_a_real_load_of_the_replica_took() {
+    let g = params(SparseModel::GptOss20B);
+    let cat = catalog(vec![entry(SparseModel::GptOss20B, 8192, 1)]);
+    let mut lost = node("lost", "speed", &[(SparseModel::GptOss20B, &g)]);
+    let p = place(
+        std::slice::from_ref(&lost),
+        &[],
+        &cat,
+        &req("speed", "gpt-oss-20b"),
+    )
+    .placement
+    .expect("accepted");
+    // The replica's own load, reported before its node was lost.
+    let (rec, observed) = gpt_oss_load(&g, 8192, "f16");
+    lost.loads.push(rec);
+    lost.liveness = Liveness::Lost;
+    // Room for the formula's estimate, not for what the load took.
+    let mut small = node("small", "speed", &[(SparseModel::GptOss20B, &g)]);
+    small.usable_bytes = Some(RESERVE + p.estimate_bytes + margin(p.estimate_bytes) + GIB);
+    assert!(observed + margin(observed) > p.estimate_bytes + margin(p.estimate_bytes) + GIB);
+    let nodes = vec![lost.clone(), small.clone()];
+    let why = controller::placement::relocate(&nodes, std::slice::from_ref(&p), &p, 0)
+        .expect_err("small is too small for the real load");
+    assert!(why.contains("small: needs"), "{why}");
+    let nodes = vec![
+        lost,
+        small,
+        node("big", "speed", &[(SparseModel::GptOss20B, &g)]),
+    ];
+    let to = controller::placement::relocate(&nodes, std::slice::from_ref(&p), &p, 0);
+    assert_eq!(to.as_deref(), Ok("big"));
 }

@@ -6,7 +6,9 @@ use crate::desired::{Desired, catalog_key, json, placement_key};
 use crate::error::Error;
 use crate::events::Events;
 use crate::observe::{Observed, instances_by_request};
-use crate::placement::{self, Liveness, NodeFit, PlaceRequest, estimate_options, used_by_node};
+use crate::placement::{
+    self, Breakdown, Liveness, NodeFit, PlaceRequest, estimate_options, used_by_node,
+};
 use crate::store::{Compare, Op, Store};
 use proto::domain::{CatalogEntry, EditorMode, InstanceState, ModelStatus, Placement};
 use proto::v1;
@@ -300,10 +302,11 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
                 .saturating_sub(n.reserve_bytes)
                 .saturating_sub(used.get(&n.name).copied().unwrap_or(0));
             for &ctx in &contexts {
-                let est = crate::estimate::estimate(
-                    p,
-                    &estimate_options(ctx, e.parallel, &e.cache_type_k, &e.cache_type_v),
-                );
+                // Sized like a placement: a real load at these settings
+                // anywhere in the cluster beats the formula.
+                let opts = estimate_options(ctx, e.parallel, &e.cache_type_k, &e.cache_type_v);
+                let (s, on) = placement::sized_estimate(&states, &e.model_id, p, &opts);
+                let est = Breakdown::from_sourced(&s, on, ctx, &e.cache_type_k, &e.cache_type_v);
                 let need = est.total_bytes + placement::margin(est.total_bytes);
                 rows.push(v1::PlanRow {
                     node: n.name.clone(),
@@ -316,9 +319,10 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
                     available_bytes: avail,
                     fits: need <= avail,
                     reason: format!(
-                        "needs {} with margin, {} available",
+                        "needs {} with margin, {} available (estimate: {})",
                         placement::gib(need),
-                        placement::gib(avail)
+                        placement::gib(avail),
+                        est.source()
                     ),
                 });
             }

@@ -4,10 +4,11 @@
 //! or stays silent longer than the grace period is dropped and redialled;
 //! [`Observed::liveness`] turns "last heard" into Ready / Unreachable / Lost.
 
-use crate::placement::{Liveness, NodeState};
+use crate::estimate::ObservedRecord;
+use crate::placement::{Liveness, NodeState, instance_estimate_options};
 use proto::domain::{
-    AgentEvent, AgentEventKind, Instance, InstanceState, MemoryReport, ModelFile, ModelStatus,
-    NodeIdentity, ReplicaKey,
+    AgentEvent, AgentEventKind, Instance, InstanceState, MemoryReport, ModelFile, ModelParams,
+    ModelStatus, NodeIdentity, ReplicaKey,
 };
 use proto::v1;
 use proto::v1::agent_service_client::AgentServiceClient;
@@ -196,32 +197,55 @@ impl Observed {
     pub fn node_states(&self, now: Instant) -> Vec<NodeState> {
         self.read()
             .values()
-            .map(|n| NodeState {
-                name: n.config.name.clone(),
-                roles: n.roles(),
-                liveness: n.liveness(now, &self.timing),
-                usable_bytes: n.memory.as_ref().and_then(|m| m.usable_bytes),
-                reserve_bytes: n.reserve_bytes,
-                models: n
+            .map(|n| {
+                let models: BTreeMap<String, Arc<ModelParams>> = n
                     .models
                     .iter()
                     .filter_map(|m| match &m.status {
                         ModelStatus::Ok(p) => Some((m.id.clone(), Arc::new((**p).clone()))),
                         ModelStatus::Broken(_) => None,
                     })
-                    .collect(),
-                observed: n
-                    .instances
-                    .values()
-                    .filter(|i| !matches!(i.state, InstanceState::Stopped))
-                    .filter_map(|i| {
-                        let b = i.observed.as_ref().and_then(|o| o.total_bytes())?;
-                        Some((i.request_id.clone(), b))
-                    })
-                    .collect(),
+                    .collect();
+                NodeState {
+                    name: n.config.name.clone(),
+                    roles: n.roles(),
+                    liveness: n.liveness(now, &self.timing),
+                    usable_bytes: n.memory.as_ref().and_then(|m| m.usable_bytes),
+                    reserve_bytes: n.reserve_bytes,
+                    observed: n
+                        .instances
+                        .values()
+                        .filter(|i| !matches!(i.state, InstanceState::Stopped))
+                        .filter_map(|i| {
+                            let b = instance_use(i, models.get(&i.model_id).map(|p| &**p))?;
+                            Some((i.request_id.clone(), b))
+                        })
+                        .collect(),
+                    loads: n.instances.values().filter_map(load_record).collect(),
+                    models,
+                }
             })
             .collect()
     }
+}
+
+/// What a running instance holds by its load log, weights counted once:
+/// with CPU repacking the logged weights hold the repacked tensors twice
+/// (in the file mapping and in the repacked copy), and the header's weight
+/// bytes (`params`) stand for them then, as in
+/// [`crate::estimate::estimate_with_observed`].
+pub fn instance_use(i: &Instance, params: Option<&ModelParams>) -> Option<u64> {
+    i.observed
+        .as_ref()?
+        .resident_bytes(params.map(|p| p.weight_bytes))
+}
+
+/// The real load a ready managed instance reports: its model, the settings
+/// it was started with and the buffers its log gave.
+pub fn load_record(i: &Instance) -> Option<ObservedRecord> {
+    let b = i.observed.filter(|b| !b.is_empty())?;
+    (i.state == InstanceState::Ready && !i.model_id.is_empty())
+        .then(|| ObservedRecord::new(&i.model_id, &instance_estimate_options(&i.options), b))
 }
 
 /// A gRPC client for the agent at `address`, dialled lazily.
@@ -360,4 +384,110 @@ pub fn instances_by_request(observed: &Observed) -> HashMap<String, (String, Ins
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::domain::{InstanceOptions, ObservedBuffers};
+
+    const MIB: u64 = 1 << 20;
+
+    fn instance(state: InstanceState, observed: ObservedBuffers) -> Instance {
+        Instance {
+            id: "i1".into(),
+            model_id: "m.gguf".into(),
+            state,
+            options: InstanceOptions {
+                context_size: 4096,
+                parallel: 1,
+                ..InstanceOptions::default()
+            },
+            pid: Some(1),
+            port: 8080,
+            endpoint: String::new(),
+            restart_count: 0,
+            last_error: String::new(),
+            state_since_unix_ms: 1,
+            observed: Some(observed),
+            memory: None,
+            generation: 1,
+            api_key: String::new(),
+            request_id: "p/0/1".into(),
+            command_line: String::new(),
+        }
+    }
+
+    fn observed_with(header_weights: u64, i: Instance) -> Vec<NodeState> {
+        let t = Timing {
+            grace: Duration::from_secs(5),
+            move_after: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(1),
+        };
+        let obs = Observed::new(
+            &[NodeConfig {
+                name: "halo1".into(),
+                address: "127.0.0.1:1".into(),
+                roles: Vec::new(),
+            }],
+            t,
+        );
+        obs.update("halo1", |n| {
+            n.models = vec![ModelFile {
+                id: "m.gguf".into(),
+                dir_index: 0,
+                file_size_bytes: header_weights,
+                parts: vec!["m.gguf".into()],
+                status: ModelStatus::Ok(Box::new(ModelParams {
+                    weight_bytes: header_weights,
+                    ..ModelParams::default()
+                })),
+            }];
+            n.instances.insert(i.id.clone(), i);
+        });
+        obs.node_states(Instant::now())
+    }
+
+    /// CPU repack: the file mapping (4685 MiB) holds every tensor, the
+    /// repacked copy (3204 MiB) some again; the header says 4650 MiB.
+    fn repacked() -> ObservedBuffers {
+        ObservedBuffers {
+            model_bytes: Some((4685 + 3204) * MIB),
+            mapped_model_bytes: Some(4685 * MIB),
+            kv_bytes: Some(512 * MIB),
+            compute_bytes: Some(300 * MIB),
+            output_bytes: Some(2 * MIB),
+            ..ObservedBuffers::default()
+        }
+    }
+
+    #[test]
+    fn running_instances_count_mapped_and_repacked_weights_once() {
+        let states = observed_with(4650 * MIB, instance(InstanceState::Ready, repacked()));
+        let used = states[0].observed["p/0/1"];
+        assert_eq!(used, (4650 + 512 + 300 + 2) * MIB, "header weights, once");
+        assert!(used < repacked().total_bytes().unwrap_or(0));
+        // Without repacking the logged weights stand.
+        let plain = ObservedBuffers {
+            model_bytes: Some(4685 * MIB),
+            ..repacked()
+        };
+        let states = observed_with(4650 * MIB, instance(InstanceState::Ready, plain));
+        assert_eq!(states[0].observed["p/0/1"], (4685 + 512 + 300 + 2) * MIB);
+    }
+
+    #[test]
+    fn ready_instances_report_their_loads_with_their_settings() {
+        let states = observed_with(4650 * MIB, instance(InstanceState::Ready, repacked()));
+        let loads = &states[0].loads;
+        assert_eq!(loads.len(), 1);
+        assert_eq!(loads[0].model_id, "m.gguf");
+        assert_eq!((loads[0].ctx, loads[0].parallel), (4096, 1));
+        assert!(loads[0].flash_attn && !loads[0].kv_unified);
+        assert_eq!(loads[0].buffers, repacked());
+        // Loading: its figures count as used, but it is not a finished load.
+        let states = observed_with(4650 * MIB, instance(InstanceState::Loading, repacked()));
+        assert!(states[0].loads.is_empty());
+        assert!(states[0].observed.contains_key("p/0/1"));
+    }
 }

@@ -10,6 +10,12 @@
 //! a replica fits when `estimate + margin ≤ free`, with
 //! `margin = max(MARGIN_MIN, estimate × MARGIN_PERCENT / 100)`.
 //!
+//! The estimate of a new replica prefers what a real load logged: when any
+//! node reported an instance of the same model loaded with the same settings
+//! ([`NodeState::loads`]), its figures replace the formula's, figure by
+//! figure ([`estimate_with_observed`]), and the decision says for each
+//! figure whether it was "observed on <node>" or came from the "formula".
+//!
 //! Context: the request's, else the catalog default; when nothing fits, the
 //! context is halved down to the catalog floor, and at each size the KV
 //! cache is tried at the catalog's types and then at `q8_0`. A model that
@@ -18,8 +24,13 @@
 //! Eviction of lower-priority placements is considered only after every
 //! setting failed without it, and done only when the request allows it.
 
-use crate::estimate::{CacheType, EstimateOptions, estimate};
-use proto::domain::{CatalogEntry, ModelParams, Placement, PlacementOptions, Replica};
+use crate::estimate::{
+    CacheType, EstimateOptions, EstimateSource, FlashAttn, ObservedRecord, SourcedEstimate,
+    estimate_with_observed, observed::Sources,
+};
+use proto::domain::{
+    CatalogEntry, InstanceOptions, ModelParams, Placement, PlacementOptions, Replica,
+};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -67,6 +78,10 @@ pub struct NodeState {
     pub models: BTreeMap<String, Arc<ModelParams>>,
     /// Observed bytes of running instances, by request id.
     pub observed: HashMap<String, u64>,
+    /// Real loads on this node: what its ready instances logged, with the
+    /// model and settings of each. New requests for the same model and
+    /// settings are sized by them instead of the formula.
+    pub loads: Vec<ObservedRecord>,
 }
 
 /// What the user asks for.
@@ -121,6 +136,9 @@ pub struct NodeFit {
     pub cache_type: String,
     /// Replicas this decision puts here.
     pub replicas: u32,
+    /// Where the estimate in `needed_bytes` came from: "formula", or
+    /// "observed on <node>" (naming any figure still from the formula).
+    pub source: String,
     /// Why, in words.
     pub reason: String,
 }
@@ -144,6 +162,92 @@ pub struct Breakdown {
     pub cache_type_k: String,
     /// `-ctv`
     pub cache_type_v: String,
+    /// Where each figure came from.
+    pub sources: Sources,
+    /// The node whose real load the observed figures come from.
+    pub observed_on: Option<String>,
+    /// What the formula alone gives, for comparison.
+    pub formula_total_bytes: u64,
+}
+
+impl Breakdown {
+    fn tag(&self, s: EstimateSource) -> String {
+        match (s, &self.observed_on) {
+            (EstimateSource::Observed, Some(n)) => format!("observed on {n}"),
+            (EstimateSource::Observed, None) => "observed".to_owned(),
+            (EstimateSource::Formula, _) => "formula".to_owned(),
+        }
+    }
+
+    fn figures(&self) -> [(&'static str, u64, EstimateSource); 4] {
+        [
+            ("weights", self.weights_bytes, self.sources.weights),
+            ("KV", self.kv_bytes, self.sources.kv),
+            ("compute", self.compute_bytes, self.sources.compute),
+            ("output", self.output_bytes, self.sources.output),
+        ]
+    }
+
+    /// Whether any figure came from a real load.
+    pub fn observed(&self) -> bool {
+        self.figures()
+            .iter()
+            .any(|(_, _, s)| *s == EstimateSource::Observed)
+    }
+
+    /// The estimate's source in a few words: "formula", "observed on
+    /// halo1", or "observed on halo1 (output: formula)" when mixed.
+    pub fn source(&self) -> String {
+        if !self.observed() {
+            return "formula".to_owned();
+        }
+        let from_formula: Vec<&str> = self
+            .figures()
+            .iter()
+            .filter(|(_, _, s)| *s == EstimateSource::Formula)
+            .map(|(n, _, _)| *n)
+            .collect();
+        let on = self.tag(EstimateSource::Observed);
+        if from_formula.is_empty() {
+            on
+        } else {
+            format!("{on} ({}: formula)", from_formula.join(", "))
+        }
+    }
+
+    /// "weights 1.00 GiB (observed on halo1) + KV … (formula) + …": each
+    /// figure with its source.
+    pub fn sourced_terms(&self) -> String {
+        self.figures()
+            .iter()
+            .map(|(n, b, s)| format!("{n} {} ({})", gib(*b), self.tag(*s)))
+            .collect::<Vec<_>>()
+            .join(" + ")
+    }
+
+    /// The figures of `s` at context `ctx` with `ctk`/`ctv` caches, the
+    /// observed ones from a load on node `on`.
+    pub fn from_sourced(
+        s: &SourcedEstimate,
+        on: Option<String>,
+        ctx: u32,
+        ctk: &str,
+        ctv: &str,
+    ) -> Self {
+        Breakdown {
+            weights_bytes: s.estimate.weights_bytes,
+            kv_bytes: s.estimate.kv_bytes,
+            compute_bytes: s.estimate.compute_bytes,
+            output_bytes: s.estimate.output_bytes,
+            total_bytes: s.estimate.total_bytes,
+            context_size: ctx,
+            cache_type_k: ctk.to_owned(),
+            cache_type_v: ctv.to_owned(),
+            sources: s.sources,
+            observed_on: on,
+            formula_total_bytes: s.formula.total_bytes,
+        }
+    }
 }
 
 /// What placement decided.
@@ -195,6 +299,47 @@ pub fn estimate_options(ctx: u32, parallel: u32, ctk: &str, ctv: &str) -> Estima
     o.cache_type_k = cache(ctk);
     o.cache_type_v = cache(ctv);
     o
+}
+
+/// The estimate options of an instance started with `o` (as the agent
+/// reported them): llama-server with `-np` slots, `-kvu` only when an extra
+/// flag asks for it, unspecified cache types f16, unspecified flash
+/// attention `auto`.
+pub fn instance_estimate_options(o: &InstanceOptions) -> EstimateOptions {
+    let kvu = o
+        .extra_flags
+        .iter()
+        .any(|f| matches!(f.split_whitespace().next(), Some("-kvu" | "--kv-unified")));
+    let mut e = EstimateOptions::llama_server_slots(o.context_size, o.parallel, kvu);
+    e.cache_type_k = o.cache_type_k.unwrap_or_default();
+    e.cache_type_v = o.cache_type_v.unwrap_or_default();
+    e.flash_attn = match o.flash_attention {
+        Some(true) => FlashAttn::On,
+        Some(false) => FlashAttn::Off,
+        None => FlashAttn::Auto,
+    };
+    e
+}
+
+/// The estimate of `model_id` under `opts`, from the first node (in
+/// order) with a real load of that model at the same settings, else the
+/// formula's; with the name of that node.
+pub fn sized_estimate(
+    nodes: &[NodeState],
+    model_id: &str,
+    params: &ModelParams,
+    opts: &EstimateOptions,
+) -> (SourcedEstimate, Option<String>) {
+    for n in nodes {
+        if !n.loads.iter().any(|r| r.model_id == model_id) {
+            continue;
+        }
+        let s = estimate_with_observed(model_id, params, opts, &n.loads);
+        if s.source == EstimateSource::Observed {
+            return (s, Some(n.name.clone()));
+        }
+    }
+    (estimate_with_observed(model_id, params, opts, &[]), None)
 }
 
 /// The margin on top of an estimate.
@@ -305,6 +450,7 @@ pub fn place(
                 context_size: 0,
                 cache_type: String::new(),
                 replicas: 0,
+                source: String::new(),
                 reason: reason.unwrap_or_default(),
             }),
         }
@@ -362,17 +508,9 @@ pub fn place(
         memo.entry((a, Arc::as_ptr(p)))
             .or_insert_with(|| {
                 let at = &attempts[a];
-                let e = estimate(p, &estimate_options(at.ctx, parallel, &at.ctk, &at.ctv));
-                Breakdown {
-                    weights_bytes: e.weights_bytes,
-                    kv_bytes: e.kv_bytes,
-                    compute_bytes: e.compute_bytes,
-                    output_bytes: e.output_bytes,
-                    total_bytes: e.total_bytes,
-                    context_size: at.ctx,
-                    cache_type_k: at.ctk.clone(),
-                    cache_type_v: at.ctv.clone(),
-                }
+                let opts = estimate_options(at.ctx, parallel, &at.ctk, &at.ctv);
+                let (s, on) = sized_estimate(nodes, &entry.model_id, p, &opts);
+                Breakdown::from_sourced(&s, on, at.ctx, &at.ctk, &at.ctv)
             })
             .clone()
     };
@@ -404,14 +542,11 @@ pub fn place(
         let b = est(last, &candidates[0].1);
         let mut d = Decision::refused(vec![
             format!(
-                "refused: `{}` needs {} (weights {} + KV {} + compute {} + output {}, plus margin {}) \
+                "refused: `{}` needs {} ({}, plus margin {}) \
                  even at the floor context {} with {} KV cache",
                 entry.name,
                 gib(need_min),
-                gib(b.weights_bytes),
-                gib(b.kv_bytes),
-                gib(b.compute_bytes),
-                gib(b.output_bytes),
+                b.sourced_terms(),
                 gib(margin(b.total_bytes)),
                 b.context_size,
                 b.cache_type_k
@@ -661,19 +796,25 @@ pub fn place(
     explanation.insert(
         0,
         format!(
-            "placed `{}` as `{name}` on {}: {} per replica (weights {} + KV {} + compute {} + output {}) at context {}, {}/{} KV",
+            "placed `{}` as `{name}` on {}: {} per replica ({}) at context {}, {}/{} KV",
             entry.name,
             where_.join(", "),
             gib(b.total_bytes),
-            gib(b.weights_bytes),
-            gib(b.kv_bytes),
-            gib(b.compute_bytes),
-            gib(b.output_bytes),
+            b.sourced_terms(),
             at.ctx,
             at.ctk,
             at.ctv
         ),
     );
+    if b.observed() {
+        explanation.push(format!(
+            "sized by a real load of `{}` at these settings, {}: {} per replica where the formula gives {}",
+            entry.model_id,
+            b.source(),
+            gib(b.total_bytes),
+            gib(b.formula_total_bytes)
+        ));
+    }
     if !evicted.is_empty() {
         if req.evict {
             explanation.push(format!(
@@ -715,6 +856,8 @@ fn fit_row(
     reason: String,
 ) -> NodeFit {
     let u = used.get(&n.name).copied().unwrap_or(0);
+    let source = b.source();
+    let reason = format!("{reason} (estimate: {source})");
     NodeFit {
         node: n.name.clone(),
         candidate: true,
@@ -728,14 +871,37 @@ fn fit_row(
         context_size: b.context_size,
         cache_type: b.cache_type_k.clone(),
         replicas,
+        source,
         reason,
+    }
+}
+
+/// What one replica of `p` needs on a node: the total of a real load of
+/// its model at its settings when any node reported one (including the
+/// replica's own instance on a lost node), else its recorded estimate.
+fn replica_estimate(nodes: &[NodeState], p: &Placement) -> u64 {
+    if !nodes
+        .iter()
+        .any(|n| n.loads.iter().any(|r| r.model_id == p.model_id))
+    {
+        return p.estimate_bytes;
+    }
+    let Some(params) = nodes.iter().find_map(|n| n.models.get(&p.model_id)) else {
+        return p.estimate_bytes;
+    };
+    let o = &p.options;
+    let opts = estimate_options(o.context_size, o.parallel, &o.cache_type_k, &o.cache_type_v);
+    match sized_estimate(nodes, &p.model_id, params, &opts) {
+        (s, Some(_)) => s.estimate.total_bytes,
+        (_, None) => p.estimate_bytes,
     }
 }
 
 /// Where a replica of an existing placement can move when its node is
 /// lost: a live node with the placement's role that holds the file and has
-/// room for the placement's estimate plus margin, most free first. The
-/// placement's options are kept. `Err` says why no node qualifies.
+/// room for the replica's estimate (observed when a real load at its
+/// settings was seen, else the placement's) plus margin, most free first.
+/// The placement's options are kept. `Err` says why no node qualifies.
 pub fn relocate(
     nodes: &[NodeState],
     placements: &[Placement],
@@ -743,7 +909,8 @@ pub fn relocate(
     replica: u32,
 ) -> Result<String, String> {
     let used = used_by_node(nodes, placements, &[]);
-    let need = p.estimate_bytes + margin(p.estimate_bytes);
+    let estimate = replica_estimate(nodes, p);
+    let need = estimate + margin(estimate);
     let hosting: Vec<&str> = p
         .replicas
         .iter()

@@ -37,6 +37,7 @@ fn node(i: usize, models: &BTreeMap<String, Arc<ModelParams>>) -> NodeState {
         reserve_bytes: 4 * GIB,
         models: models.clone(),
         observed: HashMap::new(),
+        loads: Vec::new(),
     }
 }
 

@@ -142,10 +142,7 @@ pub fn estimate_with_observed(
         // A memory-mapped weight buffer next to other weight buffers (the
         // CPU's repacked copies) counts the repacked tensors twice: keep the
         // header's exact bytes then.
-        let double_counted = match (b.model_bytes, b.mapped_model_bytes) {
-            (Some(all), Some(mapped)) => all > mapped,
-            _ => false,
-        };
+        let double_counted = b.weights_double_counted();
         if !double_counted {
             take(
                 b.model_bytes.or(breakdown.map(|t| t.model_bytes)),

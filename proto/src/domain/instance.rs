@@ -444,10 +444,45 @@ impl ObservedBuffers {
     }
 
     /// Sum of the buffers the log printed (weights, context, compute,
-    /// output); `None` when it printed none of them.
+    /// output); `None` when it printed none of them. The weights are
+    /// [`Self::model_bytes`] as logged, which counts repacked tensors twice
+    /// when [`Self::weights_double_counted`]; for what an instance holds
+    /// use [`Self::resident_bytes`].
     pub fn total_bytes(&self) -> Option<u64> {
         [
             self.model_bytes,
+            self.context_bytes(),
+            self.compute_bytes,
+            self.output_bytes,
+        ]
+        .into_iter()
+        .flatten()
+        .reduce(u64::saturating_add)
+    }
+
+    /// Whether [`Self::model_bytes`] counts some tensors twice: a
+    /// memory-mapped weight buffer spans the file's whole tensor data, so
+    /// any other weight buffer next to it (the CPU's repacked copies,
+    /// `CPU_REPACK`) holds tensors the mapping already counts.
+    pub fn weights_double_counted(&self) -> bool {
+        matches!(
+            (self.model_bytes, self.mapped_model_bytes),
+            (Some(all), Some(mapped)) if all > mapped
+        )
+    }
+
+    /// Like [`Self::total_bytes`], with the weights counted once: when
+    /// [`Self::weights_double_counted`], the weights are
+    /// `header_weight_bytes` (the GGUF header's tensor bytes), or without
+    /// them the mapped part (which spans the same tensor data).
+    pub fn resident_bytes(&self, header_weight_bytes: Option<u64>) -> Option<u64> {
+        let weights = if self.weights_double_counted() {
+            header_weight_bytes.or(self.mapped_model_bytes)
+        } else {
+            self.model_bytes
+        };
+        [
+            weights,
             self.context_bytes(),
             self.compute_bytes,
             self.output_bytes,
@@ -730,6 +765,32 @@ mod tests {
         let none = ObservedBuffers::default();
         assert!(none.is_empty());
         assert_eq!((none.context_bytes(), none.total_bytes()), (None, None));
+        assert_eq!(none.resident_bytes(Some(1)), None);
+    }
+
+    #[test]
+    fn resident_bytes_count_mapped_and_repacked_weights_once() {
+        // CPU repack: a 60-byte mapping of the file plus 40 repacked bytes.
+        let repacked = ObservedBuffers {
+            model_bytes: Some(100),
+            mapped_model_bytes: Some(60),
+            kv_bytes: Some(5),
+            compute_bytes: Some(7),
+            ..ObservedBuffers::default()
+        };
+        assert!(repacked.weights_double_counted());
+        assert_eq!(repacked.total_bytes(), Some(112));
+        assert_eq!(repacked.resident_bytes(Some(58)), Some(58 + 5 + 7));
+        assert_eq!(repacked.resident_bytes(None), Some(60 + 5 + 7));
+        // Mapped only, or no mapping: the logged weights stand.
+        for mapped in [Some(100), None] {
+            let b = ObservedBuffers {
+                mapped_model_bytes: mapped,
+                ..repacked
+            };
+            assert!(!b.weights_double_counted());
+            assert_eq!(b.resident_bytes(Some(58)), Some(112));
+        }
     }
 
     #[test]
