@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what halo's tests need beyond a Rust toolchain, when missing:
 # Debian packages (etcd for the store and leader tests; systemd-analyze and
-# the shell linter for the deploy checks; protoc for the etcd client build),
+# the shell linter for the deploy checks),
 # cargo-nextest, and llama.cpp's binaries (built once, cached; see
 # deploy/build-llama.sh). Prints the llama.cpp bin directory on stdout.
 #
@@ -11,7 +11,6 @@ cd "$(dirname "$0")/.."
 
 missing=()
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
-command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
 if [ "${#missing[@]}" -gt 0 ]; then

@@ -11,8 +11,9 @@
 //! `leader_revision`, which agents use to refuse a deposed leader.
 
 use crate::store::etcd::EtcdStore;
+use crate::store::etcd::client::{self, EtcdClient};
 use crate::store::{LEADER, Op, Store, StoreError};
-use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
+use proto::etcd::etcdserverpb::TxnRequest;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -129,42 +130,45 @@ impl Election {
 
     /// One lease: campaign, lead until the lease is lost.
     async fn term(&self, token: &CancellationToken) -> Result<(), String> {
-        let mut client = self.store.client();
+        let etcd: EtcdClient = self.store.client();
         let step = self.ttl / 3;
         let ttl_secs = i64::try_from(self.ttl.as_secs()).unwrap_or(5);
-        let lease = tokio::time::timeout(step, client.lease_grant(ttl_secs, None))
+        let (lease, _) = tokio::time::timeout(step, etcd.lease_grant(ttl_secs))
             .await
             .map_err(|_| "lease grant timed out".to_owned())?
-            .map_err(|e| e.to_string())?
-            .id();
-        let (mut keeper, mut acks) = tokio::time::timeout(step, client.lease_keep_alive(lease))
-            .await
-            .map_err(|_| "keep-alive timed out".to_owned())?
             .map_err(|e| e.to_string())?;
+        let opened = tokio::time::timeout(step, etcd.lease_keep_alive(lease))
+            .await
+            .map_err(|_| "keep-alive timed out".to_owned())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        let mut keeper = match opened {
+            Ok((keeper, _)) => keeper,
+            Err(e) => {
+                let _ = tokio::time::timeout(step, etcd.lease_revoke(lease)).await;
+                return Err(e);
+            }
+        };
         let mut term: Option<u64> = None;
         let mut tick = tokio::time::interval(step);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = token.cancelled() => {
-                    let _ = tokio::time::timeout(step, client.lease_revoke(lease)).await;
+                    let _ = tokio::time::timeout(step, etcd.lease_revoke(lease)).await;
                     return Ok(());
                 }
                 _ = tick.tick() => {}
             }
             // Keep the lease alive; a missing or zero-TTL answer ends the term.
             let sent = Instant::now();
-            let ka = tokio::time::timeout(step, async {
-                keeper.keep_alive().await.map_err(|e| e.to_string())?;
-                match acks.message().await {
-                    Ok(Some(r)) if r.ttl() > 0 => Ok(()),
-                    Ok(Some(_)) => Err("lease expired".to_owned()),
-                    Ok(None) => Err("keep-alive stream ended".to_owned()),
+            let ka = tokio::time::timeout(step, keeper.keep_alive())
+                .await
+                .map_err(|_| "keep-alive timed out".to_owned())
+                .and_then(|r| match r {
+                    Ok(ttl) if ttl > 0 => Ok(()),
+                    Ok(_) => Err("lease expired".to_owned()),
                     Err(e) => Err(e.to_string()),
-                }
-            })
-            .await
-            .unwrap_or_else(|_| Err("keep-alive timed out".to_owned()));
+                });
             if let Err(e) = ka {
                 if term.is_some() {
                     tracing::warn!("stepping down: {e}");
@@ -182,21 +186,17 @@ impl Election {
             }
             if term.is_none() {
                 // Campaign: create the leader key under our lease if absent.
-                let txn = Txn::new()
-                    .when(vec![Compare::create_revision(LEADER, CompareOp::Equal, 0)])
-                    .and_then(vec![TxnOp::put(
-                        LEADER,
-                        self.leadership.id.clone(),
-                        Some(PutOptions::new().with_lease(lease)),
-                    )]);
-                let r = tokio::time::timeout(step, client.txn(txn))
+                let txn = TxnRequest {
+                    compare: vec![client::compare_create_revision(LEADER, 0)],
+                    success: vec![client::put_op(LEADER, &self.leadership.id, lease)],
+                    failure: Vec::new(),
+                };
+                let r = tokio::time::timeout(step, etcd.txn(txn))
                     .await
                     .map_err(|_| "campaign timed out".to_owned())?
                     .map_err(|e| e.to_string())?;
-                if r.succeeded() {
-                    let rev = r
-                        .header()
-                        .map_or(0, |h| u64::try_from(h.revision()).unwrap_or(0));
+                if r.succeeded {
+                    let rev = u64::try_from(client::txn_revision(&r)).unwrap_or(0);
                     tracing::info!(term = rev, "elected leader");
                     term = Some(rev);
                     // The keep-alive above succeeded after the grant: act now.

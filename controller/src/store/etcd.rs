@@ -1,12 +1,13 @@
-//! The etcd backend, through `etcd-client`: transactions compare
-//! `mod_revision` (0 = absent, which etcd spells the same way), lists read
-//! a prefix at one revision, watches start at a revision and report a
-//! compacted start as [`StoreError::Compacted`].
+//! The etcd backend, through halo's own small etcd v3 client ([`client`]):
+//! transactions compare `mod_revision` (0 = absent, which etcd spells the
+//! same way), lists read a prefix at one revision, watches start at a
+//! revision and report a compacted start as [`StoreError::Compacted`].
+
+pub mod client;
 
 use super::{Compare, Event, KeyValue, Op, Store, StoreError, Watch};
-use etcd_client::{
-    Client, CompareOp, ConnectOptions, EventType, GetOptions, Txn, TxnOp, WatchOptions,
-};
+use client::{ConnectOptions, EtcdClient, EtcdError, EventType};
+use proto::etcd::etcdserverpb::TxnRequest;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -18,7 +19,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// A store on an etcd cluster.
 #[derive(Clone)]
 pub struct EtcdStore {
-    client: Client,
+    client: EtcdClient,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -27,7 +28,7 @@ impl std::fmt::Debug for EtcdStore {
     }
 }
 
-fn unavailable(e: etcd_client::Error) -> StoreError {
+fn unavailable(e: EtcdError) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
@@ -39,80 +40,65 @@ fn irev(r: u64) -> i64 {
     i64::try_from(r).unwrap_or(i64::MAX)
 }
 
-fn to_kv(kv: &etcd_client::KeyValue) -> KeyValue {
+fn to_kv(kv: &client::KeyValue) -> KeyValue {
     KeyValue {
-        key: String::from_utf8_lossy(kv.key()).into_owned(),
-        value: String::from_utf8_lossy(kv.value()).into_owned(),
-        create_revision: rev(kv.create_revision()),
-        mod_revision: rev(kv.mod_revision()),
+        key: String::from_utf8_lossy(&kv.key).into_owned(),
+        value: String::from_utf8_lossy(&kv.value).into_owned(),
+        create_revision: rev(kv.create_revision),
+        mod_revision: rev(kv.mod_revision),
     }
 }
 
 impl EtcdStore {
-    /// Connects to `endpoints` (`http://host:port`).
+    /// Connects to `endpoints` (`http://host:port`), balanced over all of
+    /// them; connections open lazily, so an unreachable etcd shows up as
+    /// operations failing with [`StoreError::Unavailable`].
     pub async fn connect(endpoints: &[String]) -> Result<EtcdStore, StoreError> {
-        let options = ConnectOptions::new()
-            .with_connect_timeout(CONNECT_TIMEOUT)
-            .with_timeout(REQUEST_TIMEOUT)
-            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
-        let client = tokio::time::timeout(
-            CONNECT_TIMEOUT * 2,
-            Client::connect(endpoints, Some(options)),
-        )
-        .await
-        .map_err(|_| StoreError::Unavailable(format!("connecting to {endpoints:?} timed out")))?
-        .map_err(unavailable)?;
+        let options = ConnectOptions {
+            connect_timeout: CONNECT_TIMEOUT,
+            request_timeout: REQUEST_TIMEOUT,
+            keep_alive_interval: Duration::from_secs(2),
+            keep_alive_timeout: Duration::from_secs(2),
+        };
+        let client = EtcdClient::connect(endpoints, options).map_err(unavailable)?;
         Ok(EtcdStore { client })
     }
 
     /// The underlying client (leader election uses leases and campaigns).
-    pub fn client(&self) -> Client {
+    pub fn client(&self) -> EtcdClient {
         self.client.clone()
     }
 }
 
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        let mut c = self.client.kv_client();
-        let r = c.get(key, None).await.map_err(unavailable)?;
-        Ok(r.kvs().first().map(to_kv))
+        let kv = self.client.get(key).await.map_err(unavailable)?;
+        Ok(kv.as_ref().map(to_kv))
     }
 
     async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, u64), StoreError> {
-        let mut c = self.client.kv_client();
-        let r = c
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(unavailable)?;
-        let revision = r.header().map_or(0, |h| rev(h.revision()));
-        Ok((r.kvs().iter().map(to_kv).collect(), revision))
+        let (kvs, revision) = self.client.get_prefix(prefix).await.map_err(unavailable)?;
+        Ok((kvs.iter().map(to_kv).collect(), rev(revision)))
     }
 
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<u64, StoreError> {
-        let mut c = self.client.kv_client();
-        let when: Vec<etcd_client::Compare> = compares
-            .iter()
-            .map(|c| {
-                etcd_client::Compare::mod_revision(
-                    c.key.as_str(),
-                    CompareOp::Equal,
-                    irev(c.mod_revision),
-                )
-            })
-            .collect();
-        let then: Vec<TxnOp> = ops
-            .into_iter()
-            .map(|op| match op {
-                Op::Put { key, value } => TxnOp::put(key, value, None),
-                Op::Delete { key } => TxnOp::delete(key, None),
-            })
-            .collect();
-        let r = c
-            .txn(Txn::new().when(when).and_then(then))
-            .await
-            .map_err(unavailable)?;
-        if r.succeeded() {
-            return Ok(r.header().map_or(0, |h| rev(h.revision())));
+        let request = TxnRequest {
+            compare: compares
+                .iter()
+                .map(|c| client::compare_mod_revision(&c.key, irev(c.mod_revision)))
+                .collect(),
+            success: ops
+                .iter()
+                .map(|op| match op {
+                    Op::Put { key, value } => client::put_op(key, value, 0),
+                    Op::Delete { key } => client::delete_op(key),
+                })
+                .collect(),
+            failure: Vec::new(),
+        };
+        let r = self.client.txn(request).await.map_err(unavailable)?;
+        if r.succeeded {
+            return Ok(rev(client::txn_revision(&r)));
         }
         // Name the first compare that failed.
         for cmp in compares {
@@ -133,12 +119,13 @@ impl Store for EtcdStore {
     }
 
     async fn watch(&self, prefix: &str, from: u64) -> Result<Watch, StoreError> {
-        let mut c = self.client.watch_client();
-        let mut opts = WatchOptions::new().with_prefix();
-        if from > 0 {
-            opts = opts.with_start_revision(irev(from));
-        }
-        let mut stream = c.watch(prefix, Some(opts)).await.map_err(unavailable)?;
+        // 0 asks etcd for changes from now on.
+        let start = if from > 0 { irev(from) } else { 0 };
+        let mut stream = self
+            .client
+            .watch_prefix(prefix, start)
+            .await
+            .map_err(unavailable)?;
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
             loop {
@@ -159,17 +146,17 @@ impl Store for EtcdStore {
                         return;
                     }
                 };
-                if resp.compact_revision() > 0 {
+                if resp.compact_revision > 0 {
                     let _ = tx
                         .send(Err(StoreError::Compacted {
                             requested: from,
-                            compact_revision: rev(resp.compact_revision()),
+                            compact_revision: rev(resp.compact_revision),
                         }))
                         .await;
                     return;
                 }
-                if resp.canceled() {
-                    let reason = resp.cancel_reason().to_owned();
+                if resp.canceled {
+                    let reason = resp.cancel_reason;
                     let _ = tx
                         .send(Err(StoreError::Unavailable(format!(
                             "watch canceled: {reason}"
@@ -178,15 +165,15 @@ impl Store for EtcdStore {
                     return;
                 }
                 let events: Vec<Event> = resp
-                    .events()
+                    .events
                     .iter()
                     .filter_map(|e| {
-                        let kv = e.kv()?;
-                        Some(match e.event_type() {
+                        let kv = e.kv.as_ref()?;
+                        Some(match EventType::try_from(e.r#type).ok()? {
                             EventType::Put => Event::Put(to_kv(kv)),
                             EventType::Delete => Event::Delete {
-                                key: String::from_utf8_lossy(kv.key()).into_owned(),
-                                revision: rev(kv.mod_revision()),
+                                key: String::from_utf8_lossy(&kv.key).into_owned(),
+                                revision: rev(kv.mod_revision),
                             },
                         })
                     })
@@ -200,8 +187,10 @@ impl Store for EtcdStore {
     }
 
     async fn compact(&self, revision: u64) -> Result<(), StoreError> {
-        let mut c = self.client.kv_client();
-        c.compact(irev(revision), None).await.map_err(unavailable)?;
+        self.client
+            .compact(irev(revision))
+            .await
+            .map_err(unavailable)?;
         Ok(())
     }
 }
