@@ -535,47 +535,40 @@ fn recv_until(sock: &UnixDatagram, timeout: Duration, pred: impl Fn(&str) -> boo
 
 /// A child killed (and reaped) on drop, its output in a log printed when
 /// the test fails.
-struct Agent {
+/// A daemon under test, killed on drop; its log is printed on failure.
+struct Daemon {
+    name: &'static str,
     child: std::process::Child,
     log: PathBuf,
 }
 
-impl Drop for Agent {
+impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
             let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            eprintln!("----- halo-agent log -----\n{log}");
+            eprintln!("----- {} log -----\n{log}", self.name);
         }
     }
 }
 
-#[test]
-fn agent_tells_systemd_ready_feeds_the_watchdog_and_says_stopping() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let sock_path = tmp.path().join("notify.sock");
+/// Starts `cmd` with a notify socket and a 200 ms watchdog, and checks what
+/// systemd would see: READY=1 once `port` accepts connections, WATCHDOG=1
+/// about every 100 ms, STOPPING=1 after SIGTERM, then a clean exit.
+fn tells_systemd_ready_feeds_the_watchdog_and_says_stopping(
+    name: &'static str,
+    mut cmd: Command,
+    port: u16,
+    tmp: &Path,
+) {
+    let sock_path = tmp.join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).expect("bind notify socket");
     sock.set_read_timeout(Some(Duration::from_millis(100)))
         .expect("timeout");
-    let models = tmp.path().join("models");
-    std::fs::create_dir(&models).expect("models");
-    let port = free_port();
-    let first = free_port();
-    let log = tmp.path().join("agent.log");
+    let log = tmp.join(format!("{name}.log"));
     let out = std::fs::File::create(&log).expect("log");
-    let child = Command::new(env!("CARGO_BIN_EXE_halo-agent-shim"))
-        .args(["--node-name", "n1", "--listen"])
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--model-dir")
-        .arg(&models)
-        .arg("--state-dir")
-        .arg(tmp.path().join("state"))
-        .arg("--port-range")
-        .arg(format!("{first}-{first}"))
-        // Never started here; it only has to be an executable.
-        .arg("--llama-server")
-        .arg(std::env::current_exe().expect("exe"))
+    let child = cmd
         .env("NOTIFY_SOCKET", &sock_path)
         // 200 ms: a ping every 100 ms. No WATCHDOG_PID: allowed.
         .env("WATCHDOG_USEC", "200000")
@@ -584,8 +577,8 @@ fn agent_tells_systemd_ready_feeds_the_watchdog_and_says_stopping() {
         .stdout(out.try_clone().expect("log"))
         .stderr(out)
         .spawn()
-        .expect("start the agent");
-    let mut agent = Agent { child, log };
+        .unwrap_or_else(|e| panic!("start {name}: {e}"));
+    let mut daemon = Daemon { name, child, log };
 
     let seen = recv_until(&sock, Duration::from_secs(20), |m| m.contains("READY=1"));
     let ready = seen.last().expect("ready");
@@ -604,7 +597,7 @@ fn agent_tells_systemd_ready_feeds_the_watchdog_and_says_stopping() {
         "pings every ~100 ms"
     );
 
-    let pid = Pid::from_raw(i32::try_from(agent.child.id()).expect("pid")).expect("pid");
+    let pid = Pid::from_raw(i32::try_from(daemon.child.id()).expect("pid")).expect("pid");
     rustix::process::kill_process(pid, Signal::TERM).expect("SIGTERM");
     let seen = recv_until(&sock, Duration::from_secs(10), |m| m.contains("STOPPING=1"));
     assert!(
@@ -612,10 +605,49 @@ fn agent_tells_systemd_ready_feeds_the_watchdog_and_says_stopping() {
         "{seen:?}"
     );
     let status = wait_for(Duration::from_secs(20), || {
-        agent.child.try_wait().ok().flatten()
+        daemon.child.try_wait().ok().flatten()
     })
-    .expect("the agent exits after SIGTERM");
-    assert!(status.success(), "exit after SIGTERM: {status}");
+    .unwrap_or_else(|| panic!("{name} exits after SIGTERM"));
+    assert!(status.success(), "{name} exit after SIGTERM: {status}");
+}
+
+#[test]
+fn agent_tells_systemd_ready_feeds_the_watchdog_and_says_stopping() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let models = tmp.path().join("models");
+    std::fs::create_dir(&models).expect("models");
+    let port = free_port();
+    let first = free_port();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_halo-agent-shim"));
+    cmd.args(["--node-name", "n1", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--model-dir")
+        .arg(&models)
+        .arg("--state-dir")
+        .arg(tmp.path().join("state"))
+        .arg("--port-range")
+        .arg(format!("{first}-{first}"))
+        // Never started here; it only has to be an executable.
+        .arg("--llama-server")
+        .arg(std::env::current_exe().expect("exe"));
+    tells_systemd_ready_feeds_the_watchdog_and_says_stopping("halo-agent", cmd, port, tmp.path());
+}
+
+#[test]
+fn controller_tells_systemd_ready_feeds_the_watchdog_and_says_stopping() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_halo-controller-shim"));
+    cmd.arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--store-path")
+        .arg(tmp.path().join("state.json"));
+    tells_systemd_ready_feeds_the_watchdog_and_says_stopping(
+        "halo-controller",
+        cmd,
+        port,
+        tmp.path(),
+    );
 }
 
 /// The image tag this test run builds (never `dev`, which people use).

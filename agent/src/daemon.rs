@@ -3,7 +3,7 @@
 //! `AgentService`, `grpc.health.v1.Health` and server reflection until the
 //! root token is cancelled; then drains within a bounded grace period.
 //! Instances keep running across an agent shutdown. Under systemd it reports
-//! readiness, stopping and watchdog keep-alives ([`crate::notify`]).
+//! readiness, stopping and watchdog keep-alives ([`proto::notify`]).
 
 use crate::config::Config;
 use crate::service::AgentApi;
@@ -132,7 +132,7 @@ impl Daemon {
             );
         tracing::info!(%addr, "halo-agent serving");
         let mut server = tokio::spawn(server);
-        let notify = crate::notify::Notifier::from_env();
+        let notify = proto::notify::Notifier::from_env();
         notify.ready(&format!("serving on {addr}"));
         let watchdog = shutdown.child_token();
         let probe = supervisor.clone();

@@ -16,7 +16,6 @@ pub mod daemon;
 pub mod error;
 pub mod gguf;
 pub mod loadlog;
-pub mod notify;
 pub mod probe;
 pub mod procfs;
 pub mod scan;

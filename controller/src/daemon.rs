@@ -143,7 +143,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
         )
         .run(shutdown.clone()),
     );
-    let api = ControllerApi::new(desired, observed, events, shutdown.clone());
+    let api = ControllerApi::new(desired, observed.clone(), events, shutdown.clone());
     let addr = listener
         .local_addr()
         .map_or_else(|e| e.to_string(), |a| a.to_string());
@@ -154,7 +154,26 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
             TcpListenerStream::new(listener),
             shutdown.clone().cancelled_owned(),
         );
-    let result = server.await.map_err(|e| StartupError::Serve(e.to_string()));
+    let mut server = tokio::spawn(server);
+    // systemd (Type=notify): ready once serving; the watchdog is fed while
+    // the observed state still answers within the period.
+    let notify = proto::notify::Notifier::from_env();
+    notify.ready(&format!("serving on {addr}"));
+    let watchdog = shutdown.child_token();
+    let probe = observed.clone();
+    tokio::spawn(notify.clone().run_watchdog(watchdog.clone(), move || {
+        let probe = probe.clone();
+        async move {
+            let _ = probe.read().len();
+            true
+        }
+    }));
+    let result = match (&mut server).await {
+        Ok(r) => r.map_err(|e| StartupError::Serve(e.to_string())),
+        Err(e) => Err(StartupError::Serve(e.to_string())),
+    };
+    notify.stopping("shutting down");
+    watchdog.cancel();
     shutdown.cancel();
     tracker.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())

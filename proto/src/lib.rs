@@ -31,5 +31,6 @@ pub mod etcd {
 }
 
 pub mod domain;
+pub mod notify;
 
 pub use domain::ConversionError;
