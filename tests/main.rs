@@ -11,6 +11,7 @@ mod controller_place;
 mod controller_placement;
 mod controller_store;
 mod ctl;
+mod ctl_cluster;
 mod deploy;
 mod estimate;
 mod fitparams;

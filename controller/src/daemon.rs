@@ -17,7 +17,6 @@ use proto::v1::controller_service_server::ControllerServiceServer;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -151,7 +150,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
     let server = tonic::transport::Server::builder()
         .add_service(ControllerServiceServer::new(api))
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
+            // Without TCP_NODELAY a small response waits for the client's
+            // delayed ACK: ~40 ms per `haloctl` call instead of ~3 ms.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown.clone().cancelled_owned(),
         );
     let mut server = tokio::spawn(server);

@@ -9,8 +9,19 @@ use std::path::PathBuf;
 /// halo: run local LLMs across a few machines, placed by real memory
 /// arithmetic.
 #[derive(Debug, Parser)]
-#[command(name = "haloctl", version, propagate_version = true)]
+#[command(
+    name = "haloctl",
+    version,
+    propagate_version = true,
+    after_help = "The controller: --controller URL, else $HALO_CONTROLLER, else `controller = \"URL\"` in\n\
+        ~/.config/halo/haloctl.toml, else http://127.0.0.1:7300.\n\
+        Exit status: 0 ok, 1 refused or failed, 2 usage, 3 cannot reach the controller.\n\n\
+        Example:\n  haloctl --controller http://halo1:7300 status"
+)]
 pub struct Cli {
+    /// The controller's gRPC address (also $HALO_CONTROLLER).
+    #[arg(long, global = true, value_name = "URL")]
+    pub controller: Option<String>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -19,8 +30,42 @@ pub struct Cli {
 /// haloctl's commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Memory needed by a GGUF model per context size, and whether it fits.
+    /// Nodes: roles, reachability, usable memory, what halo uses, what is free.
+    #[command(after_help = "Examples:\n  haloctl nodes\n  haloctl nodes -o json")]
+    Nodes(ListArgs),
+    /// The model catalog: names, files, sizes, architectures, which nodes hold them.
+    #[command(after_help = "Examples:\n  haloctl models\n  haloctl models -o json")]
+    Models(ListArgs),
+    /// Decide where a catalog model runs, then wait until it answers.
     #[command(after_help = "Examples:\n  \
+        haloctl place speed qwen3-coder-30b\n  \
+        haloctl place reasoning deepseek-v3.1-1bit --ctx 16384 --dry-run\n  \
+        haloctl place speed gpt-oss-20b --node halo1 --replicas 2 --no-wait")]
+    Place(PlaceArgs),
+    /// Remove a placement; its instances are stopped.
+    #[command(after_help = "Example:\n  haloctl unplace qwen3-coder-30b")]
+    Unplace(UnplaceArgs),
+    /// Placements: node, state, context, estimated vs real memory, endpoint.
+    #[command(after_help = "Examples:\n  haloctl status\n  haloctl status -o json")]
+    Status(ListArgs),
+    /// What to put in an editor per mode: base URL, model name, API key.
+    #[command(
+        after_help = "Examples:\n  haloctl endpoints\n  haloctl endpoints -o json | jq -r '.[] | select(.mode==\"code\") | .base_url'"
+    )]
+    Endpoints(ListArgs),
+    /// What the controller decides and sees, streamed as it happens.
+    #[command(after_help = "Examples:\n  haloctl events\n  haloctl events -o json --count 5")]
+    Events(EventsArgs),
+    /// Shell completions for bash, zsh or fish, on stdout.
+    #[command(after_help = "Examples:\n  \
+        haloctl completions bash > ~/.local/share/bash-completion/completions/haloctl\n  \
+        haloctl completions zsh > ~/.zfunc/_haloctl\n  \
+        haloctl completions fish > ~/.config/fish/completions/haloctl.fish")]
+    Completions(CompletionsArgs),
+    /// Memory needed per context size and node: a catalog model (asks the
+    /// controller) or a GGUF file (offline).
+    #[command(after_help = "Examples:\n  \
+        haloctl plan deepseek-v3.1-1bit\n  \
         haloctl plan ~/models/Qwen3-Coder-30B-A3B-Q8_0.gguf\n  \
         haloctl plan deepseek-v3.1-1bit.gguf --memory 128 --ctx 16384 --cache-type-k q8_0\n  \
         haloctl plan model.gguf -o json")]
@@ -43,13 +88,83 @@ pub enum Command {
     Fixture(FixtureArgs),
 }
 
+/// Arguments of the listing commands.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t)]
+    pub output: Format,
+}
+
+/// Arguments of `haloctl place`.
+#[derive(Debug, Args)]
+pub struct PlaceArgs {
+    /// Node role to place on: `speed` or `reasoning` (node config labels).
+    pub role: String,
+    /// Catalog name (see `haloctl models`).
+    pub model: String,
+    /// Context in tokens (default: the catalog's default context).
+    #[arg(long = "ctx", value_name = "TOKENS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub ctx: Option<u32>,
+    /// Pin to this node (pinned placements never move).
+    #[arg(long, value_name = "NODE")]
+    pub node: Option<String>,
+    /// Instances to run.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub replicas: u32,
+    /// Allow evicting lower-priority placements to make room.
+    #[arg(long)]
+    pub evict: bool,
+    /// Decide and explain, change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Return once the placement is recorded instead of waiting for Ready.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Placement name (default: the model name, made unique).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Give up waiting for Ready after this many seconds (exit 1).
+    #[arg(long, default_value_t = 900, value_name = "SECS")]
+    pub timeout: u64,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t)]
+    pub output: Format,
+}
+
+/// Arguments of `haloctl unplace`.
+#[derive(Debug, Args)]
+pub struct UnplaceArgs {
+    /// Placement name (see `haloctl status`).
+    pub name: String,
+}
+
+/// Arguments of `haloctl events`.
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Stop after this many events (default: stream until interrupted).
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+    /// Output format (`json`: one object per line).
+    #[arg(short, long, value_enum, default_value_t)]
+    pub output: Format,
+}
+
+/// Arguments of `haloctl completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    pub shell: clap_complete::Shell,
+}
+
 /// Arguments of `haloctl plan`.
 #[derive(Debug, Args)]
 pub struct PlanArgs {
-    /// A GGUF file (for a split set, any part).
+    /// A catalog name (asks the controller) or a GGUF file (offline; for a
+    /// split set, any part).
     pub model: PathBuf,
     /// Context sizes to show (repeatable); default: 4096 up to the trained
-    /// context in powers of two.
+    /// context in powers of two (a catalog model: its default and halvings).
     #[arg(long = "ctx", value_name = "TOKENS", value_parser = clap::value_parser!(u32).range(1..))]
     pub ctx: Vec<u32>,
     /// KV cache type for K: f16, bf16, f32, q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl.
@@ -65,6 +180,9 @@ pub struct PlanArgs {
     /// memory as the agent's probe reads it.
     #[arg(long, value_name = "GIB", value_parser = parse_gib)]
     pub memory: Option<f64>,
+    /// A catalog model: only this node.
+    #[arg(long, value_name = "NODE")]
+    pub node: Option<String>,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t)]
     pub output: Format,

@@ -5,11 +5,16 @@
 //! controller.
 
 pub mod cli;
+pub mod client;
+pub mod cluster;
 pub mod fixture;
 pub mod inspect;
 pub mod memory;
 pub mod output;
+pub mod place;
 pub mod plan;
+#[cfg(test)]
+mod snapshots;
 
 use std::process::ExitCode;
 
@@ -20,6 +25,13 @@ pub enum Failure {
     /// the answer has already been printed.
     #[error("{0}")]
     Refused(String),
+    /// The controller could not be reached (exit 3); the message names the
+    /// address tried and where it came from.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The command line or haloctl's config was wrong (exit 2).
+    #[error("{0}")]
+    Usage(String),
     /// Anything else that went wrong.
     #[error(transparent)]
     Other(#[from] anyhow::Error),
@@ -40,8 +52,24 @@ where
             return ExitCode::from(code);
         }
     };
+    let target = || client::Target::resolve(cli.controller.as_deref());
     let result = match cli.command {
-        cli::Command::Plan(a) => plan::run(&a),
+        cli::Command::Plan(a) if plan::is_file(&a.model) => plan::run(&a),
+        cli::Command::Plan(a) => target().and_then(|t| cluster::plan(&t, &a)),
+        cli::Command::Nodes(a) => target().and_then(|t| cluster::nodes(&t, &a)),
+        cli::Command::Models(a) => target().and_then(|t| cluster::models(&t, &a)),
+        cli::Command::Status(a) => target().and_then(|t| cluster::status(&t, &a)),
+        cli::Command::Endpoints(a) => target().and_then(|t| cluster::endpoints(&t, &a)),
+        cli::Command::Events(a) => target().and_then(|t| cluster::events(&t, &a)),
+        cli::Command::Unplace(a) => target().and_then(|t| cluster::unplace(&t, &a)),
+        cli::Command::Place(a) => target().and_then(|t| place::run(&t, &a)),
+        cli::Command::Completions(a) => {
+            use clap::CommandFactory;
+            let mut out = Vec::new();
+            clap_complete::generate(a.shell, &mut cli::Cli::command(), "haloctl", &mut out);
+            output::print(&String::from_utf8_lossy(&out));
+            Ok(())
+        }
         cli::Command::Inspect(a) => inspect::run(&a),
         cli::Command::Memory(a) => memory::run(&a),
         cli::Command::Fixture(a) => fixture::run(&a),
@@ -53,6 +81,14 @@ where
                 eprintln!("haloctl: {msg}");
             }
             ExitCode::from(1)
+        }
+        Err(Failure::Unreachable(msg)) => {
+            eprintln!("haloctl: {msg}");
+            ExitCode::from(3)
+        }
+        Err(Failure::Usage(msg)) => {
+            eprintln!("haloctl: {msg}");
+            ExitCode::from(2)
         }
         Err(Failure::Other(e)) => {
             eprintln!("haloctl: {e:#}");

@@ -58,8 +58,21 @@ pub struct Plan {
     pub advice: Vec<String>,
 }
 
-/// Runs `haloctl plan`.
+/// Whether `haloctl plan MODEL` means a file (offline) rather than a
+/// catalog name: an existing path, or a name ending in `.gguf` or holding a
+/// `/`.
+pub fn is_file(model: &std::path::Path) -> bool {
+    let s = model.to_string_lossy();
+    model.exists() || s.ends_with(".gguf") || s.contains('/')
+}
+
+/// Runs `haloctl plan FILE.gguf`.
 pub fn run(args: &PlanArgs) -> Result<(), Failure> {
+    if args.node.is_some() {
+        return Err(Failure::Usage(
+            "--node applies to a catalog model; a GGUF file is planned offline (--memory)".into(),
+        ));
+    }
     let plan = make_plan(args)?;
     if args.output == Format::Json {
         print_json(&plan)?;

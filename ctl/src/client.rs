@@ -1,0 +1,201 @@
+//! Reaching the controller: where it is (`--controller`, `HALO_CONTROLLER`,
+//! `~/.config/halo/haloctl.toml`, else `http://127.0.0.1:7300`), the gRPC
+//! client, and the mapping of transport and status errors to haloctl's
+//! exit codes (3 when the controller cannot be reached).
+
+use crate::Failure;
+use proto::v1::controller_service_client::ControllerServiceClient;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+
+/// The controller address used when nothing else names one.
+pub const DEFAULT_CONTROLLER: &str = "http://127.0.0.1:7300";
+
+/// How long connecting may take before haloctl gives up (exit 3).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A connected controller client.
+pub type Client = ControllerServiceClient<Channel>;
+
+/// Where the controller address came from, for messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// `--controller URL`.
+    Flag,
+    /// `HALO_CONTROLLER`.
+    Env,
+    /// The config file at this path.
+    File(PathBuf),
+    /// Nothing set: [`DEFAULT_CONTROLLER`].
+    Default,
+}
+
+/// The controller's address and where it was set.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// `http://host:port`.
+    pub url: String,
+    /// Where `url` came from.
+    pub source: Source,
+}
+
+impl Target {
+    /// Resolves the address: `--controller`, then `HALO_CONTROLLER`, then
+    /// the config file, then the default.
+    pub fn resolve(flag: Option<&str>) -> Result<Target, Failure> {
+        let env = std::env::var("HALO_CONTROLLER").ok();
+        for (v, source) in [(flag, Source::Flag), (env.as_deref(), Source::Env)] {
+            if let Some(u) = v.filter(|u| !u.trim().is_empty()) {
+                return Ok(Target {
+                    url: normalize(u),
+                    source,
+                });
+            }
+        }
+        if let Some(path) = config_path()
+            && path.is_file()
+            && let Some(url) = read_config(&path)?
+        {
+            return Ok(Target {
+                url: normalize(&url),
+                source: Source::File(path),
+            });
+        }
+        Ok(Target {
+            url: DEFAULT_CONTROLLER.to_owned(),
+            source: Source::Default,
+        })
+    }
+
+    /// Where the address came from, in words.
+    pub fn origin(&self) -> String {
+        match &self.source {
+            Source::Flag => "--controller".into(),
+            Source::Env => "HALO_CONTROLLER".into(),
+            Source::File(p) => p.display().to_string(),
+            Source::Default => "the default; set --controller, HALO_CONTROLLER or \
+                 ~/.config/halo/haloctl.toml"
+                .into(),
+        }
+    }
+
+    /// The failure for "cannot reach the controller", with a hint.
+    pub fn unreachable(&self, why: &str) -> Failure {
+        Failure::Unreachable(format!(
+            "cannot reach the controller at {} ({}): {why}\n\
+             hint: is halo-controller running? `bash deploy/quickstart.sh` starts a local \
+             cluster; `haloctl --controller http://HOST:7300 …` points elsewhere",
+            self.url,
+            self.origin()
+        ))
+    }
+
+    /// Connects (bounded by a timeout).
+    pub async fn connect(&self) -> Result<Client, Failure> {
+        let ep = Endpoint::from_shared(self.url.clone())
+            .map_err(|e| Failure::Usage(format!("bad controller address `{}`: {e}", self.url)))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .timeout(Duration::from_secs(30));
+        match tokio::time::timeout(CONNECT_TIMEOUT, ep.connect()).await {
+            Ok(Ok(ch)) => Ok(ControllerServiceClient::new(ch)),
+            Ok(Err(e)) => Err(self.unreachable(&source_chain(&e))),
+            Err(_) => Err(self.unreachable("timed out connecting")),
+        }
+    }
+
+    /// Maps a gRPC status to haloctl's outcome.
+    pub fn status(&self, s: tonic::Status) -> Failure {
+        use tonic::Code;
+        match s.code() {
+            Code::Unavailable | Code::DeadlineExceeded => self.unreachable(s.message()),
+            Code::NotFound | Code::InvalidArgument | Code::FailedPrecondition => {
+                Failure::Refused(s.message().to_owned())
+            }
+            _ => Failure::Other(anyhow::anyhow!(
+                "controller answered {:?}: {}",
+                s.code(),
+                s.message()
+            )),
+        }
+    }
+}
+
+/// Adds `http://` when no scheme is given.
+fn normalize(u: &str) -> String {
+    let u = u.trim().trim_end_matches('/');
+    if u.contains("://") {
+        u.to_owned()
+    } else {
+        format!("http://{u}")
+    }
+}
+
+/// `$XDG_CONFIG_HOME/halo/haloctl.toml`, else `~/.config/halo/haloctl.toml`.
+pub fn config_path() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".config")))?;
+    Some(base.join("halo").join("haloctl.toml"))
+}
+
+/// The config file's fields.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    /// Controller address.
+    controller: Option<String>,
+}
+
+fn read_config(path: &Path) -> Result<Option<String>, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::Usage(format!("reading {}: {e}", path.display())))?;
+    let c: ConfigFile =
+        toml::from_str(&text).map_err(|e| Failure::Usage(format!("{}: {e}", path.display())))?;
+    Ok(c.controller)
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// A current-thread runtime for one command.
+pub fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::Other(anyhow::anyhow!("starting the async runtime: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_without_a_scheme_get_http() {
+        assert_eq!(normalize("10.0.0.1:7300"), "http://10.0.0.1:7300");
+        assert_eq!(normalize("https://c:7300/"), "https://c:7300");
+    }
+
+    #[test]
+    fn the_config_file_names_the_controller() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("haloctl.toml");
+        std::fs::write(&p, "controller = \"halo1:7300\"\n").expect("write");
+        assert_eq!(
+            read_config(&p).ok().flatten().as_deref(),
+            Some("halo1:7300")
+        );
+        std::fs::write(&p, "controler = \"x\"\n").expect("write");
+        assert!(read_config(&p).is_err());
+    }
+}

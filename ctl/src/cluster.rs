@@ -1,0 +1,679 @@
+//! The commands that ask the controller and print what it says: `nodes`,
+//! `models`, `plan CATALOG-NAME`, `status`, `endpoints`, `events`,
+//! `unplace`. Each has a JSON view (the `-o json` field names below are
+//! stable) and a table built by a pure `render_*` function, so the tables
+//! are snapshot-tested from fixed inputs.
+
+use crate::Failure;
+use crate::cli::{EventsArgs, ListArgs, PlanArgs, UnplaceArgs};
+use crate::client::Target;
+use crate::output::{Format, Table, bytes, print, print_json};
+use proto::v1;
+use serde::Serialize;
+
+/// `haloctl nodes -o json`: one object per node.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct NodeJson {
+    /// Node name.
+    pub name: String,
+    /// Roles placement matches on.
+    pub roles: Vec<String>,
+    /// `ready`, `unreachable`, `lost` or `unknown`.
+    pub status: String,
+    /// The agent's gRPC address.
+    pub agent_address: String,
+    /// Memory a model may use on the node (absent when unknown).
+    pub usable_bytes: Option<u64>,
+    /// Kept back from placement.
+    pub reserve_bytes: u64,
+    /// What halo's placements on the node are counted as using.
+    pub halo_bytes: u64,
+    /// usable − reserve − halo (absent when usable is unknown).
+    pub free_bytes: Option<u64>,
+    /// llama-server instances the agent reports.
+    pub instances: usize,
+    /// Milliseconds since the agent was last heard from.
+    pub silent_for_ms: u64,
+}
+
+/// `haloctl models -o json`: one object per catalog entry.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct ModelJson {
+    /// Catalog name (what `place` takes).
+    pub name: String,
+    /// File id on the agents (path relative to a model directory).
+    pub model_id: String,
+    /// Size of the file (all parts), 0 when no node reports it.
+    pub file_size_bytes: u64,
+    /// GGUF architecture, when a node reports the file.
+    pub architecture: Option<String>,
+    /// Quantization, when known.
+    pub quantization: Option<String>,
+    /// Parameters, when known.
+    pub parameter_count: Option<u64>,
+    /// Context placement asks for by default.
+    pub default_context: u32,
+    /// Smallest context placement falls back to.
+    pub min_context: u32,
+    /// Editor modes served.
+    pub modes: Vec<String>,
+    /// Nodes whose agents hold the file.
+    pub nodes: Vec<String>,
+}
+
+/// `haloctl status -o json`: one object per placement.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct PlacementJson {
+    /// Placement name (what `unplace` takes).
+    pub name: String,
+    /// Catalog name.
+    pub model: String,
+    /// Role asked for.
+    pub role: String,
+    /// Node it is pinned to, if any.
+    pub pinned_node: Option<String>,
+    /// Context of each instance, tokens.
+    pub context: u32,
+    /// Estimate of one replica.
+    pub estimate_bytes: u64,
+    /// Memory held, no instance started.
+    pub paused: bool,
+    /// One per replica.
+    pub replicas: Vec<ReplicaJson>,
+}
+
+/// One replica in `haloctl status -o json`.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct ReplicaJson {
+    /// Replica index.
+    pub index: u32,
+    /// Node it is placed on.
+    pub node: String,
+    /// `pending` (no instance reported yet), `starting`, `loading`,
+    /// `ready`, `stopping`, `stopped`, `failed`.
+    pub state: String,
+    /// What llama-server reported allocating at load (absent before).
+    pub real_bytes: Option<u64>,
+    /// Base URL of the instance's HTTP API (empty until it has one).
+    pub endpoint: String,
+    /// Restarts after crashes.
+    pub restarts: u32,
+    /// Why it last failed, if it did.
+    pub last_error: String,
+}
+
+/// `haloctl endpoints -o json`: one object per editor mode and instance.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct EndpointJson {
+    /// `ask`, `code`, `autocomplete`, `architect` or `debug`.
+    pub mode: String,
+    /// OpenAI-compatible base URL (ends in `/v1`).
+    pub base_url: String,
+    /// Model name to send.
+    pub model: String,
+    /// Placement serving it.
+    pub placement: String,
+    /// Node serving it.
+    pub node: String,
+    /// API key, sent as `Authorization: Bearer KEY`.
+    pub api_key: String,
+}
+
+/// `haloctl plan CATALOG-NAME -o json`: one object per node and context.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct PlanRowJson {
+    /// Node.
+    pub node: String,
+    /// Context, tokens.
+    pub ctx: u32,
+    /// Weights.
+    pub weights_bytes: u64,
+    /// KV cache.
+    pub kv_bytes: u64,
+    /// Compute buffers plus the output buffer.
+    pub compute_bytes: u64,
+    /// Everything.
+    pub total_bytes: u64,
+    /// usable − reserve − used on the node now.
+    pub available_bytes: u64,
+    /// Estimate plus margin fits in available.
+    pub fits: bool,
+    /// The arithmetic in words.
+    pub reason: String,
+}
+
+/// `haloctl events -o json`: one object per line.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct EventJson {
+    /// When, milliseconds since the Unix epoch.
+    pub at_unix_ms: u64,
+    /// `placed`, `unplaced`, `started`, `node_unreachable`, …
+    pub kind: String,
+    /// What it is about (a node or placement).
+    pub subject: String,
+    /// Details.
+    pub message: String,
+}
+
+/// A node status's name.
+pub fn node_status(s: i32) -> &'static str {
+    match v1::NodeStatus::try_from(s) {
+        Ok(v1::NodeStatus::Ready) => "ready",
+        Ok(v1::NodeStatus::Unreachable) => "unreachable",
+        Ok(v1::NodeStatus::Lost) => "lost",
+        _ => "unknown",
+    }
+}
+
+/// An instance state's name.
+pub fn instance_state(s: i32) -> &'static str {
+    match v1::InstanceState::try_from(s) {
+        Ok(v1::InstanceState::Starting) => "starting",
+        Ok(v1::InstanceState::Loading) => "loading",
+        Ok(v1::InstanceState::Ready) => "ready",
+        Ok(v1::InstanceState::Stopping) => "stopping",
+        Ok(v1::InstanceState::Stopped) => "stopped",
+        Ok(v1::InstanceState::Failed) => "failed",
+        Ok(v1::InstanceState::Unmanaged) => "unmanaged",
+        _ => "unknown",
+    }
+}
+
+/// An editor mode's name.
+pub fn mode(m: i32) -> &'static str {
+    match v1::EditorMode::try_from(m) {
+        Ok(v1::EditorMode::Ask) => "ask",
+        Ok(v1::EditorMode::Code) => "code",
+        Ok(v1::EditorMode::Autocomplete) => "autocomplete",
+        Ok(v1::EditorMode::Architect) => "architect",
+        Ok(v1::EditorMode::Debug) => "debug",
+        _ => "unspecified",
+    }
+}
+
+fn or_dash(v: Option<u64>) -> String {
+    v.map_or_else(|| "-".into(), bytes)
+}
+
+fn join_or_dash(v: &[String]) -> String {
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.join(",")
+    }
+}
+
+/// A 20-character bar: `#` used by halo, `=` reserve, `.` free.
+pub fn bar(usable: u64, reserve: u64, halo: u64) -> String {
+    const W: u64 = 20;
+    if usable == 0 {
+        return String::new();
+    }
+    let cells = |b: u64| (b.min(usable).saturating_mul(W) + usable / 2) / usable;
+    let h = cells(halo);
+    let r = cells(reserve).min(W - h);
+    let mut s = String::from("[");
+    s.push_str(&"#".repeat(h as usize));
+    s.push_str(&"=".repeat(r as usize));
+    s.push_str(&".".repeat((W - h - r) as usize));
+    s.push(']');
+    s
+}
+
+/// The JSON view of nodes.
+pub fn nodes_json(nodes: &[v1::NodeView]) -> Vec<NodeJson> {
+    nodes
+        .iter()
+        .map(|n| {
+            let id = n.node.clone().unwrap_or_default();
+            let usable = n.memory.as_ref().and_then(|m| m.usable_bytes);
+            NodeJson {
+                name: id.name,
+                roles: id.roles,
+                status: node_status(n.status).into(),
+                agent_address: id.agent_address,
+                usable_bytes: usable,
+                reserve_bytes: n.reserve_bytes,
+                halo_bytes: n.placed_bytes,
+                free_bytes: usable.map(|u| {
+                    u.saturating_sub(n.reserve_bytes)
+                        .saturating_sub(n.placed_bytes)
+                }),
+                instances: n.instances.len(),
+                silent_for_ms: n.silent_for_ms,
+            }
+        })
+        .collect()
+}
+
+/// The `haloctl nodes` table.
+pub fn render_nodes(nodes: &[NodeJson]) -> String {
+    let mut t = Table::new([
+        "NODE", "ROLES", "STATUS", "USABLE", "RESERVE", "HALO", "FREE", "MEMORY",
+    ]);
+    for n in nodes {
+        t.row([
+            n.name.clone(),
+            join_or_dash(&n.roles),
+            n.status.clone(),
+            or_dash(n.usable_bytes),
+            bytes(n.reserve_bytes),
+            bytes(n.halo_bytes),
+            or_dash(n.free_bytes),
+            n.usable_bytes
+                .map(|u| bar(u, n.reserve_bytes, n.halo_bytes))
+                .unwrap_or_default(),
+        ]);
+    }
+    let mut s = t.render();
+    if !nodes.is_empty() {
+        s.push_str("MEMORY: # used by halo, = reserve, . free\n");
+    }
+    s
+}
+
+/// The JSON view of the catalog.
+pub fn models_json(entries: &[v1::CatalogEntry]) -> Vec<ModelJson> {
+    entries
+        .iter()
+        .map(|e| ModelJson {
+            name: e.name.clone(),
+            model_id: e.model_id.clone(),
+            file_size_bytes: e.file_size_bytes,
+            architecture: e.params.as_ref().map(|p| p.architecture.clone()),
+            quantization: e
+                .params
+                .as_ref()
+                .map(|p| p.quantization.clone())
+                .filter(|q| !q.is_empty()),
+            parameter_count: e.params.as_ref().map(|p| p.parameter_count),
+            default_context: e.default_context,
+            min_context: e.min_context,
+            modes: e.modes.iter().map(|&m| mode(m).to_owned()).collect(),
+            nodes: e.nodes.clone(),
+        })
+        .collect()
+}
+
+/// The `haloctl models` table.
+pub fn render_models(models: &[ModelJson]) -> String {
+    let mut t = Table::new([
+        "NAME", "FILE", "SIZE", "ARCH", "QUANT", "CONTEXT", "MODES", "NODES",
+    ]);
+    for m in models {
+        t.row([
+            m.name.clone(),
+            m.model_id.clone(),
+            if m.nodes.is_empty() {
+                "-".into()
+            } else {
+                bytes(m.file_size_bytes)
+            },
+            m.architecture.clone().unwrap_or_else(|| "-".into()),
+            m.quantization.clone().unwrap_or_else(|| "-".into()),
+            m.default_context.to_string(),
+            join_or_dash(&m.modes),
+            if m.nodes.is_empty() {
+                "(no node has the file)".into()
+            } else {
+                m.nodes.join(",")
+            },
+        ]);
+    }
+    t.render()
+}
+
+/// What llama-server reported allocating: its memory breakdown table when
+/// logged, else the sum of the buffer sizes it printed.
+fn real_bytes(i: &v1::Instance) -> Option<u64> {
+    let o = i.observed.as_ref()?;
+    if let Some(b) = &o.breakdown {
+        return Some(b.model_bytes + b.context_bytes + b.compute_bytes);
+    }
+    let parts = [
+        o.model_bytes,
+        o.kv_bytes,
+        o.compute_bytes,
+        o.output_bytes,
+        o.recurrent_bytes,
+    ];
+    parts
+        .iter()
+        .any(Option::is_some)
+        .then(|| parts.iter().flatten().sum())
+}
+
+/// The JSON view of placements.
+pub fn status_json(placements: &[v1::Placement]) -> Vec<PlacementJson> {
+    placements
+        .iter()
+        .map(|p| PlacementJson {
+            name: p.name.clone(),
+            model: p.model.clone(),
+            role: p.role.clone(),
+            pinned_node: (!p.pinned_node.is_empty()).then(|| p.pinned_node.clone()),
+            context: p.options.as_ref().map_or(0, |o| o.context_size),
+            estimate_bytes: p.estimate_bytes,
+            paused: p.paused,
+            replicas: p
+                .replicas
+                .iter()
+                .map(|r| {
+                    let i = r.instance.as_ref();
+                    ReplicaJson {
+                        index: r.index,
+                        node: r.node.clone(),
+                        state: i.map_or("pending", |i| instance_state(i.state)).into(),
+                        real_bytes: i.and_then(real_bytes),
+                        endpoint: i.map(|i| i.endpoint.clone()).unwrap_or_default(),
+                        restarts: i.map_or(0, |i| i.restart_count),
+                        last_error: i.map(|i| i.last_error.clone()).unwrap_or_default(),
+                    }
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// The `haloctl status` table: one row per replica.
+pub fn render_status(placements: &[PlacementJson]) -> String {
+    if placements.is_empty() {
+        return "No placements. Try `haloctl models`, then `haloctl place ROLE MODEL`.\n".into();
+    }
+    let mut t = Table::new([
+        "NAME", "MODEL", "NODE", "STATE", "CONTEXT", "ESTIMATE", "REAL", "ENDPOINT",
+    ]);
+    for p in placements {
+        let state = |r: &ReplicaJson| {
+            if p.paused {
+                "paused".to_owned()
+            } else if r.restarts > 0 {
+                format!(
+                    "{} ({} restart{})",
+                    r.state,
+                    r.restarts,
+                    if r.restarts == 1 { "" } else { "s" }
+                )
+            } else {
+                r.state.clone()
+            }
+        };
+        for r in &p.replicas {
+            t.row([
+                if p.replicas.len() > 1 {
+                    format!("{}#{}", p.name, r.index)
+                } else {
+                    p.name.clone()
+                },
+                p.model.clone(),
+                r.node.clone(),
+                state(r),
+                p.context.to_string(),
+                bytes(p.estimate_bytes),
+                or_dash(r.real_bytes),
+                if r.endpoint.is_empty() {
+                    "-".into()
+                } else {
+                    r.endpoint.clone()
+                },
+            ]);
+        }
+        if p.replicas.is_empty() {
+            t.row([
+                p.name.clone(),
+                p.model.clone(),
+                "-".into(),
+                "unplaced".into(),
+                p.context.to_string(),
+                bytes(p.estimate_bytes),
+                "-".into(),
+                "-".into(),
+            ]);
+        }
+    }
+    t.render()
+}
+
+/// The JSON view of endpoints.
+pub fn endpoints_json(endpoints: &[v1::Endpoint]) -> Vec<EndpointJson> {
+    endpoints
+        .iter()
+        .map(|e| EndpointJson {
+            mode: mode(e.mode).into(),
+            base_url: format!("{}/v1", e.base_url.trim_end_matches('/')),
+            model: e.model.clone(),
+            placement: e.placement.clone(),
+            node: e.node.clone(),
+            api_key: e.api_key.clone(),
+        })
+        .collect()
+}
+
+/// The `haloctl endpoints` table with how to use it.
+pub fn render_endpoints(endpoints: &[EndpointJson]) -> String {
+    if endpoints.is_empty() {
+        return "No ready endpoints. `haloctl status` shows what is placed and loading.\n".into();
+    }
+    let mut t = Table::new(["MODE", "BASE URL", "MODEL", "NODE", "API KEY"]);
+    for e in endpoints {
+        t.row([
+            e.mode.clone(),
+            e.base_url.clone(),
+            e.model.clone(),
+            e.node.clone(),
+            e.api_key.clone(),
+        ]);
+    }
+    let mut s = t.render();
+    s.push_str(
+        "\nIn an editor's OpenAI-compatible provider: base URL, model and API key as above.\n\
+         With curl: -H \"Authorization: Bearer API_KEY\" BASE_URL/chat/completions\n",
+    );
+    s
+}
+
+/// The JSON view of remote plan rows.
+pub fn plan_json(rows: &[v1::PlanRow]) -> Vec<PlanRowJson> {
+    rows.iter()
+        .map(|r| PlanRowJson {
+            node: r.node.clone(),
+            ctx: r.context_size,
+            weights_bytes: r.weights_bytes,
+            kv_bytes: r.kv_bytes,
+            compute_bytes: r.compute_bytes + r.output_bytes,
+            total_bytes: r.total_bytes,
+            available_bytes: r.available_bytes,
+            fits: r.fits,
+            reason: r.reason.clone(),
+        })
+        .collect()
+}
+
+/// The `haloctl plan CATALOG-NAME` table.
+pub fn render_plan(model: &str, rows: &[PlanRowJson]) -> String {
+    if rows.is_empty() {
+        return format!(
+            "No node reports the file of `{model}`: nothing to plan against \
+             (`haloctl models` shows which nodes hold what).\n"
+        );
+    }
+    let mut t = Table::new([
+        "NODE",
+        "CONTEXT",
+        "WEIGHTS",
+        "KV CACHE",
+        "COMPUTE",
+        "TOTAL",
+        "AVAILABLE",
+        "FITS?",
+    ]);
+    for r in rows {
+        t.row([
+            r.node.clone(),
+            r.ctx.to_string(),
+            bytes(r.weights_bytes),
+            bytes(r.kv_bytes),
+            bytes(r.compute_bytes),
+            bytes(r.total_bytes),
+            bytes(r.available_bytes),
+            if r.fits { "yes" } else { "no" }.into(),
+        ]);
+    }
+    let mut s =
+        format!("{model}: memory per node and context (fits = total + margin <= available)\n\n");
+    s.push_str(&t.render());
+    s
+}
+
+/// `HH:MM:SS` (UTC) of a Unix time in milliseconds.
+pub fn clock(unix_ms: u64) -> String {
+    let s = (unix_ms / 1000) % 86_400;
+    format!("{:02}:{:02}:{:02}", s / 3600, (s / 60) % 60, s % 60)
+}
+
+/// `haloctl nodes`.
+pub fn nodes(t: &Target, a: &ListArgs) -> Result<(), Failure> {
+    let resp = client_call(t, |mut c| async move {
+        c.list_nodes(v1::ListNodesRequest {}).await
+    })?;
+    let v = nodes_json(&resp.nodes);
+    emit(a.output, &v, render_nodes)
+}
+
+/// `haloctl models`.
+pub fn models(t: &Target, a: &ListArgs) -> Result<(), Failure> {
+    let resp = client_call(t, |mut c| async move {
+        c.list_catalog(v1::ListCatalogRequest {}).await
+    })?;
+    let v = models_json(&resp.entries);
+    emit(a.output, &v, render_models)
+}
+
+/// `haloctl status`.
+pub fn status(t: &Target, a: &ListArgs) -> Result<(), Failure> {
+    let resp = client_call(t, |mut c| async move {
+        c.list_placements(v1::ListPlacementsRequest {}).await
+    })?;
+    let v = status_json(&resp.placements);
+    emit(a.output, &v, render_status)
+}
+
+/// `haloctl endpoints`.
+pub fn endpoints(t: &Target, a: &ListArgs) -> Result<(), Failure> {
+    let resp = client_call(t, |mut c| async move {
+        c.endpoints(v1::EndpointsRequest {}).await
+    })?;
+    let v = endpoints_json(&resp.endpoints);
+    emit(a.output, &v, render_endpoints)
+}
+
+/// `haloctl plan CATALOG-NAME`: exit 1 when no row fits.
+pub fn plan(t: &Target, a: &PlanArgs) -> Result<(), Failure> {
+    let model = a.model.to_string_lossy().into_owned();
+    if a.memory.is_some() || a.parallel != 1 {
+        return Err(Failure::Usage(format!(
+            "--memory and --parallel apply to a GGUF file; `{model}` is taken as a catalog \
+             name (no such file), planned against the nodes' real memory"
+        )));
+    }
+    let req = v1::PlanRequest {
+        model: model.clone(),
+        contexts: a.ctx.clone(),
+        node: a.node.clone().unwrap_or_default(),
+    };
+    let resp = client_call(t, |mut c| async move { c.plan(req).await })?;
+    let v = plan_json(&resp.rows);
+    emit(a.output, &v, |rows| render_plan(&model, rows))?;
+    if v.iter().any(|r| r.fits) {
+        Ok(())
+    } else {
+        Err(Failure::Refused(format!(
+            "`{model}` fits no node at the contexts shown"
+        )))
+    }
+}
+
+/// `haloctl unplace NAME`.
+pub fn unplace(t: &Target, a: &UnplaceArgs) -> Result<(), Failure> {
+    let req = v1::UnplaceRequest {
+        name: a.name.clone(),
+    };
+    client_call(t, |mut c| async move { c.unplace(req).await })?;
+    print(&format!(
+        "unplaced {}: its instances are being stopped\n",
+        a.name
+    ));
+    Ok(())
+}
+
+/// `haloctl events`: streams until interrupted or `--count` events.
+pub fn events(t: &Target, a: &EventsArgs) -> Result<(), Failure> {
+    use tokio_stream::StreamExt;
+    let rt = crate::client::runtime()?;
+    rt.block_on(async {
+        let mut c = t.connect().await?;
+        let mut stream = c
+            .watch_events(v1::WatchEventsRequest {})
+            .await
+            .map_err(|s| t.status(s))?
+            .into_inner();
+        if a.output == Format::Table {
+            eprintln!("haloctl: streaming events from {} (Ctrl-C to stop)", t.url);
+        }
+        let mut n = 0u64;
+        while a.count.is_none_or(|max| n < max) {
+            let Some(e) = stream.next().await else {
+                return Err(t.unreachable("the event stream ended"));
+            };
+            let e = e.map_err(|s| t.status(s))?;
+            let j = EventJson {
+                at_unix_ms: e.at_unix_ms,
+                kind: e.kind,
+                subject: e.subject,
+                message: e.message,
+            };
+            match a.output {
+                Format::Json => {
+                    let line = serde_json::to_string(&j).map_err(anyhow::Error::from)?;
+                    print(&format!("{line}\n"));
+                }
+                Format::Table => print(&format!(
+                    "{}  {:<18} {:<20} {}\n",
+                    clock(j.at_unix_ms),
+                    j.kind,
+                    j.subject,
+                    j.message
+                )),
+            }
+            n += 1;
+        }
+        Ok(())
+    })
+}
+
+/// Connects and makes one call, mapping failures to exit codes.
+pub fn client_call<T, F, Fut>(t: &Target, f: F) -> Result<T, Failure>
+where
+    F: FnOnce(crate::client::Client) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let rt = crate::client::runtime()?;
+    rt.block_on(async {
+        let c = t.connect().await?;
+        f(c).await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| t.status(s))
+    })
+}
+
+fn emit<T: Serialize>(
+    format: Format,
+    v: &[T],
+    table: impl FnOnce(&[T]) -> String,
+) -> Result<(), Failure> {
+    match format {
+        Format::Json => print_json(&v)?,
+        Format::Table => print(&table(v)),
+    }
+    Ok(())
+}

@@ -1,0 +1,349 @@
+//! Snapshot tests: every command's `--help` and the tables of the commands
+//! that talk to the controller, rendered from fixed inputs and compared with
+//! the files in `ctl/tests/snapshots/`. `HALO_UPDATE_SNAPSHOTS=1 cargo test
+//! -p ctl` rewrites the files; review the diff before committing it.
+
+use crate::cluster::{
+    endpoints_json, models_json, nodes_json, plan_json, render_endpoints, render_models,
+    render_nodes, render_plan, render_status, status_json,
+};
+use crate::place::{decision_json, render_decision};
+use proto::v1;
+use std::path::PathBuf;
+
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+
+fn check(name: &str, actual: &str) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/snapshots")
+        .join(format!("{name}.txt"));
+    if std::env::var_os("HALO_UPDATE_SNAPSHOTS").is_some() {
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir snapshots");
+        std::fs::write(&path, actual).expect("write snapshot");
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; run with HALO_UPDATE_SNAPSHOTS=1 to create it",
+            path.display()
+        )
+    });
+    assert!(
+        expected == actual,
+        "{} differs (HALO_UPDATE_SNAPSHOTS=1 to accept):\n--- expected\n{expected}--- actual\n{actual}",
+        path.display()
+    );
+}
+
+fn help(args: &[&str]) -> String {
+    use clap::Parser;
+    match crate::cli::Cli::try_parse_from(args) {
+        Ok(_) => panic!("{args:?} parsed instead of printing help"),
+        Err(e) => e.render().to_string(),
+    }
+}
+
+#[test]
+fn help_of_every_command_matches_its_snapshot() {
+    check("help", &help(&["haloctl", "--help"]));
+    for cmd in [
+        "nodes",
+        "models",
+        "plan",
+        "place",
+        "unplace",
+        "status",
+        "endpoints",
+        "events",
+        "completions",
+        "inspect",
+        "memory",
+        "fixture",
+    ] {
+        let h = help(&["haloctl", cmd, "--help"]);
+        assert!(h.contains("Example"), "`{cmd} --help` has no example:\n{h}");
+        check(&format!("help-{cmd}"), &h);
+    }
+}
+
+fn node(
+    name: &str,
+    role: &str,
+    status: v1::NodeStatus,
+    usable: Option<u64>,
+    placed: u64,
+) -> v1::NodeView {
+    v1::NodeView {
+        node: Some(v1::NodeIdentity {
+            name: name.into(),
+            roles: vec![role.into()],
+            agent_address: format!("100.64.0.{}:7301", name.len()),
+            ..Default::default()
+        }),
+        status: status as i32,
+        memory: Some(v1::MemoryReport {
+            usable_bytes: usable,
+            ..Default::default()
+        }),
+        reserve_bytes: 4 * GIB,
+        placed_bytes: placed,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn nodes_table_matches_its_snapshot() {
+    let nodes = [
+        node(
+            "halo1",
+            "speed",
+            v1::NodeStatus::Ready,
+            Some(120 * GIB),
+            48 * GIB,
+        ),
+        node(
+            "halo2",
+            "reasoning",
+            v1::NodeStatus::Unreachable,
+            Some(120 * GIB),
+            0,
+        ),
+        node("halo3", "speed", v1::NodeStatus::Unknown, None, 0),
+    ];
+    check("nodes", &render_nodes(&nodes_json(&nodes)));
+}
+
+#[test]
+fn models_table_matches_its_snapshot() {
+    let entry =
+        |name: &str, file: &str, size: u64, arch: &str, q: &str, nodes: &[&str]| v1::CatalogEntry {
+            name: name.into(),
+            model_id: file.into(),
+            default_context: 32768,
+            min_context: 4096,
+            modes: vec![v1::EditorMode::Code as i32, v1::EditorMode::Ask as i32],
+            nodes: nodes.iter().map(|n| (*n).to_owned()).collect(),
+            params: (!nodes.is_empty()).then(|| v1::ModelParams {
+                architecture: arch.into(),
+                quantization: q.into(),
+                ..Default::default()
+            }),
+            file_size_bytes: size,
+            ..Default::default()
+        };
+    let models = [
+        entry(
+            "qwen3-coder-30b",
+            "Qwen3-Coder-30B-A3B-Q8_0.gguf",
+            32 * GIB,
+            "qwen3moe",
+            "Q8_0",
+            &["halo1", "halo2"],
+        ),
+        entry(
+            "gpt-oss-20b",
+            "gpt-oss-20b-mxfp4.gguf",
+            12 * GIB,
+            "gpt-oss",
+            "MXFP4",
+            &["halo1"],
+        ),
+        entry("missing", "nowhere.gguf", 0, "", "", &[]),
+    ];
+    check("models", &render_models(&models_json(&models)));
+}
+
+fn replica(index: u32, node: &str, state: Option<v1::InstanceState>, port: u32) -> v1::Replica {
+    v1::Replica {
+        index,
+        node: node.into(),
+        instance: state.map(|s| v1::Instance {
+            state: s as i32,
+            endpoint: format!("http://100.64.0.1:{port}"),
+            restart_count: u32::from(s == v1::InstanceState::Loading),
+            observed: (s == v1::InstanceState::Ready).then(|| v1::ObservedBuffers {
+                model_bytes: Some(31 * GIB),
+                kv_bytes: Some(1536 * MIB),
+                compute_bytes: Some(300 * MIB),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn placement(
+    name: &str,
+    model: &str,
+    ctx: u32,
+    est: u64,
+    replicas: Vec<v1::Replica>,
+) -> v1::Placement {
+    v1::Placement {
+        name: name.into(),
+        role: "speed".into(),
+        model: model.into(),
+        options: Some(v1::InstanceOptions {
+            context_size: ctx,
+            ..Default::default()
+        }),
+        estimate_bytes: est,
+        replicas,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn status_table_matches_its_snapshot() {
+    let p = [
+        placement(
+            "qwen3-coder-30b",
+            "qwen3-coder-30b",
+            16384,
+            33 * GIB,
+            vec![
+                replica(0, "halo1", Some(v1::InstanceState::Ready), 8081),
+                replica(1, "halo2", Some(v1::InstanceState::Loading), 8082),
+            ],
+        ),
+        placement(
+            "gpt-oss-20b",
+            "gpt-oss-20b",
+            32768,
+            14 * GIB,
+            vec![replica(0, "halo1", None, 0)],
+        ),
+    ];
+    check("status", &render_status(&status_json(&p)));
+    check("status-empty", &render_status(&[]));
+}
+
+#[test]
+fn endpoints_table_matches_its_snapshot() {
+    let e = |mode: v1::EditorMode, port: u32, model: &str| v1::Endpoint {
+        mode: mode as i32,
+        base_url: format!("http://100.64.0.1:{port}"),
+        model: model.into(),
+        placement: model.into(),
+        node: "halo1".into(),
+        api_key: "3f9c…".into(),
+    };
+    let list = [
+        e(v1::EditorMode::Code, 8081, "qwen3-coder-30b"),
+        e(v1::EditorMode::Ask, 8083, "gpt-oss-20b"),
+    ];
+    check("endpoints", &render_endpoints(&endpoints_json(&list)));
+}
+
+#[test]
+fn remote_plan_table_matches_its_snapshot() {
+    let row = |ctx: u32, kv: u64, fits: bool| v1::PlanRow {
+        node: "halo1".into(),
+        context_size: ctx,
+        weights_bytes: 158 * GIB,
+        kv_bytes: kv,
+        compute_bytes: 400 * MIB,
+        output_bytes: MIB,
+        total_bytes: 158 * GIB + kv + 401 * MIB,
+        available_bytes: 116 * GIB,
+        fits,
+        reason: String::new(),
+    };
+    let rows = [row(16384, 1100 * MIB, false), row(8192, 550 * MIB, false)];
+    check(
+        "plan-remote",
+        &render_plan("deepseek-v3.1-1bit", &plan_json(&rows)),
+    );
+}
+
+#[test]
+fn place_decisions_match_their_snapshots() {
+    let fit = |node: &str, candidate: bool, fits: bool, used: u64, needed: u64, reason: &str| {
+        v1::NodeFit {
+            node: node.into(),
+            candidate,
+            fits,
+            usable_bytes: if candidate { 120 * GIB } else { 0 },
+            reserve_bytes: if candidate { 4 * GIB } else { 0 },
+            used_bytes: used,
+            free_bytes: if candidate { 116 * GIB - used } else { 0 },
+            needed_bytes: needed,
+            context_size: if candidate { 4096 } else { 0 },
+            reason: reason.into(),
+            ..Default::default()
+        }
+    };
+    let refused = v1::PlaceResponse {
+        accepted: false,
+        fits: vec![
+            fit(
+                "halo2",
+                true,
+                false,
+                0,
+                164 * GIB,
+                "needs 164 GiB > 116 GiB usable after reserve",
+            ),
+            fit(
+                "halo1",
+                false,
+                false,
+                0,
+                0,
+                "no `reasoning` role (has: speed)",
+            ),
+        ],
+        explanation: vec!["refused: the model is larger than any node".into()],
+        estimate: Some(v1::EstimateBreakdown {
+            weights_bytes: 158 * GIB,
+            kv_bytes: 146 * MIB,
+            compute_bytes: 410 * MIB,
+            output_bytes: MIB / 2,
+            total_bytes: 159 * GIB,
+            context_size: 4096,
+            cache_type_k: "q8_0".into(),
+            cache_type_v: "q8_0".into(),
+        }),
+        ..Default::default()
+    };
+    check(
+        "place-refused",
+        &render_decision("deepseek-v3.1-1bit", &decision_json(&refused)),
+    );
+    let accepted = v1::PlaceResponse {
+        accepted: true,
+        placement: Some(placement(
+            "qwen3-coder-30b",
+            "qwen3-coder-30b",
+            16384,
+            33 * GIB,
+            vec![replica(0, "halo1", None, 0)],
+        )),
+        fits: vec![fit("halo1", true, true, 14 * GIB, 38 * GIB, "fits")],
+        explanation: vec!["placed on halo1".into()],
+        ..Default::default()
+    };
+    check(
+        "place-accepted",
+        &render_decision("qwen3-coder-30b", &decision_json(&accepted)),
+    );
+}
+
+#[test]
+fn completions_name_every_command() {
+    use clap::CommandFactory;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        let mut out = Vec::new();
+        clap_complete::generate(shell, &mut crate::cli::Cli::command(), "haloctl", &mut out);
+        let s = String::from_utf8_lossy(&out);
+        for cmd in ["nodes", "place", "unplace", "endpoints", "completions"] {
+            assert!(s.contains(cmd), "{shell:?} completions lack `{cmd}`");
+        }
+    }
+}

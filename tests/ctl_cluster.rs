@@ -1,0 +1,411 @@
+//! `haloctl` against a real local cluster, driven only as a process (its
+//! stdout, stderr and exit code): a controller on the embedded store, two
+//! agents (halo1 speed, halo2 reasoning) with the tiny real model and a
+//! sparse DeepSeek-V3.1 1-bit, real llama-server instances. Covers nodes,
+//! models, plan, place with wait, status, endpoints, a chat completion
+//! through the endpoint, events, unplace, and the error paths: unknown
+//! model, unknown role, refusal with arithmetic (exit 1), unreachable
+//! controller (exit 3), usage (exit 2).
+
+use crate::cluster::{AgentNode, ControllerProc, write_catalog};
+use crate::cluster_failover::chat;
+use agent::gguf::fixtures::{self, SparseModel, VocabStyle, write_tiny_llama};
+use std::io::BufRead;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+use tests::wait_for;
+
+const HALOCTL: &str = env!("CARGO_BIN_EXE_haloctl-shim");
+
+/// The catalog: the tiny model for every mode and the sparse DeepSeek.
+const CATALOG: &str = r#"
+[[models]]
+name = "tiny"
+model_id = "tiny.gguf"
+default_context = 512
+min_context = 256
+modes = ["ask", "code"]
+
+[[models]]
+name = "deepseek-v3.1-1bit"
+model_id = "deepseek-v3.1-1bit.gguf"
+default_context = 16384
+min_context = 4096
+modes = ["architect", "debug"]
+"#;
+
+struct Ctl {
+    url: String,
+    home: tempfile::TempDir,
+}
+
+impl Ctl {
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(HALOCTL);
+        c.arg("--controller")
+            .arg(&self.url)
+            .env_remove("HALO_CONTROLLER")
+            .env("HOME", self.home.path())
+            .env_remove("XDG_CONFIG_HOME");
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().expect("run haloctl")
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn show(o: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+        o.status.code(),
+        text(&o.stdout),
+        text(&o.stderr)
+    )
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", show(o)))
+}
+
+#[test]
+fn haloctl_drives_a_local_cluster_from_nodes_to_a_completion_and_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut a = AgentNode::new(dir.path(), "halo1", &["speed"], 4);
+    let mut b = AgentNode::new(dir.path(), "halo2", &["reasoning"], 4);
+    for n in [&a, &b] {
+        write_tiny_llama(&n.models.join("tiny.gguf"), 7).expect("tiny model");
+    }
+    fixtures::write_sparse_with(
+        SparseModel::DeepSeekV31,
+        &b.models.join("deepseek-v3.1-1bit.gguf"),
+        VocabStyle::SizeOnly,
+    )
+    .expect("sparse deepseek");
+    a.start();
+    b.start();
+    let catalog = dir.path().join("catalog.toml");
+    write_catalog(&catalog, CATALOG);
+    let mut controller = ControllerProc::new(
+        dir.path(),
+        "controller",
+        &[
+            "--store-path".into(),
+            dir.path().join("state.json").display().to_string(),
+            "--node".into(),
+            format!("halo1={},halo2={}", a.address(), b.address()),
+            "--catalog".into(),
+            catalog.display().to_string(),
+            "--heartbeat-ms".into(),
+            "250".into(),
+            "--requeue-ms".into(),
+            "300".into(),
+        ],
+    );
+    controller.start();
+    let ctl = Ctl {
+        url: controller.url(),
+        home: tempfile::tempdir().expect("home"),
+    };
+    let logs = || format!("{}\n", controller.logs());
+
+    // nodes: both ready, with roles and memory.
+    let ready = wait_for(Duration::from_secs(20), || {
+        let v = json(&ctl.run(&["nodes", "-o", "json"]));
+        let n = v.as_array()?;
+        (n.len() == 2 && n.iter().all(|n| n["status"] == "ready")).then_some(v)
+    });
+    let nodes = ready.unwrap_or_else(|| panic!("nodes not ready\n{}", logs()));
+    assert_eq!(nodes[0]["name"], "halo1");
+    assert_eq!(nodes[0]["roles"][0], "speed");
+    assert!(nodes[0]["usable_bytes"].as_u64().is_some_and(|u| u > 0));
+    let table = ctl.run(&["nodes"]);
+    assert_eq!(table.status.code(), Some(0), "{}", show(&table));
+    let out = text(&table.stdout);
+    assert!(out.starts_with("NODE "), "{out}");
+    assert!(out.contains("halo2  reasoning  ready"), "{out}");
+
+    // models: both entries, which nodes hold them.
+    let models = ctl.run(&["models", "-o", "json"]);
+    let m = json(&models);
+    let tiny = m
+        .as_array()
+        .and_then(|v| v.iter().find(|e| e["name"] == "tiny"))
+        .unwrap_or_else(|| panic!("{}", show(&models)));
+    assert_eq!(tiny["architecture"], "llama");
+    assert_eq!(tiny["nodes"], serde_json::json!(["halo1", "halo2"]));
+    let out = text(&ctl.run(&["models"]).stdout);
+    assert!(
+        out.contains("deepseek-v3.1-1bit") && out.contains("158.4 GiB"),
+        "{out}"
+    );
+
+    // plan through the controller: fits (0) and does not (1).
+    let plan = ctl.run(&["plan", "tiny"]);
+    assert_eq!(plan.status.code(), Some(0), "{}", show(&plan));
+    assert!(text(&plan.stdout).contains("halo1"), "{}", show(&plan));
+    let plan = ctl.run(&["plan", "deepseek-v3.1-1bit", "-o", "json"]);
+    assert_eq!(plan.status.code(), Some(1), "{}", show(&plan));
+    assert!(json(&plan).as_array().is_some_and(|r| !r.is_empty()));
+
+    // Error paths: unknown model, unknown role, refusal with the numbers.
+    let o = ctl.run(&["place", "speed", "no-such-model"]);
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert!(
+        text(&o.stdout).contains("not in the catalog"),
+        "{}",
+        show(&o)
+    );
+    let o = ctl.run(&["place", "gpu", "tiny"]);
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert!(text(&o.stdout).contains("refused"), "{}", show(&o));
+    assert!(text(&o.stdout).contains("`gpu`"), "{}", show(&o));
+    let o = ctl.run(&["place", "reasoning", "deepseek-v3.1-1bit"]);
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    let out = text(&o.stdout);
+    assert!(out.starts_with("refused: deepseek-v3.1-1bit"), "{out}");
+    assert!(out.contains("weights 158.4 GiB"), "{out}");
+    assert!(out.contains("free = usable - reserve - used"), "{out}");
+    assert!(out.contains("larger than any node"), "{out}");
+    let o = ctl.run(&["place", "speed", "tiny", "--dry-run", "-o", "json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let d = json(&o);
+    assert_eq!(
+        (d["accepted"].clone(), d["dry_run"].clone()),
+        (true.into(), true.into())
+    );
+    assert_eq!(d["nodes"], serde_json::json!(["halo1"]));
+
+    // events: a follower started before the placement sees it.
+    let mut follower = ctl
+        .cmd()
+        .args(["events", "-o", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("haloctl events");
+    let stdout = follower.stdout.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(700));
+
+    // place with wait: the decision, progress on stderr, ready.
+    let o = ctl.run(&["place", "speed", "tiny", "--timeout", "120"]);
+    assert_eq!(o.status.code(), Some(0), "{}\n{}", show(&o), logs());
+    let out = text(&o.stdout);
+    assert!(out.starts_with("placed tiny (tiny) on halo1"), "{out}");
+    assert!(out.contains("ready: tiny after"), "{out}");
+    assert!(text(&o.stderr).contains("tiny: halo1"), "{}", show(&o));
+
+    let placed = wait_for(Duration::from_secs(10), || {
+        rx.try_iter().find(|l| l.contains("\"kind\":\"placed\""))
+    });
+    let _ = follower.kill();
+    let _ = follower.wait();
+    let placed = placed.expect("a `placed` event");
+    let ev: serde_json::Value = serde_json::from_str(&placed).expect("event JSON");
+    assert_eq!(ev["subject"], "tiny");
+
+    // status: the replica ready on halo1, estimate and real figures.
+    let o = ctl.run(&["status", "-o", "json"]);
+    let s = json(&o);
+    let r = &s[0]["replicas"][0];
+    assert_eq!(s[0]["name"], "tiny", "{}", show(&o));
+    assert_eq!(r["node"], "halo1");
+    assert_eq!(r["state"], "ready");
+    assert!(
+        r["real_bytes"].as_u64().is_some_and(|b| b > 0),
+        "{}",
+        show(&o)
+    );
+    let out = text(&ctl.run(&["status"]).stdout);
+    assert!(out.contains("tiny  tiny   halo1  ready"), "{out}");
+
+    // endpoints and a completion through the code-mode one.
+    let o = ctl.run(&["endpoints", "-o", "json"]);
+    let e = json(&o);
+    let code = e
+        .as_array()
+        .and_then(|v| v.iter().find(|e| e["mode"] == "code"))
+        .unwrap_or_else(|| panic!("{}", show(&o)));
+    let base = code["base_url"].as_str().expect("base_url");
+    let key = code["api_key"].as_str().expect("api_key");
+    assert!(base.ends_with("/v1"), "{base}");
+    let answer = chat(base.trim_end_matches("/v1"), key, "tiny").expect("chat completion");
+    assert!(!answer.is_empty());
+    let out = text(&ctl.run(&["endpoints"]).stdout);
+    assert!(out.contains("Authorization: Bearer"), "{out}");
+
+    // HALO_CONTROLLER works as well as --controller.
+    let o = Command::new(HALOCTL)
+        .arg("status")
+        .env("HALO_CONTROLLER", &ctl.url)
+        .env("HOME", ctl.home.path())
+        .output()
+        .expect("haloctl");
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+
+    // unplace: gone from status, its instance stopped; twice is an error.
+    let o = ctl.run(&["unplace", "tiny"]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let gone = wait_for(Duration::from_secs(20), || {
+        a.servers().is_empty().then_some(())
+    });
+    assert!(gone.is_some(), "instance still running\n{}", logs());
+    assert!(text(&ctl.run(&["status"]).stdout).starts_with("No placements."));
+    let o = ctl.run(&["unplace", "tiny"]);
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert!(
+        text(&o.stderr).contains("no placement `tiny`"),
+        "{}",
+        show(&o)
+    );
+
+    // Usage errors exit 2.
+    let o = ctl.run(&["place", "speed"]);
+    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+}
+
+#[test]
+fn haloctl_exits_3_with_the_address_and_a_hint_when_no_controller_answers() {
+    let port = tests::free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let home = tempfile::tempdir().expect("home");
+    for args in [
+        vec!["nodes"],
+        vec!["status", "-o", "json"],
+        vec!["place", "speed", "tiny"],
+    ] {
+        let o = Command::new(HALOCTL)
+            .arg("--controller")
+            .arg(&url)
+            .args(&args)
+            .env("HOME", home.path())
+            .output()
+            .expect("haloctl");
+        assert_eq!(o.status.code(), Some(3), "{args:?}: {}", show(&o));
+        let err = text(&o.stderr);
+        assert!(err.contains(&url) && err.contains("--controller"), "{err}");
+        assert!(err.contains("hint:"), "{err}");
+        assert!(o.stdout.is_empty(), "{}", show(&o));
+    }
+    // The config file names the controller when nothing else does.
+    let cfg = home.path().join(".config/halo");
+    std::fs::create_dir_all(&cfg).expect("mkdir");
+    std::fs::write(
+        cfg.join("haloctl.toml"),
+        format!("controller = \"{url}\"\n"),
+    )
+    .expect("write");
+    let o = Command::new(HALOCTL)
+        .arg("nodes")
+        .env("HOME", home.path())
+        .env_remove("HALO_CONTROLLER")
+        .env_remove("XDG_CONFIG_HOME")
+        .output()
+        .expect("haloctl");
+    assert_eq!(o.status.code(), Some(3), "{}", show(&o));
+    assert!(text(&o.stderr).contains("haloctl.toml"), "{}", show(&o));
+}
+
+/// Runs `deploy/quickstart.sh down` for its directory when dropped, so a
+/// failed assertion leaves no process behind.
+struct Quickstart {
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl Quickstart {
+    fn run(&self, arg: &str) -> Output {
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/quickstart.sh");
+        let llama = tests::llama_bin("llama-server");
+        Command::new("bash")
+            .arg(script)
+            .arg(arg)
+            .env("HALO_LOCAL_DIR", self.dir.path().join("local"))
+            .env("HALO_LOCAL_PORT", self.port.to_string())
+            .env("HALO_LLAMA_BIN", llama.parent().expect("llama bin dir"))
+            .output()
+            .expect("run quickstart.sh")
+    }
+
+    /// Processes whose command line names the quick start's directory.
+    fn processes(&self) -> Vec<u32> {
+        let mark = self.dir.path().display().to_string();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|&pid| {
+                agent::procfs::cmdline(pid).is_some_and(|a| a.iter().any(|w| w.contains(&mark)))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Quickstart {
+    fn drop(&mut self) {
+        let _ = self.run("down");
+    }
+}
+
+#[test]
+fn quickstart_answers_runs_twice_and_down_leaves_no_process() {
+    let qs = Quickstart {
+        dir: tempfile::tempdir().expect("tempdir"),
+        port: crate::cluster::free_range(30).0,
+    };
+    let up = qs.run("up");
+    assert_eq!(up.status.code(), Some(0), "{}", show(&up));
+    let out = text(&up.stdout);
+    assert!(out.contains("$ haloctl place speed tiny"), "{out}");
+    assert!(out.contains("tiny  tiny   halo1  ready"), "{out}");
+    assert!(out.contains("\nanswer: "), "{out}");
+    assert!(out.contains("bash deploy/quickstart.sh down"), "{out}");
+    let servers = qs
+        .processes()
+        .into_iter()
+        .filter(|&p| {
+            agent::procfs::cmdline(p)
+                .is_some_and(|a| a.first().is_some_and(|w| w.ends_with("llama-server")))
+        })
+        .count();
+    assert_eq!(servers, 1, "one llama-server instance");
+
+    let again = qs.run("up");
+    assert_eq!(again.status.code(), Some(0), "{}", show(&again));
+    assert!(
+        text(&again.stderr).contains("already running"),
+        "{}",
+        show(&again)
+    );
+    assert!(
+        text(&again.stdout).contains("\nanswer: "),
+        "{}",
+        show(&again)
+    );
+
+    let down = qs.run("down");
+    assert_eq!(down.status.code(), Some(0), "{}", show(&down));
+    let left = wait_for(Duration::from_secs(10), || {
+        qs.processes().is_empty().then_some(())
+    });
+    assert!(left.is_some(), "left behind: {:?}", qs.processes());
+    assert!(!qs.dir.path().join("local").exists());
+}
