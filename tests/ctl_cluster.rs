@@ -249,6 +249,18 @@ fn haloctl_drives_a_local_cluster_from_nodes_to_a_completion_and_back() {
     let out = text(&ctl.run(&["endpoints"]).stdout);
     assert!(out.contains("Authorization: Bearer"), "{out}");
 
+    // logs: llama-server's own load log, through the controller and agent.
+    let o = ctl.run(&["logs", "tiny", "-n", "400"]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let out = text(&o.stdout);
+    assert!(out.contains("starting llama-server"), "{out}");
+    assert!(out.contains("buffer size"), "{out}");
+    let o = ctl.run(&["logs", "tiny", "--replica", "3"]);
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert!(text(&o.stderr).contains("no replica 3"), "{}", show(&o));
+    let o = ctl.run(&["logs", "nope"]);
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+
     // HALO_CONTROLLER works as well as --controller.
     let o = Command::new(HALOCTL)
         .arg("status")

@@ -161,6 +161,7 @@ fn status(l: Liveness) -> v1::NodeStatus {
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<v1::ClusterEvent, Status>> + Send>>;
+type LogStream = Pin<Box<dyn Stream<Item = Result<v1::LogLine, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl v1::controller_service_server::ControllerService for ControllerApi {
@@ -398,6 +399,79 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
     }
 
     type WatchEventsStream = EventStream;
+    type PlacementLogsStream = LogStream;
+
+    #[tracing::instrument(skip_all, fields(placement = %r.get_ref().placement.escape_debug()))]
+    async fn placement_logs(
+        &self,
+        r: Request<v1::PlacementLogsRequest>,
+    ) -> Result<Response<Self::PlacementLogsStream>, Status> {
+        let r = r.into_inner();
+        let (placed, _) = self.desired.placements().await?;
+        let p = placed
+            .into_iter()
+            .map(|v| v1::Placement::from(v.value))
+            .find(|p| p.name == r.placement)
+            .ok_or_else(|| Error::NotFound(format!("no placement `{}`", r.placement)))?;
+        let replica = p.replicas.get(r.replica as usize).ok_or_else(|| {
+            Error::NotFound(format!(
+                "placement `{}` has {} replica(s); there is no replica {}",
+                p.name,
+                p.replicas.len(),
+                r.replica
+            ))
+        })?;
+        let (node, instance) = instances_by_request(&self.observed)
+            .remove(&replica.request_id)
+            .ok_or_else(|| {
+                Error::FailedPrecondition(format!(
+                    "placement `{}` replica {} has no instance yet",
+                    p.name, r.replica
+                ))
+            })?;
+        let address = self
+            .observed
+            .read()
+            .get(&node)
+            .map(|n| n.config.address.clone())
+            .ok_or_else(|| Error::NotFound(format!("node `{node}` is not configured")))?;
+        // The agent being unreachable is a state of the cluster, not of this
+        // controller: FailedPrecondition, naming the node.
+        let agent_err =
+            |why: String| Error::FailedPrecondition(format!("node `{node}` at {address}: {why}"));
+        let mut agent =
+            crate::observe::agent_client(&address).map_err(|e| agent_err(e.to_string()))?;
+        let mut upstream = agent
+            .tail_logs(v1::TailLogsRequest {
+                instance_id: instance.id.clone(),
+                lines: r.lines,
+                follow: r.follow,
+            })
+            .await
+            .map_err(|s| agent_err(s.message().to_owned()))?
+            .into_inner();
+        let (tx, out) = mpsc::channel(256);
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let line = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tx.closed() => return,
+                    l = upstream.message() => l,
+                };
+                let item = match line {
+                    Ok(Some(l)) => Ok(l),
+                    Ok(None) => return,
+                    Err(s) => Err(s),
+                };
+                let end = item.is_err();
+                if tx.send(item).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+    }
 
     #[tracing::instrument(skip_all)]
     async fn watch_events(

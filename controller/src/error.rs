@@ -14,6 +14,10 @@ pub enum Error {
     /// The named thing does not exist.
     #[error("not found: {0}")]
     NotFound(String),
+    /// The request is valid but cannot be served in the current state
+    /// (e.g. a placement with no instance yet).
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// A concurrent write won; retry.
     #[error("conflict: {0}")]
     Conflict(String),
@@ -52,6 +56,7 @@ impl From<Error> for tonic::Status {
             Error::NotLeader => Code::FailedPrecondition,
             Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::NotFound(_) => Code::NotFound,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Conflict(_) => Code::Aborted,
             Error::Store(StoreError::Unavailable(_)) => Code::Unavailable,
             Error::Store(_) | Error::Corrupt { .. } => Code::Internal,

@@ -53,6 +53,11 @@ pub enum Command {
         after_help = "Examples:\n  haloctl endpoints\n  haloctl endpoints -o json | jq -r '.[] | select(.mode==\"code\") | .base_url'"
     )]
     Endpoints(ListArgs),
+    /// The log of a placement's llama-server, read through its agent.
+    #[command(
+        after_help = "Examples:\n  haloctl logs gpt-oss-20b\n  haloctl logs qwen3-coder-30b --replica 1 -n 200 -f"
+    )]
+    Logs(LogsArgs),
     /// What the controller decides and sees, streamed as it happens.
     #[command(after_help = "Examples:\n  haloctl events\n  haloctl events -o json --count 5")]
     Events(EventsArgs),
@@ -137,6 +142,22 @@ pub struct PlaceArgs {
 pub struct UnplaceArgs {
     /// Placement name (see `haloctl status`).
     pub name: String,
+}
+
+/// Arguments of `haloctl logs`.
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// Placement name (see `haloctl status`).
+    pub name: String,
+    /// Which replica (0 = the first).
+    #[arg(long, default_value_t = 0)]
+    pub replica: u32,
+    /// Lines from the end to show first.
+    #[arg(short = 'n', long, default_value_t = 100)]
+    pub lines: u32,
+    /// Keep printing new lines until the instance stops (Ctrl-C to quit).
+    #[arg(short, long)]
+    pub follow: bool,
 }
 
 /// Arguments of `haloctl events`.

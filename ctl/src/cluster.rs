@@ -5,7 +5,7 @@
 //! are snapshot-tested from fixed inputs.
 
 use crate::Failure;
-use crate::cli::{EventsArgs, ListArgs, PlanArgs, UnplaceArgs};
+use crate::cli::{EventsArgs, ListArgs, LogsArgs, PlanArgs, UnplaceArgs};
 use crate::client::Target;
 use crate::output::{Format, Table, bytes, print, print_json};
 use proto::v1;
@@ -604,6 +604,29 @@ pub fn unplace(t: &Target, a: &UnplaceArgs) -> Result<(), Failure> {
         a.name
     ));
     Ok(())
+}
+
+/// `haloctl logs`: the last lines of a placement's instance log, then new
+/// ones with `--follow` until the instance stops.
+pub fn logs(t: &Target, a: &LogsArgs) -> Result<(), Failure> {
+    let rt = crate::client::runtime()?;
+    rt.block_on(async {
+        let mut c = t.connect().await?;
+        let mut stream = c
+            .placement_logs(v1::PlacementLogsRequest {
+                placement: a.name.clone(),
+                replica: a.replica,
+                lines: a.lines,
+                follow: a.follow,
+            })
+            .await
+            .map_err(|s| t.status(s))?
+            .into_inner();
+        while let Some(line) = stream.message().await.map_err(|s| t.status(s))? {
+            print(&format!("{}\n", line.line));
+        }
+        Ok(())
+    })
 }
 
 /// `haloctl events`: streams until interrupted or `--count` events.

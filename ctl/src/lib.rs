@@ -61,6 +61,7 @@ where
         cli::Command::Status(a) => target().and_then(|t| cluster::status(&t, &a)),
         cli::Command::Endpoints(a) => target().and_then(|t| cluster::endpoints(&t, &a)),
         cli::Command::Events(a) => target().and_then(|t| cluster::events(&t, &a)),
+        cli::Command::Logs(a) => target().and_then(|t| cluster::logs(&t, &a)),
         cli::Command::Unplace(a) => target().and_then(|t| cluster::unplace(&t, &a)),
         cli::Command::Place(a) => target().and_then(|t| place::run(&t, &a)),
         cli::Command::Completions(a) => {

@@ -47,20 +47,14 @@ fn help(args: &[&str]) -> String {
 #[test]
 fn help_of_every_command_matches_its_snapshot() {
     check("help", &help(&["haloctl", "--help"]));
-    for cmd in [
-        "nodes",
-        "models",
-        "plan",
-        "place",
-        "unplace",
-        "status",
-        "endpoints",
-        "events",
-        "completions",
-        "inspect",
-        "memory",
-        "fixture",
-    ] {
+    // Every subcommand clap knows, so a new one cannot be missed.
+    use clap::CommandFactory;
+    let names: Vec<String> = crate::cli::Cli::command()
+        .get_subcommands()
+        .map(|c| c.get_name().to_owned())
+        .collect();
+    assert!(names.len() >= 12, "{names:?}");
+    for cmd in names.iter().map(String::as_str) {
         let h = help(&["haloctl", cmd, "--help"]);
         assert!(h.contains("Example"), "`{cmd} --help` has no example:\n{h}");
         check(&format!("help-{cmd}"), &h);
