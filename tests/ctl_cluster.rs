@@ -183,7 +183,7 @@ fn haloctl_drives_a_local_cluster_from_nodes_to_a_completion_and_back() {
     // events: a follower started before the placement sees it.
     let mut follower = ctl
         .cmd()
-        .args(["events", "-o", "json"])
+        .args(["events", "-f", "-o", "json"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -218,6 +218,19 @@ fn haloctl_drives_a_local_cluster_from_nodes_to_a_completion_and_back() {
     let placed = placed.expect("a `placed` event");
     let ev: serde_json::Value = serde_json::from_str(&placed).expect("event JSON");
     assert_eq!(ev["subject"], "tiny");
+    // Without -f: what happened recently, then exit.
+    let o = ctl.run(&["events", "-o", "json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(
+        text(&o.stdout)
+            .lines()
+            .any(|l| l.contains("\"kind\":\"placed\"")),
+        "{}",
+        show(&o)
+    );
+    let o = ctl.run(&["events", "-n", "0"]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(text(&o.stdout).is_empty(), "{}", show(&o));
 
     // status: the replica ready on halo1, estimate and real figures.
     let o = ctl.run(&["status", "-o", "json"]);

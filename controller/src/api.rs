@@ -476,12 +476,29 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
     #[tracing::instrument(skip_all)]
     async fn watch_events(
         &self,
-        _r: Request<v1::WatchEventsRequest>,
+        r: Request<v1::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
-        let mut rx = self.events.subscribe();
+        let r = r.into_inner();
+        let (recent, mut rx) = self
+            .events
+            .recent_and_subscribe(r.recent.map(|n| n as usize));
         let (tx, out) = mpsc::channel(64);
         let shutdown = self.shutdown.clone();
+        let wire = |e: crate::events::ClusterEvent| v1::ClusterEvent {
+            at_unix_ms: e.at_unix_ms,
+            kind: e.kind,
+            subject: e.subject,
+            message: e.message,
+        };
         tokio::spawn(async move {
+            for e in recent {
+                if tx.send(Ok(wire(e))).await.is_err() {
+                    return;
+                }
+            }
+            if !r.follow {
+                return;
+            }
             loop {
                 let e = tokio::select! {
                     () = shutdown.cancelled() => return,
@@ -498,13 +515,7 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
                     },
                     Err(broadcast::error::RecvError::Closed) => return,
                 };
-                let w = v1::ClusterEvent {
-                    at_unix_ms: e.at_unix_ms,
-                    kind: e.kind,
-                    subject: e.subject,
-                    message: e.message,
-                };
-                if tx.send(Ok(w)).await.is_err() {
+                if tx.send(Ok(wire(e))).await.is_err() {
                     return;
                 }
             }

@@ -58,8 +58,10 @@ pub enum Command {
         after_help = "Examples:\n  haloctl logs gpt-oss-20b\n  haloctl logs qwen3-coder-30b --replica 1 -n 200 -f"
     )]
     Logs(LogsArgs),
-    /// What the controller decides and sees, streamed as it happens.
-    #[command(after_help = "Examples:\n  haloctl events\n  haloctl events -o json --count 5")]
+    /// What the controller decided and saw recently; `-f` streams new events.
+    #[command(
+        after_help = "Examples:\n  haloctl events\n  haloctl events -f -n 0\n  haloctl events -f -o json --count 5"
+    )]
     Events(EventsArgs),
     /// Shell completions for bash, zsh or fish, on stdout.
     #[command(after_help = "Examples:\n  \
@@ -163,7 +165,14 @@ pub struct LogsArgs {
 /// Arguments of `haloctl events`.
 #[derive(Debug, Args)]
 pub struct EventsArgs {
-    /// Stop after this many events (default: stream until interrupted).
+    /// Keep printing new events as they happen (Ctrl-C to stop).
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Recent events to show first (default: all the controller keeps, up
+    /// to 256).
+    #[arg(short = 'n', long = "recent", value_name = "N")]
+    pub recent: Option<u32>,
+    /// Stop after printing this many events.
     #[arg(long, value_name = "N")]
     pub count: Option<u64>,
     /// Output format (`json`: one object per line).

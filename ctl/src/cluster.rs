@@ -629,24 +629,34 @@ pub fn logs(t: &Target, a: &LogsArgs) -> Result<(), Failure> {
     })
 }
 
-/// `haloctl events`: streams until interrupted or `--count` events.
+/// `haloctl events`: the recent events, then (with `--follow`) new ones
+/// until interrupted or `--count` events.
 pub fn events(t: &Target, a: &EventsArgs) -> Result<(), Failure> {
     use tokio_stream::StreamExt;
     let rt = crate::client::runtime()?;
     rt.block_on(async {
         let mut c = t.connect().await?;
         let mut stream = c
-            .watch_events(v1::WatchEventsRequest {})
+            .watch_events(v1::WatchEventsRequest {
+                follow: a.follow,
+                recent: a.recent,
+            })
             .await
             .map_err(|s| t.status(s))?
             .into_inner();
-        if a.output == Format::Table {
+        if a.follow && a.output == Format::Table {
             eprintln!("haloctl: streaming events from {} (Ctrl-C to stop)", t.url);
         }
         let mut n = 0u64;
         while a.count.is_none_or(|max| n < max) {
             let Some(e) = stream.next().await else {
-                return Err(t.unreachable("the event stream ended"));
+                if a.follow {
+                    return Err(t.unreachable("the event stream ended"));
+                }
+                if n == 0 && a.output == Format::Table {
+                    eprintln!("haloctl: no events yet");
+                }
+                return Ok(());
             };
             let e = e.map_err(|s| t.status(s))?;
             let j = EventJson {

@@ -84,7 +84,10 @@ async fn main() {
         .into_inner();
     assert!(r.accepted, "{:?}", r.explanation);
     let mut events = c
-        .watch_events(v1::WatchEventsRequest {})
+        .watch_events(v1::WatchEventsRequest {
+            follow: true,
+            recent: Some(0),
+        })
         .await
         .expect("events")
         .into_inner();
