@@ -39,7 +39,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    init_tracing();
+    proto::runtime::init_tracing();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -60,7 +60,7 @@ pub fn main() -> ExitCode {
                 return ExitCode::from(e.exit_code());
             }
         };
-        tokio::spawn(cancel_on_signal(shutdown));
+        tokio::spawn(proto::runtime::cancel_on_signal(shutdown));
         match daemon.run().await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -70,39 +70,4 @@ pub fn main() -> ExitCode {
             }
         }
     })
-}
-
-/// Cancels `token` on the first SIGTERM or SIGINT.
-async fn cancel_on_signal(token: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM"),
-        _ = int.recv() => tracing::info!("SIGINT"),
-    }
-    token.cancel();
-}
-
-/// Logs to stderr, filtered by `HALO_LOG`, else `RUST_LOG`, else `info`.
-fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
-    let filter = std::env::var("HALO_LOG")
-        .or_else(|_| std::env::var("RUST_LOG"))
-        .ok()
-        .and_then(|f| EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::env::var("HALO_LOG_FORMAT").is_ok_and(|f| f == "json") {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }

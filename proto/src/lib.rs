@@ -32,5 +32,6 @@ pub mod etcd {
 
 pub mod domain;
 pub mod notify;
+pub mod runtime;
 
 pub use domain::ConversionError;
