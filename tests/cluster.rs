@@ -372,3 +372,49 @@ pub async fn wait_nodes(
 pub fn write_catalog(path: &Path, toml: &str) {
     std::fs::write(path, toml).expect("write catalog");
 }
+
+/// The tiny model in the catalog, serving code and ask.
+pub const TINY_CATALOG: &str = r#"
+[[models]]
+name = "tiny"
+model_id = "tiny.gguf"
+default_context = 256
+min_context = 256
+modes = ["code", "ask"]
+"#;
+
+/// Two started `speed` agents, halo1 and halo2, each holding the tiny
+/// model, with `ports` instance ports each.
+pub fn tiny_speed_pair(dir: &Path, ports: u16) -> [AgentNode; 2] {
+    let mut nodes = [
+        AgentNode::new(dir, "halo1", &["speed"], ports),
+        AgentNode::new(dir, "halo2", &["speed"], ports),
+    ];
+    for n in &mut nodes {
+        agent::gguf::fixtures::write_tiny_llama(&n.models.join("tiny.gguf"), 7)
+            .expect("tiny model");
+        n.start();
+    }
+    nodes
+}
+
+/// A controller (not yet started) on the embedded store in `dir`, knowing
+/// `nodes` and the [`TINY_CATALOG`], with `extra` flags.
+pub fn tiny_controller(dir: &Path, nodes: &[AgentNode], extra: &[&str]) -> ControllerProc {
+    let catalog = dir.join("catalog.toml");
+    write_catalog(&catalog, TINY_CATALOG);
+    let node_list: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("{}={}", n.name, n.address()))
+        .collect();
+    let mut args = vec![
+        "--store-path".to_owned(),
+        dir.join("state.json").display().to_string(),
+        "--node".to_owned(),
+        node_list.join(","),
+        "--catalog".to_owned(),
+        catalog.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    ControllerProc::new(dir, "controller", &args)
+}

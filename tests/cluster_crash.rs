@@ -5,9 +5,8 @@
 //! exactly one instance: a start retried after a crash carries the same
 //! request id, so the agent returns the instance it already started.
 
-use crate::cluster::{AgentNode, ControllerProc, connect, eventually, wait_nodes, write_catalog};
-use crate::cluster_failover::{TINY_CATALOG, live_instances};
-use agent::gguf::fixtures::write_tiny_llama;
+use crate::cluster::{connect, eventually, tiny_controller, tiny_speed_pair, wait_nodes};
+use crate::cluster_failover::live_instances;
 use proto::v1;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -40,31 +39,13 @@ async fn controller_killed_at_random_points_loses_no_placement_and_starts_no_dup
     eprintln!("HALO_CRASH_SEED={seed}");
     let mut rng = Lcg(seed);
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut a = AgentNode::new(dir.path(), "halo1", &["speed"], 12);
-    let mut b = AgentNode::new(dir.path(), "halo2", &["speed"], 12);
-    for n in [&a, &b] {
-        write_tiny_llama(&n.models.join("tiny.gguf"), 7).expect("tiny model");
-    }
-    a.start();
-    b.start();
-    let catalog = dir.path().join("catalog.toml");
-    write_catalog(&catalog, TINY_CATALOG);
-    let mut ctl = ControllerProc::new(
+    let nodes = tiny_speed_pair(dir.path(), 12);
+    let mut ctl = tiny_controller(
         dir.path(),
-        "controller",
-        &[
-            "--store-path".into(),
-            dir.path().join("state.json").display().to_string(),
-            "--node".into(),
-            format!("halo1={},halo2={}", a.address(), b.address()),
-            "--catalog".into(),
-            catalog.display().to_string(),
-            "--heartbeat-ms".into(),
-            "200".into(),
-            "--requeue-ms".into(),
-            "200".into(),
-        ],
+        &nodes,
+        &["--heartbeat-ms", "200", "--requeue-ms", "200"],
     );
+    let [a, b] = &nodes;
     ctl.start();
     let mut acknowledged: Vec<String> = Vec::new();
     let mut kills = 0;

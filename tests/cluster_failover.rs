@@ -6,10 +6,7 @@
 //! unreachable, the placement moves to the other node and answers there;
 //! when the agent comes back with the stale instance, exactly one remains.
 
-use crate::cluster::{
-    AgentNode, Client, ControllerProc, connect, eventually, wait_nodes, write_catalog,
-};
-use agent::gguf::fixtures::write_tiny_llama;
+use crate::cluster::{Client, connect, eventually, tiny_controller, tiny_speed_pair, wait_nodes};
 use proto::v1;
 use std::time::{Duration, Instant};
 
@@ -75,48 +72,25 @@ pub async fn live_instances(c: &mut Client) -> Vec<(String, v1::Instance)> {
         .collect()
 }
 
-/// The tiny model in the catalog, serving code and ask.
-pub const TINY_CATALOG: &str = r#"
-[[models]]
-name = "tiny"
-model_id = "tiny.gguf"
-default_context = 256
-min_context = 256
-modes = ["code", "ask"]
-"#;
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn floating_placement_moves_off_a_lost_node_and_one_instance_remains_when_it_returns() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut a = AgentNode::new(dir.path(), "halo1", &["speed"], 4);
-    let mut b = AgentNode::new(dir.path(), "halo2", &["speed"], 4);
-    for n in [&a, &b] {
-        write_tiny_llama(&n.models.join("tiny.gguf"), 7).expect("tiny model");
-    }
-    a.start();
-    b.start();
-    let catalog = dir.path().join("catalog.toml");
-    write_catalog(&catalog, TINY_CATALOG);
-    let mut ctl = ControllerProc::new(
+    let nodes = tiny_speed_pair(dir.path(), 4);
+    let mut ctl = tiny_controller(
         dir.path(),
-        "controller",
+        &nodes,
         &[
-            "--store-path".into(),
-            dir.path().join("state.json").display().to_string(),
-            "--node".into(),
-            format!("halo1={},halo2={}", a.address(), b.address()),
-            "--catalog".into(),
-            catalog.display().to_string(),
-            "--grace-ms".into(),
-            "1000".into(),
-            "--heartbeat-ms".into(),
-            "250".into(),
-            "--move-after-secs".into(),
-            "3".into(),
-            "--requeue-ms".into(),
-            "300".into(),
+            "--grace-ms",
+            "1000",
+            "--heartbeat-ms",
+            "250",
+            "--move-after-secs",
+            "3",
+            "--requeue-ms",
+            "300",
         ],
     );
+    let [mut a, mut b] = nodes;
     ctl.start();
     let mut c = connect(&ctl.url()).await;
     assert!(

@@ -4,10 +4,11 @@
 //! agent: its term lapsed on its own clock, its writes compare the leader
 //! key, and the agent refuses its (older) leader revision.
 
+use crate::cluster::TINY_CATALOG;
 use crate::cluster::{
     AgentNode, Client, ControllerProc, Etcd, connect, eventually, wait_nodes, write_catalog,
 };
-use crate::cluster_failover::{TINY_CATALOG, live_instances};
+use crate::cluster_failover::live_instances;
 use agent::gguf::fixtures::write_tiny_llama;
 use proto::v1;
 use proto::v1::agent_service_client::AgentServiceClient;

@@ -13,8 +13,7 @@
 #[path = "../cluster.rs"]
 mod cluster;
 
-use agent::gguf::fixtures::write_tiny_llama;
-use cluster::{AgentNode, ControllerProc, connect, eventually, wait_nodes, write_catalog};
+use cluster::{connect, eventually, tiny_controller, tiny_speed_pair, wait_nodes};
 use proto::v1;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -35,33 +34,9 @@ fn median(mut v: Vec<i64>) -> i64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut nodes = [
-        AgentNode::new(dir.path(), "halo1", &["speed"], 4),
-        AgentNode::new(dir.path(), "halo2", &["speed"], 4),
-    ];
-    for n in &mut nodes {
-        write_tiny_llama(&n.models.join("tiny.gguf"), 7).expect("tiny model");
-        n.start();
-    }
-    let catalog = dir.path().join("catalog.toml");
-    write_catalog(
-        &catalog,
-        "[[models]]\nname = \"tiny\"\nmodel_id = \"tiny.gguf\"\ndefault_context = 256\nmin_context = 256\nmodes = [\"code\"]\n",
-    );
-    let mut ctl = ControllerProc::new(
-        dir.path(),
-        "controller",
-        &[
-            "--store-path".into(),
-            dir.path().join("state.json").display().to_string(),
-            "--node".into(),
-            format!("halo1={},halo2={}", nodes[0].address(), nodes[1].address()),
-            "--catalog".into(),
-            catalog.display().to_string(),
-            "--move-after-secs".into(),
-            (MOVE_AFTER_MS / 1000).to_string(),
-        ],
-    );
+    let mut nodes = tiny_speed_pair(dir.path(), 4);
+    let move_after = (MOVE_AFTER_MS / 1000).to_string();
+    let mut ctl = tiny_controller(dir.path(), &nodes, &["--move-after-secs", &move_after]);
     ctl.start();
     let mut c = connect(&ctl.url()).await;
     assert!(
