@@ -244,6 +244,7 @@ fn start_request(
         options: Some(options),
         generation: 1,
         leader_revision: 0,
+        kind: 0,
     }
 }
 

@@ -90,6 +90,7 @@ impl Daemon {
             labels: config.labels.clone(),
             agent_address: addr.to_string(),
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            ..NodeIdentity::default()
         };
         let supervisor = Supervisor::new(Arc::new(config), store, node, shutdown.clone())?;
         Ok(Daemon {

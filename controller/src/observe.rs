@@ -395,6 +395,7 @@ mod tests {
 
     fn instance(state: InstanceState, observed: ObservedBuffers) -> Instance {
         Instance {
+            kind: proto::domain::InstanceKind::LlamaServer,
             id: "i1".into(),
             model_id: "m.gguf".into(),
             state,

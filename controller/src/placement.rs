@@ -791,6 +791,7 @@ pub fn place(
             })
             .collect(),
         paused: req.paused,
+        split: None,
     };
     let where_: Vec<String> = placement.replicas.iter().map(|r| r.node.clone()).collect();
     explanation.insert(

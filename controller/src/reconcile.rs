@@ -293,6 +293,7 @@ impl Reconciler {
             options: Some(p.instance_options()),
             generation: r.generation,
             leader_revision: term,
+            kind: v1::InstanceKind::LlamaServer as i32,
         };
         let (node, address, name) = (node.to_owned(), address.to_owned(), p.name.clone());
         let (observed, events, inflight, backoff) = (

@@ -118,6 +118,7 @@ fn main() {
                 generation: 1,
             }],
             paused: false,
+            split: None,
         })
         .collect();
     time("1,000 nodes, 10,000 placements", 50, || {

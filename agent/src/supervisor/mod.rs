@@ -135,6 +135,7 @@ impl Slot {
     fn view(&self, config: &Config) -> Instance {
         let r = &self.record;
         Instance {
+            kind: proto::domain::InstanceKind::LlamaServer,
             id: r.id.clone(),
             model_id: r.model_id.clone(),
             state: self.state,
@@ -836,6 +837,7 @@ fn unmanaged_view(pid: u32, memory: Option<proto::domain::ProcessMemory>) -> Ins
         command_line.push('…');
     }
     Instance {
+        kind: proto::domain::InstanceKind::LlamaServer,
         id: format!("{UNMANAGED_PREFIX}{pid}"),
         model_id: String::new(),
         state: InstanceState::Unmanaged,

@@ -159,6 +159,10 @@ pub struct CatalogEntry {
     /// llama-server slots (`-np`).
     #[serde(default = "one")]
     pub parallel: u32,
+    /// Placement may split the model across nodes (llama.cpp RPC) when no
+    /// single node fits it.
+    #[serde(default)]
+    pub allow_split: bool,
 }
 
 fn default_context() -> u32 {
@@ -188,6 +192,7 @@ impl CatalogEntry {
             priority: 0,
             modes: Vec::new(),
             parallel: 1,
+            allow_split: false,
         }
     }
 
@@ -283,6 +288,7 @@ impl From<CatalogEntry> for v1::CatalogEntry {
             file_size_bytes: 0,
             min_context: e.min_context,
             parallel: e.parallel,
+            allow_split: e.allow_split,
         }
     }
 }
@@ -332,6 +338,7 @@ impl TryFrom<v1::CatalogEntry> for CatalogEntry {
             priority: e.priority,
             modes,
             parallel: e.parallel.max(1),
+            allow_split: e.allow_split,
         };
         entry.validate()?;
         Ok(entry)

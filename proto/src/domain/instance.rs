@@ -26,6 +26,56 @@ pub const MAX_ALIAS_LEN: usize = 128;
 pub const MAX_EXTRA_FLAGS: usize = 32;
 /// Longest extra flag entry.
 pub const MAX_EXTRA_FLAG_LEN: usize = 256;
+/// Most RPC servers one llama-server may use.
+pub const MAX_RPC_SERVERS: usize = 16;
+/// Largest `--tensor-split` proportion.
+pub const MAX_TENSOR_SPLIT: u32 = 1_000_000;
+
+/// What program an instance runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum InstanceKind {
+    /// llama-server.
+    #[default]
+    LlamaServer,
+    /// ggml-rpc-server: a helper's share of a split model, used by one
+    /// llama-server on another node.
+    RpcServer,
+}
+
+impl InstanceKind {
+    /// Lower-case name for people and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceKind::LlamaServer => "llama-server",
+            InstanceKind::RpcServer => "rpc-server",
+        }
+    }
+}
+
+impl From<InstanceKind> for v1::InstanceKind {
+    fn from(k: InstanceKind) -> Self {
+        match k {
+            InstanceKind::LlamaServer => v1::InstanceKind::LlamaServer,
+            InstanceKind::RpcServer => v1::InstanceKind::RpcServer,
+        }
+    }
+}
+
+impl InstanceKind {
+    /// The kind a wire value names (unspecified = llama-server).
+    pub fn from_wire(v: i32) -> Result<InstanceKind, ConversionError> {
+        match v1::InstanceKind::try_from(v) {
+            Ok(v1::InstanceKind::Unspecified | v1::InstanceKind::LlamaServer) => {
+                Ok(InstanceKind::LlamaServer)
+            }
+            Ok(v1::InstanceKind::RpcServer) => Ok(InstanceKind::RpcServer),
+            Err(_) => Err(ConversionError::Invalid {
+                field: "kind",
+                reason: format!("unknown instance kind {v}"),
+            }),
+        }
+    }
+}
 
 /// Where an instance is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -279,6 +329,15 @@ pub struct InstanceOptions {
     pub extra_flags: Vec<String>,
     /// Allow `context_size` above the model's trained maximum.
     pub allow_context_over_trained: bool,
+    /// `--rpc`: the helpers' ggml-rpc-servers, in device order.
+    #[serde(default)]
+    pub rpc_servers: Vec<std::net::SocketAddr>,
+    /// `--tensor-split`: one proportion per device (RPC servers first).
+    #[serde(default)]
+    pub tensor_split: Vec<u32>,
+    /// ggml-rpc-server: the only host allowed to use it.
+    #[serde(default)]
+    pub rpc_client: Option<std::net::IpAddr>,
 }
 
 impl From<InstanceOptions> for v1::InstanceOptions {
@@ -296,6 +355,9 @@ impl From<InstanceOptions> for v1::InstanceOptions {
             alias: o.alias,
             extra_flags: o.extra_flags,
             allow_context_over_trained: o.allow_context_over_trained,
+            rpc_servers: o.rpc_servers.iter().map(ToString::to_string).collect(),
+            tensor_split: o.tensor_split,
+            rpc_client: o.rpc_client.map(|a| a.to_string()).unwrap_or_default(),
         }
     }
 }
@@ -367,7 +429,56 @@ impl TryFrom<v1::InstanceOptions> for InstanceOptions {
                 ),
             });
         }
+        if o.rpc_servers.len() > MAX_RPC_SERVERS {
+            return Err(ConversionError::Invalid {
+                field: "rpc_servers",
+                reason: format!("{} entries, at most {MAX_RPC_SERVERS}", o.rpc_servers.len()),
+            });
+        }
+        let rpc_servers = o
+            .rpc_servers
+            .iter()
+            .map(|a| {
+                a.parse::<std::net::SocketAddr>()
+                    .ok()
+                    .filter(|s| s.port() != 0 && !s.ip().is_unspecified())
+                    .ok_or_else(|| ConversionError::Invalid {
+                        field: "rpc_servers",
+                        reason: format!("`{}` is not IP:port", a.escape_debug()),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if !o.tensor_split.is_empty()
+            && (o.tensor_split.len() > MAX_RPC_SERVERS + 8
+                || o.tensor_split.iter().any(|&t| t > MAX_TENSOR_SPLIT)
+                || o.tensor_split.iter().all(|&t| t == 0))
+        {
+            return Err(ConversionError::Invalid {
+                field: "tensor_split",
+                reason: format!(
+                    "at most {} proportions of 0..={MAX_TENSOR_SPLIT}, not all zero",
+                    MAX_RPC_SERVERS + 8
+                ),
+            });
+        }
+        let rpc_client = if o.rpc_client.is_empty() {
+            None
+        } else {
+            Some(
+                o.rpc_client
+                    .parse::<std::net::IpAddr>()
+                    .ok()
+                    .filter(|a| !a.is_unspecified())
+                    .ok_or_else(|| ConversionError::Invalid {
+                        field: "rpc_client",
+                        reason: format!("`{}` is not an IP address", o.rpc_client.escape_debug()),
+                    })?,
+            )
+        };
         Ok(InstanceOptions {
+            rpc_servers,
+            tensor_split: o.tensor_split,
+            rpc_client,
             context_size: o.context_size,
             parallel,
             cache_type_k: cache_type_from_wire("cache_type_k", o.cache_type_k)?,
@@ -576,6 +687,9 @@ pub struct Instance {
     pub request_id: String,
     /// For unmanaged instances, the process's command line.
     pub command_line: String,
+    /// llama-server or ggml-rpc-server.
+    #[serde(default)]
+    pub kind: InstanceKind,
 }
 
 impl From<Instance> for v1::Instance {
@@ -597,6 +711,7 @@ impl From<Instance> for v1::Instance {
             api_key: i.api_key,
             request_id: i.request_id,
             command_line: i.command_line,
+            kind: v1::InstanceKind::from(i.kind) as i32,
         }
     }
 }
@@ -630,6 +745,7 @@ impl TryFrom<v1::Instance> for Instance {
             api_key: i.api_key,
             request_id: i.request_id,
             command_line: i.command_line,
+            kind: InstanceKind::from_wire(i.kind)?,
         })
     }
 }
@@ -680,6 +796,9 @@ mod tests {
             alias: "qwen3-coder:30b".into(),
             extra_flags: vec!["--jinja".into()],
             allow_context_over_trained: false,
+            rpc_servers: vec!["10.0.0.2:50052".parse().expect("addr")],
+            tensor_split: vec![30, 31],
+            rpc_client: Some("10.0.0.1".parse().expect("ip")),
         };
         let back = InstanceOptions::try_from(v1::InstanceOptions::from(o.clone()));
         assert_eq!(back, Ok(o));

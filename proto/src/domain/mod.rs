@@ -10,13 +10,13 @@ pub mod placement;
 
 pub use catalog::{CatalogEntry, EditorMode};
 pub use instance::{
-    CacheType, Instance, InstanceOptions, InstanceState, LogLine, MemoryBreakdown, ObservedBuffers,
-    UnknownCacheType,
+    CacheType, Instance, InstanceKind, InstanceOptions, InstanceState, LogLine, MemoryBreakdown,
+    ObservedBuffers, UnknownCacheType,
 };
 pub use memory::{GpuMemory, MemoryReport, ProcessMemory};
 pub use model::{ModelFile, ModelParams, ModelStatus};
 pub use node::{AgentEvent, AgentEventKind, NodeIdentity, Snapshot};
-pub use placement::{Placement, PlacementOptions, Replica, ReplicaKey};
+pub use placement::{Placement, PlacementOptions, Replica, ReplicaKey, SplitPlan, SplitShare};
 
 /// A wire message that does not describe a valid domain value.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -76,6 +76,16 @@ pub struct ModelParams {
     /// `{arch}.expert_feed_forward_length`: one expert's FFN width, 0 when
     /// the header does not say.
     pub expert_feed_forward_length: u64,
+    /// Tensor bytes of each block (`blk.N.*`), one per block (empty when
+    /// the reader did not sum them).
+    #[serde(default)]
+    pub block_weight_bytes: Vec<u64>,
+    /// Tensor bytes of the input embedding (`token_embd*`).
+    #[serde(default)]
+    pub input_weight_bytes: u64,
+    /// Tensor bytes of the output head (`output*`).
+    #[serde(default)]
+    pub output_weight_bytes: u64,
 }
 
 /// Whether a model file could be read.
@@ -138,6 +148,9 @@ impl From<ModelParams> for v1::ModelParams {
             tensor_count: p.tensor_count,
             split_count: p.split_count,
             expert_feed_forward_length: p.expert_feed_forward_length,
+            block_weight_bytes: p.block_weight_bytes,
+            input_weight_bytes: p.input_weight_bytes,
+            output_weight_bytes: p.output_weight_bytes,
         }
     }
 }
@@ -152,6 +165,7 @@ impl TryFrom<v1::ModelParams> for ModelParams {
             ("head_count_kv", p.head_count_kv.len()),
             ("swa_layers", p.swa_layers.len()),
             ("recurrent_layers", p.recurrent_layers.len()),
+            ("block_weight_bytes", p.block_weight_bytes.len()),
         ] {
             // Empty means "not given"; otherwise one entry per layer.
             if len != 0 && len != layers {
@@ -195,6 +209,9 @@ impl TryFrom<v1::ModelParams> for ModelParams {
             tensor_count: p.tensor_count,
             split_count: p.split_count,
             expert_feed_forward_length: p.expert_feed_forward_length,
+            block_weight_bytes: p.block_weight_bytes,
+            input_weight_bytes: p.input_weight_bytes,
+            output_weight_bytes: p.output_weight_bytes,
         })
     }
 }

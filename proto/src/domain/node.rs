@@ -20,6 +20,16 @@ pub struct NodeIdentity {
     pub agent_address: String,
     /// The agent's version.
     pub agent_version: String,
+    /// `llama-server --version` of the node's llama.cpp build; empty when
+    /// unknown. Nodes of a split must run the same build.
+    #[serde(default)]
+    pub llama_version: String,
+    /// Whether the agent can start ggml-rpc-server.
+    #[serde(default)]
+    pub rpc_server_available: bool,
+    /// Non-CPU devices llama-server offloads layers to (empty: CPU only).
+    #[serde(default)]
+    pub gpu_devices: Vec<String>,
 }
 
 impl From<NodeIdentity> for v1::NodeIdentity {
@@ -30,6 +40,9 @@ impl From<NodeIdentity> for v1::NodeIdentity {
             labels: n.labels.into_iter().collect(),
             agent_address: n.agent_address,
             agent_version: n.agent_version,
+            llama_version: n.llama_version,
+            rpc_server_available: n.rpc_server_available,
+            gpu_devices: n.gpu_devices,
         }
     }
 }
@@ -42,6 +55,9 @@ impl From<v1::NodeIdentity> for NodeIdentity {
             labels: n.labels.into_iter().collect(),
             agent_address: n.agent_address,
             agent_version: n.agent_version,
+            llama_version: n.llama_version,
+            rpc_server_available: n.rpc_server_available,
+            gpu_devices: n.gpu_devices,
         }
     }
 }

@@ -62,6 +62,131 @@ pub struct Placement {
     pub replicas: Vec<Replica>,
     /// Memory is held but no instance is started.
     pub paused: bool,
+    /// Set when the model runs split across nodes with llama.cpp RPC; the
+    /// placement then has one replica, on the host share's node.
+    #[serde(default)]
+    pub split: Option<SplitPlan>,
+}
+
+/// One node's part of a split model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitShare {
+    /// Node.
+    pub node: String,
+    /// Runs llama-server; the other shares run ggml-rpc-server.
+    pub host: bool,
+    /// Repeating layers (blocks) on this node.
+    pub layers: u32,
+    /// Weights on this node.
+    pub weights_bytes: u64,
+    /// KV cache on this node (it follows the layers).
+    pub kv_bytes: u64,
+    /// Compute buffers on this node.
+    pub compute_bytes: u64,
+    /// Logits buffer (host only).
+    pub output_bytes: u64,
+    /// Sum of the four.
+    pub total_bytes: u64,
+    /// Margin kept on top of `total_bytes`.
+    pub margin_bytes: u64,
+    /// Free memory on the node before this placement.
+    pub free_bytes: u64,
+    /// The node's `--tensor-split` proportion.
+    pub tensor_split: u32,
+}
+
+/// How a split model runs: shares in llama.cpp's device order (RPC
+/// helpers first, the host last) and what splitting costs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitPlan {
+    /// Shares, helpers first, host last.
+    pub shares: Vec<SplitShare>,
+    /// Activation bytes crossing the network per generated token.
+    pub traffic_bytes_per_token: u64,
+    /// Why it is split and what it costs, in words.
+    pub notes: Vec<String>,
+}
+
+impl SplitPlan {
+    /// The host share (runs llama-server).
+    pub fn host(&self) -> Option<&SplitShare> {
+        self.shares.iter().find(|s| s.host)
+    }
+
+    /// The helper shares with their 1-based share numbers (as in request
+    /// ids), in device order.
+    pub fn helpers(&self) -> impl Iterator<Item = (u32, &SplitShare)> {
+        self.shares
+            .iter()
+            .filter(|s| !s.host)
+            .enumerate()
+            .map(|(k, s)| (u32::try_from(k + 1).unwrap_or(u32::MAX), s))
+    }
+
+    /// Bytes the plan puts on `node` (total plus margin).
+    pub fn bytes_on(&self, node: &str) -> u64 {
+        self.shares
+            .iter()
+            .filter(|s| s.node == node)
+            .map(|s| s.total_bytes + s.margin_bytes)
+            .sum()
+    }
+}
+
+impl From<SplitShare> for v1::SplitShare {
+    fn from(s: SplitShare) -> Self {
+        v1::SplitShare {
+            node: s.node,
+            host: s.host,
+            layers: s.layers,
+            weights_bytes: s.weights_bytes,
+            kv_bytes: s.kv_bytes,
+            compute_bytes: s.compute_bytes,
+            output_bytes: s.output_bytes,
+            total_bytes: s.total_bytes,
+            margin_bytes: s.margin_bytes,
+            free_bytes: s.free_bytes,
+            tensor_split: s.tensor_split,
+        }
+    }
+}
+
+impl From<v1::SplitShare> for SplitShare {
+    fn from(s: v1::SplitShare) -> Self {
+        SplitShare {
+            node: s.node,
+            host: s.host,
+            layers: s.layers,
+            weights_bytes: s.weights_bytes,
+            kv_bytes: s.kv_bytes,
+            compute_bytes: s.compute_bytes,
+            output_bytes: s.output_bytes,
+            total_bytes: s.total_bytes,
+            margin_bytes: s.margin_bytes,
+            free_bytes: s.free_bytes,
+            tensor_split: s.tensor_split,
+        }
+    }
+}
+
+impl From<SplitPlan> for v1::SplitPlan {
+    fn from(p: SplitPlan) -> Self {
+        v1::SplitPlan {
+            shares: p.shares.into_iter().map(Into::into).collect(),
+            traffic_bytes_per_token: p.traffic_bytes_per_token,
+            notes: p.notes,
+        }
+    }
+}
+
+impl From<v1::SplitPlan> for SplitPlan {
+    fn from(p: v1::SplitPlan) -> Self {
+        SplitPlan {
+            shares: p.shares.into_iter().map(Into::into).collect(),
+            traffic_bytes_per_token: p.traffic_bytes_per_token,
+            notes: p.notes,
+        }
+    }
 }
 
 /// A request id split into its parts.
@@ -73,15 +198,33 @@ pub struct ReplicaKey {
     pub index: u32,
     /// Generation.
     pub generation: u64,
+    /// 0 for the replica's llama-server; k ≥ 1 for the k-th helper
+    /// ggml-rpc-server of a split.
+    pub share: u32,
 }
 
 impl ReplicaKey {
-    /// The deterministic StartInstance request id.
+    /// The deterministic StartInstance request id:
+    /// `halo.NAME.rINDEX.gGEN`, or `halo.NAME.rINDEXsSHARE.gGEN` for a
+    /// split's helper.
     pub fn request_id(&self) -> String {
+        let share = if self.share == 0 {
+            String::new()
+        } else {
+            format!("s{}", self.share)
+        };
         format!(
-            "{REQUEST_ID_PREFIX}{}.r{}.g{}",
+            "{REQUEST_ID_PREFIX}{}.r{}{share}.g{}",
             self.placement, self.index, self.generation
         )
+    }
+
+    /// The key of helper `share` of the same replica and generation.
+    pub fn helper(&self, share: u32) -> ReplicaKey {
+        ReplicaKey {
+            share,
+            ..self.clone()
+        }
     }
 
     /// Parses a request id made by [`ReplicaKey::request_id`]; `None` for
@@ -91,10 +234,15 @@ impl ReplicaKey {
         let (rest, generation) = rest.rsplit_once(".g")?;
         let (placement, index) = rest.rsplit_once(".r")?;
         check_name("placement", placement).ok()?;
+        let (index, share) = match index.split_once('s') {
+            Some((i, s)) => (i, s.parse().ok().filter(|&s| s > 0)?),
+            None => (index, 0),
+        };
         Some(ReplicaKey {
             placement: placement.to_owned(),
             index: index.parse().ok()?,
             generation: generation.parse().ok()?,
+            share,
         })
     }
 }
@@ -106,6 +254,7 @@ impl Placement {
             placement: self.name.clone(),
             index: r.index,
             generation: r.generation,
+            share: 0,
         }
     }
 
@@ -137,6 +286,7 @@ impl From<Placement> for v1::Placement {
                     generation: r.generation,
                     request_id: p.key(r).request_id(),
                     instance: None,
+                    helpers: Vec::new(),
                 })
                 .collect(),
             name: p.name,
@@ -148,6 +298,7 @@ impl From<Placement> for v1::Placement {
             estimate_bytes: p.estimate_bytes,
             priority: p.priority,
             paused: p.paused,
+            split: p.split.map(Into::into),
         }
     }
 }
@@ -190,6 +341,7 @@ impl TryFrom<v1::Placement> for Placement {
                 })
                 .collect(),
             paused: p.paused,
+            split: p.split.map(Into::into),
         })
     }
 }
@@ -204,9 +356,15 @@ mod tests {
             placement: "qwen3-coder-30b.2".into(),
             index: 3,
             generation: 17,
+            share: 0,
         };
         assert_eq!(k.request_id(), "halo.qwen3-coder-30b.2.r3.g17");
-        assert_eq!(ReplicaKey::parse(&k.request_id()), Some(k));
+        assert_eq!(ReplicaKey::parse(&k.request_id()), Some(k.clone()));
+        let h = k.helper(2);
+        assert_eq!(h.request_id(), "halo.qwen3-coder-30b.2.r3s2.g17");
+        assert_eq!(ReplicaKey::parse(&h.request_id()), Some(h));
+        assert_eq!(ReplicaKey::parse("halo.x.r1s0.g1"), None);
+        assert_eq!(ReplicaKey::parse("halo.x.r1sx.g1"), None);
         assert_eq!(ReplicaKey::parse("test-1"), None);
         assert_eq!(ReplicaKey::parse("halo.x.r1.gz"), None);
     }
