@@ -7,7 +7,7 @@
 use agent::gguf::fixtures::{SparseModel, VocabStyle, write_sparse_with};
 use controller::estimate::{EstimateSource, ObservedRecord, estimate};
 use controller::placement::{
-    Liveness, NodeState, PlaceRequest, estimate_options, margin, place, used_by_node,
+    Liveness, NodeState, PlaceRequest, SplitCaps, estimate_options, margin, place, used_by_node,
 };
 use proto::domain::CatalogEntry;
 use proto::domain::{ModelParams, ObservedBuffers};
@@ -40,6 +40,11 @@ fn node(name: &str, role: &str, models: &[(SparseModel, &Arc<ModelParams>)]) -> 
             .collect(),
         observed: HashMap::new(),
         loads: Vec::new(),
+        split: SplitCaps {
+            llama_version: "version: 1 (test)".into(),
+            rpc_server: true,
+            gpu: true,
+        },
     }
 }
 

@@ -16,3 +16,4 @@ mod deploy;
 mod estimate;
 mod fitparams;
 mod llama;
+mod split;

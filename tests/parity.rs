@@ -196,7 +196,18 @@ pub fn run_fit_params(
     model: &Path,
     opts: &EstimateOptions,
 ) -> Result<LlamaProjection, ParityError> {
-    let args = fit_params_args(opts)?;
+    run_fit_params_with(bin, model, opts, &[])
+}
+
+/// [`run_fit_params`] with `extra` flags after the others (e.g. `--rpc`).
+pub fn run_fit_params_with(
+    bin: &Path,
+    model: &Path,
+    opts: &EstimateOptions,
+    extra: &[String],
+) -> Result<LlamaProjection, ParityError> {
+    let mut args = fit_params_args(opts)?;
+    args.extend(extra.iter().cloned());
     let mut last = None;
     for _ in 0..5 {
         let out = Command::new(bin)
@@ -249,8 +260,14 @@ fn table_is_complete(p: &LlamaProjection) -> bool {
         .iter()
         .filter(|l| l.kind == BufferKind::Model)
         .filter(|l| l.buffer != "CPU" && !l.buffer.ends_with("_Mapped"))
-        .all(|l| p.table.iter().any(|r| r.name == l.buffer));
+        .all(|l| p.table.iter().any(|r| device(&r.name) == device(&l.buffer)));
     host_printed.is_some() && host_printed == host_table && others_present
+}
+
+/// A buffer or table row's device without its address: the buffer
+/// `RPC0[127.0.0.1:50052]` is the row `RPC0 (127.0.0.1:50052)`.
+pub fn device(name: &str) -> &str {
+    name.split(['[', ' ']).next().unwrap_or(name)
 }
 
 /// The projection `llama-server` itself makes before loading: with `--fit`

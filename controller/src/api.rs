@@ -66,6 +66,8 @@ impl ControllerApi {
             pack: r.pack,
             name: (!r.name.is_empty()).then_some(r.name),
             paused: r.paused,
+            split: r.split,
+            split_across: (r.split_across > 0).then_some(r.split_across),
         };
         if let Some(n) = &req.name {
             proto::domain::catalog::check_name("name", n)?;
@@ -254,9 +256,21 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
         let placements = placed
             .into_iter()
             .map(|v| {
+                let helpers = v.value.split.as_ref().map_or(0, |s| s.helpers().count());
                 let mut w = v1::Placement::from(v.value);
                 for r in &mut w.replicas {
                     r.instance = by_rid.get(&r.request_id).map(|(_, i)| i.clone().into());
+                    let Some(key) = proto::domain::ReplicaKey::parse(&r.request_id) else {
+                        continue;
+                    };
+                    for k in 1..=helpers {
+                        let rid = key
+                            .helper(u32::try_from(k).unwrap_or(u32::MAX))
+                            .request_id();
+                        if let Some((_, i)) = by_rid.get(&rid) {
+                            r.helpers.push(i.clone().into());
+                        }
+                    }
                 }
                 w
             })

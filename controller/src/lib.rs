@@ -16,4 +16,5 @@ pub mod leader;
 pub mod observe;
 pub mod placement;
 pub mod reconcile;
+pub mod split;
 pub mod store;

@@ -222,6 +222,15 @@ impl Observed {
                         })
                         .collect(),
                     loads: n.instances.values().filter_map(load_record).collect(),
+                    split: n
+                        .identity
+                        .as_ref()
+                        .map(|id| crate::placement::SplitCaps {
+                            llama_version: id.llama_version.clone(),
+                            rpc_server: id.rpc_server_available,
+                            gpu: !id.gpu_devices.is_empty(),
+                        })
+                        .unwrap_or_default(),
                     models,
                 }
             })

@@ -82,6 +82,20 @@ pub struct NodeState {
     /// model and settings of each. New requests for the same model and
     /// settings are sized by them instead of the formula.
     pub loads: Vec<ObservedRecord>,
+    /// What splitting a model across nodes needs to know of it.
+    pub split: SplitCaps,
+}
+
+/// What splitting a model across nodes (llama.cpp RPC) needs to know of a
+/// node, from its agent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SplitCaps {
+    /// `llama-server --version`; every node of a split must match.
+    pub llama_version: String,
+    /// The agent can start ggml-rpc-server.
+    pub rpc_server: bool,
+    /// llama-server offloads to a GPU here (else CPU only).
+    pub gpu: bool,
 }
 
 /// What the user asks for.
@@ -107,6 +121,10 @@ pub struct PlaceRequest {
     pub name: Option<String>,
     /// Hold memory without starting.
     pub paused: bool,
+    /// When no single node fits, split across nodes (llama.cpp RPC).
+    pub split: bool,
+    /// Split across exactly this many nodes (≥ 2) even when one fits.
+    pub split_across: Option<u32>,
 }
 
 /// The arithmetic on one node.
@@ -366,6 +384,12 @@ pub fn used_by_node(
         if skip.contains(&p.name.as_str()) {
             continue;
         }
+        if let Some(s) = &p.split {
+            for sh in &s.shares {
+                *used.entry(sh.node.clone()).or_default() += sh.total_bytes;
+            }
+            continue;
+        }
         for r in &p.replicas {
             let u = replica_use(p, r, by_name.get(r.node.as_str()).copied());
             *used.entry(r.node.clone()).or_default() += u;
@@ -524,6 +548,29 @@ pub fn place(
         cap(i).saturating_sub(used.get(&nodes[i].name).copied().unwrap_or(0))
     };
 
+    let split_ctx = SplitCtx {
+        nodes,
+        entry,
+        req,
+        name: &name,
+        candidates: &candidates,
+        attempts: attempts
+            .iter()
+            .map(|a| (a.ctx, a.ctk.clone(), a.ctv.clone()))
+            .collect(),
+        parallel,
+        used: &used,
+        others: fits.clone(),
+    };
+
+    if let Some(k) = req.split_across {
+        let d = Decision::refused(vec![format!(
+            "refused: `{}` does not fit split across {k} nodes",
+            entry.name
+        )]);
+        return with_split(d, &split_ctx, &format!("{k} nodes were asked for"));
+    }
+
     // Larger than any node: even the smallest setting on an empty node.
     let last = attempts.len() - 1;
     let biggest = candidates
@@ -555,8 +602,8 @@ pub fn place(
                 "the largest candidate node has {} usable after its reserve: the model is larger than any node",
                 gib(cap_max)
             ),
-            "options: a smaller quantization of the model whose weights fit one node; \
-             splitting one model across nodes (llama.cpp RPC) is not built yet"
+            "options: a smaller quantization of the model whose weights fit one node, \
+             or splitting it across nodes (llama.cpp RPC: `--split`)"
                 .to_owned(),
         ]);
         d.estimate = Some(b);
@@ -579,7 +626,7 @@ pub fn place(
             ));
         }
         d.fits.extend(fits);
-        return d;
+        return with_split(d, &split_ctx, "the model is larger than any single node");
     }
 
     // Try each setting without eviction, then with.
@@ -710,7 +757,7 @@ pub fn place(
         }
         d.fits.extend(fits);
         d.estimate = Some(b);
-        return d;
+        return with_split(d, &split_ctx, "no single node has room for it");
     };
 
     let at = &attempts[a];
@@ -843,6 +890,187 @@ pub fn place(
     d.evicted = evicted;
     d.explanation = explanation;
     d
+}
+
+/// What [`with_split`] needs of a refused request.
+struct SplitCtx<'a> {
+    nodes: &'a [NodeState],
+    entry: &'a CatalogEntry,
+    req: &'a PlaceRequest,
+    name: &'a str,
+    candidates: &'a [(usize, Arc<ModelParams>)],
+    attempts: Vec<(u32, String, String)>,
+    parallel: u32,
+    used: &'a HashMap<String, u64>,
+    /// Rows of the nodes that were not candidates.
+    others: Vec<NodeFit>,
+}
+
+/// A refusal `d` for lack of room, turned into a split across nodes when
+/// the request or the catalog allows one and it fits; otherwise `d` with a
+/// line saying whether a split would help.
+fn with_split(mut d: Decision, s: &SplitCtx<'_>, why: &str) -> Decision {
+    let allowed = s.req.split || s.entry.allow_split || s.req.split_across.is_some();
+    if s.req.node.is_some() || s.req.replicas > 1 {
+        if allowed {
+            d.explanation
+                .push("a split runs one replica and is never pinned to a node".to_owned());
+        }
+        return d;
+    }
+    let choice = crate::split::choose(
+        s.nodes,
+        s.used,
+        s.candidates,
+        &s.attempts,
+        s.parallel,
+        s.req.split_across.map(|k| k as usize),
+    );
+    let c = match (choice, allowed) {
+        (Ok(c), true) => c,
+        (Ok(c), false) => {
+            d.explanation.push(format!(
+                "it fits split across {} with llama.cpp RPC at context {}: place it with --split                  (or set allow_split in the catalog); --dry-run shows the per-node plan",
+                c.nodes().join(" + "),
+                c.ctx
+            ));
+            return d;
+        }
+        (Err(lines), true) => {
+            d.explanation
+                .push("a split across nodes does not fit either:".to_owned());
+            d.explanation.extend(lines);
+            return d;
+        }
+        (Err(_), false) => return d,
+    };
+    let Some((_, params)) = s
+        .candidates
+        .iter()
+        .find(|(i, _)| s.nodes[*i].name == c.host())
+    else {
+        return d;
+    };
+    let plan = c.plan(params, why);
+    let e = &c.estimate;
+    let entry = s.entry;
+    let mut fits: Vec<NodeFit> = plan
+        .shares
+        .iter()
+        .filter_map(|sh| {
+            let n = s.nodes.iter().find(|n| n.name == sh.node)?;
+            Some(NodeFit {
+                node: sh.node.clone(),
+                candidate: true,
+                fits: true,
+                usable_bytes: n.usable_bytes.unwrap_or(0),
+                reserve_bytes: n.reserve_bytes,
+                used_bytes: s.used.get(&sh.node).copied().unwrap_or(0),
+                free_bytes: sh.free_bytes,
+                needed_bytes: sh.total_bytes + sh.margin_bytes,
+                margin_bytes: sh.margin_bytes,
+                context_size: c.ctx,
+                cache_type: c.ctk.clone(),
+                replicas: u32::from(sh.host),
+                source: "formula".to_owned(),
+                reason: format!(
+                    "split share ({}): {} layer(s), {} + margin {} ≤ {} free",
+                    if sh.host { "host" } else { "helper" },
+                    sh.layers,
+                    gib(sh.total_bytes),
+                    gib(sh.margin_bytes),
+                    gib(sh.free_bytes)
+                ),
+            })
+        })
+        .collect();
+    for (i, _) in s.candidates {
+        let n = &s.nodes[*i];
+        if !plan.shares.iter().any(|sh| sh.node == n.name) {
+            let f = n
+                .usable_bytes
+                .unwrap_or(0)
+                .saturating_sub(n.reserve_bytes)
+                .saturating_sub(s.used.get(&n.name).copied().unwrap_or(0));
+            fits.push(NodeFit {
+                node: n.name.clone(),
+                candidate: true,
+                fits: false,
+                usable_bytes: n.usable_bytes.unwrap_or(0),
+                reserve_bytes: n.reserve_bytes,
+                used_bytes: s.used.get(&n.name).copied().unwrap_or(0),
+                free_bytes: f,
+                needed_bytes: 0,
+                margin_bytes: 0,
+                context_size: c.ctx,
+                cache_type: c.ctk.clone(),
+                replicas: 0,
+                source: "formula".to_owned(),
+                reason: "not needed by the split".to_owned(),
+            });
+        }
+    }
+    fits.extend(s.others.iter().cloned());
+    let host = c.host().to_owned();
+    let mut explanation = vec![format!(
+        "placed `{}` as `{}` split across {} (host {host}) with llama.cpp RPC at context {}, {}/{} KV: {} in all",
+        entry.name,
+        s.name,
+        c.nodes().join(" + "),
+        c.ctx,
+        c.ctk,
+        c.ctv,
+        gib(e.total_bytes)
+    )];
+    explanation.extend(plan.notes.iter().cloned());
+    let placement = Placement {
+        name: s.name.to_owned(),
+        role: s.req.role.clone(),
+        model: entry.name.clone(),
+        model_id: entry.model_id.clone(),
+        pinned_node: None,
+        options: PlacementOptions {
+            context_size: c.ctx,
+            parallel: s.parallel,
+            cache_type_k: c.ctk.clone(),
+            cache_type_v: c.ctv.clone(),
+            extra_flags: entry.extra_flags.clone(),
+        },
+        estimate_bytes: e.total_bytes,
+        priority: entry.priority,
+        replicas: vec![Replica {
+            index: 0,
+            node: host,
+            generation: 1,
+        }],
+        paused: s.req.paused,
+        split: Some(plan),
+    };
+    Decision {
+        accepted: true,
+        placement: Some(placement),
+        fits,
+        evicted: Vec::new(),
+        explanation,
+        estimate: Some(Breakdown {
+            weights_bytes: e.weights_bytes,
+            kv_bytes: e.kv_bytes,
+            compute_bytes: e.compute_bytes,
+            output_bytes: e.output_bytes,
+            total_bytes: e.total_bytes,
+            context_size: c.ctx,
+            cache_type_k: c.ctk.clone(),
+            cache_type_v: c.ctv.clone(),
+            sources: Sources {
+                weights: EstimateSource::Formula,
+                kv: EstimateSource::Formula,
+                compute: EstimateSource::Formula,
+                output: EstimateSource::Formula,
+            },
+            observed_on: None,
+            formula_total_bytes: e.total_bytes,
+        }),
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -152,10 +152,64 @@ impl Reconciler {
             .collect();
         let plain: Vec<Placement> = placements.iter().map(|v| v.value.clone()).collect();
 
+        let observed = self.observed.read().clone();
+
+        // Splits: a lost node or a failed side fails the whole split, which
+        // is planned again (same settings, new generation: every side
+        // restarts with new request ids, the old ones are stopped).
+        for v in &placements {
+            let p = &v.value;
+            let Some(plan) = &p.split else { continue };
+            if p.paused {
+                continue;
+            }
+            let lost: Vec<&str> = plan
+                .shares
+                .iter()
+                .filter(|s| liveness.get(s.node.as_str()) == Some(&Liveness::Lost))
+                .map(|s| s.node.as_str())
+                .collect();
+            let broken = split_failure(p, &observed);
+            let why = if !lost.is_empty() {
+                format!("node(s) {} lost", lost.join(", "))
+            } else if let Some(f) = broken {
+                f
+            } else {
+                continue;
+            };
+            if !due(backoff, &p.name) {
+                continue;
+            }
+            failed(backoff, &p.name);
+            match crate::split::replan(&nodes, &plain, p) {
+                Ok(next) => match self.desired.update_placement(&next, v.revision).await {
+                    Ok(_) => {
+                        let on: Vec<&str> = next
+                            .split
+                            .iter()
+                            .flat_map(|s| s.shares.iter().map(|s| s.node.as_str()))
+                            .collect();
+                        self.events.emit(
+                            "split_replanned",
+                            &p.name,
+                            format!("{why}: the split is planned again on {}", on.join(" + ")),
+                        );
+                        return Ok(());
+                    }
+                    Err(e) => tracing::info!(placement = %p.name, "re-plan not written: {e}"),
+                },
+                Err(e) => self.events.emit(
+                    "split_failed",
+                    &p.name,
+                    format!("{why}; no split fits now: {e}"),
+                ),
+            }
+        }
+
         // Node loss: move floating replicas off lost nodes.
         for v in &placements {
             let p = &v.value;
-            if p.pinned_node.is_some() {
+            if p.pinned_node.is_some() || p.split.is_some() {
                 continue;
             }
             let lost: Vec<u32> = p
@@ -191,23 +245,13 @@ impl Reconciler {
         }
 
         // Per live node: start what is missing, stop what is extra.
-        let observed = self.observed.read().clone();
+        let wants = wanted(&placements, &observed);
         for (name, n) in &observed {
             if liveness.get(name.as_str()) != Some(&Liveness::Ready) {
                 continue;
             }
-            let mut want: HashMap<String, (&crate::desired::Versioned<Placement>, u32)> =
-                HashMap::new();
-            for v in &placements {
-                if v.value.paused {
-                    continue;
-                }
-                for r in &v.value.replicas {
-                    if &r.node == name {
-                        want.insert(v.value.key(r).request_id(), (v, r.index));
-                    }
-                }
-            }
+            let empty = HashMap::new();
+            let want = wants.get(name.as_str()).unwrap_or(&empty);
             let mut have: HashMap<String, &Instance> = HashMap::new();
             for (k, i) in n.managed() {
                 let rid = k.request_id();
@@ -219,11 +263,11 @@ impl Reconciler {
                     have.insert(rid, i);
                 }
             }
-            for (rid, (v, index)) in &want {
+            for (rid, w) in want {
                 match have.get(rid) {
-                    None => self.start(name, &n.config.address, term, v, *index, inflight, backoff),
-                    Some(i) if i.state == InstanceState::Stopped => {
-                        self.restart(v, *index, rid, backoff).await;
+                    None => self.start(name, &n.config.address, term, w, inflight, backoff),
+                    Some(i) if i.state == InstanceState::Stopped && w.v.value.split.is_none() => {
+                        self.restart(w.v, w.index, rid, backoff).await;
                     }
                     Some(_) => {}
                 }
@@ -267,35 +311,23 @@ impl Reconciler {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn start(
         &self,
         node: &str,
         address: &str,
         term: u64,
-        v: &crate::desired::Versioned<Placement>,
-        index: u32,
+        w: &Want<'_>,
         inflight: &Inflight,
         backoff: &Arc<Mutex<HashMap<String, Backoff>>>,
     ) {
-        let p = &v.value;
-        let Some(r) = p.replicas.iter().find(|r| r.index == index) else {
-            return;
-        };
-        let rid = p.key(r).request_id();
+        let rid = w.request.request_id.clone();
         let key = format!("{node}/{rid}");
         if !due(backoff, &rid) || !lock(inflight).insert(key.clone()) {
             return;
         }
-        let req = v1::StartInstanceRequest {
-            request_id: rid.clone(),
-            model_id: p.model_id.clone(),
-            options: Some(p.instance_options()),
-            generation: r.generation,
-            leader_revision: term,
-            kind: v1::InstanceKind::LlamaServer as i32,
-        };
-        let (node, address, name) = (node.to_owned(), address.to_owned(), p.name.clone());
+        let mut req = w.request.clone();
+        req.leader_revision = term;
+        let (node, address, name) = (node.to_owned(), address.to_owned(), w.v.value.name.clone());
         let (observed, events, inflight, backoff) = (
             self.observed.clone(),
             self.events.clone(),
@@ -380,6 +412,159 @@ impl Reconciler {
             lock(&inflight).remove(&key);
         });
     }
+}
+
+/// One instance a node should run: for the placement `v`, replica
+/// `index`, the start request (its leader revision is filled in when sent).
+#[derive(Debug)]
+struct Want<'a> {
+    v: &'a crate::desired::Versioned<Placement>,
+    index: u32,
+    request: v1::StartInstanceRequest,
+}
+
+/// What every node should run, by node and request id. A split's helpers
+/// (ggml-rpc-server) come first; its host's llama-server is wanted only
+/// once every helper is Ready (it needs their addresses), and stops being
+/// wanted when one is not: no half-alive split.
+fn wanted<'a>(
+    placements: &'a [crate::desired::Versioned<Placement>],
+    observed: &BTreeMap<String, crate::observe::NodeObs>,
+) -> HashMap<&'a str, HashMap<String, Want<'a>>> {
+    let mut out: HashMap<&str, HashMap<String, Want<'_>>> = HashMap::new();
+    for v in placements {
+        let p = &v.value;
+        if p.paused {
+            continue;
+        }
+        for r in &p.replicas {
+            let key = p.key(r);
+            let mut request = v1::StartInstanceRequest {
+                request_id: key.request_id(),
+                model_id: p.model_id.clone(),
+                options: Some(p.instance_options()),
+                generation: r.generation,
+                leader_revision: 0,
+                kind: v1::InstanceKind::LlamaServer as i32,
+            };
+            if let Some(plan) = &p.split {
+                let host_ip = observed
+                    .get(&r.node)
+                    .and_then(|n| agent_ip(&n.config.address));
+                let mut servers = Vec::new();
+                for (k, share) in plan.helpers() {
+                    let hk = key.helper(k);
+                    let Some(ip) = host_ip else { continue };
+                    let rpc = v1::StartInstanceRequest {
+                        request_id: hk.request_id(),
+                        model_id: String::new(),
+                        options: Some(v1::InstanceOptions {
+                            rpc_client: ip.to_string(),
+                            ..v1::InstanceOptions::default()
+                        }),
+                        generation: r.generation,
+                        leader_revision: 0,
+                        kind: v1::InstanceKind::RpcServer as i32,
+                    };
+                    let ready = observed.get(&share.node).and_then(|n| {
+                        n.instances.values().find(|i| {
+                            i.request_id == rpc.request_id && i.state == InstanceState::Ready
+                        })
+                    });
+                    if let Some(i) = ready {
+                        servers.push(i.endpoint.clone());
+                    }
+                    out.entry(share.node.as_str()).or_default().insert(
+                        rpc.request_id.clone(),
+                        Want {
+                            v,
+                            index: r.index,
+                            request: rpc,
+                        },
+                    );
+                }
+                if servers.len() != plan.helpers().count() {
+                    continue;
+                }
+                if let Some(o) = request.options.as_mut() {
+                    let host_gpu = plan.host().is_some_and(|h| h.tensor_split > 0);
+                    let layers = |host: bool| -> u32 {
+                        plan.shares
+                            .iter()
+                            .filter(|s| host || !s.host)
+                            .map(|s| s.layers)
+                            .sum()
+                    };
+                    o.rpc_servers = servers;
+                    if host_gpu {
+                        o.gpu_layers = Some(layers(true) + 1);
+                        o.tensor_split = plan.shares.iter().map(|s| s.tensor_split).collect();
+                    } else {
+                        o.gpu_layers = Some(layers(false) + 1);
+                        o.tensor_split = plan
+                            .shares
+                            .iter()
+                            .filter(|s| !s.host)
+                            .map(|s| s.tensor_split)
+                            .collect();
+                    }
+                }
+            }
+            out.entry(r.node.as_str()).or_default().insert(
+                request.request_id.clone(),
+                Want {
+                    v,
+                    index: r.index,
+                    request,
+                },
+            );
+        }
+    }
+    out
+}
+
+/// The IP address in an agent's `host:port` address (what a split's
+/// helpers let connect), when it is one.
+fn agent_ip(address: &str) -> Option<std::net::IpAddr> {
+    let a = address
+        .strip_prefix("http://")
+        .or_else(|| address.strip_prefix("https://"))
+        .unwrap_or(address);
+    a.parse::<std::net::SocketAddr>().ok().map(|s| s.ip())
+}
+
+/// Why a split is broken, if a side of its current generation failed or
+/// was stopped behind the controller's back.
+fn split_failure(
+    p: &Placement,
+    observed: &BTreeMap<String, crate::observe::NodeObs>,
+) -> Option<String> {
+    let plan = p.split.as_ref()?;
+    let r = p.replicas.first()?;
+    let key = p.key(r);
+    let mut sides: Vec<(String, &str)> = vec![(key.request_id(), r.node.as_str())];
+    sides.extend(
+        plan.helpers()
+            .map(|(k, s)| (key.helper(k).request_id(), s.node.as_str())),
+    );
+    for (rid, node) in sides {
+        let Some(i) = observed
+            .get(node)
+            .and_then(|n| n.instances.values().find(|i| i.request_id == rid))
+        else {
+            continue;
+        };
+        if matches!(i.state, InstanceState::Failed | InstanceState::Stopped) {
+            let what = if i.kind == proto::domain::InstanceKind::RpcServer {
+                "ggml-rpc-server"
+            } else {
+                "llama-server"
+            };
+            let reason = i.last_error.lines().next().unwrap_or("stopped").to_owned();
+            return Some(format!("{what} on {node} {}: {reason}", i.state));
+        }
+    }
+    None
 }
 
 fn lock_b(

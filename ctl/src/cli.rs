@@ -122,6 +122,15 @@ pub struct PlaceArgs {
     /// Allow evicting lower-priority placements to make room.
     #[arg(long)]
     pub evict: bool,
+    /// When no single node fits, split the model's layers across nodes of
+    /// the role (llama.cpp RPC: llama-server on one, ggml-rpc-server on the
+    /// others). Slower than one node; `--dry-run` shows the per-node plan.
+    #[arg(long)]
+    pub split: bool,
+    /// Split across exactly N nodes (≥ 2) even when one would fit, e.g. to
+    /// leave room on each node for other models. Implies --split.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(2..=16))]
+    pub split_across: Option<u32>,
     /// Decide and explain, change nothing.
     #[arg(long)]
     pub dry_run: bool,

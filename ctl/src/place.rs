@@ -32,6 +32,40 @@ pub struct DecisionJson {
     pub evicted: Vec<String>,
     /// The decision in words.
     pub explanation: Vec<String>,
+    /// Per-node shares when the model is split across nodes (helpers
+    /// first, the host last).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub split: Vec<ShareJson>,
+    /// Hidden-state bytes crossing the network per token, for a split.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub split_traffic_bytes_per_token: Option<u64>,
+}
+
+/// One node's share of a split model.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct ShareJson {
+    /// Node.
+    pub node: String,
+    /// Runs llama-server (else ggml-rpc-server).
+    pub host: bool,
+    /// Layers on the node.
+    pub layers: u32,
+    /// Weights.
+    pub weights_bytes: u64,
+    /// KV cache of its layers.
+    pub kv_bytes: u64,
+    /// Compute buffers.
+    pub compute_bytes: u64,
+    /// Logits buffer (host).
+    pub output_bytes: u64,
+    /// Sum.
+    pub total_bytes: u64,
+    /// Margin on top.
+    pub margin_bytes: u64,
+    /// Free before the split.
+    pub free_bytes: u64,
+    /// `--tensor-split` proportion.
+    pub tensor_split: u32,
 }
 
 /// One replica's estimate.
@@ -120,6 +154,34 @@ pub fn decision_json(r: &v1::PlaceResponse) -> DecisionJson {
             .collect(),
         evicted: r.evicted.clone(),
         explanation: r.explanation.clone(),
+        split: r
+            .placement
+            .as_ref()
+            .and_then(|p| p.split.as_ref())
+            .map(|s| {
+                s.shares
+                    .iter()
+                    .map(|x| ShareJson {
+                        node: x.node.clone(),
+                        host: x.host,
+                        layers: x.layers,
+                        weights_bytes: x.weights_bytes,
+                        kv_bytes: x.kv_bytes,
+                        compute_bytes: x.compute_bytes,
+                        output_bytes: x.output_bytes,
+                        total_bytes: x.total_bytes,
+                        margin_bytes: x.margin_bytes,
+                        free_bytes: x.free_bytes,
+                        tensor_split: x.tensor_split,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        split_traffic_bytes_per_token: r
+            .placement
+            .as_ref()
+            .and_then(|p| p.split.as_ref())
+            .map(|s| s.traffic_bytes_per_token),
     }
 }
 
@@ -217,6 +279,8 @@ pub fn run(t: &Target, a: &PlaceArgs) -> Result<(), Failure> {
         evict: a.evict,
         dry_run: a.dry_run,
         name: a.name.clone().unwrap_or_default(),
+        split: a.split || a.split_across.is_some(),
+        split_across: a.split_across.unwrap_or(0),
         ..Default::default()
     };
     let rt = crate::client::runtime()?;
@@ -271,14 +335,30 @@ async fn wait_ready(
                 "placement `{name}` is gone (unplaced or evicted) while waiting"
             )));
         };
+        let helpers = p
+            .split
+            .as_ref()
+            .map_or(0, |s| s.shares.len().saturating_sub(1));
         let states: Vec<(String, &'static str, &v1::Replica)> = p
             .replicas
             .iter()
             .map(|r| {
-                let s = r
-                    .instance
-                    .as_ref()
-                    .map_or("pending", |i| instance_state(i.state));
+                // A split is as ready as its least ready side.
+                let failed_helper = r
+                    .helpers
+                    .iter()
+                    .find(|i| instance_state(i.state) == "failed");
+                let s = if let Some(h) = failed_helper {
+                    instance_state(h.state)
+                } else if r.helpers.len() < helpers
+                    || r.helpers.iter().any(|i| instance_state(i.state) != "ready")
+                {
+                    "starting helpers"
+                } else {
+                    r.instance
+                        .as_ref()
+                        .map_or("pending", |i| instance_state(i.state))
+                };
                 (r.node.clone(), s, r)
             })
             .collect();
@@ -298,8 +378,10 @@ async fn wait_ready(
         if let Some((n, _, r)) = states.iter().find(|(_, s, _)| *s == "failed") {
             finish_line(tty);
             let why = r
-                .instance
-                .as_ref()
+                .helpers
+                .iter()
+                .chain(r.instance.as_ref())
+                .find(|i| instance_state(i.state) == "failed")
                 .map(|i| i.last_error.clone())
                 .unwrap_or_default();
             return Err(Failure::Refused(format!(

@@ -38,6 +38,7 @@ fn node(i: usize, models: &BTreeMap<String, Arc<ModelParams>>) -> NodeState {
         models: models.clone(),
         observed: HashMap::new(),
         loads: Vec::new(),
+        split: Default::default(),
     }
 }
 

@@ -60,6 +60,9 @@ pub struct ContextMemory {
     pub recurrent_bytes: u64,
     /// Everything.
     pub total_bytes: u64,
+    /// KV or recurrent-state bytes of each layer (what moves with a layer
+    /// when a model is split across nodes).
+    pub per_layer: Vec<u64>,
     /// Explanations.
     pub notes: Vec<String>,
 }
@@ -129,6 +132,7 @@ pub fn context_memory(params: &ModelParams, opts: &EstimateOptions, r: &Resolved
     let v_trans = !r.flash_attn;
 
     let mut out = ContextMemory {
+        per_layer: vec![0; n_layer],
         kv_size: if (0..n_layer).any(|il| is_attention_layer(params, il)) {
             kv_size
         } else {
@@ -159,6 +163,10 @@ pub fn context_memory(params: &ModelParams, opts: &EstimateOptions, r: &Resolved
             (false, true) => ("sliding window", swa_size),
             (false, false) => ("full attention", kv_size),
         };
+        out.per_layer[il] = (opts.cache_type_k.row_bytes(n_embd_k_gqa)
+            + opts.cache_type_v.row_bytes(n_embd_v_gqa))
+            * cells
+            * r.n_stream;
         if let Some(g) = attn
             .iter_mut()
             .find(|g| g.0 == kind && g.1 == n_embd_k_gqa && g.2 == n_embd_v_gqa)
@@ -219,6 +227,11 @@ pub fn context_memory(params: &ModelParams, opts: &EstimateOptions, r: &Resolved
         let s_bytes = n_embd_s(params) * 4 * rows;
         let bytes = (r_bytes + s_bytes) * u64::from(recurrent);
         out.recurrent_bytes = bytes;
+        for (il, &rec) in params.recurrent_layers.iter().take(n_layer).enumerate() {
+            if rec {
+                out.per_layer[il] = r_bytes + s_bytes;
+            }
+        }
         out.notes.push(format!(
             "recurrent: {recurrent} layer(s) x (conv {} + ssm {}) f32 x {rows} sequence row(s) = {} (fixed, independent of context)",
             n_embd_r(params),

@@ -42,6 +42,7 @@
 pub mod compute;
 pub mod context;
 pub mod observed;
+pub mod split;
 
 pub use observed::{EstimateSource, ObservedRecord, SourcedEstimate, estimate_with_observed};
 /// The KV cache element type (`-ctk` / `-ctv`) with its block sizes: the
