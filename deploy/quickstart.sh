@@ -33,11 +33,19 @@ alive() { [ -f "$DIR/run/$1.pid" ] && kill -0 "$(cat "$DIR/run/$1.pid")" 2>/dev/
 # Pids of llama-server processes started by this cluster's agents (their
 # command lines name the agents' state directories under $DIR).
 servers() {
-  local p cmd
+  local p cmd cwd
   for p in /proc/[0-9]*; do
     cmd=$(tr '\0' ' ' <"$p/cmdline" 2>/dev/null) || continue
+    # ggml-rpc-server (a split's helper) names nothing of ours on its
+    # command line; it runs in its instance directory.
+    cwd=$(readlink "$p/cwd" 2>/dev/null || true)
     case $cmd in
       *llama-server*"$DIR/"*/state/*) echo "${p#/proc/}" ;;
+      *)
+        case $cwd in
+          "$DIR/"*/state/instances/*) echo "${p#/proc/}" ;;
+        esac
+        ;;
     esac
   done
 }

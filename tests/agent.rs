@@ -18,25 +18,25 @@ use tonic::transport::Channel;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_halo-agent-shim");
 
-type Client = AgentServiceClient<Channel>;
+pub(crate) type Client = AgentServiceClient<Channel>;
 
 /// One agent's world: model dir, state dir, ports, and the running agent.
-struct Node {
-    root: tempfile::TempDir,
+pub(crate) struct Node {
+    pub(crate) root: tempfile::TempDir,
     models: PathBuf,
-    state: PathBuf,
-    listen: u16,
-    ports: (u16, u16),
-    extra: Vec<String>,
+    pub(crate) state: PathBuf,
+    pub(crate) listen: u16,
+    pub(crate) ports: (u16, u16),
+    pub(crate) extra: Vec<String>,
     env: Vec<(String, String)>,
-    llama_server: PathBuf,
+    pub(crate) llama_server: PathBuf,
     agent: Option<Child>,
     runs: u32,
 }
 
 impl Node {
     /// A node with `tiny.gguf` in its model dir and `ports` instance ports.
-    fn new(ports: u16) -> Node {
+    pub(crate) fn new(ports: u16) -> Node {
         let root = tempfile::tempdir().expect("tempdir");
         let models = root.path().join("models");
         std::fs::create_dir(&models).expect("mkdir models");
@@ -90,7 +90,7 @@ impl Node {
     }
 
     /// Starts the agent and connects to it.
-    async fn start(&mut self) -> Client {
+    pub(crate) async fn start(&mut self) -> Client {
         assert!(self.agent.is_none(), "agent already running");
         self.runs += 1;
         let log = self.root.path().join(format!("agent-{}.log", self.runs));
@@ -126,7 +126,7 @@ impl Node {
     }
 
     /// SIGKILLs the agent (its instances are not touched).
-    fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         if let Some(mut c) = self.agent.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -152,7 +152,7 @@ impl Node {
     }
 
     /// The agent's logs of every run, then each instance's log.
-    fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         let mut s = String::new();
         for run in 1..=self.runs {
             let path = self.root.path().join(format!("agent-{run}.log"));
@@ -160,9 +160,13 @@ impl Node {
             s += &std::fs::read_to_string(path).unwrap_or_default();
         }
         if let Ok(dirs) = std::fs::read_dir(self.state.join("instances")) {
-            for d in dirs.filter_map(Result::ok) {
-                let log = d.path().join("llama-server.log");
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
+            for log in dirs
+                .filter_map(Result::ok)
+                .flat_map(|d| ["llama-server.log", "rpc-server.log"].map(|f| d.path().join(f)))
+            {
+                let Ok(text) = std::fs::read_to_string(&log) else {
+                    continue;
+                };
                 let tail: Vec<&str> = text.lines().rev().take(40).collect();
                 s += &format!("----- {} (last 40 lines) -----\n", log.display());
                 for l in tail.into_iter().rev() {
@@ -174,8 +178,10 @@ impl Node {
         s
     }
 
-    /// Pids of live processes whose command line names this node's state dir.
-    fn own_servers(&self) -> Vec<u32> {
+    /// Pids of live processes whose command line names this node's state
+    /// dir (llama-servers) or that run in one of its instance dirs
+    /// (ggml-rpc-servers).
+    pub(crate) fn own_servers(&self) -> Vec<u32> {
         // Instances' argv names their key file under state/instances/; the
         // agent's own argv names only the state dir.
         let mark = self.state.join("instances").display().to_string();
@@ -186,7 +192,9 @@ impl Node {
             .filter_map(Result::ok)
             .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
             .filter(|&pid| {
-                procfs::cmdline(pid).is_some_and(|a| a.iter().any(|w| w.contains(&mark)))
+                let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"));
+                (procfs::cmdline(pid).is_some_and(|a| a.iter().any(|w| w.contains(&mark)))
+                    || cwd.is_ok_and(|d| d.starts_with(&mark)))
                     && procfs::identify(pid).is_some_and(procfs::is_alive)
             })
             .collect()
@@ -218,13 +226,13 @@ fn free_range(n: u16) -> (u16, u16) {
     }
 }
 
-fn signal_pid(pid: u32, sig: Signal) {
+pub(crate) fn signal_pid(pid: u32, sig: Signal) {
     if let Some(p) = i32::try_from(pid).ok().and_then(Pid::from_raw) {
         let _ = rustix::process::kill_process(p, sig);
     }
 }
 
-fn options(ctx: u32) -> v1::InstanceOptions {
+pub(crate) fn options(ctx: u32) -> v1::InstanceOptions {
     v1::InstanceOptions {
         context_size: ctx,
         parallel: 1,
@@ -233,7 +241,7 @@ fn options(ctx: u32) -> v1::InstanceOptions {
     }
 }
 
-fn start_request(
+pub(crate) fn start_request(
     request_id: &str,
     model: &str,
     options: v1::InstanceOptions,
@@ -248,7 +256,10 @@ fn start_request(
     }
 }
 
-async fn watch(client: &mut Client, memory_period_ms: u32) -> tonic::Streaming<v1::AgentEvent> {
+pub(crate) async fn watch(
+    client: &mut Client,
+    memory_period_ms: u32,
+) -> tonic::Streaming<v1::AgentEvent> {
     let mut stream = client
         .watch(v1::WatchRequest { memory_period_ms })
         .await
@@ -262,7 +273,7 @@ async fn watch(client: &mut Client, memory_period_ms: u32) -> tonic::Streaming<v
     stream
 }
 
-async fn next_event(stream: &mut tonic::Streaming<v1::AgentEvent>) -> v1::AgentEvent {
+pub(crate) async fn next_event(stream: &mut tonic::Streaming<v1::AgentEvent>) -> v1::AgentEvent {
     tokio::time::timeout(Duration::from_secs(30), stream.message())
         .await
         .expect("no event within 30 s")
@@ -272,7 +283,7 @@ async fn next_event(stream: &mut tonic::Streaming<v1::AgentEvent>) -> v1::AgentE
 
 /// Reads instance events for `id` until one satisfies `done`; returns it
 /// and the states seen on the way.
-async fn wait_instance(
+pub(crate) async fn wait_instance(
     stream: &mut tonic::Streaming<v1::AgentEvent>,
     id: &str,
     done: impl Fn(&v1::Instance) -> bool,
@@ -290,11 +301,11 @@ async fn wait_instance(
     }
 }
 
-fn state_of(i: &v1::Instance) -> v1::InstanceState {
+pub(crate) fn state_of(i: &v1::Instance) -> v1::InstanceState {
     i.state()
 }
 
-async fn list(client: &mut Client) -> Vec<v1::Instance> {
+pub(crate) async fn list(client: &mut Client) -> Vec<v1::Instance> {
     client
         .list_instances(v1::ListInstancesRequest {})
         .await
@@ -304,7 +315,7 @@ async fn list(client: &mut Client) -> Vec<v1::Instance> {
 }
 
 /// POST JSON with an optional bearer key: (status, body).
-async fn post(
+pub(crate) async fn post(
     url: String,
     key: Option<String>,
     body: serde_json::Value,
@@ -331,11 +342,11 @@ async fn post(
     .expect("post task")
 }
 
-fn port_answers(port: u16) -> bool {
+pub(crate) fn port_answers(port: u16) -> bool {
     TcpStream::connect(("127.0.0.1", port)).is_ok()
 }
 
-fn alive(pid: u32) -> bool {
+pub(crate) fn alive(pid: u32) -> bool {
     procfs::identify(pid).is_some_and(procfs::is_alive)
 }
 

@@ -205,9 +205,12 @@ impl AgentNode {
         self.proc = None;
     }
 
-    /// Live llama-server processes this node's agent started.
+    /// Live processes this node's agent started: llama-server (its command
+    /// line names the instance directory) and a split's ggml-rpc-server and
+    /// its proxy (they run in it).
     pub fn servers(&self) -> Vec<u32> {
-        let mark = self.state.join("instances").display().to_string();
+        let dir = self.state.join("instances");
+        let mark = dir.display().to_string();
         let Ok(entries) = std::fs::read_dir("/proc") else {
             return Vec::new();
         };
@@ -215,8 +218,11 @@ impl AgentNode {
             .filter_map(Result::ok)
             .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
             .filter(|&pid| {
-                agent::procfs::cmdline(pid).is_some_and(|a| a.iter().any(|w| w.contains(&mark)))
-                    && agent::procfs::identify(pid).is_some_and(agent::procfs::is_alive)
+                let ours = agent::procfs::cmdline(pid)
+                    .is_some_and(|a| a.iter().any(|w| w.contains(&mark)))
+                    || std::fs::read_link(format!("/proc/{pid}/cwd"))
+                        .is_ok_and(|cwd| cwd.starts_with(&dir));
+                ours && agent::procfs::identify(pid).is_some_and(agent::procfs::is_alive)
             })
             .collect()
     }

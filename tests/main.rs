@@ -2,6 +2,7 @@
 //! Each module drives real processes: llama.cpp's binaries, and halo's own.
 
 mod agent;
+mod agent_rpc;
 mod cluster;
 mod cluster_crash;
 mod cluster_failover;

@@ -14,6 +14,13 @@ pub const EXIT_CONFIG: u8 = 64;
 
 /// Entry point of the `halo-agent` binary.
 pub fn main() -> ExitCode {
+    // The agent's own helper for RPC servers (not for people: no --help).
+    let argv: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    if argv.get(1).map(String::as_str) == Some(crate::supervisor::rpcproxy::PROXY_ARG) {
+        return crate::supervisor::rpcproxy::main(argv.get(2..).unwrap_or_default());
+    }
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) if !e.use_stderr() => {

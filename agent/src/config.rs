@@ -17,6 +17,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7301";
 pub const DEFAULT_PORT_RANGE: &str = "8100-8199";
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/halo-agent";
+/// File name of llama.cpp's RPC server, looked for beside llama-server.
+pub const DEFAULT_RPC_SERVER: &str = "ggml-rpc-server";
 
 /// Flags the agent sets itself or that reach the network or the file
 /// system on their own; no allow-list entry may name them.
@@ -58,6 +60,8 @@ pub const DENIED_FLAGS: &[&str] = &[
     "--webui",
     "--no-ui",
     "--no-webui",
+    "-ts",
+    "--tensor-split",
     // Reach other machines or download.
     "--rpc",
     "-hf",
@@ -161,9 +165,19 @@ pub struct Args {
     /// The llama-server executable (a path, or a name looked up in PATH).
     #[arg(long, env = "HALO_AGENT_LLAMA_SERVER", value_name = "PATH")]
     pub llama_server: Option<PathBuf>,
+    /// ggml-rpc-server, for this node's share of a model split across nodes
+    /// [default: beside llama-server: the same build, as its RPC protocol
+    /// requires].
+    #[arg(long, env = "HALO_AGENT_RPC_SERVER", value_name = "PATH")]
+    pub rpc_server: Option<PathBuf>,
     /// Ports given to instances, FIRST-LAST [default: 8100-8199].
     #[arg(long, env = "HALO_AGENT_PORT_RANGE", value_name = "FIRST-LAST")]
     pub port_range: Option<String>,
+    /// Ports given to ggml-rpc-server (a split's helper share), FIRST-LAST,
+    /// apart from port_range so a mesh ACL can let only split hosts reach
+    /// them [default: port_range].
+    #[arg(long, env = "HALO_AGENT_RPC_PORT_RANGE", value_name = "FIRST-LAST")]
+    pub rpc_port_range: Option<String>,
     /// Address instances listen on (default: the listen address's host).
     #[arg(long, env = "HALO_AGENT_INSTANCE_HOST", value_name = "IP")]
     pub instance_host: Option<String>,
@@ -236,7 +250,9 @@ struct FileConfig {
     labels: Option<BTreeMap<String, String>>,
     model_dirs: Option<Vec<PathBuf>>,
     llama_server: Option<PathBuf>,
+    rpc_server: Option<PathBuf>,
     port_range: Option<String>,
+    rpc_port_range: Option<String>,
     instance_host: Option<String>,
     reserve: Option<SizeValue>,
     probe_root: Option<PathBuf>,
@@ -313,8 +329,14 @@ pub struct Config {
     pub model_dirs: Vec<PathBuf>,
     /// The llama-server executable, canonical.
     pub llama_server: PathBuf,
+    /// The ggml-rpc-server executable: canonical when set explicitly (it
+    /// must then exist); by default `ggml-rpc-server` beside `llama_server`,
+    /// which may be absent (the node then cannot take a share of a split).
+    pub rpc_server: PathBuf,
     /// Instance ports.
     pub port_range: PortRange,
+    /// ggml-rpc-server ports (by default `port_range`).
+    pub rpc_port_range: PortRange,
     /// Address instances listen on.
     pub instance_host: IpAddr,
     /// Bytes held back for the OS.
@@ -398,7 +420,11 @@ impl Config {
             .llama_server
             .or(file.llama_server)
             .unwrap_or_else(|| PathBuf::from("llama-server"));
-        let llama_server = find_executable(&llama_server)?;
+        let llama_server = find_executable("llama_server", &llama_server)?;
+        let rpc_server = match args.rpc_server.or(file.rpc_server) {
+            Some(p) => find_executable("rpc_server", &p)?,
+            None => llama_server.with_file_name(DEFAULT_RPC_SERVER),
+        };
         let range_text = args
             .port_range
             .or(file.port_range)
@@ -410,6 +436,20 @@ impl Config {
                 format!("{port_range} includes the listen port {}", listen.port()),
             ));
         }
+        let rpc_port_range = match args.rpc_port_range.or(file.rpc_port_range) {
+            None => port_range,
+            Some(t) => {
+                let r = parse_port_range(&t)
+                    .map_err(|_| invalid("rpc_port_range", format!("`{t}` is not FIRST-LAST")))?;
+                if r.contains(listen.port()) {
+                    return Err(invalid(
+                        "rpc_port_range",
+                        format!("{r} includes the listen port {}", listen.port()),
+                    ));
+                }
+                r
+            }
+        };
         let instance_host = match args.instance_host.or(file.instance_host) {
             Some(h) => h
                 .parse()
@@ -524,7 +564,9 @@ impl Config {
             labels,
             model_dirs,
             llama_server,
+            rpc_server,
             port_range,
+            rpc_port_range,
             instance_host,
             reserve_bytes,
             probe_root,
@@ -623,8 +665,13 @@ fn check_model_dirs(dirs: Vec<PathBuf>) -> Result<Vec<PathBuf>, ConfigError> {
     Ok(out)
 }
 
-fn find_executable(p: &Path) -> Result<PathBuf, ConfigError> {
+/// Whether `p` is a file someone may execute.
+pub fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+fn find_executable(key: &'static str, p: &Path) -> Result<PathBuf, ConfigError> {
     let candidates: Vec<PathBuf> = if p.components().count() > 1 || p.is_absolute() {
         vec![p.to_owned()]
     } else {
@@ -633,17 +680,14 @@ fn find_executable(p: &Path) -> Result<PathBuf, ConfigError> {
             .unwrap_or_default()
     };
     for c in &candidates {
-        if let Ok(meta) = std::fs::metadata(c)
-            && meta.is_file()
-            && meta.permissions().mode() & 0o111 != 0
-        {
+        if is_executable(c) {
             return c
                 .canonicalize()
-                .map_err(|e| invalid("llama_server", format!("{}: {e}", c.display())));
+                .map_err(|e| invalid(key, format!("{}: {e}", c.display())));
         }
     }
     Err(invalid(
-        "llama_server",
+        key,
         format!("{}: no such executable file", p.display()),
     ))
 }
@@ -837,6 +881,28 @@ mod tests {
     }
 
     #[test]
+    fn rpc_servers_get_their_own_port_range_when_set() {
+        let d = dirs();
+        let c = Config::resolve(args(&d)).expect("valid");
+        assert_eq!(c.rpc_port_range, c.port_range);
+        let c = Config::resolve(Args {
+            rpc_port_range: Some("8200-8215".into()),
+            ..args(&d)
+        })
+        .expect("valid");
+        assert_eq!(
+            (c.rpc_port_range.first, c.rpc_port_range.last),
+            (8200, 8215)
+        );
+        let e = Config::resolve(Args {
+            rpc_port_range: Some("8215-8200".into()),
+            ..args(&d)
+        })
+        .expect_err("reversed");
+        assert!(e.to_string().contains("`rpc_port_range`"), "{e}");
+    }
+
+    #[test]
     fn bad_values_name_their_key_in_one_line() {
         let d = dirs();
         let cases: Vec<(Args, &str)> = vec![
@@ -903,6 +969,45 @@ mod tests {
         let s = e.to_string();
         assert!(s.contains("line 2") && s.contains("listen_adress"), "{s}");
         assert!(!s.contains('\n'), "{s}");
+    }
+
+    #[test]
+    fn rpc_server_defaults_to_beside_llama_server_and_an_explicit_one_must_exist() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = dirs();
+        // Default: beside the canonical llama-server, present or not.
+        let c = Config::resolve(args(&d)).expect("valid");
+        assert_eq!(
+            c.rpc_server,
+            c.llama_server.with_file_name(DEFAULT_RPC_SERVER)
+        );
+        assert!(!is_executable(&c.rpc_server));
+        // Explicit, from the file, elsewhere: accepted (the daemon warns).
+        let other = d.state.with_file_name("other");
+        std::fs::create_dir_all(&other).expect("mkdir");
+        let rpc = other.join("ggml-rpc-server");
+        std::fs::write(&rpc, "#!/bin/sh\n").expect("write");
+        std::fs::set_permissions(&rpc, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let file = d.state.with_file_name("agent.toml");
+        std::fs::write(
+            &file,
+            format!("rpc_server = {:?}\n", rpc.display().to_string()),
+        )
+        .expect("write");
+        let c = Config::resolve(Args {
+            config: Some(file),
+            ..args(&d)
+        })
+        .expect("valid");
+        assert_eq!(c.rpc_server, rpc.canonicalize().expect("canonical"));
+        // Explicit but missing: refused, naming the key.
+        let e = Config::resolve(Args {
+            rpc_server: Some("/nonexistent/ggml-rpc-server".into()),
+            ..args(&d)
+        })
+        .expect_err("missing")
+        .to_string();
+        assert!(e.starts_with("`rpc_server`"), "{e}");
     }
 
     #[test]

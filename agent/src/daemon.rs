@@ -84,13 +84,24 @@ impl Daemon {
                 addr: config.listen,
                 source,
             })?;
+        // Which llama.cpp build runs here (a split needs the same on every
+        // node); a failure leaves the fields empty, with a warning.
+        let build = crate::llamabuild::probe(&config).await;
+        tracing::info!(
+            llama_version = %build.version,
+            gpu_devices = ?build.gpu_devices,
+            rpc_server_available = build.rpc_server_available,
+            "llama.cpp build"
+        );
         let node = NodeIdentity {
             name: config.node_name.clone(),
             roles: config.roles.clone(),
             labels: config.labels.clone(),
             agent_address: addr.to_string(),
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-            ..NodeIdentity::default()
+            llama_version: build.version,
+            rpc_server_available: build.rpc_server_available,
+            gpu_devices: build.gpu_devices,
         };
         let supervisor = Supervisor::new(Arc::new(config), store, node, shutdown.clone())?;
         Ok(Daemon {

@@ -102,6 +102,23 @@ pub enum Error {
         /// The highest seen.
         highest: u64,
     },
+    /// An RPC server start without a leader revision: RPC servers are
+    /// started only for a placement from the current controller leader.
+    #[error(
+        "leader_revision 0: an RPC server is started only for a placement from the current \
+         controller leader, which sends its revision (> 0)"
+    )]
+    LeaderRevisionRequired,
+    /// This node has no ggml-rpc-server to run.
+    #[error(
+        "this node cannot run an RPC server: {} is not an executable file (install ggml-rpc-server \
+         beside llama-server, from the same llama.cpp build, or set `rpc_server`)",
+        path.display()
+    )]
+    RpcServerUnavailable {
+        /// Where the agent looked.
+        path: std::path::PathBuf,
+    },
     /// The agent is shutting down and takes no new work.
     #[error("the agent is shutting down")]
     ShuttingDown,
@@ -130,7 +147,9 @@ impl From<Error> for tonic::Status {
             Error::Unmanaged { .. }
             | Error::BrokenModel { .. }
             | Error::ModelEscapes { .. }
-            | Error::StaleLeader { .. } => Code::FailedPrecondition,
+            | Error::StaleLeader { .. }
+            | Error::LeaderRevisionRequired
+            | Error::RpcServerUnavailable { .. } => Code::FailedPrecondition,
             Error::PortsExhausted { .. } => Code::ResourceExhausted,
             Error::RequestIdReused { .. } => Code::AlreadyExists,
             Error::ShuttingDown => Code::Unavailable,
@@ -189,6 +208,13 @@ mod tests {
                 Code::FailedPrecondition,
             ),
             (Error::ShuttingDown, Code::Unavailable),
+            (Error::LeaderRevisionRequired, Code::FailedPrecondition),
+            (
+                Error::RpcServerUnavailable {
+                    path: "/opt/llama/ggml-rpc-server".into(),
+                },
+                Code::FailedPrecondition,
+            ),
         ];
         for (e, code) in cases {
             assert_eq!(tonic::Status::from(e).code(), code);

@@ -4,7 +4,9 @@
 //!
 //! * [`config`]: file < env < flag, validated before anything is bound.
 //! * [`scan`]: model directories → models (ids, params or why broken).
-//! * [`supervisor`]: instances: spawn, watch, restart, stop, re-adopt.
+//! * [`llamabuild`]: the node's llama.cpp build (version, GPU devices, RPC).
+//! * [`supervisor`]: instances (llama-server and ggml-rpc-server): spawn,
+//!   watch, restart, stop, re-adopt.
 //! * [`state`]: what survives an agent restart (atomic JSON + lock).
 //! * [`service`]: the gRPC `AgentService`; [`error`]: its status codes.
 //! * [`daemon`]: wiring and graceful shutdown; [`cli`]: the binary.
@@ -15,6 +17,7 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod gguf;
+pub mod llamabuild;
 pub mod loadlog;
 pub mod probe;
 pub mod procfs;

@@ -38,6 +38,14 @@
 //! not an observation of it). Dummy weight buffers say nothing and count as
 //! absent.
 //!
+//! A split model's host (`llama-server --rpc`) logs the buffers of its RPC
+//! devices too, named `RPC0[10.0.0.2:8100]` (rows `RPC0 (10.0.0.2:8100)` in
+//! the table): memory on other nodes. [`LoadLog::buffers`] counts every
+//! device; [`LoadLog::local_buffers`], what the agent reports for its
+//! node, leaves RPC devices out (the helpers' agents report their
+//! ggml-rpc-servers' memory), and then takes the KV cache from its local
+//! buffer lines, since the `size =` summary spans all devices.
+//!
 //! Lines carry a `0.00.009.659 I ` time/level prefix and a function name
 //! that changed between llama.cpp versions (`llama_context:`,
 //! `sched_reserve:`), so buffer lines are keyed on the text after the
@@ -210,16 +218,33 @@ struct Load {
     cache_types: Option<(String, String)>,
     /// The breakdown table `[model, context, compute]` in MiB.
     table: Option<[u64; 3]>,
+    /// The same without RPC device rows.
+    table_local: Option<[u64; 3]>,
 }
 
 impl Load {
-    fn sum(&self, kind: BufferKind) -> Option<u64> {
+    /// The sum of `kind`'s lines (of local devices only when `local`).
+    fn sum(&self, kind: BufferKind, local: bool) -> Option<u64> {
         self.lines
             .iter()
-            .filter(|l| l.kind == kind)
+            .filter(|l| l.kind == kind && !(local && is_remote(&l.buffer)))
             .map(|l| l.bytes)
             .reduce(u64::saturating_add)
     }
+
+    /// Whether a buffer of kind `kind` sits on an RPC device.
+    fn has_remote(&self, kind: BufferKind) -> bool {
+        self.lines
+            .iter()
+            .any(|l| l.kind == kind && is_remote(&l.buffer))
+    }
+}
+
+/// Whether a buffer or table row names an RPC device (`RPC0[host:port]`,
+/// `RPC0 (host:port)`): memory on another node.
+pub fn is_remote(name: &str) -> bool {
+    name.strip_prefix("RPC")
+        .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
 }
 
 /// Accumulates the lines of a llama.cpp log (stderr of `llama-server` at any
@@ -254,12 +279,19 @@ impl LoadLog {
             if line.contains("memory breakdown [MiB]") {
                 self.seen_non_model = true;
                 self.load.table = Some([0; 3]);
+                self.load.table_local = Some([0; 3]);
             } else if let Some(r) = parse_table_row(line) {
                 self.seen_non_model = true;
-                let t = self.load.table.get_or_insert([0; 3]);
-                t[0] = t[0].saturating_add(r.model_mib);
-                t[1] = t[1].saturating_add(r.context_mib);
-                t[2] = t[2].saturating_add(r.compute_mib);
+                let mut tables = vec![&mut self.load.table];
+                if !is_remote(&r.name) {
+                    tables.push(&mut self.load.table_local);
+                }
+                for table in tables {
+                    let t = table.get_or_insert([0; 3]);
+                    t[0] = t[0].saturating_add(r.model_mib);
+                    t[1] = t[1].saturating_add(r.context_mib);
+                    t[2] = t[2].saturating_add(r.compute_mib);
+                }
             }
             return false;
         }
@@ -328,12 +360,23 @@ impl LoadLog {
         false
     }
 
-    /// The sizes of the last load so far; `None` while the log said nothing
-    /// about buffers.
+    /// The sizes of the last load so far, every device counted; `None`
+    /// while the log said nothing about buffers.
     pub fn buffers(&self) -> Option<ObservedBuffers> {
+        self.observed(false)
+    }
+
+    /// The sizes of the last load so far on this node: without the buffers
+    /// of RPC devices (other nodes' ggml-rpc-servers). What the agent
+    /// reports for an instance.
+    pub fn local_buffers(&self) -> Option<ObservedBuffers> {
+        self.observed(true)
+    }
+
+    fn observed(&self, local: bool) -> Option<ObservedBuffers> {
         let load = &self.load;
         // Dummy (no_alloc) weight buffers log 0.00 MiB: no information.
-        let model_bytes = load.sum(BufferKind::Model).filter(|&b| b > 0);
+        let model_bytes = load.sum(BufferKind::Model, local).filter(|&b| b > 0);
         let mapped_model_bytes = load
             .lines
             .iter()
@@ -341,21 +384,35 @@ impl LoadLog {
             .map(|l| l.bytes)
             .reduce(u64::saturating_add)
             .filter(|_| model_bytes.is_some());
-        let kv_buffers = load
-            .sum(BufferKind::Kv)
-            .map(|b| b.saturating_sub(load.state.unwrap_or(0)));
-        let kv_bytes = match (load.kv_summary.or(kv_buffers), load.state) {
-            (None, None) => None,
-            (a, b) => Some(a.unwrap_or(0).saturating_add(b.unwrap_or(0))),
+        // The `size =` summaries span every device: with RPC devices, the
+        // local buffer lines (DeepSeek V4 state included) count; none at
+        // all means everything is remote.
+        let kv_bytes = if local && load.has_remote(BufferKind::Kv) {
+            Some(load.sum(BufferKind::Kv, true).unwrap_or(0))
+        } else {
+            let kv_buffers = load
+                .sum(BufferKind::Kv, false)
+                .map(|b| b.saturating_sub(load.state.unwrap_or(0)));
+            match (load.kv_summary.or(kv_buffers), load.state) {
+                (None, None) => None,
+                (a, b) => Some(a.unwrap_or(0).saturating_add(b.unwrap_or(0))),
+            }
         };
+        let recurrent_bytes = if local && load.has_remote(BufferKind::Recurrent) {
+            Some(load.sum(BufferKind::Recurrent, true).unwrap_or(0))
+        } else {
+            load.recurrent_summary
+                .or(load.sum(BufferKind::Recurrent, false))
+        };
+        let table = if local { load.table_local } else { load.table };
         let b = ObservedBuffers {
             model_bytes,
             mapped_model_bytes,
             kv_bytes,
-            recurrent_bytes: load.recurrent_summary.or(load.sum(BufferKind::Recurrent)),
-            compute_bytes: load.sum(BufferKind::Compute),
-            output_bytes: load.sum(BufferKind::Output),
-            breakdown: load.table.map(|[m, c, k]| MemoryBreakdown {
+            recurrent_bytes,
+            compute_bytes: load.sum(BufferKind::Compute, local),
+            output_bytes: load.sum(BufferKind::Output, local),
+            breakdown: table.map(|[m, c, k]| MemoryBreakdown {
                 model_bytes: m.saturating_mul(MIB),
                 context_bytes: c.saturating_mul(MIB),
                 compute_bytes: k.saturating_mul(MIB),
@@ -492,6 +549,30 @@ mod tests {
         ] {
             assert_eq!(parse_line(line), None, "{line}");
         }
+    }
+
+    #[test]
+    fn a_split_hosts_log_counts_its_rpc_devices_only_in_the_all_device_view() {
+        // Every layer on RPC0 (another node): weights 0.11 MiB mapped on
+        // the CPU here, 0.39 MiB there; the KV cache entirely there.
+        let l = parse_load_log(include_str!("testdata/server-tiny-rpc-host-lv4.log"));
+        let all = l.buffers().expect("all");
+        assert_eq!(all.model_bytes, Some(mib(0.11) + mib(0.39)));
+        assert_eq!(all.kv_bytes, Some(mib(0.12)));
+        assert_eq!(all.compute_bytes, Some(mib(1.76) + mib(1.02)));
+        assert_eq!(all.breakdown, table(0, 0, 2));
+        let local = l.local_buffers().expect("local");
+        assert_eq!(local.model_bytes, Some(mib(0.11)));
+        assert_eq!(local.mapped_model_bytes, Some(mib(0.11)));
+        assert_eq!(local.kv_bytes, Some(0));
+        assert_eq!(local.compute_bytes, Some(mib(1.02)));
+        assert_eq!(local.output_bytes, all.output_bytes);
+        assert_eq!(local.breakdown, table(0, 0, 1));
+        assert!(is_remote("RPC0[127.0.0.1:50052]") && is_remote("RPC12 (10.0.0.2:8100)"));
+        assert!(!is_remote("CPU_Mapped") && !is_remote("RPCX") && !is_remote("ROCm0"));
+        // Without RPC devices both views agree.
+        let l = parse_load_log(include_str!("testdata/server-gptoss-small-iswa-q8-lv4.log"));
+        assert_eq!(l.buffers(), l.local_buffers());
     }
 
     #[test]

@@ -96,6 +96,20 @@ pub fn signal_group(pgid: u32, signal: Signal) -> io::Result<bool> {
     }
 }
 
+/// Sends `signal` to the one process `pid`. `Ok(false)` when it no longer
+/// exists.
+pub fn signal_process(pid: u32, signal: Signal) -> io::Result<bool> {
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(Pid::from_raw)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"))?;
+    match rustix::process::kill_process(pid, signal) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::SRCH) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// A signal's name for people (`SIGKILL`), or its number.
 pub fn signal_name(sig: i32) -> String {
     let name = match sig {

@@ -5,7 +5,7 @@
 
 use crate::error::Error;
 use crate::supervisor::{StartRequest, Supervisor};
-use proto::domain::{AgentEvent, AgentEventKind, InstanceOptions, LogLine};
+use proto::domain::{AgentEvent, AgentEventKind, InstanceKind, InstanceOptions, LogLine};
 use proto::v1;
 use std::pin::Pin;
 use std::time::Duration;
@@ -114,7 +114,7 @@ impl v1::agent_service_server::AgentService for AgentApi {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(request_id = %req.get_ref().request_id, model = %req.get_ref().model_id.escape_debug()))]
+    #[tracing::instrument(skip_all, fields(request_id = %req.get_ref().request_id.escape_debug(), model = %req.get_ref().model_id.escape_debug(), kind = req.get_ref().kind))]
     async fn start_instance(
         &self,
         req: Request<v1::StartInstanceRequest>,
@@ -122,6 +122,7 @@ impl v1::agent_service_server::AgentService for AgentApi {
         let r = req.into_inner();
         let options =
             InstanceOptions::try_from(r.options.unwrap_or_default()).map_err(Error::from)?;
+        let kind = InstanceKind::from_wire(r.kind).map_err(Error::from)?;
         // In its own task: a caller that goes away (a controller killed
         // mid-call) must not cancel a start halfway, leaving a recorded
         // instance that never runs while retries of the same request id
@@ -134,6 +135,7 @@ impl v1::agent_service_server::AgentService for AgentApi {
                 options,
                 generation: r.generation,
                 leader_revision: r.leader_revision,
+                kind,
             })
             .await
         })

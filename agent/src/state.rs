@@ -7,7 +7,7 @@
 //! never share a state directory.
 
 use crate::procfs::ProcessId;
-use proto::domain::{InstanceOptions, ObservedBuffers};
+use proto::domain::{InstanceKind, InstanceOptions, ObservedBuffers};
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -65,14 +65,23 @@ pub struct InstanceRecord {
     pub id: String,
     /// The start request id that created it.
     pub request_id: String,
+    /// llama-server or ggml-rpc-server (records written before RPC servers
+    /// existed are llama-servers).
+    #[serde(default)]
+    pub kind: InstanceKind,
     /// Model id.
     pub model_id: String,
     /// Options as requested.
     pub options: InstanceOptions,
     /// Placement generation from the request.
     pub generation: u64,
-    /// HTTP port.
+    /// The port clients use: llama-server's HTTP port, or the port the
+    /// agent accepts an RPC server's one allowed client on.
     pub port: u16,
+    /// ggml-rpc-server only: the loopback port the server itself listens
+    /// on, behind the agent's filtering proxy on `port`.
+    #[serde(default)]
+    pub internal_port: Option<u16>,
     /// The exact argv (program first) every process of this instance runs.
     pub argv: Vec<String>,
     /// When it was created (Unix ms).
@@ -81,6 +90,9 @@ pub struct InstanceRecord {
     pub desired: Desired,
     /// The live process, when there is one.
     pub process: Option<ProcessId>,
+    /// ggml-rpc-server only: its live proxy process (in its group).
+    #[serde(default)]
+    pub proxy: Option<ProcessId>,
     /// Restarts after failures.
     pub restart_count: u32,
     /// Last failure's reason.
@@ -252,10 +264,12 @@ mod tests {
         InstanceRecord {
             id: id.into(),
             request_id: format!("req-{id}"),
+            kind: InstanceKind::LlamaServer,
             model_id: "tiny.gguf".into(),
             options: InstanceOptions::default(),
             generation: 3,
             port: 8100,
+            internal_port: None,
             argv: vec!["llama-server".into(), "-m".into(), "/m/tiny.gguf".into()],
             created_at_unix_ms: 1,
             desired: Desired::Running,
@@ -263,11 +277,39 @@ mod tests {
                 pid: 42,
                 start_ticks: 7,
             }),
+            proxy: None,
             restart_count: 0,
             last_error: String::new(),
             observed: None,
             stopped_at_unix_ms: None,
         }
+    }
+
+    #[test]
+    fn a_record_without_kind_is_a_llama_server_and_rpc_servers_round_trip() {
+        let mut json = serde_json::to_value(record("a")).expect("json");
+        let obj = json.as_object_mut().expect("object");
+        obj.remove("kind");
+        obj.remove("internal_port");
+        obj.remove("proxy");
+        let old: InstanceRecord = serde_json::from_value(json).expect("old record");
+        assert_eq!(old, record("a"));
+        let rpc = InstanceRecord {
+            kind: InstanceKind::RpcServer,
+            internal_port: Some(40123),
+            proxy: Some(ProcessId {
+                pid: 43,
+                start_ticks: 8,
+            }),
+            model_id: String::new(),
+            ..record("b")
+        };
+        let text = serde_json::to_string(&rpc).expect("json");
+        assert!(text.contains("\"RpcServer\""), "{text}");
+        assert_eq!(
+            serde_json::from_str::<InstanceRecord>(&text).expect("back"),
+            rpc
+        );
     }
 
     #[test]

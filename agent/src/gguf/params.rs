@@ -139,6 +139,10 @@ pub fn model_params(model: &GgufModel) -> Result<ModelParams, ParamsError> {
     }
     p.block_count = block_count;
     let n_layer = block_count as usize;
+    let layout = weight_layout(model, n_layer);
+    p.block_weight_bytes = layout.blocks;
+    p.input_weight_bytes = layout.input;
+    p.output_weight_bytes = layout.output;
     // LLM_KV_NEXTN_PREDICT_LAYERS: trailing multi-token-prediction blocks;
     // hparams.n_layer() = n_layer_all - n_layer_nextn.
     let nextn = m.u32_opt("nextn_predict_layers")?.unwrap_or(0);
@@ -493,6 +497,41 @@ fn dominant_type(model: &GgufModel) -> Option<GgmlType> {
     best.map(|(ty, _)| ty)
 }
 
+/// Where a model's tensor bytes sit, over every part of a split set: what
+/// a layer split (llama.cpp RPC, `--tensor-split`) moves between nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct WeightLayout {
+    /// Bytes of `blk.N.*` for each block N < `block_count`.
+    blocks: Vec<u64>,
+    /// Bytes of the input embedding (`token_embd*`) and of every other
+    /// tensor outside the blocks and the output head (e.g. `rope_freqs`,
+    /// or a `blk.N` beyond `block_count`): llama.cpp keeps them with the
+    /// input layer.
+    input: u64,
+    /// Bytes of the output head: `output*` (`output.weight`,
+    /// `output_norm.*`).
+    output: u64,
+}
+
+/// Sums tensor bytes per block, input and output; the three add up to
+/// [`GgufModel::weight_bytes`].
+fn weight_layout(model: &GgufModel, n_layer: usize) -> WeightLayout {
+    let mut l = WeightLayout {
+        blocks: vec![0; n_layer],
+        input: 0,
+        output: 0,
+    };
+    for t in model.tensors() {
+        let slot = match usize::try_from(layer_of(&t.name)) {
+            Ok(i) if i < n_layer => &mut l.blocks[i],
+            _ if t.name.starts_with("output") => &mut l.output,
+            _ => &mut l.input,
+        };
+        *slot = slot.saturating_add(t.bytes);
+    }
+    l
+}
+
 /// `sscanf(name, "blk.%d.", &layer)`, -1 when it does not match.
 fn layer_of(name: &str) -> i64 {
     let Some(rest) = name.strip_prefix("blk.") else {
@@ -823,6 +862,91 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn block_input_and_output_bytes_add_up_to_the_weights_of_every_fixture() {
+        let dir = tempfile::tempdir().unwrap();
+        for kind in SparseModel::ALL {
+            let name = kind.spec().name;
+            let path = dir.path().join(kind.spec().file_name);
+            write_sparse_with(kind, &path, VocabStyle::SizeOnly).unwrap();
+            let model = read_model(&path).unwrap();
+            let p = model_params(&model).unwrap();
+            assert_eq!(p.block_weight_bytes.len(), p.block_count as usize, "{name}");
+            assert!(p.block_weight_bytes.iter().all(|&b| b > 0), "{name}");
+            let blocks: u64 = p.block_weight_bytes.iter().sum();
+            assert_eq!(
+                blocks + p.input_weight_bytes + p.output_weight_bytes,
+                p.weight_bytes,
+                "{name}"
+            );
+            let embd = model.tensor("token_embd.weight").unwrap().bytes;
+            assert!(p.input_weight_bytes >= embd, "{name}");
+            let norm = model.tensor("output_norm.weight").unwrap().bytes;
+            assert!(p.output_weight_bytes >= norm, "{name}");
+            if kind == SparseModel::DeepSeekV31 {
+                // Three dense FFN blocks, then MoE blocks with 256 experts.
+                let dense = p.leading_dense_block_count as usize;
+                assert_eq!(dense, 3);
+                let max_dense = p.block_weight_bytes[..dense].iter().max().unwrap();
+                let min_moe = p.block_weight_bytes[dense..].iter().min().unwrap();
+                assert!(max_dense * 4 < *min_moe, "{max_dense} vs {min_moe}");
+            }
+        }
+    }
+
+    #[test]
+    fn weight_layout_sums_split_parts_and_puts_other_tensors_with_the_input() {
+        use crate::gguf::read::{
+            KEY_SPLIT_COUNT, KEY_SPLIT_NO, KEY_SPLIT_TENSORS_COUNT, split_part_name,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        // 2 blocks over three parts; rope_freqs and a stray blk.7 count as input.
+        let parts: [&[(&str, u64)]; 3] = [
+            &[("token_embd.weight", 8), ("rope_freqs.weight", 2)],
+            &[
+                ("blk.0.attn_q.weight", 4),
+                ("blk.1.attn_q.weight", 6),
+                ("blk.0.ffn_up.weight", 3),
+            ],
+            &[
+                ("blk.1.ffn_up.weight", 5),
+                ("blk.7.x.weight", 1),
+                ("output_norm.weight", 2),
+                ("output.weight", 8),
+            ],
+        ];
+        let total = parts.iter().map(|p| p.len()).sum::<usize>() as i32;
+        let mut first = None;
+        for (i, tensors) in parts.iter().enumerate() {
+            let mut w = if i == 0 {
+                base("llama", 2)
+            } else {
+                GgufWriter::new()
+            };
+            w.meta(KEY_SPLIT_NO, Value::U16(i as u16))
+                .meta(KEY_SPLIT_COUNT, Value::U16(3))
+                .meta(KEY_SPLIT_TENSORS_COUNT, Value::I32(total));
+            for (name, n) in tensors.iter() {
+                w.tensor(
+                    name,
+                    GgmlType::F32,
+                    &[*n],
+                    TensorData::Bytes(vec![0; *n as usize * 4]),
+                );
+            }
+            let path = dir.path().join(split_part_name("m", i as u32 + 1, 3));
+            w.write_to(&path).unwrap();
+            first.get_or_insert(path);
+        }
+        let model = read_model(&first.unwrap()).unwrap();
+        let p = model_params(&model).unwrap();
+        assert_eq!(p.split_count, 3);
+        assert_eq!(p.block_weight_bytes, [(4 + 3) * 4, (6 + 5) * 4]);
+        assert_eq!(p.input_weight_bytes, (8 + 2 + 1) * 4);
+        assert_eq!(p.output_weight_bytes, (2 + 8) * 4);
+        assert_eq!(p.weight_bytes, 39 * 4);
     }
 
     #[test]

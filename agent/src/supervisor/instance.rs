@@ -8,14 +8,22 @@
 //! → `Starting`…; a stop request goes `Stopping` → `Stopped` from any state.
 //! A process this run spawned is watched through its child handle (exit
 //! status known); an adopted one by polling pid + start time.
+//!
+//! A ggml-rpc-server is `Loading` until its loopback port accepts a TCP
+//! connection, then `Ready`. Its proxy ([`super::rpcproxy`]) is a second
+//! process in its group, watched with it: either one exiting fails the
+//! instance and ends the other. It is never restarted: after `Failed` the
+//! task only waits for the stop.
 
 use super::health::health;
 use super::logs::LogTail;
+use super::rpcproxy::{PROXY_ARG, ProxyArgs};
 use super::{Inner, argv, now_unix_ms};
 use crate::loadlog::LoadLog;
 use crate::procfs::{self, ProcessId};
-use proto::domain::{InstanceState, LogLine};
+use proto::domain::{InstanceKind, InstanceState, LogLine};
 use rustix::process::Signal;
+use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
@@ -38,13 +46,22 @@ const REASON_LINES: usize = 12;
 /// Log lines a stopped instance keeps in memory (its file keeps the rest).
 const STOPPED_RING_LINES: usize = 100;
 
-/// A process the task watches.
+/// A process the task watches (with an RPC server's proxy process).
+// One per instance task, moved a handful of times in its life.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Running {
     /// Spawned by this agent run: its exit status will be known.
-    Owned { child: Child, id: ProcessId },
+    Owned {
+        child: Child,
+        id: ProcessId,
+        proxy: Option<(Child, ProcessId)>,
+    },
     /// Found alive on boot; watched by polling.
-    Adopted { id: ProcessId },
+    Adopted {
+        id: ProcessId,
+        proxy: Option<ProcessId>,
+    },
 }
 
 /// How watching a process ended.
@@ -60,6 +77,31 @@ enum Outcome {
     Stalled { reason: String },
 }
 
+/// How an instance task begins.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Begin {
+    /// Spawn a process.
+    Spawn,
+    /// Watch a process found alive on boot (and whether it is ready).
+    Adopted(ProcessId, bool),
+    /// An RPC server that failed before: only wait for the stop.
+    Failed,
+}
+
+/// Whether an instance at `addr` is ready: llama-server's `/health` answers
+/// 200; a ggml-rpc-server accepts a TCP connection (it serves one client
+/// at a time and takes an immediate close as a client that left).
+pub(super) async fn probe_ready(kind: InstanceKind, addr: SocketAddr, deadline: Duration) -> bool {
+    match kind {
+        InstanceKind::LlamaServer => health(addr, deadline).await == Some(200),
+        InstanceKind::RpcServer => {
+            tokio::time::timeout(deadline, tokio::net::TcpStream::connect(addr))
+                .await
+                .is_ok_and(|r| r.is_ok())
+        }
+    }
+}
+
 /// How a back-off wait ended.
 enum Wake {
     Elapsed,
@@ -72,42 +114,85 @@ enum Wake {
 pub(super) struct InstanceTask {
     inner: Arc<Inner>,
     id: String,
+    kind: InstanceKind,
     stop: CancellationToken,
     finished: CancellationToken,
     tail: LogTail,
     load: LoadLog,
-    adopted: Option<(ProcessId, bool)>,
+    begin: Begin,
 }
 
 impl InstanceTask {
     pub(super) fn new(
         inner: Arc<Inner>,
         id: String,
+        kind: InstanceKind,
         stop: CancellationToken,
         finished: CancellationToken,
         log: std::path::PathBuf,
-        adopted: Option<(ProcessId, bool)>,
+        begin: Begin,
     ) -> InstanceTask {
         let tail = LogTail::new(log, inner.config.max_log_bytes);
         InstanceTask {
             inner,
             id,
+            kind,
             stop,
             finished,
             tail,
             load: LoadLog::default(),
-            adopted,
+            begin,
+        }
+    }
+
+    /// The program's name, for reasons and logs.
+    fn program(&self) -> &'static str {
+        match self.kind {
+            InstanceKind::LlamaServer => "llama-server",
+            InstanceKind::RpcServer => "ggml-rpc-server",
         }
     }
 
     /// Runs until the instance is stopped or the agent shuts down.
     pub(super) async fn run(mut self, shutdown: CancellationToken) {
         let mut failures: u32 = 0;
-        let mut next = self.adopted.take().map(|(id, ready)| {
-            self.tail.seek_back(super::ADOPT_LOG_BYTES);
-            self.drain_log();
-            (Running::Adopted { id }, ready)
-        });
+        let mut next = match self.begin {
+            Begin::Spawn => None,
+            Begin::Failed => {
+                self.wait_for_stop(&shutdown).await;
+                return;
+            }
+            Begin::Adopted(id, ready) => {
+                self.tail.seek_back(super::ADOPT_LOG_BYTES);
+                self.drain_log();
+                let proxy = match self.kind {
+                    InstanceKind::LlamaServer => None,
+                    InstanceKind::RpcServer => {
+                        let recorded = self
+                            .inner
+                            .table()
+                            .instances
+                            .get(&self.id)
+                            .and_then(|s| s.record.proxy);
+                        match recorded.filter(|p| procfs::is_alive(*p)) {
+                            Some(p) => Some(p),
+                            None => {
+                                // Unreachable without its proxy: of no use
+                                // to its host.
+                                terminate_adopted(id, self.inner.config.stop_timeout).await;
+                                let reason = "the RPC proxy was gone when the agent started; \
+                                              ggml-rpc-server stopped, not restarted"
+                                    .to_owned();
+                                self.failed(reason).await;
+                                self.wait_for_stop(&shutdown).await;
+                                return;
+                            }
+                        }
+                    }
+                };
+                Some((Running::Adopted { id, proxy }, ready))
+            }
+        };
         loop {
             if self.stop.is_cancelled() {
                 if let Some((running, _)) = next.take() {
@@ -126,6 +211,10 @@ impl InstanceTask {
                     Err(reason) => {
                         failures = failures.saturating_add(1);
                         self.failed(reason).await;
+                        if self.kind == InstanceKind::RpcServer {
+                            self.wait_for_stop(&shutdown).await;
+                            return;
+                        }
                         match self.back_off(failures, &shutdown).await {
                             Wake::Elapsed => self.count_restart(),
                             Wake::Stop => {}
@@ -148,6 +237,8 @@ impl InstanceTask {
                     } else {
                         failures.saturating_add(1)
                     };
+                    // The other process of an RPC server's pair.
+                    self.end_rest(running).await;
                     self.failed(reason).await;
                 }
                 Outcome::Stalled { reason } => {
@@ -155,6 +246,10 @@ impl InstanceTask {
                     failures = failures.saturating_add(1);
                     self.failed(reason).await;
                 }
+            }
+            if self.kind == InstanceKind::RpcServer {
+                self.wait_for_stop(&shutdown).await;
+                return;
             }
             match self.back_off(failures, &shutdown).await {
                 Wake::Elapsed => self.count_restart(),
@@ -183,16 +278,23 @@ impl InstanceTask {
         };
         // The model path (after `-m`) must still resolve inside the model
         // directories: a symlink may have been swapped since the start.
-        let model_ok = argv
-            .windows(2)
-            .find(|w| w[0] == "-m")
-            .and_then(|w| std::path::Path::new(&w[1]).canonicalize().ok())
-            .is_some_and(|p| crate::scan::is_inside(&inner.config.model_dirs, &p));
+        let model_ok = self.kind == InstanceKind::RpcServer
+            || argv
+                .windows(2)
+                .find(|w| w[0] == "-m")
+                .and_then(|w| std::path::Path::new(&w[1]).canonicalize().ok())
+                .is_some_and(|p| crate::scan::is_inside(&inner.config.model_dirs, &p));
         if !model_ok {
             return Err(
                 "the model file is gone or now resolves outside the model directories".into(),
             );
         }
+        // An RPC server's public port is its proxy's: bound before the
+        // server exists, so a port in use fails the start cleanly.
+        let public = match self.kind {
+            InstanceKind::LlamaServer => None,
+            InstanceKind::RpcServer => Some(self.bind_public()?),
+        };
         let log_path = self.tail.path().to_owned();
         let log = std::fs::OpenOptions::new()
             .append(true)
@@ -205,7 +307,8 @@ impl InstanceTask {
                 self.tail.seek_end();
                 writeln!(
                     f,
-                    "----- halo-agent: starting llama-server (restart {restarts}) at unix ms {} -----",
+                    "----- halo-agent: starting {} (restart {restarts}) at unix ms {} -----",
+                    self.program(),
                     now_unix_ms()
                 )?;
                 Ok(f)
@@ -218,7 +321,7 @@ impl InstanceTask {
             .parent()
             .map(std::path::Path::to_owned)
             .unwrap_or_default();
-        let child = Command::new(program)
+        let mut child = Command::new(program)
             .args(args)
             .env_clear()
             .envs(argv::environment())
@@ -231,7 +334,10 @@ impl InstanceTask {
             .spawn()
             .map_err(|e| format!("cannot start {program}: {e}"))?;
         let Some(pid) = child.id() else {
-            return Err("llama-server exited before it could be recorded".into());
+            return Err(format!(
+                "{} exited before it could be recorded",
+                self.program()
+            ));
         };
         // Raising a child's OOM score needs no privilege; failing to is
         // logged, not fatal (the instance still runs).
@@ -244,17 +350,31 @@ impl InstanceTask {
         // The child is not reaped until we wait, so its stat is readable.
         let start_ticks = procfs::start_ticks(pid).unwrap_or(0);
         let id = ProcessId { pid, start_ticks };
+        let proxy = match public {
+            None => None,
+            Some(listener) => match self.spawn_proxy(listener, id, &log_path, &dir) {
+                Ok(p) => Some(p),
+                Err(reason) => {
+                    // Not reaped yet, so the group is still the server's.
+                    signal(pid, Signal::KILL);
+                    let _ = tokio::time::timeout(KILL_WAIT, child.wait()).await;
+                    return Err(reason);
+                }
+            },
+        };
         self.load = LoadLog::default();
+        let proxy_id = proxy.as_ref().map(|(_, p)| *p);
         inner.update(&self.id, |s| {
             s.record.process = Some(id);
+            s.record.proxy = proxy_id;
             s.record.observed = None;
         });
         if let Err(e) = inner.persist().await {
             tracing::error!(instance = %self.id, "recording pid {pid} failed: {e}");
         }
-        tracing::info!(instance = %self.id, pid, "spawned llama-server");
+        tracing::info!(instance = %self.id, pid, "spawned {}", self.program());
         inner.set_state(&self.id, InstanceState::Loading, None);
-        Ok(Running::Owned { child, id })
+        Ok(Running::Owned { child, id, proxy })
     }
 
     /// Watches a process until it exits, stalls, or a stop or shutdown.
@@ -265,12 +385,14 @@ impl InstanceTask {
         shutdown: &CancellationToken,
     ) -> Outcome {
         let inner = self.inner.clone();
-        let port = inner
+        let Some(addr) = inner
             .table()
             .instances
             .get(&self.id)
-            .map_or(0, |s| s.record.port);
-        let addr = inner.health_addr(port);
+            .map(|s| inner.ready_addr(&s.record))
+        else {
+            return Outcome::Stop;
+        };
         let since = Instant::now();
         let mut ready_at = already_ready.then(Instant::now);
         let mut tick = new_interval(if already_ready {
@@ -279,9 +401,18 @@ impl InstanceTask {
             LOADING_POLL
         });
         loop {
+            let program = self.program();
             let exited = async {
                 match running {
-                    Running::Owned { child, .. } => Some(child.wait().await),
+                    Running::Owned {
+                        child,
+                        proxy: Some((proxy, _)),
+                        ..
+                    } => tokio::select! {
+                        s = child.wait() => Some((program, s)),
+                        s = proxy.wait() => Some(("the RPC proxy", s)),
+                    },
+                    Running::Owned { child, .. } => Some((program, child.wait().await)),
                     Running::Adopted { .. } => std::future::pending().await,
                 }
             };
@@ -292,9 +423,9 @@ impl InstanceTask {
                 status = exited => {
                     self.drain_log();
                     let reason = match status {
-                        Some(Ok(status)) => describe_exit(status),
-                        Some(Err(e)) => format!("waiting for llama-server failed: {e}"),
-                        None => "llama-server exited".into(),
+                        Some((who, Ok(status))) => describe_exit(who, status),
+                        Some((who, Err(e))) => format!("waiting for {who} failed: {e}"),
+                        None => format!("{program} exited"),
                     };
                     return Outcome::Exited {
                         reason: self.with_last_lines(reason),
@@ -304,11 +435,26 @@ impl InstanceTask {
                 _ = tick.tick() => {}
             }
             self.drain_log();
-            if let Running::Adopted { id } = running
+            if let Running::Adopted {
+                proxy: Some(proxy), ..
+            } = running
+                && !procfs::is_alive(*proxy)
+            {
+                let reason = format!(
+                    "the RPC proxy (pid {}) exited; status unknown (adopted after an agent restart)",
+                    proxy.pid
+                );
+                return Outcome::Exited {
+                    reason: self.with_last_lines(reason),
+                    ready_for: ready_at.map_or(Duration::ZERO, |t| t.elapsed()),
+                };
+            }
+            if let Running::Adopted { id, .. } = running
                 && !procfs::is_alive(*id)
             {
                 let reason = format!(
-                    "llama-server (pid {}) exited; status unknown (adopted after an agent restart, not its child)",
+                    "{} (pid {}) exited; status unknown (adopted after an agent restart, not its child)",
+                    self.program(),
                     id.pid
                 );
                 return Outcome::Exited {
@@ -319,10 +465,15 @@ impl InstanceTask {
             if ready_at.is_some() {
                 continue;
             }
-            if health(addr, HEALTH_TIMEOUT).await == Some(200) {
+            if probe_ready(self.kind, addr, HEALTH_TIMEOUT).await {
                 // Lines printed before the server answered hold the buffers.
                 self.drain_log();
-                let observed = self.load.buffers();
+                let observed = match self.kind {
+                    // This node's buffers: a split host's RPC devices are
+                    // other nodes' memory, reported by their agents.
+                    InstanceKind::LlamaServer => self.load.local_buffers(),
+                    InstanceKind::RpcServer => None,
+                };
                 inner.update(&self.id, |s| {
                     if observed.is_some() {
                         s.record.observed = observed;
@@ -336,7 +487,11 @@ impl InstanceTask {
                 tick = new_interval(READY_POLL);
             } else if since.elapsed() > inner.config.load_timeout {
                 let reason = format!(
-                    "the model did not become ready within {}s (load_timeout_secs)",
+                    "{} did not become ready within {}s (load_timeout_secs)",
+                    match self.kind {
+                        InstanceKind::LlamaServer => "the model",
+                        InstanceKind::RpcServer => "ggml-rpc-server",
+                    },
                     inner.config.load_timeout.as_secs()
                 );
                 return Outcome::Stalled {
@@ -391,11 +546,131 @@ impl InstanceTask {
     /// Records a failure (the process is gone) and publishes it.
     async fn failed(&mut self, reason: String) {
         tracing::warn!(instance = %self.id, "instance failed: {}", reason.lines().next().unwrap_or_default());
-        self.inner.update(&self.id, |s| s.record.process = None);
+        self.inner.update(&self.id, |s| {
+            s.record.process = None;
+            s.record.proxy = None;
+        });
         self.inner
             .set_state(&self.id, InstanceState::Failed, Some(reason));
         if let Err(e) = self.inner.persist().await {
             tracing::error!(instance = %self.id, "state write failed: {e}");
+        }
+    }
+
+    /// After an RPC server failed: waits for the stop (the process is
+    /// gone) or the agent's shutdown; nothing is restarted.
+    async fn wait_for_stop(&mut self, shutdown: &CancellationToken) {
+        tokio::select! {
+            () = self.stop.cancelled() => self.stopped().await,
+            () = shutdown.cancelled() => {}
+        }
+    }
+
+    /// Binds an RPC server's public port (the instance host and port).
+    fn bind_public(&self) -> Result<std::net::TcpListener, String> {
+        let port = self
+            .inner
+            .table()
+            .instances
+            .get(&self.id)
+            .map(|s| s.record.port)
+            .ok_or("instance record vanished")?;
+        let addr = SocketAddr::new(self.inner.config.instance_host, port);
+        std::net::TcpListener::bind(addr)
+            .map_err(|e| format!("cannot listen on {addr} for ggml-rpc-server: {e}"))
+    }
+
+    /// Starts an RPC server's proxy: this agent's binary in proxy mode, in
+    /// the server's process group, the listening socket as its stdin, its
+    /// output in the instance's log.
+    fn spawn_proxy(
+        &self,
+        listener: std::net::TcpListener,
+        server: ProcessId,
+        log_path: &std::path::Path,
+        dir: &std::path::Path,
+    ) -> Result<(Child, ProcessId), String> {
+        let (internal, client) = self
+            .inner
+            .table()
+            .instances
+            .get(&self.id)
+            .and_then(|s| Some((s.record.internal_port?, s.record.options.rpc_client?)))
+            .ok_or("the record has no loopback port or allowed client")?;
+        let args = ProxyArgs {
+            target: SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), internal),
+            allow: client,
+            server,
+        };
+        let open = || {
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .mode(0o600)
+                .open(log_path)
+                .map_err(|e| format!("cannot open log {}: {e}", log_path.display()))
+        };
+        let pgid = i32::try_from(server.pid).map_err(|_| "pid out of range".to_owned())?;
+        // `/proc/self/exe`: this very binary, even if the file was replaced
+        // since the agent started.
+        let child = Command::new("/proc/self/exe")
+            .arg(PROXY_ARG)
+            .args(args.to_args())
+            .env_clear()
+            .envs(argv::environment())
+            .current_dir(dir)
+            .stdin(Stdio::from(std::os::fd::OwnedFd::from(listener)))
+            .stdout(Stdio::from(open()?))
+            .stderr(Stdio::from(open()?))
+            .process_group(pgid)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|e| format!("cannot start the RPC proxy: {e}"))?;
+        let pid = child
+            .id()
+            .ok_or("the RPC proxy exited before it could be recorded")?;
+        let start_ticks = procfs::start_ticks(pid).unwrap_or(0);
+        tracing::info!(instance = %self.id, pid, "spawned the RPC proxy");
+        Ok((child, ProcessId { pid, start_ticks }))
+    }
+
+    /// After one process of an RPC server's pair (server, proxy) exited,
+    /// ends the other; nothing for a llama-server.
+    async fn end_rest(&mut self, running: Running) {
+        if self.kind == InstanceKind::LlamaServer {
+            return;
+        }
+        let grace = self.inner.config.stop_timeout;
+        match running {
+            Running::Owned {
+                mut child,
+                id,
+                proxy,
+            } => {
+                if matches!(child.try_wait(), Ok(None)) {
+                    // The proxy exited; the server (not reaped: its group
+                    // is still its own) goes too.
+                    self.terminate(Running::Owned {
+                        child,
+                        id,
+                        proxy: None,
+                    })
+                    .await;
+                }
+                if let Some((mut p, _)) = proxy {
+                    // It exits by itself once the server is gone.
+                    if tokio::time::timeout(KILL_WAIT, p.wait()).await.is_err() {
+                        let _ = p.start_kill();
+                        let _ = tokio::time::timeout(KILL_WAIT, p.wait()).await;
+                    }
+                }
+            }
+            Running::Adopted { id, proxy } => {
+                terminate_adopted(id, grace).await;
+                if let Some(p) = proxy {
+                    end_adopted_proxy(p).await;
+                }
+            }
         }
     }
 
@@ -426,8 +701,13 @@ impl InstanceTask {
     async fn terminate(&mut self, running: Running) {
         let grace = self.inner.config.stop_timeout;
         match running {
-            Running::Owned { mut child, id } => {
-                // Not reaped yet, so the pid (and group) are still ours.
+            Running::Owned {
+                mut child,
+                id,
+                proxy,
+            } => {
+                // Not reaped yet, so the pid (and group, with the proxy)
+                // are still ours.
                 signal(id.pid, Signal::TERM);
                 if tokio::time::timeout(grace, child.wait()).await.is_err() {
                     tracing::warn!(instance = %self.id, pid = id.pid, "no exit {grace:?} after SIGTERM; sending SIGKILL");
@@ -436,8 +716,19 @@ impl InstanceTask {
                         tracing::error!(instance = %self.id, pid = id.pid, "still running after SIGKILL");
                     }
                 }
+                if let Some((mut p, _)) = proxy
+                    && tokio::time::timeout(KILL_WAIT, p.wait()).await.is_err()
+                {
+                    let _ = p.start_kill();
+                    let _ = tokio::time::timeout(KILL_WAIT, p.wait()).await;
+                }
             }
-            Running::Adopted { id } => terminate_adopted(id, grace).await,
+            Running::Adopted { id, proxy } => {
+                terminate_adopted(id, grace).await;
+                if let Some(p) = proxy {
+                    end_adopted_proxy(p).await;
+                }
+            }
         }
         self.drain_log();
     }
@@ -445,6 +736,7 @@ impl InstanceTask {
     async fn stopped(&mut self) {
         self.inner.update(&self.id, |s| {
             s.record.process = None;
+            s.record.proxy = None;
             s.ring.keep_last(STOPPED_RING_LINES);
         });
         self.inner.set_state(&self.id, InstanceState::Stopped, None);
@@ -477,6 +769,21 @@ pub(super) async fn terminate_adopted(id: ProcessId, grace: Duration) {
     }
 }
 
+/// Ends an adopted RPC proxy: it exits by itself within a poll of its
+/// server being gone (and took the group's SIGTERM); SIGKILL after a grace,
+/// only while pid + start time still name it.
+async fn end_adopted_proxy(p: ProcessId) {
+    if wait_gone(p, KILL_WAIT).await {
+        return;
+    }
+    if procfs::is_alive(p) {
+        tracing::warn!(pid = p.pid, "RPC proxy still running; sending SIGKILL");
+        if let Err(e) = procfs::signal_process(p.pid, Signal::KILL) {
+            tracing::warn!(pid = p.pid, "signal failed: {e}");
+        }
+    }
+}
+
 async fn wait_gone(id: ProcessId, deadline: Duration) -> bool {
     let end = Instant::now() + deadline;
     while Instant::now() < end {
@@ -502,11 +809,11 @@ fn new_interval(period: Duration) -> tokio::time::Interval {
     i
 }
 
-fn describe_exit(status: ExitStatus) -> String {
+fn describe_exit(program: &str, status: ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
-        (Some(code), _) => format!("llama-server exited with code {code}"),
-        (None, Some(sig)) => format!("llama-server was killed by {}", procfs::signal_name(sig)),
-        _ => format!("llama-server ended: {status}"),
+        (Some(code), _) => format!("{program} exited with code {code}"),
+        (None, Some(sig)) => format!("{program} was killed by {}", procfs::signal_name(sig)),
+        _ => format!("{program} ended: {status}"),
     }
 }

@@ -1,14 +1,26 @@
-//! The instance supervisor: creates llama-server instances from checked
-//! start requests, runs one task per instance that spawns (or re-adopts),
-//! watches and restarts its process, stops them on request, and reports
-//! everything as domain types and events.
+//! The instance supervisor: creates instances from checked start requests,
+//! runs one task per instance that spawns (or re-adopts), watches and
+//! restarts its process, stops them on request, and reports everything as
+//! domain types and events.
+//!
+//! An instance runs llama-server, or ggml-rpc-server: a helper node's share
+//! of a model split across nodes, used by one llama-server elsewhere. An
+//! RPC server is started only with a current leader revision, a helper
+//! request id (`halo.NAME.rIsK.gG`) and the one client IP allowed to use
+//! it; it listens on loopback behind a proxy process of the agent's
+//! ([`rpcproxy`]) in its process group, which forwards only that client's
+//! connections. It is never restarted: a new one would hold none of the
+//! host's tensors, so a failure is reported and the controller re-plans
+//! the split.
 //!
 //! Invariants:
 //! * A process is spawned only for a record already persisted, and its
 //!   identity (pid + start time) is persisted before it is reported; an agent
 //!   restart re-adopts exactly the processes it recorded, after checking pid,
 //!   start time and the exact argv (which holds the instance's own API key
-//!   path, unique in this state directory).
+//!   path, unique in this state directory; a ggml-rpc-server's argv names
+//!   nothing of the agent's, so its working directory, the instance
+//!   directory, is checked too).
 //! * A llama-server the agent did not start is reported as `Unmanaged` and
 //!   never signalled.
 //! * Agent shutdown leaves instances running (systemd `KillMode=process`);
@@ -19,8 +31,10 @@ mod argv;
 mod health;
 mod instance;
 mod logs;
+pub(crate) mod rpcproxy;
 
 pub use argv::LOG_VERBOSITY;
+pub(crate) use argv::environment as instance_environment;
 pub use logs::{LogRing, LogTail, RING_LINES};
 
 use crate::config::{AllowedFlag, Config};
@@ -32,8 +46,8 @@ use crate::state::{
     Desired, InstanceRecord, MAX_STOPPED_RECORDS, STATE_VERSION, StateFile, StateStore,
 };
 use proto::domain::{
-    AgentEvent, AgentEventKind, Instance, InstanceOptions, InstanceState, LogLine, MemoryReport,
-    ModelFile, ModelStatus, NodeIdentity, Snapshot,
+    AgentEvent, AgentEventKind, Instance, InstanceKind, InstanceOptions, InstanceState, LogLine,
+    MemoryReport, ModelFile, ModelStatus, NodeIdentity, ReplicaKey, Snapshot,
 };
 use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -44,9 +58,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// Events buffered per watcher before it counts as lagging.
-/// `oom_score_adj` given to every llama-server the agent starts: when memory
-/// runs out, the kernel kills an instance (which the agent restarts with
-/// back-off), not the agent (the systemd unit runs it at -500).
+/// `oom_score_adj` given to every llama-server and ggml-rpc-server the
+/// agent starts: when memory runs out, the kernel kills an instance (which
+/// the agent restarts with back-off, or reports failed for an RPC server),
+/// not the agent (the systemd unit runs it at -500).
 pub const INSTANCE_OOM_SCORE_ADJ: i32 = 500;
 
 const EVENT_BUFFER: usize = 1024;
@@ -72,6 +87,19 @@ pub struct StartRequest {
     pub generation: u64,
     /// Fencing token.
     pub leader_revision: u64,
+    /// llama-server or ggml-rpc-server.
+    pub kind: InstanceKind,
+}
+
+/// What a start decided before its record exists.
+#[derive(Debug)]
+struct Planned {
+    id: String,
+    dir: std::path::PathBuf,
+    port: u16,
+    internal_port: Option<u16>,
+    argv: Vec<String>,
+    api_key: String,
 }
 
 /// The supervisor's handle; cheap to clone.
@@ -134,15 +162,19 @@ impl Slot {
 
     fn view(&self, config: &Config) -> Instance {
         let r = &self.record;
+        let endpoint = match r.kind {
+            InstanceKind::LlamaServer => format!("http://{}:{}", config.endpoint_host(), r.port),
+            InstanceKind::RpcServer => format!("{}:{}", config.endpoint_host(), r.port),
+        };
         Instance {
-            kind: proto::domain::InstanceKind::LlamaServer,
+            kind: r.kind,
             id: r.id.clone(),
             model_id: r.model_id.clone(),
             state: self.state,
             options: r.options.clone(),
             pid: r.process.map(|p| p.pid),
             port: r.port,
-            endpoint: format!("http://{}:{}", config.endpoint_host(), r.port),
+            endpoint,
             restart_count: r.restart_count,
             last_error: r.last_error.clone(),
             state_since_unix_ms: self.state_since_unix_ms,
@@ -224,12 +256,13 @@ impl Supervisor {
                     });
                 }
                 Desired::Running => {
-                    let ready = match found {
+                    let begin = match found {
                         Some(p) => {
-                            tracing::info!(instance = %record.id, pid = p.pid, "re-adopted llama-server");
-                            let addr = self.inner.health_addr(record.port);
+                            tracing::info!(instance = %record.id, pid = p.pid, kind = record.kind.as_str(), "re-adopted");
+                            let addr = self.inner.ready_addr(&record);
                             let ready =
-                                health::health(addr, Duration::from_secs(1)).await == Some(200);
+                                instance::probe_ready(record.kind, addr, Duration::from_secs(1))
+                                    .await;
                             let state = if ready {
                                 InstanceState::Ready
                             } else {
@@ -240,7 +273,10 @@ impl Supervisor {
                                 s.state = state;
                                 s.state_since_unix_ms = now_unix_ms();
                             });
-                            Some((p, ready))
+                            instance::Begin::Adopted(p, ready)
+                        }
+                        None if record.kind == InstanceKind::RpcServer => {
+                            self.inner.boot_rpc_without_process(&record)
                         }
                         None => {
                             if let Some(p) = record.process {
@@ -256,10 +292,10 @@ impl Supervisor {
                                     s.record.observed = None;
                                 });
                             }
-                            None
+                            instance::Begin::Spawn
                         }
                     };
-                    self.inner.spawn_task(&record.id, ready);
+                    self.inner.spawn_task(&record.id, begin);
                 }
             }
         }
@@ -370,6 +406,7 @@ impl Supervisor {
             return Err(Error::ShuttingDown);
         }
         check_request_id(&req.request_id)?;
+        check_kind(&req)?;
         if inner.fence(req.leader_revision)? {
             inner.persist().await?;
         }
@@ -378,7 +415,8 @@ impl Supervisor {
                 .then(|| (s.record.clone(), s.view(&inner.config)))
         });
         if let Some((record, view)) = existing {
-            if record.model_id == req.model_id
+            if record.kind == req.kind
+                && record.model_id == req.model_id
                 && record.options == req.options
                 && record.generation == req.generation
             {
@@ -389,6 +427,58 @@ impl Supervisor {
                 instance: record.id,
             });
         }
+        let planned = match req.kind {
+            InstanceKind::LlamaServer => self.plan_llama_server(&req).await?,
+            InstanceKind::RpcServer => inner.plan_rpc_server(&req)?,
+        };
+        let Planned {
+            id,
+            dir,
+            port,
+            internal_port,
+            argv,
+            api_key,
+        } = planned;
+        let record = InstanceRecord {
+            id: id.clone(),
+            request_id: req.request_id,
+            kind: req.kind,
+            model_id: req.model_id,
+            options: req.options,
+            generation: req.generation,
+            port,
+            internal_port,
+            argv,
+            created_at_unix_ms: now_unix_ms(),
+            desired: Desired::Running,
+            process: None,
+            proxy: None,
+            restart_count: 0,
+            last_error: String::new(),
+            observed: None,
+            stopped_at_unix_ms: None,
+        };
+        tracing::info!(instance = %id, kind = req.kind.as_str(), model = %record.model_id, port, "starting instance");
+        let view = {
+            let slot = Slot::new(record, InstanceState::Starting, api_key);
+            let view = slot.view(&inner.config);
+            inner.table().instances.insert(id.clone(), slot);
+            view
+        };
+        if let Err(e) = inner.persist().await {
+            inner.table().instances.remove(&id);
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        inner.emit(AgentEventKind::Instance(Box::new(view.clone())));
+        inner.spawn_task(&id, instance::Begin::Spawn);
+        Ok(view)
+    }
+
+    /// Checks a llama-server start against the scan and the allow-list,
+    /// picks its port and writes its directory and API key.
+    async fn plan_llama_server(&self, req: &StartRequest) -> Result<Planned, Error> {
+        let inner = &self.inner;
         scan::check_model_id(&req.model_id).map_err(|reason| Error::BadModelId {
             id: req.model_id.clone(),
             reason,
@@ -409,7 +499,7 @@ impl Supervisor {
             ModelStatus::Ok(p) => p,
             ModelStatus::Broken(reason) => {
                 return Err(Error::BrokenModel {
-                    id: req.model_id,
+                    id: req.model_id.clone(),
                     reason: reason.clone(),
                 });
             }
@@ -430,18 +520,18 @@ impl Supervisor {
             && !o.allow_context_over_trained
         {
             return Err(Error::ContextOverTrained {
-                id: req.model_id,
+                id: req.model_id.clone(),
                 requested: o.context_size,
                 trained: params.context_length,
             });
         }
         let extra = inner.allowed_extra(&o.extra_flags)?;
-        let port = inner.free_port()?;
+        let port = inner.free_port(inner.config.port_range)?;
         let id = new_instance_id();
         let dir = inner.store.instance_dir(&id);
         let api_key = new_api_key();
         let key_file = dir.join("api-key");
-        prepare_instance_dir(&dir, &key_file, &api_key)?;
+        prepare_instance_dir(&dir, Some((key_file.as_path(), api_key.as_str())))?;
         let argv = argv::build(
             &inner.config,
             &argv::ArgvSpec {
@@ -452,37 +542,14 @@ impl Supervisor {
                 extra: &extra,
             },
         );
-        let record = InstanceRecord {
-            id: id.clone(),
-            request_id: req.request_id,
-            model_id: req.model_id,
-            options: req.options,
-            generation: req.generation,
+        Ok(Planned {
+            id,
+            dir,
             port,
+            internal_port: None,
             argv,
-            created_at_unix_ms: now_unix_ms(),
-            desired: Desired::Running,
-            process: None,
-            restart_count: 0,
-            last_error: String::new(),
-            observed: None,
-            stopped_at_unix_ms: None,
-        };
-        tracing::info!(instance = %id, model = %record.model_id, port, "starting instance");
-        let view = {
-            let slot = Slot::new(record, InstanceState::Starting, api_key);
-            let view = slot.view(&inner.config);
-            inner.table().instances.insert(id.clone(), slot);
-            view
-        };
-        if let Err(e) = inner.persist().await {
-            inner.table().instances.remove(&id);
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(e);
-        }
-        inner.emit(AgentEventKind::Instance(Box::new(view.clone())));
-        inner.spawn_task(&id, None);
-        Ok(view)
+            api_key,
+        })
     }
 
     /// Stops an instance and waits (bounded) until its process is gone.
@@ -663,9 +730,9 @@ impl Inner {
             .collect()
     }
 
-    /// A port of the range that no running instance holds and that can be
+    /// A port of `range` that no running instance holds and that can be
     /// bound right now.
-    fn free_port(&self) -> Result<u16, Error> {
+    fn free_port(&self, range: crate::config::PortRange) -> Result<u16, Error> {
         let taken: HashSet<u16> = self
             .table()
             .instances
@@ -673,7 +740,6 @@ impl Inner {
             .filter(|s| s.record.desired == Desired::Running)
             .map(|s| s.record.port)
             .collect();
-        let range = self.config.port_range;
         range
             .iter()
             .filter(|p| !taken.contains(p))
@@ -709,13 +775,83 @@ impl Inner {
                 tracing::warn!(instance = %record.id, pid = p.pid, "pid now names another process; not adopting it");
             }
         }
+        // A ggml-rpc-server's argv names no file of this agent; its working
+        // directory, the instance directory, does.
+        let dir = self.store.instance_dir(&record.id);
         procfs::find_by_cmdline(&record.argv)
             .into_iter()
+            .filter(|&pid| {
+                record.kind == InstanceKind::LlamaServer
+                    || std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|d| d == dir)
+            })
             .filter_map(procfs::identify)
             .find(|p| procfs::is_alive(*p))
     }
 
-    fn spawn_task(self: &Arc<Self>, id: &str, adopted: Option<(ProcessId, bool)>) {
+    /// Where an instance answers its readiness probe: llama-server's HTTP
+    /// port, or the loopback port of an RPC server behind the proxy.
+    fn ready_addr(&self, record: &InstanceRecord) -> SocketAddr {
+        match record.internal_port {
+            Some(p) => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), p),
+            None => self.health_addr(record.port),
+        }
+    }
+
+    /// Checks an RPC server start against this node, picks its ports and
+    /// makes its directory (no API key: the proxy admits one client IP).
+    fn plan_rpc_server(&self, req: &StartRequest) -> Result<Planned, Error> {
+        if !crate::config::is_executable(&self.config.rpc_server) {
+            return Err(Error::RpcServerUnavailable {
+                path: self.config.rpc_server.clone(),
+            });
+        }
+        let port = self.free_port(self.config.rpc_port_range)?;
+        let internal = loopback_port()?;
+        let id = new_instance_id();
+        let dir = self.store.instance_dir(&id);
+        prepare_instance_dir(&dir, None)?;
+        let argv = argv::build_rpc(
+            &self.config,
+            &argv::RpcArgvSpec {
+                host: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                port: internal,
+                options: &req.options,
+            },
+        );
+        Ok(Planned {
+            id,
+            dir,
+            port,
+            internal_port: Some(internal),
+            argv,
+            api_key: String::new(),
+        })
+    }
+
+    /// Boot of an RPC server whose process is not running: one that never
+    /// spawned (the agent died first) is started; one that ran and is gone,
+    /// or had failed, stays `Failed` and is not restarted.
+    fn boot_rpc_without_process(&self, record: &InstanceRecord) -> instance::Begin {
+        let reason = match record.process {
+            Some(p) => format!(
+                "ggml-rpc-server (pid {}) was gone when the agent started; not restarted \
+                 (a new one would hold none of the host's tensors)",
+                p.pid
+            ),
+            None if record.last_error.is_empty() => return instance::Begin::Spawn,
+            None => record.last_error.clone(),
+        };
+        tracing::warn!(instance = %record.id, "{}", reason.lines().next().unwrap_or_default());
+        self.update(&record.id, |s| {
+            s.record.process = None;
+            s.record.last_error = reason;
+            s.state = InstanceState::Failed;
+            s.state_since_unix_ms = now_unix_ms();
+        });
+        instance::Begin::Failed
+    }
+
+    fn spawn_task(self: &Arc<Self>, id: &str, begin: instance::Begin) {
         let task = {
             let t = self.table();
             let Some(slot) = t.instances.get(id) else {
@@ -724,10 +860,13 @@ impl Inner {
             instance::InstanceTask::new(
                 self.clone(),
                 id.to_owned(),
+                slot.record.kind,
                 slot.stop.clone(),
                 slot.finished.clone(),
-                self.store.instance_dir(id).join("llama-server.log"),
-                adopted,
+                self.store
+                    .instance_dir(id)
+                    .join(log_file_name(slot.record.kind)),
+                begin,
             )
         };
         self.tracker.spawn(task.run(self.shutdown.clone()));
@@ -867,6 +1006,82 @@ fn check_request_id(id: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// Checks what depends on the kind. An RPC server needs a helper request
+/// id, no model, its one client and a leader revision; it takes no
+/// llama-server list options. A llama-server takes no `rpc_client`.
+fn check_kind(req: &StartRequest) -> Result<(), Error> {
+    let o = &req.options;
+    if req.kind == InstanceKind::LlamaServer {
+        if o.rpc_client.is_some() {
+            return Err(Error::InvalidArgument {
+                field: "options.rpc_client",
+                reason: "only for kind INSTANCE_KIND_RPC_SERVER".into(),
+            });
+        }
+        return Ok(());
+    }
+    if ReplicaKey::parse(&req.request_id).is_none_or(|k| k.share == 0) {
+        return Err(Error::InvalidArgument {
+            field: "request_id",
+            reason: format!(
+                "`{}` is not a split helper's id (halo.NAME.rINDEXsSHARE.gGEN, SHARE >= 1): \
+                 RPC servers are started only for the controller's split placements",
+                req.request_id.escape_debug()
+            ),
+        });
+    }
+    if !req.model_id.is_empty() {
+        return Err(Error::InvalidArgument {
+            field: "model_id",
+            reason: "must be empty for an RPC server (the host's llama-server reads the model)"
+                .into(),
+        });
+    }
+    if o.rpc_client.is_none() {
+        return Err(Error::InvalidArgument {
+            field: "options.rpc_client",
+            reason: "an RPC server needs the IP address of the one host allowed to use it".into(),
+        });
+    }
+    for (field, set) in [
+        ("options.rpc_servers", !o.rpc_servers.is_empty()),
+        ("options.tensor_split", !o.tensor_split.is_empty()),
+        ("options.extra_flags", !o.extra_flags.is_empty()),
+    ] {
+        if set {
+            return Err(Error::InvalidArgument {
+                field,
+                reason: "a llama-server option; an RPC server takes only threads and rpc_client"
+                    .into(),
+            });
+        }
+    }
+    if req.leader_revision == 0 {
+        return Err(Error::LeaderRevisionRequired);
+    }
+    Ok(())
+}
+
+/// A loopback port free right now, from the kernel's ephemeral range: where
+/// an RPC server listens behind the proxy (it takes none of the range).
+fn loopback_port() -> Result<u16, Error> {
+    std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|source| Error::Io {
+            context: "pick a loopback port for ggml-rpc-server".into(),
+            source,
+        })
+}
+
+/// The log file of an instance, in its directory.
+fn log_file_name(kind: InstanceKind) -> &'static str {
+    match kind {
+        InstanceKind::LlamaServer => "llama-server.log",
+        InstanceKind::RpcServer => "rpc-server.log",
+    }
+}
+
 fn new_instance_id() -> String {
     format!("i-{:012x}", rand::random::<u64>() >> 16)
 }
@@ -876,11 +1091,11 @@ fn new_api_key() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Creates the instance directory (0700) and its API key file (0600).
+/// Creates the instance directory (0700) and its API key file (0600), if
+/// it has one.
 fn prepare_instance_dir(
     dir: &std::path::Path,
-    key_file: &std::path::Path,
-    key: &str,
+    key: Option<(&std::path::Path, &str)>,
 ) -> Result<(), Error> {
     use std::os::unix::fs::DirBuilderExt;
     let io = |context: String| move |source| Error::Io { context, source };
@@ -889,6 +1104,9 @@ fn prepare_instance_dir(
         .mode(0o700)
         .create(dir)
         .map_err(io(format!("create {}", dir.display())))?;
+    let Some((key_file, key)) = key else {
+        return Ok(());
+    };
     crate::state::write_atomic(key_file, format!("{key}\n").as_bytes(), 0o600)
         .map_err(io(format!("write {}", key_file.display())))
 }
@@ -898,4 +1116,59 @@ pub fn now_unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rpc(request_id: &str) -> StartRequest {
+        StartRequest {
+            request_id: request_id.into(),
+            model_id: String::new(),
+            options: InstanceOptions {
+                rpc_client: Some("10.0.0.1".parse().expect("ip")),
+                ..InstanceOptions::default()
+            },
+            generation: 1,
+            leader_revision: 7,
+            kind: InstanceKind::RpcServer,
+        }
+    }
+
+    #[test]
+    fn rpc_server_starts_need_a_helper_id_no_model_a_client_and_a_leader() {
+        assert!(check_kind(&rpc("halo.big.r0s1.g3")).is_ok());
+        let field = |r: StartRequest| match check_kind(&r) {
+            Err(Error::InvalidArgument { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(field(rpc("halo.big.r0.g3")), "request_id");
+        assert_eq!(field(rpc("halo.big.r0s0.g3")), "request_id");
+        assert_eq!(field(rpc("i-made-this-up")), "request_id");
+        let mut r = rpc("halo.big.r0s1.g3");
+        r.model_id = "big.gguf".into();
+        assert_eq!(field(r), "model_id");
+        let mut r = rpc("halo.big.r0s1.g3");
+        r.options.rpc_client = None;
+        assert_eq!(field(r), "options.rpc_client");
+        let mut r = rpc("halo.big.r0s1.g3");
+        r.options.tensor_split = vec![1, 1];
+        assert_eq!(field(r), "options.tensor_split");
+        let mut r = rpc("halo.big.r0s1.g3");
+        r.options.extra_flags = vec!["--jinja".into()];
+        assert_eq!(field(r), "options.extra_flags");
+        let mut r = rpc("halo.big.r0s1.g3");
+        r.leader_revision = 0;
+        assert!(matches!(check_kind(&r), Err(Error::LeaderRevisionRequired)));
+
+        // A llama-server takes any request id and no RPC client.
+        let mut r = rpc("req-1");
+        r.kind = InstanceKind::LlamaServer;
+        r.model_id = "tiny.gguf".into();
+        assert_eq!(field(r.clone()), "options.rpc_client");
+        r.options.rpc_client = None;
+        r.leader_revision = 0;
+        assert!(check_kind(&r).is_ok());
+    }
 }

@@ -28,6 +28,9 @@ pub const MAX_EXTRA_FLAGS: usize = 32;
 pub const MAX_EXTRA_FLAG_LEN: usize = 256;
 /// Most RPC servers one llama-server may use.
 pub const MAX_RPC_SERVERS: usize = 16;
+/// Most `--tensor-split` entries: llama.cpp's argument parser refuses
+/// `llama_max_devices()` (16) or more.
+pub const MAX_TENSOR_SPLIT_LEN: usize = 15;
 /// Largest `--tensor-split` proportion.
 pub const MAX_TENSOR_SPLIT: u32 = 1_000_000;
 
@@ -449,15 +452,15 @@ impl TryFrom<v1::InstanceOptions> for InstanceOptions {
             })
             .collect::<Result<Vec<_>, _>>()?;
         if !o.tensor_split.is_empty()
-            && (o.tensor_split.len() > MAX_RPC_SERVERS + 8
+            && (o.tensor_split.len() > MAX_TENSOR_SPLIT_LEN
                 || o.tensor_split.iter().any(|&t| t > MAX_TENSOR_SPLIT)
                 || o.tensor_split.iter().all(|&t| t == 0))
         {
             return Err(ConversionError::Invalid {
                 field: "tensor_split",
                 reason: format!(
-                    "at most {} proportions of 0..={MAX_TENSOR_SPLIT}, not all zero",
-                    MAX_RPC_SERVERS + 8
+                    "at most {MAX_TENSOR_SPLIT_LEN} proportions (llama.cpp's device limit) of \
+                     0..={MAX_TENSOR_SPLIT}, not all zero"
                 ),
             });
         }
