@@ -285,3 +285,366 @@ fn deepseek_split_plan_matches_llama_fit_params_with_a_real_rpc_server() {
         );
     }
 }
+
+/// The placement's host replica as the controller reports it.
+async fn split_replica(c: &mut crate::cluster::Client, name: &str) -> Option<proto::v1::Replica> {
+    c.list_placements(proto::v1::ListPlacementsRequest {})
+        .await
+        .ok()?
+        .into_inner()
+        .placements
+        .into_iter()
+        .find(|p| p.name == name)?
+        .replicas
+        .into_iter()
+        .next()
+}
+
+/// The recent events the controller keeps.
+async fn events(c: &mut crate::cluster::Client) -> Vec<proto::v1::ClusterEvent> {
+    let mut s = c
+        .watch_events(proto::v1::WatchEventsRequest {
+            follow: false,
+            recent: None,
+        })
+        .await
+        .expect("events")
+        .into_inner();
+    let mut out = Vec::new();
+    while let Ok(Some(e)) = s.message().await {
+        out.push(e);
+    }
+    out
+}
+
+fn alive(pid: u32) -> bool {
+    agent::procfs::identify(pid).is_some_and(agent::procfs::is_alive)
+}
+
+/// The tiny model split across two real agents on loopback: the helper's
+/// ggml-rpc-server holds layers, the host's llama-server uses it with
+/// `--rpc` and answers a chat completion. Killing the rpc-server fails the
+/// split as a whole (the host's llama-server is stopped, nothing
+/// half-alive) and the controller plans it again, which answers again;
+/// unplacing leaves no process behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_model_split_over_two_agents_answers_fails_as_a_whole_and_is_replanned() {
+    use crate::cluster::{connect, eventually, tiny_controller, tiny_speed_pair, wait_nodes};
+    use crate::cluster_failover::{chat, endpoint};
+    use proto::v1;
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nodes = tiny_speed_pair(dir.path(), 6);
+    let mut ctl = tiny_controller(
+        dir.path(),
+        &nodes,
+        &["--heartbeat-ms", "250", "--requeue-ms", "300"],
+    );
+    ctl.start();
+    let mut c = connect(&ctl.url()).await;
+    assert!(
+        wait_nodes(
+            &mut c,
+            &["halo1", "halo2"],
+            v1::NodeStatus::Ready,
+            Duration::from_secs(20)
+        )
+        .await
+    );
+
+    // The tiny model fits one node: ask for a split over two.
+    let t0 = Instant::now();
+    let r = c
+        .place(v1::PlaceRequest {
+            role: "speed".into(),
+            model: "tiny".into(),
+            split_across: 2,
+            ..v1::PlaceRequest::default()
+        })
+        .await
+        .expect("place")
+        .into_inner();
+    assert!(r.accepted, "{:#?}", r.explanation);
+    let plan = r
+        .placement
+        .as_ref()
+        .and_then(|p| p.split.clone())
+        .expect("split plan");
+    assert_eq!(plan.shares.len(), 2, "{:#?}", r.explanation);
+    let host = plan
+        .shares
+        .iter()
+        .find(|s| s.host)
+        .expect("host")
+        .node
+        .clone();
+    let helper = plan
+        .shares
+        .iter()
+        .find(|s| !s.host)
+        .expect("helper")
+        .node
+        .clone();
+    assert_ne!(host, helper);
+
+    let ep = endpoint(&c, "tiny", Duration::from_secs(90))
+        .await
+        .unwrap_or_else(|| panic!("split never ready:\n{}", ctl.logs()));
+    println!("place -> Ready (split over 2 agents): {:.2?}", t0.elapsed());
+    let reply = chat(&ep.base_url, &ep.api_key, "tiny").expect("chat through the split");
+    println!("split reply: {reply:?}");
+
+    let first = split_replica(&mut c, "tiny").await.expect("replica");
+    let host_pid = first
+        .instance
+        .as_ref()
+        .and_then(|i| i.pid)
+        .expect("host pid");
+    let rpc = first.helpers.first().expect("helper instance").clone();
+    let rpc_pid = rpc.pid.expect("rpc-server pid");
+    assert_eq!(rpc.kind, v1::InstanceKind::RpcServer as i32);
+    let opts = first
+        .instance
+        .as_ref()
+        .and_then(|i| i.options.clone())
+        .expect("options");
+    assert_eq!(opts.rpc_servers, vec![rpc.endpoint.clone()]);
+
+    // The host's load log names the RPC device it put layers on.
+    let mut logs = c
+        .placement_logs(v1::PlacementLogsRequest {
+            placement: "tiny".into(),
+            lines: 1000,
+            ..v1::PlacementLogsRequest::default()
+        })
+        .await
+        .expect("logs")
+        .into_inner();
+    let mut text = String::new();
+    while let Ok(Some(l)) = logs.message().await {
+        text.push_str(&l.line);
+        text.push('\n');
+    }
+    assert!(
+        text.lines()
+            .any(|l| l.contains("RPC0[") && l.contains("model buffer size")),
+        "no RPC model buffer in the host's log:\n{text}"
+    );
+
+    // Kill the helper's rpc-server: the split fails as a whole and is
+    // planned again under a new generation.
+    let t1 = Instant::now();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(rpc_pid as i32).expect("pid"),
+        rustix::process::Signal::KILL,
+    )
+    .expect("kill rpc-server");
+    let again = eventually(Duration::from_secs(90), || {
+        let mut c = c.clone();
+        let old = first.request_id.clone();
+        async move {
+            let r = split_replica(&mut c, "tiny").await?;
+            let ready = r.instance.as_ref()?.state == v1::InstanceState::Ready as i32
+                && !r.helpers.is_empty()
+                && r.helpers
+                    .iter()
+                    .all(|h| h.state == v1::InstanceState::Ready as i32);
+            (r.request_id != old && ready).then_some(r)
+        }
+    })
+    .await
+    .unwrap_or_else(|| panic!("split not planned again:\n{}", ctl.logs()));
+    println!(
+        "rpc-server killed -> split Ready again: {:.2?}",
+        t1.elapsed()
+    );
+    // The old host's llama-server is stopped (SIGTERM, then a bounded wait).
+    let stopped = eventually(Duration::from_secs(15), || async move {
+        (!alive(host_pid)).then_some(())
+    })
+    .await;
+    assert!(
+        stopped.is_some(),
+        "the old host llama-server was left running"
+    );
+    let ep = endpoint(&c, "tiny", Duration::from_secs(30))
+        .await
+        .expect("endpoint after re-plan");
+    chat(&ep.base_url, &ep.api_key, "tiny").expect("chat after re-plan");
+    let kinds: Vec<String> = events(&mut c)
+        .await
+        .iter()
+        .map(|e| format!("{} {} {}", e.kind, e.subject, e.message))
+        .collect();
+    assert!(
+        kinds.iter().any(|k| k.starts_with("split_replanned tiny")),
+        "{kinds:#?}"
+    );
+
+    // Unplace: nothing left.
+    let pids: Vec<u32> = again
+        .instance
+        .iter()
+        .chain(again.helpers.iter())
+        .filter_map(|i| i.pid)
+        .collect();
+    c.unplace(v1::UnplaceRequest {
+        name: "tiny".into(),
+    })
+    .await
+    .expect("unplace");
+    let gone = crate::cluster::eventually(Duration::from_secs(30), || {
+        let pids = pids.clone();
+        async move { pids.iter().all(|&p| !alive(p)).then_some(()) }
+    })
+    .await;
+    assert!(gone.is_some(), "processes left after unplace: {pids:?}");
+
+    // Placed again under the same name: the agents still list the old
+    // (stopped) instances, whose request ids the new placement must not
+    // reuse; it comes up at once, without re-plans.
+    let r = c
+        .place(v1::PlaceRequest {
+            role: "speed".into(),
+            model: "tiny".into(),
+            split_across: 2,
+            ..v1::PlaceRequest::default()
+        })
+        .await
+        .expect("place again")
+        .into_inner();
+    assert!(r.accepted, "{:#?}", r.explanation);
+    let ep = endpoint(&c, "tiny", Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| panic!("placed again, never ready:\n{}", ctl.logs()));
+    chat(&ep.base_url, &ep.api_key, "tiny").expect("chat after placing again");
+    let replans: Vec<String> = events(&mut c)
+        .await
+        .into_iter()
+        .filter(|e| e.kind == "split_replanned")
+        .map(|e| e.message)
+        .collect();
+    assert_eq!(replans.len(), 1, "only the kill re-plans: {replans:#?}");
+    drop(nodes);
+}
+
+/// `haloctl place reasoning deepseek-v3.1-1bit` on two simulated 128 GB
+/// Strix Halo agents holding the sparse fixture: without `--split` a
+/// refusal that says a split would fit; with `--split --dry-run` the plan,
+/// per node, each share fitting with its margin. (Not run: the sparse file
+/// has no weights to send over RPC.)
+#[test]
+fn haloctl_offers_and_dry_runs_the_deepseek_split_on_two_simulated_strix_halos() {
+    use crate::cluster::{AgentNode, ControllerProc, write_catalog};
+    use std::process::Command;
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let k = SparseModel::DeepSeekV31;
+    let mut nodes = [
+        AgentNode::new(dir.path(), "halo1", &["reasoning"], 2),
+        AgentNode::new(dir.path(), "halo2", &["reasoning"], 2),
+    ];
+    for n in &mut nodes {
+        write_sparse_with(k, &n.models.join(k.spec().file_name), VocabStyle::SizeOnly)
+            .expect("sparse deepseek");
+        n.start();
+    }
+    let catalog = dir.path().join("catalog.toml");
+    write_catalog(
+        &catalog,
+        &format!(
+            "[[models]]\nname = \"deepseek-v3.1-1bit\"\nmodel_id = \"{}\"\ndefault_context = 16384\nmin_context = 4096\n",
+            k.spec().file_name
+        ),
+    );
+    let mut ctl = ControllerProc::new(
+        dir.path(),
+        "controller",
+        &[
+            "--store-path".into(),
+            dir.path().join("state.json").display().to_string(),
+            "--node".into(),
+            format!("halo1={},halo2={}", nodes[0].address(), nodes[1].address()),
+            "--catalog".into(),
+            catalog.display().to_string(),
+            "--heartbeat-ms".into(),
+            "250".into(),
+        ],
+    );
+    ctl.start();
+    let home = tempfile::tempdir().expect("home");
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_haloctl-shim"))
+            .arg("--controller")
+            .arg(ctl.url())
+            .args(args)
+            .env_remove("HALO_CONTROLLER")
+            .env("HOME", home.path())
+            .output()
+            .expect("haloctl")
+    };
+    let text = |o: &std::process::Output| {
+        format!(
+            "exit {:?}\n{}{}",
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    // Both nodes ready and holding the file.
+    let ready = tests::wait_for(Duration::from_secs(30), || {
+        let o = run(&["place", "reasoning", "deepseek-v3.1-1bit", "--dry-run"]);
+        let t = text(&o);
+        t.contains("it fits split across").then_some(o)
+    });
+    let o = ready.unwrap_or_else(|| {
+        let o = run(&["place", "reasoning", "deepseek-v3.1-1bit", "--dry-run"]);
+        panic!("no split offered:\n{}\n{}", text(&o), ctl.logs())
+    });
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("--split"), "{}", text(&o));
+
+    let o = run(&[
+        "place",
+        "reasoning",
+        "deepseek-v3.1-1bit",
+        "--split",
+        "--dry-run",
+    ]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains("helper, ggml-rpc-server") && t.contains("host, llama-server"),
+        "{t}"
+    );
+    assert!(t.contains("cost:"), "{t}");
+    println!("{t}");
+
+    let o = run(&[
+        "place",
+        "reasoning",
+        "deepseek-v3.1-1bit",
+        "--split",
+        "--dry-run",
+        "-o",
+        "json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let shares = v["split"].as_array().expect("split shares");
+    assert_eq!(shares.len(), 2, "{v:#}");
+    for s in shares {
+        let need =
+            s["total_bytes"].as_u64().expect("total") + s["margin_bytes"].as_u64().expect("margin");
+        assert!(need <= s["free_bytes"].as_u64().expect("free"), "{s:#}");
+    }
+    assert_eq!(v["nodes"].as_array().map(Vec::len), Some(1), "{v:#}");
+    // A dry run records nothing.
+    let o = run(&["status", "-o", "json"]);
+    assert!(
+        !String::from_utf8_lossy(&o.stdout).contains("deepseek"),
+        "{}",
+        text(&o)
+    );
+}

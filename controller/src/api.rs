@@ -72,6 +72,14 @@ impl ControllerApi {
         if let Some(n) = &req.name {
             proto::domain::catalog::check_name("name", n)?;
         }
+        if let Some(k) = req.split_across
+            && !(2..=proto::domain::instance::MAX_TENSOR_SPLIT_LEN as u32).contains(&k)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "split_across {k}: a split takes 2 to {} nodes",
+                proto::domain::instance::MAX_TENSOR_SPLIT_LEN
+            )));
+        }
         if !r.dry_run && self.desired.leadership().term().is_none() {
             return Err(Error::NotLeader);
         }
@@ -87,7 +95,16 @@ impl ControllerApi {
         let (placed, _) = self.desired.placements().await?;
         let plain: Vec<Placement> = placed.iter().map(|v| v.value.clone()).collect();
         let nodes = self.observed.node_states(Instant::now());
-        let d = placement::place(&nodes, &plain, &catalog, &req);
+        let mut d = placement::place(&nodes, &plain, &catalog, &req);
+        if let Some(p) = d.placement.as_mut() {
+            // Agents keep stopped instances, and a start with a request id
+            // they have seen returns that instance: a new placement reusing
+            // an old one's name continues after its generations.
+            let seen = self.observed.max_generation(&p.name);
+            for r in &mut p.replicas {
+                r.generation = r.generation.max(seen + 1);
+            }
+        }
         let accepted = d.accepted;
         if accepted
             && !r.dry_run

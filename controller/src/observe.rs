@@ -193,6 +193,18 @@ impl Observed {
         });
     }
 
+    /// The highest generation of any instance (live or stopped) an agent
+    /// reports for placement `name`; 0 when none.
+    pub fn max_generation(&self, name: &str) -> u64 {
+        self.read()
+            .values()
+            .flat_map(|n| n.managed().map(|(k, _)| k))
+            .filter(|k| k.placement == name)
+            .map(|k| k.generation)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Placement's view of every node at `now`.
     pub fn node_states(&self, now: Instant) -> Vec<NodeState> {
         self.read()

@@ -15,7 +15,7 @@
 use crate::estimate::split::{self, Layout, SplitNode};
 use crate::estimate::{Estimate, estimate, mib};
 use crate::placement::{Liveness, NodeState, estimate_options, gib, margin, used_by_node};
-use proto::domain::{ModelParams, Placement, Replica, SplitPlan, SplitShare};
+use proto::domain::{ModelParams, Placement, Replica, SplitPlan};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -78,30 +78,13 @@ impl Choice {
             "cost: {} of hidden state cross the network per generated token ({hops} hop(s), one \
              network round trip each), and {} per hop for each {}-token prompt batch; generation \
              runs the layers one node after the other, so expect about one node's speed minus \
-             those round trips — slower than a model that fits one node, much faster than paging \
-             weights from disk",
+             those round trips: slower than a model that fits one node",
             human(l.traffic_bytes_per_token),
             mib(params.embedding_length * 4 * self.estimate.resolved.n_ubatch),
             self.estimate.resolved.n_ubatch
         ));
         SplitPlan {
-            shares: l
-                .shares
-                .iter()
-                .map(|s| SplitShare {
-                    node: s.node.clone(),
-                    host: s.host,
-                    layers: s.layers,
-                    weights_bytes: s.weights_bytes,
-                    kv_bytes: s.kv_bytes,
-                    compute_bytes: s.compute_bytes,
-                    output_bytes: s.output_bytes,
-                    total_bytes: s.total_bytes,
-                    margin_bytes: s.margin_bytes,
-                    free_bytes: s.free_bytes,
-                    tensor_split: s.tensor_split,
-                })
-                .collect(),
+            shares: l.shares.clone(),
             traffic_bytes_per_token: l.traffic_bytes_per_token,
             notes,
         }

@@ -129,7 +129,7 @@ pub struct PlaceArgs {
     pub split: bool,
     /// Split across exactly N nodes (≥ 2) even when one would fit, e.g. to
     /// leave room on each node for other models. Implies --split.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(2..=16))]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(2..=15))]
     pub split_across: Option<u32>,
     /// Decide and explain, change nothing.
     #[arg(long)]

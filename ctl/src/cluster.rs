@@ -100,6 +100,23 @@ pub struct ReplicaJson {
     pub restarts: u32,
     /// Why it last failed, if it did.
     pub last_error: String,
+    /// For a model split across nodes (llama.cpp RPC): the helpers'
+    /// ggml-rpc-servers, in device order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub helpers: Vec<HelperJson>,
+}
+
+/// One helper of a split: a ggml-rpc-server holding a share of the layers.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct HelperJson {
+    /// Node.
+    pub node: String,
+    /// Layers it holds.
+    pub layers: u32,
+    /// Instance state (`pending` before its agent reports it).
+    pub state: String,
+    /// `host:port` the host's llama-server connects to.
+    pub endpoint: String,
 }
 
 /// `haloctl endpoints -o json`: one object per editor mode and instance.
@@ -343,6 +360,36 @@ fn real_bytes(i: &v1::Instance) -> Option<u64> {
         .then(|| parts.iter().flatten().sum())
 }
 
+/// The helpers of a split replica, from the plan's shares and what their
+/// agents report (by request id).
+fn helpers(p: &v1::Placement, r: &v1::Replica) -> Vec<HelperJson> {
+    let Some(plan) = &p.split else {
+        return Vec::new();
+    };
+    let key = proto::domain::ReplicaKey::parse(&r.request_id);
+    plan.shares
+        .iter()
+        .filter(|s| !s.host)
+        .enumerate()
+        .map(|(k, s)| {
+            let rid = key.as_ref().map(|key| {
+                key.helper(u32::try_from(k + 1).unwrap_or(u32::MAX))
+                    .request_id()
+            });
+            let i = r
+                .helpers
+                .iter()
+                .find(|i| Some(&i.request_id) == rid.as_ref());
+            HelperJson {
+                node: s.node.clone(),
+                layers: s.layers,
+                state: i.map_or("pending", |i| instance_state(i.state)).into(),
+                endpoint: i.map(|i| i.endpoint.clone()).unwrap_or_default(),
+            }
+        })
+        .collect()
+}
+
 /// The JSON view of placements.
 pub fn status_json(placements: &[v1::Placement]) -> Vec<PlacementJson> {
     placements
@@ -368,6 +415,7 @@ pub fn status_json(placements: &[v1::Placement]) -> Vec<PlacementJson> {
                         endpoint: i.map(|i| i.endpoint.clone()).unwrap_or_default(),
                         restarts: i.map_or(0, |i| i.restart_count),
                         last_error: i.map(|i| i.last_error.clone()).unwrap_or_default(),
+                        helpers: helpers(p, r),
                     }
                 })
                 .collect(),
@@ -406,8 +454,20 @@ pub fn render_status(placements: &[PlacementJson]) -> String {
                     p.name.clone()
                 },
                 p.model.clone(),
-                r.node.clone(),
-                state(r),
+                if r.helpers.is_empty() {
+                    r.node.clone()
+                } else {
+                    let hs: Vec<String> = r
+                        .helpers
+                        .iter()
+                        .map(|h| format!("+ rpc {}", h.node))
+                        .collect();
+                    format!("{} {}", r.node, hs.join(" "))
+                },
+                match r.helpers.iter().find(|h| h.state != "ready") {
+                    Some(h) if r.state != "failed" => format!("rpc {} {}", h.node, h.state),
+                    _ => state(r),
+                },
                 p.context.to_string(),
                 bytes(p.estimate_bytes),
                 or_dash(r.real_bytes),

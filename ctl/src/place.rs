@@ -188,12 +188,28 @@ pub fn decision_json(r: &v1::PlaceResponse) -> DecisionJson {
 /// The decision for people: verdict, estimate, per-node table, reasons.
 pub fn render_decision(model: &str, d: &DecisionJson) -> String {
     let mut s = String::new();
+    let on = if d.split.is_empty() {
+        d.nodes.join(", ")
+    } else {
+        let host = d
+            .split
+            .iter()
+            .find(|s| s.host)
+            .map_or("", |s| s.node.as_str());
+        format!(
+            "{} split with llama.cpp RPC (host {host})",
+            d.split
+                .iter()
+                .map(|s| s.node.as_str())
+                .collect::<Vec<_>>()
+                .join(" + ")
+        )
+    };
     let verdict = match (d.accepted, d.dry_run) {
-        (true, true) => format!("dry run: {model} would be placed on {}", d.nodes.join(", ")),
+        (true, true) => format!("dry run: {model} would be placed on {on}"),
         (true, false) => format!(
-            "placed {} ({model}) on {}",
+            "placed {} ({model}) on {on}",
             d.name.as_deref().unwrap_or(model),
-            d.nodes.join(", ")
         ),
         (false, _) => format!("refused: {model} cannot be placed"),
     };

@@ -61,40 +61,8 @@ pub struct SplitNode {
     pub free_bytes: u64,
 }
 
-/// One node's part of a split.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Share {
-    /// Node.
-    pub node: String,
-    /// Runs llama-server (the last share).
-    pub host: bool,
-    /// Repeating layers on the node.
-    pub layers: u32,
-    /// Weights: its blocks, plus the input embedding on the host and the
-    /// output head where the last layer goes.
-    pub weights_bytes: u64,
-    /// KV cache / recurrent state of its layers.
-    pub kv_bytes: u64,
-    /// Compute buffers.
-    pub compute_bytes: u64,
-    /// Logits buffer (host).
-    pub output_bytes: u64,
-    /// Sum.
-    pub total_bytes: u64,
-    /// Margin kept on top.
-    pub margin_bytes: u64,
-    /// Free memory before the split.
-    pub free_bytes: u64,
-    /// The `--tensor-split` proportion of its device.
-    pub tensor_split: u32,
-}
-
-impl Share {
-    /// Whether `total + margin ≤ free`.
-    pub fn fits(&self) -> bool {
-        self.total_bytes + self.margin_bytes <= self.free_bytes
-    }
-}
+/// One node's part of a split: the share the placement records.
+pub use proto::domain::SplitShare as Share;
 
 /// A split of one model over helpers (RPC servers, in device order) and a
 /// host (runs llama-server).

@@ -69,7 +69,7 @@ pub struct Placement {
 }
 
 /// One node's part of a split model.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SplitShare {
     /// Node.
     pub node: String,
@@ -105,6 +105,13 @@ pub struct SplitPlan {
     pub traffic_bytes_per_token: u64,
     /// Why it is split and what it costs, in words.
     pub notes: Vec<String>,
+}
+
+impl SplitShare {
+    /// Whether `total + margin ≤ free`.
+    pub fn fits(&self) -> bool {
+        self.total_bytes + self.margin_bytes <= self.free_bytes
+    }
 }
 
 impl SplitPlan {
