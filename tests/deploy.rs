@@ -388,9 +388,32 @@ fn headscale_acl_lets_each_port_be_reached_only_by_its_role() {
             "port {port}"
         );
     }
-    assert!(who(first - 1).is_empty() && who(last + 1).is_empty());
+    assert!(who(first - 1).is_empty());
     assert_eq!(who(7300), only("tag:halo-admin", "tag:halo-controller"));
-    assert_eq!(who(50052), only("tag:halo-rpc-host", "tag:halo-node"));
+    // ggml-rpc-server ports: the example agent.toml's rpc_port_range, only
+    // from split hosts (never from editors).
+    let agent_toml = std::fs::read_to_string(repo().join("deploy/config/agent.toml"))
+        .expect("deploy/config/agent.toml");
+    let rpc = agent_toml
+        .lines()
+        .find_map(|l| l.strip_prefix("rpc_port_range = "))
+        .map(|v| v.trim_matches('"'))
+        .and_then(|v| v.split_once('-'))
+        .map(|(a, b)| {
+            (
+                a.parse::<u16>().expect("port"),
+                b.parse::<u16>().expect("port"),
+            )
+        })
+        .expect("rpc_port_range in deploy/config/agent.toml");
+    for port in [rpc.0, rpc.1] {
+        assert_eq!(
+            who(port),
+            only("tag:halo-rpc-host", "tag:halo-node"),
+            "port {port}"
+        );
+    }
+    assert!(who(rpc.1 + 1).is_empty() && who(last + 1) != only("tag:editor", "tag:halo-node"));
     for port in [2379, 2380] {
         assert_eq!(
             who(port),
@@ -407,6 +430,7 @@ fn shell_scripts_pass_shellcheck() {
         "deploy/build-llama.sh",
         "deploy/images/build.sh",
         "deploy/systemd/install.sh",
+        "tests/compose.sh",
         "tests/deps.sh",
         "tests/run.sh",
     ];

@@ -7,6 +7,7 @@ mod cluster;
 mod cluster_crash;
 mod cluster_failover;
 mod cluster_leader;
+mod compose;
 mod controller_config;
 mod controller_place;
 mod controller_placement;

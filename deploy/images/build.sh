@@ -96,9 +96,12 @@ copy_libs() {
     fi
     while read -r lib; do
         [ -n "$lib" ] || continue
-        case $lib in
-            "$llama_dir"/*) continue ;;
-        esac
+        # (With no llama.cpp dir, "$llama_dir"/* would be /*: every library.)
+        if [ -n "$llama_dir" ]; then
+            case $lib in
+                "$llama_dir"/*) continue ;;
+            esac
+        fi
         if ! [ -e "$root$lib" ]; then
             install -d "$root$(dirname "$lib")"
             cp -L "$lib" "$root$lib"
@@ -185,7 +188,7 @@ ENV HALO_AGENT_LLAMA_SERVER=/opt/llama.cpp/bin/llama-server \\
     HALO_AGENT_MODEL_DIRS=/srv/models
 USER $uid:$uid
 VOLUME ["/var/lib/halo-agent"]
-EXPOSE 7301 8100-8199 50052
+EXPOSE 7301 8100-8199 8200-8215
 # Config from HALO_AGENT_* variables, or mount a file and set
 # HALO_AGENT_CONFIG=/etc/halo/agent.toml.
 CMD ["/usr/local/bin/halo-agent"]
