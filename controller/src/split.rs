@@ -15,9 +15,14 @@
 use crate::estimate::split::{self, Layout, SplitNode};
 use crate::estimate::{Estimate, estimate, mib};
 use crate::placement::{Liveness, NodeState, estimate_options, gib, margin, used_by_node};
+use proto::domain::instance::MAX_TENSOR_SPLIT_LEN;
 use proto::domain::{ModelParams, Placement, Replica, SplitPlan};
 use std::collections::HashMap;
 use std::sync::Arc;
+
+/// Most helpers of one split: llama.cpp takes at most
+/// [`MAX_TENSOR_SPLIT_LEN`] devices, the host's GPU among them.
+const MAX_HELPERS: usize = MAX_TENSOR_SPLIT_LEN - 1;
 
 /// A split that fits, with the settings it fits at.
 #[derive(Debug, Clone)]
@@ -178,12 +183,18 @@ pub fn choose(
             return Err(why);
         }
         Some(n) => n - 1..=n - 1,
-        None => 1..=helpers.len(),
+        // llama.cpp takes at most MAX_TENSOR_SPLIT_LEN devices.
+        None => 1..=helpers.len().min(MAX_HELPERS),
     };
     let mut last: Option<(Layout, u32)> = None;
     for (ctx, ctk, ctv) in attempts {
         let est = estimate(params, &estimate_options(*ctx, parallel, ctk, ctv));
         for k in ks.clone() {
+            // Not worth planning while the nodes together lack the room.
+            let room: u64 = helpers[..k].iter().map(|&i| free(i)).sum::<u64>() + free(host_i);
+            if room < est.total_bytes && k < *ks.end() {
+                continue;
+            }
             let hs: Vec<SplitNode> = helpers[..k].iter().map(|&i| node(i)).collect();
             let l = split::plan(params, &est, &hs, &node(host_i), host.split.gpu, margin);
             if l.fits() {
