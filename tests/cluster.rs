@@ -128,6 +128,8 @@ pub struct AgentNode {
     /// The running agent.
     pub proc: Option<Proc>,
     runs: u32,
+    /// More agent flags (e.g. `--tls-cert …`), after the others.
+    pub extra_args: Vec<String>,
 }
 
 impl AgentNode {
@@ -147,6 +149,7 @@ impl AgentNode {
             roles: roles.iter().map(|r| (*r).to_owned()).collect(),
             proc: None,
             runs: 0,
+            extra_args: Vec::new(),
         }
     }
 
@@ -181,6 +184,7 @@ impl AgentNode {
         for r in &self.roles {
             cmd.arg("--role").arg(r);
         }
+        cmd.args(&self.extra_args);
         let mut proc = Proc::spawn(
             &format!("agent-{}-{}", self.name, self.runs),
             cmd,

@@ -19,3 +19,4 @@ mod estimate;
 mod fitparams;
 mod llama;
 mod split;
+mod tls;

@@ -221,6 +221,17 @@ pub struct Args {
         allow_hyphen_values = true
     )]
     pub allowed_flags: Option<Vec<String>>,
+    /// This daemon's certificate (PEM) for mutual TLS; with tls_key and
+    /// tls_ca the gRPC server speaks only TLS and requires client
+    /// certificates signed by tls_ca [default: plaintext].
+    #[arg(long, env = "HALO_AGENT_TLS_CERT", value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "HALO_AGENT_TLS_KEY", value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA (PEM) that signs every halo certificate (`haloctl certs init`).
+    #[arg(long, env = "HALO_AGENT_TLS_CA", value_name = "PEM")]
+    pub tls_ca: Option<PathBuf>,
 }
 
 /// A byte size in a config file: an integer, or a string such as `8GiB`.
@@ -265,6 +276,9 @@ struct FileConfig {
     restart_stable_secs: Option<u64>,
     max_log_size: Option<SizeValue>,
     allowed_flags: Option<Vec<String>>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
 }
 
 /// An inclusive range of TCP ports.
@@ -361,6 +375,8 @@ pub struct Config {
     pub max_log_bytes: u64,
     /// Extra flags requests may name.
     pub allowed_flags: Vec<AllowedFlag>,
+    /// Mutual TLS files, when configured (all three were set).
+    pub tls: Option<proto::tls::TlsFiles>,
 }
 
 impl Config {
@@ -557,7 +573,17 @@ impl Config {
             .or(file.allowed_flags)
             .unwrap_or_default();
         let allowed_flags = check_allowed_flags(allowed_flags)?;
+        let tls = proto::tls::TlsFiles::from_parts(
+            args.tls_cert.or(file.tls_cert),
+            args.tls_key.or(file.tls_key),
+            args.tls_ca.or(file.tls_ca),
+        )
+        .map_err(|e| invalid("tls", e.to_string()))?;
+        if let Some(t) = &tls {
+            t.check().map_err(|e| invalid("tls", e.to_string()))?;
+        }
         Ok(Config {
+            tls,
             node_name,
             listen,
             roles,

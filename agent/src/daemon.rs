@@ -44,6 +44,9 @@ pub enum StartupError {
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Serve(String),
+    /// The TLS files could not be used.
+    #[error("tls: {0}")]
+    Tls(String),
 }
 
 impl StartupError {
@@ -65,6 +68,7 @@ pub struct Daemon {
     listener: TcpListener,
     supervisor: Supervisor,
     shutdown: CancellationToken,
+    tls: Option<proto::tls::TlsFiles>,
 }
 
 impl Daemon {
@@ -103,11 +107,13 @@ impl Daemon {
             rpc_server_available: build.rpc_server_available,
             gpu_devices: build.gpu_devices,
         };
+        let tls = config.tls.clone();
         let supervisor = Supervisor::new(Arc::new(config), store, node, shutdown.clone())?;
         Ok(Daemon {
             listener,
             supervisor,
             shutdown,
+            tls,
         })
     }
 
@@ -122,6 +128,7 @@ impl Daemon {
             listener,
             supervisor,
             shutdown,
+            tls,
         } = self;
         supervisor.boot().await?;
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -130,11 +137,24 @@ impl Daemon {
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| StartupError::Reflection(e.to_string()))?;
-        let api = AgentApi::new(supervisor.clone(), shutdown.clone());
+        let mut api = AgentApi::new(supervisor.clone(), shutdown.clone());
         let addr = listener
             .local_addr()
             .map_or_else(|e| e.to_string(), |a| a.to_string());
-        let server = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(files) = &tls {
+            // Mutual TLS (opt-in): every caller shows a certificate from the
+            // CA, and AgentService checks its role per method.
+            let config = files
+                .server_config()
+                .map_err(|e| StartupError::Tls(e.to_string()))?;
+            builder = builder
+                .tls_config(config)
+                .map_err(|e| StartupError::Tls(e.to_string()))?;
+            api = api.with_access(proto::tls::Access::enforce(crate::service::POLICY));
+            tracing::info!("mutual TLS on: client certificates required");
+        }
+        let server = builder
             .add_service(health_service)
             .add_service(reflection)
             .add_service(AgentServiceServer::new(api))

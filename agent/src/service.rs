@@ -6,6 +6,7 @@
 use crate::error::Error;
 use crate::supervisor::{StartRequest, Supervisor};
 use proto::domain::{AgentEvent, AgentEventKind, InstanceKind, InstanceOptions, LogLine};
+use proto::tls::{Access, Policy, Role};
 use proto::v1;
 use std::pin::Pin;
 use std::time::Duration;
@@ -24,20 +25,40 @@ const MAX_MEMORY_PERIOD: Duration = Duration::from_secs(3600);
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
+/// Who may call what when the agent serves mutual TLS: the one place that
+/// lists the methods that change something. Only the controller starts and
+/// stops instances; the controller and people (admin, read-only) may look;
+/// another agent may do nothing.
+pub const POLICY: Policy = Policy {
+    service: "AgentService",
+    mutating: &["StartInstance", "StopInstance"],
+    writers: &[Role::Controller],
+    readers: &[Role::Controller, Role::Admin, Role::ReadOnly],
+};
+
 /// The gRPC service over a supervisor.
 #[derive(Debug, Clone)]
 pub struct AgentApi {
     supervisor: Supervisor,
     shutdown: CancellationToken,
+    access: Access,
 }
 
 impl AgentApi {
-    /// A service whose streams end when `shutdown` is cancelled.
+    /// A service whose streams end when `shutdown` is cancelled; open to
+    /// every caller (plaintext) until [`AgentApi::with_access`].
     pub fn new(supervisor: Supervisor, shutdown: CancellationToken) -> AgentApi {
         AgentApi {
             supervisor,
             shutdown,
+            access: Access::open(),
         }
+    }
+
+    /// Checks callers' certificate roles against [`POLICY`] (mutual TLS).
+    pub fn with_access(mut self, access: Access) -> AgentApi {
+        self.access = access;
+        self
     }
 }
 
@@ -67,8 +88,9 @@ impl v1::agent_service_server::AgentService for AgentApi {
     #[tracing::instrument(skip_all)]
     async fn get_node(
         &self,
-        _req: Request<v1::GetNodeRequest>,
+        req: Request<v1::GetNodeRequest>,
     ) -> Result<Response<v1::GetNodeResponse>, Status> {
+        self.access.check("GetNode", &req)?;
         let c = self.supervisor.config();
         Ok(Response::new(v1::GetNodeResponse {
             node: Some(self.supervisor.node().into()),
@@ -83,8 +105,9 @@ impl v1::agent_service_server::AgentService for AgentApi {
     #[tracing::instrument(skip_all)]
     async fn get_memory(
         &self,
-        _req: Request<v1::GetMemoryRequest>,
+        req: Request<v1::GetMemoryRequest>,
     ) -> Result<Response<v1::MemoryReport>, Status> {
+        self.access.check("GetMemory", &req)?;
         Ok(Response::new(self.supervisor.memory().await.into()))
     }
 
@@ -93,6 +116,7 @@ impl v1::agent_service_server::AgentService for AgentApi {
         &self,
         req: Request<v1::ListModelsRequest>,
     ) -> Result<Response<v1::ListModelsResponse>, Status> {
+        self.access.check("ListModels", &req)?;
         let models = if req.into_inner().rescan {
             self.supervisor.rescan().await
         } else {
@@ -106,8 +130,9 @@ impl v1::agent_service_server::AgentService for AgentApi {
     #[tracing::instrument(skip_all)]
     async fn list_instances(
         &self,
-        _req: Request<v1::ListInstancesRequest>,
+        req: Request<v1::ListInstancesRequest>,
     ) -> Result<Response<v1::ListInstancesResponse>, Status> {
+        self.access.check("ListInstances", &req)?;
         let instances = self.supervisor.instances().await;
         Ok(Response::new(v1::ListInstancesResponse {
             instances: instances.into_iter().map(Into::into).collect(),
@@ -119,6 +144,7 @@ impl v1::agent_service_server::AgentService for AgentApi {
         &self,
         req: Request<v1::StartInstanceRequest>,
     ) -> Result<Response<v1::Instance>, Status> {
+        self.access.check("StartInstance", &req)?;
         let r = req.into_inner();
         let options =
             InstanceOptions::try_from(r.options.unwrap_or_default()).map_err(Error::from)?;
@@ -150,6 +176,7 @@ impl v1::agent_service_server::AgentService for AgentApi {
         &self,
         req: Request<v1::StopInstanceRequest>,
     ) -> Result<Response<v1::Instance>, Status> {
+        self.access.check("StopInstance", &req)?;
         let r = req.into_inner();
         // In its own task, like a start: a stop is finished once begun.
         let sup = self.supervisor.clone();
@@ -167,6 +194,7 @@ impl v1::agent_service_server::AgentService for AgentApi {
         &self,
         req: Request<v1::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        self.access.check("Watch", &req)?;
         let period = match req.into_inner().memory_period_ms {
             0 => self.supervisor.config().memory_sample_period,
             ms => Duration::from_millis(u64::from(ms)).clamp(MIN_MEMORY_PERIOD, MAX_MEMORY_PERIOD),
@@ -213,6 +241,7 @@ impl v1::agent_service_server::AgentService for AgentApi {
         &self,
         req: Request<v1::TailLogsRequest>,
     ) -> Result<Response<Self::TailLogsStream>, Status> {
+        self.access.check("TailLogs", &req)?;
         let r = req.into_inner();
         let handle = self
             .supervisor

@@ -11,6 +11,7 @@ use crate::placement::{
 };
 use crate::store::{Compare, Op, Store};
 use proto::domain::{CatalogEntry, EditorMode, InstanceState, ModelStatus, Placement};
+use proto::tls::{Access, Policy, Role};
 use proto::v1;
 use std::pin::Pin;
 use tokio::sync::{broadcast, mpsc};
@@ -34,7 +35,18 @@ pub struct ControllerApi {
     /// count the same free memory (only the leader writes, so a process
     /// lock is enough; the store's compares catch anything else).
     place_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
+    access: Access,
 }
+
+/// Who may call what when the controller serves mutual TLS: the one place
+/// that lists the methods that change desired state. Admins change it;
+/// admins and read-only clients look; agents and controllers do neither.
+pub const POLICY: Policy = Policy {
+    service: "ControllerService",
+    mutating: &["Place", "Unplace", "PutCatalogEntry"],
+    writers: &[Role::Admin],
+    readers: &[Role::Admin, Role::ReadOnly],
+};
 
 impl ControllerApi {
     /// A service over the shared state; streams end on `shutdown`.
@@ -50,7 +62,14 @@ impl ControllerApi {
             events,
             shutdown,
             place_lock: std::sync::Arc::default(),
+            access: Access::open(),
         }
+    }
+
+    /// Checks callers' certificate roles against [`POLICY`] (mutual TLS).
+    pub fn with_access(mut self, access: Access) -> Self {
+        self.access = access;
+        self
     }
 
     /// Decides, and unless dry run records, a placement.
@@ -187,8 +206,9 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
     #[tracing::instrument(skip_all)]
     async fn list_nodes(
         &self,
-        _r: Request<v1::ListNodesRequest>,
+        r: Request<v1::ListNodesRequest>,
     ) -> Result<Response<v1::ListNodesResponse>, Status> {
+        self.access.check("ListNodes", &r)?;
         let (placed, _) = self.desired.placements().await?;
         let plain: Vec<Placement> = placed.into_iter().map(|v| v.value).collect();
         let now = Instant::now();
@@ -221,8 +241,9 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
     #[tracing::instrument(skip_all)]
     async fn list_catalog(
         &self,
-        _r: Request<v1::ListCatalogRequest>,
+        r: Request<v1::ListCatalogRequest>,
     ) -> Result<Response<v1::ListCatalogResponse>, Status> {
+        self.access.check("ListCatalog", &r)?;
         let catalog = self.desired.catalog().await?;
         let obs = self.observed.read();
         let entries = catalog
@@ -252,6 +273,7 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
         &self,
         r: Request<v1::PutCatalogEntryRequest>,
     ) -> Result<Response<v1::CatalogEntry>, Status> {
+        self.access.check("PutCatalogEntry", &r)?;
         let e = r
             .into_inner()
             .entry
@@ -266,8 +288,9 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
     #[tracing::instrument(skip_all)]
     async fn list_placements(
         &self,
-        _r: Request<v1::ListPlacementsRequest>,
+        r: Request<v1::ListPlacementsRequest>,
     ) -> Result<Response<v1::ListPlacementsResponse>, Status> {
+        self.access.check("ListPlacements", &r)?;
         let (placed, _) = self.desired.placements().await?;
         let by_rid = instances_by_request(&self.observed);
         let placements = placed
@@ -300,6 +323,7 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
         &self,
         r: Request<v1::PlanRequest>,
     ) -> Result<Response<v1::PlanResponse>, Status> {
+        self.access.check("Plan", &r)?;
         let r = r.into_inner();
         let catalog = self.desired.catalog().await?;
         let e = catalog
@@ -367,6 +391,7 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
         &self,
         r: Request<v1::PlaceRequest>,
     ) -> Result<Response<v1::PlaceResponse>, Status> {
+        self.access.check("Place", &r)?;
         Ok(Response::new(
             ControllerApi::place(self, r.into_inner()).await?,
         ))
@@ -377,6 +402,7 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
         &self,
         r: Request<v1::UnplaceRequest>,
     ) -> Result<Response<v1::UnplaceResponse>, Status> {
+        self.access.check("Unplace", &r)?;
         let name = r.into_inner().name;
         let key = placement_key(&name);
         let Some(kv) = self.desired.store().get(&key).await.map_err(Error::from)? else {
@@ -395,8 +421,9 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
     #[tracing::instrument(skip_all)]
     async fn endpoints(
         &self,
-        _r: Request<v1::EndpointsRequest>,
+        r: Request<v1::EndpointsRequest>,
     ) -> Result<Response<v1::EndpointsResponse>, Status> {
+        self.access.check("Endpoints", &r)?;
         let catalog = self.desired.catalog().await?;
         let (placed, _) = self.desired.placements().await?;
         let by_rid = instances_by_request(&self.observed);
@@ -437,6 +464,7 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
         &self,
         r: Request<v1::PlacementLogsRequest>,
     ) -> Result<Response<Self::PlacementLogsStream>, Status> {
+        self.access.check("PlacementLogs", &r)?;
         let r = r.into_inner();
         let (placed, _) = self.desired.placements().await?;
         let p = placed
@@ -509,6 +537,7 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
         &self,
         r: Request<v1::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        self.access.check("WatchEvents", &r)?;
         let r = r.into_inner();
         let (recent, mut rx) = self
             .events

@@ -105,6 +105,17 @@ pub struct Args {
     /// acting within this time, and another takes over.
     #[arg(long, env = "HALO_CONTROLLER_LEASE_SECS", value_name = "SECS")]
     pub lease_secs: Option<u64>,
+    /// This daemon's certificate (PEM) for mutual TLS; with tls_key and
+    /// tls_ca the gRPC server speaks only TLS and requires client
+    /// certificates signed by tls_ca [default: plaintext].
+    #[arg(long, env = "HALO_CONTROLLER_TLS_CERT", value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "HALO_CONTROLLER_TLS_KEY", value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA (PEM) that signs every halo certificate (`haloctl certs init`).
+    #[arg(long, env = "HALO_CONTROLLER_TLS_CA", value_name = "PEM")]
+    pub tls_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -130,6 +141,9 @@ struct FileConfig {
     heartbeat_ms: Option<u64>,
     requeue_ms: Option<u64>,
     lease_secs: Option<u64>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -167,6 +181,8 @@ pub struct Config {
     pub requeue: Duration,
     /// Leader lease.
     pub lease: Duration,
+    /// Mutual TLS files, when configured (all three were set).
+    pub tls: Option<proto::tls::TlsFiles>,
 }
 
 fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
@@ -339,7 +355,17 @@ impl Config {
                 format!("{lease_secs} is outside 2-600"),
             ));
         }
+        let tls = proto::tls::TlsFiles::from_parts(
+            args.tls_cert.or(file.tls_cert),
+            args.tls_key.or(file.tls_key),
+            args.tls_ca.or(file.tls_ca),
+        )
+        .map_err(|e| invalid("tls", e.to_string()))?;
+        if let Some(t) = &tls {
+            t.check().map_err(|e| invalid("tls", e.to_string()))?;
+        }
         Ok(Config {
+            tls,
             listen,
             id,
             store,

@@ -40,6 +40,9 @@ pub enum StartupError {
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Serve(String),
+    /// The TLS files could not be used.
+    #[error("tls: {0}")]
+    Tls(String),
 }
 
 impl StartupError {
@@ -56,6 +59,16 @@ impl StartupError {
 
 /// Runs the controller until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), StartupError> {
+    // Mutual TLS (opt-in): read the files before anything starts; links to
+    // agents use the same certificate (https).
+    let tls = match &config.tls {
+        Some(files) => {
+            let m = files.load().map_err(|e| StartupError::Tls(e.to_string()))?;
+            crate::observe::set_agent_tls(Some(m.client_config()));
+            Some(m.server_config())
+        }
+        None => None,
+    };
     let leadership = Leadership::new(&config.id);
     let store = match &config.store {
         StoreConfig::File(p) => AnyStore::File(FileStore::open(p)?),
@@ -142,12 +155,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
         )
         .run(shutdown.clone()),
     );
-    let api = ControllerApi::new(desired, observed.clone(), events, shutdown.clone());
+    let mut api = ControllerApi::new(desired, observed.clone(), events, shutdown.clone());
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(config) = tls {
+        builder = builder
+            .tls_config(config)
+            .map_err(|e| StartupError::Tls(e.to_string()))?;
+        api = api.with_access(proto::tls::Access::enforce(crate::api::POLICY));
+        tracing::info!("mutual TLS on: client certificates required");
+    }
     let addr = listener
         .local_addr()
         .map_or_else(|e| e.to_string(), |a| a.to_string());
     tracing::info!(%addr, id = %config.id, "halo-controller serving");
-    let server = tonic::transport::Server::builder()
+    let server = builder
         .add_service(ControllerServiceServer::new(api))
         .serve_with_incoming_shutdown(
             // Without TCP_NODELAY a small response waits for the client's

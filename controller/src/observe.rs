@@ -269,9 +269,25 @@ pub fn load_record(i: &Instance) -> Option<ObservedRecord> {
         .then(|| ObservedRecord::new(&i.model_id, &instance_estimate_options(&i.options), b))
 }
 
+/// The TLS config of links to agents: `None` (plaintext, the default)
+/// until the daemon sets it from its `tls_*` files.
+static AGENT_TLS: std::sync::RwLock<Option<tonic::transport::ClientTlsConfig>> =
+    std::sync::RwLock::new(None);
+
+/// Makes every later [`agent_client`] speak mutual TLS with this config
+/// (`https://`), or plaintext with `None`.
+pub fn set_agent_tls(config: Option<tonic::transport::ClientTlsConfig>) {
+    *AGENT_TLS.write().unwrap_or_else(|e| e.into_inner()) = config;
+}
+
 /// A gRPC client for the agent at `address`, dialled lazily.
 pub fn agent_client(address: &str) -> Result<AgentServiceClient<Channel>, tonic::transport::Error> {
-    let ep = Endpoint::from_shared(format!("http://{address}"))?
+    let tls = AGENT_TLS.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let ep = match tls {
+        None => Endpoint::from_shared(format!("http://{address}"))?,
+        Some(c) => Endpoint::from_shared(format!("https://{address}"))?.tls_config(c)?,
+    };
+    let ep = ep
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(CALL_TIMEOUT)
         .tcp_nodelay(true);

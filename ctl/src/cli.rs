@@ -15,6 +15,8 @@ use std::path::PathBuf;
     propagate_version = true,
     after_help = "The controller: --controller URL, else $HALO_CONTROLLER, else `controller = \"URL\"` in\n\
         ~/.config/halo/haloctl.toml, else http://127.0.0.1:7300.\n\
+        Mutual TLS: all of --tls-cert, --tls-key, --tls-ca (else $HALO_TLS_CERT, $HALO_TLS_KEY,\n\
+        $HALO_TLS_CA, else tls_cert, tls_key, tls_ca in haloctl.toml); see `haloctl certs`.\n\
         Exit status: 0 ok, 1 refused or failed, 2 usage, 3 cannot reach the controller.\n\n\
         Example:\n  haloctl --controller http://halo1:7300 status"
 )]
@@ -22,6 +24,31 @@ pub struct Cli {
     /// The controller's gRPC address (also $HALO_CONTROLLER).
     #[arg(long, global = true, value_name = "URL")]
     pub controller: Option<String>,
+    /// Client certificate for mutual TLS (also $HALO_TLS_CERT); with
+    /// --tls-key and --tls-ca, haloctl speaks https to the controller.
+    #[arg(
+        long,
+        global = true,
+        value_name = "PEM",
+        help_heading = "Mutual TLS (opt-in)"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// The client certificate's key (also $HALO_TLS_KEY).
+    #[arg(
+        long,
+        global = true,
+        value_name = "PEM",
+        help_heading = "Mutual TLS (opt-in)"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// The CA that signed the controller's certificate (also $HALO_TLS_CA).
+    #[arg(
+        long,
+        global = true,
+        value_name = "PEM",
+        help_heading = "Mutual TLS (opt-in)"
+    )]
+    pub tls_ca: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -93,6 +120,14 @@ pub enum Command {
         haloctl fixture write deepseek-v3.1-1bit /tmp/deepseek-v3.1-1bit.gguf\n  \
         haloctl fixture write tiny /tmp/tiny.gguf")]
     Fixture(FixtureArgs),
+    /// Mutual TLS material: a small CA, and certificates it signs for
+    /// agents, controllers and people (admin or read-only).
+    #[command(after_help = "Examples:\n  \
+        haloctl certs init --dir /etc/halo/tls\n  \
+        haloctl certs issue controller halo-ctl --dir /etc/halo/tls --host halo1\n  \
+        haloctl certs issue agent halo1 --dir /etc/halo/tls --host halo1 --host 10.0.0.11\n  \
+        haloctl certs issue admin alice --dir /etc/halo/tls --days 90")]
+    Certs(CertsArgs),
 }
 
 /// Arguments of the listing commands.
@@ -272,6 +307,69 @@ pub enum FixtureCommand {
         #[arg(long)]
         size_only_vocab: bool,
     },
+}
+
+/// Arguments of `haloctl certs`.
+#[derive(Debug, Args)]
+pub struct CertsArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: CertsCommand,
+}
+
+/// `haloctl certs` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Make a CA: DIR/ca.pem (certificate) and DIR/ca.key (key, mode 0600).
+    #[command(after_help = "Example:\n  haloctl certs init --dir /etc/halo/tls")]
+    Init {
+        /// Directory to write the CA into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Replace an existing CA (every certificate it signed stops working).
+        #[arg(long)]
+        force: bool,
+        /// Days the CA is valid [default: 3650].
+        #[arg(long, value_name = "N")]
+        days: Option<u32>,
+    },
+    /// Sign a certificate and key for one role: writes ROLE-NAME.pem and
+    /// ROLE-NAME.key (mode 0600), the role recorded as the SAN URI
+    /// urn:halo:role:ROLE.
+    #[command(
+        after_help = "Roles: agent (a node's halo-agent), controller (halo-controller; the only \
+        role that may start\nor stop instances on agents), admin (may change placements and the \
+        catalog), read-only (may look).\n\n\
+        Examples:\n  \
+        haloctl certs issue agent halo1 --dir /etc/halo/tls --host halo1 --host 10.0.0.11\n  \
+        haloctl certs issue read-only grafana --dir /etc/halo/tls --days 30"
+    )]
+    Issue(IssueArgs),
+}
+
+/// Arguments of `haloctl certs issue`.
+#[derive(Debug, Args)]
+pub struct IssueArgs {
+    /// agent, controller, admin or read-only.
+    pub role: String,
+    /// Who the certificate is for (its common name), e.g. a node or a person.
+    pub name: String,
+    /// Directory holding the CA (ca.pem, ca.key).
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Directory to write the certificate and key into [default: --dir].
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Host name or IP address the certificate's server answers on (DNS or
+    /// IP SAN); repeat. Agents and controllers need the address others dial.
+    #[arg(long = "host", value_name = "H")]
+    pub hosts: Vec<String>,
+    /// Days the certificate is valid (0: already expired, for tests).
+    #[arg(long, value_name = "N", default_value_t = 365)]
+    pub days: u32,
+    /// Replace existing files.
+    #[arg(long)]
+    pub force: bool,
 }
 
 fn parse_cache(s: &str) -> Result<CacheType, String> {

@@ -38,6 +38,21 @@ pub struct Target {
     pub url: String,
     /// Where `url` came from.
     pub source: Source,
+    /// Mutual TLS to the controller, when configured (`https://` URLs).
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
+}
+
+/// `--tls-cert`, `--tls-key` and `--tls-ca` as given on the command line;
+/// `HALO_TLS_CERT`, `HALO_TLS_KEY`, `HALO_TLS_CA` and the config file's
+/// `tls_cert`, `tls_key`, `tls_ca` fill in, in that order.
+#[derive(Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// Client certificate.
+    pub cert: Option<PathBuf>,
+    /// Its key.
+    pub key: Option<PathBuf>,
+    /// The CA.
+    pub ca: Option<PathBuf>,
 }
 
 impl Target {
@@ -50,22 +65,77 @@ impl Target {
                 return Ok(Target {
                     url: normalize(u),
                     source,
+                    tls: None,
                 });
             }
         }
         if let Some(path) = config_path()
             && path.is_file()
-            && let Some(url) = read_config(&path)?
+            && let Some(url) = read_config(&path)?.controller
         {
             return Ok(Target {
                 url: normalize(&url),
                 source: Source::File(path),
+                tls: None,
             });
         }
         Ok(Target {
             url: DEFAULT_CONTROLLER.to_owned(),
             source: Source::Default,
+            tls: None,
         })
+    }
+
+    /// Turns on mutual TLS when all three files are named (flag, then env,
+    /// then config file, each file separately); `http://` becomes
+    /// `https://`. Some but not all of them is a usage error.
+    pub fn with_tls(mut self, args: &TlsArgs) -> Result<Target, Failure> {
+        let given = |flag: &Option<PathBuf>, env: &str| {
+            flag.clone().or_else(|| {
+                std::env::var_os(env)
+                    .filter(|v| !v.is_empty())
+                    .map(PathBuf::from)
+            })
+        };
+        let (mut cert, mut key, mut ca) = (
+            given(&args.cert, "HALO_TLS_CERT"),
+            given(&args.key, "HALO_TLS_KEY"),
+            given(&args.ca, "HALO_TLS_CA"),
+        );
+        // The config file only when something is left to fill in. When
+        // nothing asked for TLS, a bad file is not this step's business
+        // (`--controller` with a broken file worked before TLS existed).
+        let asked = cert.is_some() || key.is_some() || ca.is_some();
+        if (cert.is_none() || key.is_none() || ca.is_none())
+            && let Some(p) = config_path().filter(|p| p.is_file())
+        {
+            let file = match read_config(&p) {
+                Ok(f) => f,
+                Err(e) if asked => return Err(e),
+                Err(_) => ConfigFile::default(),
+            };
+            cert = cert.or(file.tls_cert);
+            key = key.or(file.tls_key);
+            ca = ca.or(file.tls_ca);
+        }
+        let files = proto::tls::TlsFiles::from_parts(cert, key, ca).map_err(|e| {
+            Failure::Usage(
+                e.to_string()
+                    .replace("tls_cert", "--tls-cert")
+                    .replace("tls_key", "--tls-key")
+                    .replace("tls_ca", "--tls-ca"),
+            )
+        })?;
+        if let Some(files) = files {
+            let config = files
+                .client_config()
+                .map_err(|e| Failure::Usage(e.to_string()))?;
+            self.tls = Some(config);
+            if let Some(rest) = self.url.strip_prefix("http://") {
+                self.url = format!("https://{rest}");
+            }
+        }
+        Ok(self)
     }
 
     /// Where the address came from, in words.
@@ -93,8 +163,14 @@ impl Target {
 
     /// Connects (bounded by a timeout).
     pub async fn connect(&self) -> Result<Client, Failure> {
-        let ep = Endpoint::from_shared(self.url.clone())
-            .map_err(|e| Failure::Usage(format!("bad controller address `{}`: {e}", self.url)))?
+        let mut ep = Endpoint::from_shared(self.url.clone())
+            .map_err(|e| Failure::Usage(format!("bad controller address `{}`: {e}", self.url)))?;
+        if let Some(tls) = &self.tls {
+            ep = ep
+                .tls_config(tls.clone())
+                .map_err(|e| Failure::Usage(format!("TLS: {}", source_chain(&e))))?;
+        }
+        let ep = ep
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .timeout(Duration::from_secs(30));
@@ -142,19 +218,23 @@ pub fn config_path() -> Option<PathBuf> {
 }
 
 /// The config file's fields.
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ConfigFile {
     /// Controller address.
     controller: Option<String>,
+    /// Client certificate for mutual TLS.
+    tls_cert: Option<PathBuf>,
+    /// Its key.
+    tls_key: Option<PathBuf>,
+    /// The CA.
+    tls_ca: Option<PathBuf>,
 }
 
-fn read_config(path: &Path) -> Result<Option<String>, Failure> {
+fn read_config(path: &Path) -> Result<ConfigFile, Failure> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Failure::Usage(format!("reading {}: {e}", path.display())))?;
-    let c: ConfigFile =
-        toml::from_str(&text).map_err(|e| Failure::Usage(format!("{}: {e}", path.display())))?;
-    Ok(c.controller)
+    toml::from_str(&text).map_err(|e| Failure::Usage(format!("{}: {e}", path.display())))
 }
 
 fn source_chain(e: &dyn std::error::Error) -> String {
@@ -192,7 +272,7 @@ mod tests {
         let p = dir.path().join("haloctl.toml");
         std::fs::write(&p, "controller = \"halo1:7300\"\n").expect("write");
         assert_eq!(
-            read_config(&p).ok().flatten().as_deref(),
+            read_config(&p).ok().and_then(|c| c.controller).as_deref(),
             Some("halo1:7300")
         );
         std::fs::write(&p, "controler = \"x\"\n").expect("write");

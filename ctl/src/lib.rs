@@ -4,6 +4,7 @@
 //! Exit codes: 0 ok, 1 refused or failed, 2 usage, 3 cannot reach the
 //! controller.
 
+pub mod certs;
 pub mod cli;
 pub mod client;
 pub mod cluster;
@@ -52,7 +53,12 @@ where
             return ExitCode::from(code);
         }
     };
-    let target = || client::Target::resolve(cli.controller.as_deref());
+    let tls = client::TlsArgs {
+        cert: cli.tls_cert.clone(),
+        key: cli.tls_key.clone(),
+        ca: cli.tls_ca.clone(),
+    };
+    let target = || client::Target::resolve(cli.controller.as_deref())?.with_tls(&tls);
     let result = match cli.command {
         cli::Command::Plan(a) if plan::is_file(&a.model) => plan::run(&a),
         cli::Command::Plan(a) => target().and_then(|t| cluster::plan(&t, &a)),
@@ -74,6 +80,7 @@ where
         cli::Command::Inspect(a) => inspect::run(&a),
         cli::Command::Memory(a) => memory::run(&a),
         cli::Command::Fixture(a) => fixture::run(&a),
+        cli::Command::Certs(a) => certs::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -59,6 +59,10 @@ fn help_of_every_command_matches_its_snapshot() {
         assert!(h.contains("Example"), "`{cmd} --help` has no example:\n{h}");
         check(&format!("help-{cmd}"), &h);
     }
+    for sub in ["init", "issue"] {
+        let h = help(&["haloctl", "certs", sub, "--help"]);
+        check(&format!("help-certs-{sub}"), &h);
+    }
 }
 
 fn node(

@@ -33,5 +33,6 @@ pub mod etcd {
 pub mod domain;
 pub mod notify;
 pub mod runtime;
+pub mod tls;
 
 pub use domain::ConversionError;

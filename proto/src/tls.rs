@@ -1,0 +1,368 @@
+//! Mutual TLS, opt-in: PEM files for a daemon's or a
+//! client's certificate, key and CA; the tonic server and client configs
+//! built from them; and the caller's role, read from its certificate.
+//!
+//! A certificate carries its role as a subject-alternative-name URI
+//! `urn:halo:role:<role>` (`haloctl certs issue` writes it). The server asks
+//! every client for a certificate signed by the CA (the TLS handshake fails
+//! without one); each service then checks the role per method with a
+//! [`Policy`] — the one place per service that lists which methods mutate.
+
+use std::path::{Path, PathBuf};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::{Request, Status};
+
+/// The prefix of the SAN URI that names a certificate's role.
+pub const ROLE_URI_PREFIX: &str = "urn:halo:role:";
+
+/// Who a certificate belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// A node's agent (serves `AgentService`; calls nothing).
+    Agent,
+    /// The controller (calls agents).
+    Controller,
+    /// A person or tool allowed to change desired state.
+    Admin,
+    /// A person or tool allowed to look only.
+    ReadOnly,
+}
+
+impl Role {
+    /// Every role, in the order `haloctl certs issue` lists them.
+    pub const ALL: [Role; 4] = [Role::Agent, Role::Controller, Role::Admin, Role::ReadOnly];
+
+    /// The name used on the command line and in the SAN URI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Agent => "agent",
+            Role::Controller => "controller",
+            Role::Admin => "admin",
+            Role::ReadOnly => "read-only",
+        }
+    }
+
+    /// The SAN URI recording this role.
+    pub fn uri(self) -> String {
+        format!("{ROLE_URI_PREFIX}{}", self.as_str())
+    }
+
+    /// Parses a role name.
+    pub fn parse(s: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why TLS material could not be used. Displays as one line.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// Only some of the three files were given.
+    #[error("set all of tls_cert, tls_key and tls_ca, or none (missing: {0})")]
+    Partial(String),
+    /// A file could not be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A file holds no PEM block of the expected kind.
+    #[error("{}: no PEM {kind} in it", path.display())]
+    NotPem {
+        /// The file.
+        path: PathBuf,
+        /// "CERTIFICATE" or "PRIVATE KEY".
+        kind: &'static str,
+    },
+    /// tonic/rustls refused the material.
+    #[error("TLS setup: {0}")]
+    Setup(String),
+}
+
+/// The three PEM files of one side of a mutual-TLS connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// This side's certificate (chain), PEM.
+    pub cert: PathBuf,
+    /// Its private key, PEM.
+    pub key: PathBuf,
+    /// The CA that signs the other side's certificates, PEM.
+    pub ca: PathBuf,
+}
+
+/// The files' contents, read and checked for PEM blocks.
+#[derive(Debug, Clone)]
+pub struct TlsMaterial {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    ca: Vec<u8>,
+}
+
+fn read_pem(path: &Path, kinds: &[&str], kind: &'static str) -> Result<Vec<u8>, TlsError> {
+    let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let text = String::from_utf8_lossy(&bytes);
+    if !kinds
+        .iter()
+        .any(|k| text.contains(&format!("-----BEGIN {k}-----")))
+    {
+        return Err(TlsError::NotPem {
+            path: path.to_owned(),
+            kind,
+        });
+    }
+    Ok(bytes)
+}
+
+impl TlsFiles {
+    /// All three paths, or none (`Ok(None)`): TLS is opt-in, and a partial
+    /// set is a mistake.
+    pub fn from_parts(
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+        ca: Option<PathBuf>,
+    ) -> Result<Option<TlsFiles>, TlsError> {
+        match (cert, key, ca) {
+            (None, None, None) => Ok(None),
+            (Some(cert), Some(key), Some(ca)) => Ok(Some(TlsFiles { cert, key, ca })),
+            (c, k, a) => {
+                let missing: Vec<&str> = [
+                    (c.is_none(), "tls_cert"),
+                    (k.is_none(), "tls_key"),
+                    (a.is_none(), "tls_ca"),
+                ]
+                .into_iter()
+                .filter_map(|(m, n)| m.then_some(n))
+                .collect();
+                Err(TlsError::Partial(missing.join(", ")))
+            }
+        }
+    }
+
+    /// Reads the three files.
+    pub fn load(&self) -> Result<TlsMaterial, TlsError> {
+        Ok(TlsMaterial {
+            cert: read_pem(&self.cert, &["CERTIFICATE"], "CERTIFICATE")?,
+            key: read_pem(
+                &self.key,
+                &["PRIVATE KEY", "EC PRIVATE KEY", "RSA PRIVATE KEY"],
+                "PRIVATE KEY",
+            )?,
+            ca: read_pem(&self.ca, &["CERTIFICATE"], "CERTIFICATE")?,
+        })
+    }
+
+    /// Reads the files and builds the server config: this side's identity,
+    /// and a client certificate signed by the CA required of every caller.
+    pub fn server_config(&self) -> Result<ServerTlsConfig, TlsError> {
+        Ok(self.load()?.server_config())
+    }
+
+    /// Reads the files and builds the client config: this side's identity,
+    /// and only the CA trusted for the server.
+    pub fn client_config(&self) -> Result<ClientTlsConfig, TlsError> {
+        Ok(self.load()?.client_config())
+    }
+
+    /// Reads the files and checks that tonic/rustls accept them (a server
+    /// acceptor is built and dropped), so a daemon refuses bad material at
+    /// start rather than at its first connection.
+    pub fn check(&self) -> Result<(), TlsError> {
+        let m = self.load()?;
+        tonic::transport::Server::builder()
+            .tls_config(m.server_config())
+            .map_err(|e| TlsError::Setup(source_chain(&e)))?;
+        Ok(())
+    }
+}
+
+impl TlsMaterial {
+    fn identity(&self) -> Identity {
+        Identity::from_pem(&self.cert, &self.key)
+    }
+
+    /// See [`TlsFiles::server_config`].
+    pub fn server_config(&self) -> ServerTlsConfig {
+        ServerTlsConfig::new()
+            .identity(self.identity())
+            .client_ca_root(Certificate::from_pem(&self.ca))
+            .client_auth_optional(false)
+    }
+
+    /// See [`TlsFiles::client_config`].
+    pub fn client_config(&self) -> ClientTlsConfig {
+        ClientTlsConfig::new()
+            .identity(self.identity())
+            .ca_certificate(Certificate::from_pem(&self.ca))
+    }
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// The roles recorded in a DER certificate's SAN URIs (unknown role names
+/// are skipped); empty when it has none or cannot be parsed.
+pub fn roles_of_cert(der: &[u8]) -> Vec<Role> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let Ok((_, cert)) = X509Certificate::from_der(der) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => u.strip_prefix(ROLE_URI_PREFIX).and_then(Role::parse),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The caller's role from its TLS client certificate: `Unauthenticated`
+/// without one, `PermissionDenied` unless it names exactly one role.
+pub fn peer_role<T>(req: &Request<T>) -> Result<Role, Status> {
+    let certs = req
+        .peer_certs()
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    let mut roles = roles_of_cert(certs[0].as_ref());
+    roles.dedup();
+    match roles.as_slice() {
+        [r] => Ok(*r),
+        [] => Err(Status::permission_denied(format!(
+            "the client certificate names no role ({ROLE_URI_PREFIX}…)"
+        ))),
+        _ => Err(Status::permission_denied(
+            "the client certificate names more than one role",
+        )),
+    }
+}
+
+/// Which roles may call which methods of one service. Methods not listed
+/// as mutating are reads.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// The service, for messages.
+    pub service: &'static str,
+    /// gRPC method names that change something.
+    pub mutating: &'static [&'static str],
+    /// Roles allowed to call the mutating methods.
+    pub writers: &'static [Role],
+    /// Roles allowed to call the other methods.
+    pub readers: &'static [Role],
+}
+
+impl Policy {
+    /// Checks the caller of `method`; `Ok` with its role when allowed.
+    pub fn check<T>(&self, method: &str, req: &Request<T>) -> Result<Role, Status> {
+        let role = peer_role(req)?;
+        let mutating = self.mutating.contains(&method);
+        let allowed = if mutating { self.writers } else { self.readers };
+        if allowed.contains(&role) {
+            Ok(role)
+        } else {
+            let names: Vec<&str> = allowed.iter().map(|r| r.as_str()).collect();
+            Err(Status::permission_denied(format!(
+                "{}.{method} needs role {}; the client certificate's role is {role}",
+                self.service,
+                names.join(" or ")
+            )))
+        }
+    }
+}
+
+/// Per-service access checks: off (plaintext, the default) or a [`Policy`]
+/// enforced on every call.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Access {
+    policy: Option<Policy>,
+}
+
+impl Access {
+    /// No checks: the service runs without TLS.
+    pub fn open() -> Access {
+        Access { policy: None }
+    }
+
+    /// Enforces `policy` (the service runs with mutual TLS).
+    pub fn enforce(policy: Policy) -> Access {
+        Access {
+            policy: Some(policy),
+        }
+    }
+
+    /// Whether checks are on.
+    pub fn is_enforced(&self) -> bool {
+        self.policy.is_some()
+    }
+
+    /// Checks the caller of `method` when enforced; always `Ok` otherwise.
+    pub fn check<T>(&self, method: &str, req: &Request<T>) -> Result<(), Status> {
+        match &self.policy {
+            None => Ok(()),
+            Some(p) => p.check(method, req).map(|_| ()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_round_trip_their_names() {
+        for r in Role::ALL {
+            assert_eq!(Role::parse(r.as_str()), Some(r));
+            assert!(r.uri().starts_with(ROLE_URI_PREFIX));
+        }
+        assert_eq!(Role::parse("root"), None);
+    }
+
+    #[test]
+    fn all_three_files_or_none() {
+        assert_eq!(TlsFiles::from_parts(None, None, None).ok(), Some(None));
+        let e = TlsFiles::from_parts(Some("c".into()), None, Some("a".into()));
+        assert!(
+            e.is_err_and(|e| e.to_string().contains("missing: tls_key")),
+            "partial set accepted"
+        );
+    }
+
+    #[test]
+    fn a_call_without_a_certificate_is_unauthenticated() {
+        let policy = Policy {
+            service: "S",
+            mutating: &["Write"],
+            writers: &[Role::Admin],
+            readers: &[Role::Admin, Role::ReadOnly],
+        };
+        let req = Request::new(());
+        let e = policy.check("Read", &req).err().map(|s| s.code());
+        assert_eq!(e, Some(tonic::Code::Unauthenticated));
+        assert!(Access::open().check("Write", &req).is_ok());
+    }
+
+    #[test]
+    fn garbage_is_no_certificate() {
+        assert!(roles_of_cert(b"not a certificate").is_empty());
+    }
+}
