@@ -80,6 +80,24 @@ fn internal_port(pid: u32) -> u16 {
     argv[at + 1].parse().expect("port")
 }
 
+/// Starts an RPC server (`rpc_request(args)`) and waits until it is Ready.
+async fn ready_rpc(
+    client: &mut Client,
+    events: &mut tonic::Streaming<v1::AgentEvent>,
+    request_id: &str,
+    rpc_client: &str,
+    leader_revision: u64,
+) -> v1::Instance {
+    let rpc = client
+        .start_instance(rpc_request(request_id, rpc_client, leader_revision))
+        .await
+        .expect("start")
+        .into_inner();
+    wait_instance(events, &rpc.id, |i| state_of(i) == v1::InstanceState::Ready)
+        .await
+        .0
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_split_over_two_agents_answers_and_both_stop_without_a_trace() {
     let mut a = Node::new(4);
@@ -443,15 +461,8 @@ async fn a_killed_rpc_server_fails_with_the_signal_and_is_not_restarted() {
     node.extra = vec!["--restart-backoff-ms".into(), "50".into()];
     let mut client = node.start().await;
     let mut events = watch(&mut client, 60_000).await;
-    let rpc = client
-        .start_instance(rpc_request("halo.big.r0s1.g1", "127.0.0.1", 1))
-        .await
-        .expect("start")
-        .into_inner();
-    let (ready, _) = wait_instance(&mut events, &rpc.id, |i| {
-        state_of(i) == v1::InstanceState::Ready
-    })
-    .await;
+    let ready = ready_rpc(&mut client, &mut events, "halo.big.r0s1.g1", "127.0.0.1", 1).await;
+    let rpc = ready.clone();
     let pid = ready.pid.expect("pid");
     signal_pid(pid, Signal::KILL);
     let (failed, _) = wait_instance(&mut events, &rpc.id, |i| {
@@ -509,15 +520,8 @@ async fn only_the_allowed_client_reaches_the_rpc_server_and_it_survives_an_agent
     let mut client = node.start().await;
     let mut events = watch(&mut client, 60_000).await;
     // Only 127.0.0.9 may connect (loopback answers on all of 127/8).
-    let rpc = client
-        .start_instance(rpc_request("halo.big.r0s1.g1", "127.0.0.9", 1))
-        .await
-        .expect("start")
-        .into_inner();
-    let (ready, _) = wait_instance(&mut events, &rpc.id, |i| {
-        state_of(i) == v1::InstanceState::Ready
-    })
-    .await;
+    let ready = ready_rpc(&mut client, &mut events, "halo.big.r0s1.g1", "127.0.0.9", 1).await;
+    let rpc = ready.clone();
     let pid = ready.pid.expect("pid");
     let public: SocketAddr = ready.endpoint.parse().expect("endpoint");
 
@@ -605,15 +609,8 @@ async fn an_rpc_server_gone_while_its_agent_was_down_is_failed_not_restarted() {
     let mut node = Node::new(2);
     let mut client = node.start().await;
     let mut events = watch(&mut client, 60_000).await;
-    let rpc = client
-        .start_instance(rpc_request("halo.big.r0s1.g1", "127.0.0.1", 1))
-        .await
-        .expect("start")
-        .into_inner();
-    let (ready, _) = wait_instance(&mut events, &rpc.id, |i| {
-        state_of(i) == v1::InstanceState::Ready
-    })
-    .await;
+    let ready = ready_rpc(&mut client, &mut events, "halo.big.r0s1.g1", "127.0.0.1", 1).await;
+    let rpc = ready.clone();
     let pid = ready.pid.expect("pid");
     node.kill9();
     signal_pid(pid, Signal::KILL);
@@ -745,15 +742,8 @@ async fn a_killed_rpc_proxy_fails_the_instance_and_ends_its_server() {
     let mut node = Node::new(2);
     let mut client = node.start().await;
     let mut events = watch(&mut client, 60_000).await;
-    let rpc = client
-        .start_instance(rpc_request("halo.big.r0s1.g1", "127.0.0.1", 1))
-        .await
-        .expect("start")
-        .into_inner();
-    let (ready, _) = wait_instance(&mut events, &rpc.id, |i| {
-        state_of(i) == v1::InstanceState::Ready
-    })
-    .await;
+    let ready = ready_rpc(&mut client, &mut events, "halo.big.r0s1.g1", "127.0.0.1", 1).await;
+    let rpc = ready.clone();
     let server = ready.pid.expect("pid");
     let pair = running_in(&node.state);
     assert_eq!(pair.len(), 2, "server and proxy: {pair:?}");

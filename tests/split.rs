@@ -317,6 +317,19 @@ async fn events(c: &mut crate::cluster::Client) -> Vec<proto::v1::ClusterEvent> 
     out
 }
 
+/// Places the tiny model split across two nodes (it fits one).
+async fn place_tiny_split(c: &mut crate::cluster::Client) -> proto::v1::PlaceResponse {
+    c.place(proto::v1::PlaceRequest {
+        role: "speed".into(),
+        model: "tiny".into(),
+        split_across: 2,
+        ..proto::v1::PlaceRequest::default()
+    })
+    .await
+    .expect("place")
+    .into_inner()
+}
+
 fn alive(pid: u32) -> bool {
     agent::procfs::identify(pid).is_some_and(agent::procfs::is_alive)
 }
@@ -355,16 +368,7 @@ async fn tiny_model_split_over_two_agents_answers_fails_as_a_whole_and_is_replan
 
     // The tiny model fits one node: ask for a split over two.
     let t0 = Instant::now();
-    let r = c
-        .place(v1::PlaceRequest {
-            role: "speed".into(),
-            model: "tiny".into(),
-            split_across: 2,
-            ..v1::PlaceRequest::default()
-        })
-        .await
-        .expect("place")
-        .into_inner();
+    let r = place_tiny_split(&mut c).await;
     assert!(r.accepted, "{:#?}", r.explanation);
     let plan = r
         .placement
@@ -504,16 +508,7 @@ async fn tiny_model_split_over_two_agents_answers_fails_as_a_whole_and_is_replan
     // Placed again under the same name: the agents still list the old
     // (stopped) instances, whose request ids the new placement must not
     // reuse; it comes up at once, without re-plans.
-    let r = c
-        .place(v1::PlaceRequest {
-            role: "speed".into(),
-            model: "tiny".into(),
-            split_across: 2,
-            ..v1::PlaceRequest::default()
-        })
-        .await
-        .expect("place again")
-        .into_inner();
+    let r = place_tiny_split(&mut c).await;
     assert!(r.accepted, "{:#?}", r.explanation);
     let ep = endpoint(&c, "tiny", Duration::from_secs(30))
         .await

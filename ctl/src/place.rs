@@ -41,32 +41,8 @@ pub struct DecisionJson {
     pub split_traffic_bytes_per_token: Option<u64>,
 }
 
-/// One node's share of a split model.
-#[derive(Debug, Serialize, PartialEq)]
-pub struct ShareJson {
-    /// Node.
-    pub node: String,
-    /// Runs llama-server (else ggml-rpc-server).
-    pub host: bool,
-    /// Layers on the node.
-    pub layers: u32,
-    /// Weights.
-    pub weights_bytes: u64,
-    /// KV cache of its layers.
-    pub kv_bytes: u64,
-    /// Compute buffers.
-    pub compute_bytes: u64,
-    /// Logits buffer (host).
-    pub output_bytes: u64,
-    /// Sum.
-    pub total_bytes: u64,
-    /// Margin on top.
-    pub margin_bytes: u64,
-    /// Free before the split.
-    pub free_bytes: u64,
-    /// `--tensor-split` proportion.
-    pub tensor_split: u32,
-}
+/// One node's share of a split model, as the placement records it.
+pub use proto::domain::SplitShare as ShareJson;
 
 /// One replica's estimate.
 #[derive(Debug, Serialize, PartialEq)]
@@ -161,19 +137,7 @@ pub fn decision_json(r: &v1::PlaceResponse) -> DecisionJson {
             .map(|s| {
                 s.shares
                     .iter()
-                    .map(|x| ShareJson {
-                        node: x.node.clone(),
-                        host: x.host,
-                        layers: x.layers,
-                        weights_bytes: x.weights_bytes,
-                        kv_bytes: x.kv_bytes,
-                        compute_bytes: x.compute_bytes,
-                        output_bytes: x.output_bytes,
-                        total_bytes: x.total_bytes,
-                        margin_bytes: x.margin_bytes,
-                        free_bytes: x.free_bytes,
-                        tensor_split: x.tensor_split,
-                    })
+                    .map(|x| ShareJson::from(x.clone()))
                     .collect()
             })
             .unwrap_or_default(),
