@@ -74,31 +74,7 @@ impl ControllerApi {
 
     /// Decides, and unless dry run records, a placement.
     pub async fn place(&self, r: v1::PlaceRequest) -> Result<v1::PlaceResponse, Error> {
-        let req = PlaceRequest {
-            role: r.role,
-            model: r.model,
-            context: r.context_size.filter(|&c| c > 0),
-            node: (!r.node.is_empty()).then_some(r.node),
-            replicas: r.replicas.clamp(1, 64),
-            evict: r.evict,
-            any_node: r.any_node,
-            pack: r.pack,
-            name: (!r.name.is_empty()).then_some(r.name),
-            paused: r.paused,
-            split: r.split,
-            split_across: (r.split_across > 0).then_some(r.split_across),
-        };
-        if let Some(n) = &req.name {
-            proto::domain::catalog::check_name("name", n)?;
-        }
-        if let Some(k) = req.split_across
-            && !(2..=proto::domain::instance::MAX_TENSOR_SPLIT_LEN as u32).contains(&k)
-        {
-            return Err(Error::InvalidArgument(format!(
-                "split_across {k}: a split takes 2 to {} nodes",
-                proto::domain::instance::MAX_TENSOR_SPLIT_LEN
-            )));
-        }
+        let req = place_request(&r)?;
         if !r.dry_run && self.desired.leadership().term().is_none() {
             return Err(Error::NotLeader);
         }
@@ -121,7 +97,7 @@ impl ControllerApi {
             // an old one's name continues after its generations.
             let seen = self.observed.max_generation(&p.name);
             for r in &mut p.replicas {
-                r.generation = r.generation.max(seen + 1);
+                r.generation = r.generation.max(seen.saturating_add(1));
             }
         }
         let accepted = d.accepted;
@@ -169,6 +145,38 @@ impl ControllerApi {
             dry_run: r.dry_run,
         })
     }
+}
+
+/// A wire place request as placement takes it, with the checks made before
+/// anything is read or decided (name, `split_across`). Pure, so it can be
+/// exercised without a running controller (the fuzz targets do).
+pub fn place_request(r: &v1::PlaceRequest) -> Result<PlaceRequest, Error> {
+    let req = PlaceRequest {
+        role: r.role.clone(),
+        model: r.model.clone(),
+        context: r.context_size.filter(|&c| c > 0),
+        node: (!r.node.is_empty()).then(|| r.node.clone()),
+        replicas: r.replicas.clamp(1, 64),
+        evict: r.evict,
+        any_node: r.any_node,
+        pack: r.pack,
+        name: (!r.name.is_empty()).then(|| r.name.clone()),
+        paused: r.paused,
+        split: r.split,
+        split_across: (r.split_across > 0).then_some(r.split_across),
+    };
+    if let Some(n) = &req.name {
+        proto::domain::catalog::check_name("name", n)?;
+    }
+    if let Some(k) = req.split_across
+        && !(2..=proto::domain::instance::MAX_TENSOR_SPLIT_LEN as u32).contains(&k)
+    {
+        return Err(Error::InvalidArgument(format!(
+            "split_across {k}: a split takes 2 to {} nodes",
+            proto::domain::instance::MAX_TENSOR_SPLIT_LEN
+        )));
+    }
+    Ok(req)
 }
 
 fn fit_to_wire(f: NodeFit) -> v1::NodeFit {
@@ -404,6 +412,7 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
     ) -> Result<Response<v1::UnplaceResponse>, Status> {
         self.access.check("Unplace", &r)?;
         let name = r.into_inner().name;
+        proto::domain::catalog::check_name("name", &name).map_err(Error::from)?;
         let key = placement_key(&name);
         let Some(kv) = self.desired.store().get(&key).await.map_err(Error::from)? else {
             return Err(Error::NotFound(format!("no placement `{name}`")).into());

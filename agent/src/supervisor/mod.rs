@@ -996,7 +996,9 @@ fn unmanaged_view(pid: u32, memory: Option<proto::domain::ProcessMemory>) -> Ins
     }
 }
 
-fn check_request_id(id: &str) -> Result<(), Error> {
+/// Checks a start's request id: 1-128 printable ASCII characters. Pure, so
+/// it can be exercised without a running agent (the fuzz targets do).
+pub fn check_request_id(id: &str) -> Result<(), Error> {
     if id.is_empty() || id.len() > MAX_REQUEST_ID_LEN || !id.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(Error::InvalidArgument {
             field: "request_id",
@@ -1009,7 +1011,8 @@ fn check_request_id(id: &str) -> Result<(), Error> {
 /// Checks what depends on the kind. An RPC server needs a helper request
 /// id, no model, its one client and a leader revision; it takes no
 /// llama-server list options. A llama-server takes no `rpc_client`.
-fn check_kind(req: &StartRequest) -> Result<(), Error> {
+/// Pure, like [`check_request_id`].
+pub fn check_kind(req: &StartRequest) -> Result<(), Error> {
     let o = &req.options;
     if req.kind == InstanceKind::LlamaServer {
         if o.rpc_client.is_some() {

@@ -108,9 +108,10 @@ pub struct SplitPlan {
 }
 
 impl SplitShare {
-    /// Whether `total + margin ≤ free`.
+    /// Whether `total + margin ≤ free` (saturating: a share read back with
+    /// absurd sizes does not fit, and does not overflow).
     pub fn fits(&self) -> bool {
-        self.total_bytes + self.margin_bytes <= self.free_bytes
+        self.total_bytes.saturating_add(self.margin_bytes) <= self.free_bytes
     }
 }
 
@@ -130,13 +131,14 @@ impl SplitPlan {
             .map(|(k, s)| (u32::try_from(k + 1).unwrap_or(u32::MAX), s))
     }
 
-    /// Bytes the plan puts on `node` (total plus margin).
+    /// Bytes the plan puts on `node` (total plus margin), saturating.
     pub fn bytes_on(&self, node: &str) -> u64 {
         self.shares
             .iter()
             .filter(|s| s.node == node)
-            .map(|s| s.total_bytes + s.margin_bytes)
-            .sum()
+            .fold(0, |sum: u64, s| {
+                sum.saturating_add(s.total_bytes.saturating_add(s.margin_bytes))
+            })
     }
 }
 
@@ -245,12 +247,14 @@ impl ReplicaKey {
             Some((i, s)) => (i, s.parse().ok().filter(|&s| s > 0)?),
             None => (index, 0),
         };
-        Some(ReplicaKey {
+        let key = ReplicaKey {
             placement: placement.to_owned(),
             index: index.parse().ok()?,
             generation: generation.parse().ok()?,
             share,
-        })
+        };
+        // Only the canonical spelling (no leading zeros or signs).
+        (key.request_id() == id).then_some(key)
     }
 }
 
@@ -372,7 +376,29 @@ mod tests {
         assert_eq!(ReplicaKey::parse(&h.request_id()), Some(h));
         assert_eq!(ReplicaKey::parse("halo.x.r1s0.g1"), None);
         assert_eq!(ReplicaKey::parse("halo.x.r1sx.g1"), None);
+        assert_eq!(ReplicaKey::parse("halo.x.r01.g1"), None);
+        assert_eq!(ReplicaKey::parse("halo.x.r+1.g1"), None);
         assert_eq!(ReplicaKey::parse("test-1"), None);
         assert_eq!(ReplicaKey::parse("halo.x.r1.gz"), None);
+    }
+
+    #[test]
+    fn split_sizes_near_u64_max_saturate_instead_of_overflowing() {
+        // Found with the controller_request fuzz target: a placement read
+        // back with such a share panicked (debug) or wrapped into "fits".
+        let share = SplitShare {
+            node: "n".into(),
+            total_bytes: u64::MAX,
+            margin_bytes: 5,
+            free_bytes: 10,
+            ..SplitShare::default()
+        };
+        assert!(!share.fits());
+        let plan = SplitPlan {
+            shares: vec![share.clone(), share],
+            traffic_bytes_per_token: 0,
+            notes: Vec::new(),
+        };
+        assert_eq!(plan.bytes_on("n"), u64::MAX);
     }
 }
