@@ -360,11 +360,7 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
             let Some(p) = n.models.get(&e.model_id) else {
                 continue;
             };
-            let avail = n
-                .usable_bytes
-                .unwrap_or(0)
-                .saturating_sub(n.reserve_bytes)
-                .saturating_sub(used.get(&n.name).copied().unwrap_or(0));
+            let avail = n.free(&used);
             for &ctx in &contexts {
                 // Sized like a placement: a real load at these settings
                 // anywhere in the cluster beats the formula.

@@ -86,6 +86,22 @@ pub struct NodeState {
     pub split: SplitCaps,
 }
 
+impl NodeState {
+    /// Usable memory after the reserve (0 when usable is unknown).
+    pub fn capacity(&self) -> u64 {
+        self.usable_bytes
+            .unwrap_or(0)
+            .saturating_sub(self.reserve_bytes)
+    }
+
+    /// `usable − reserve − used`, with `used` per node as
+    /// [`used_by_node`] gives it.
+    pub fn free(&self, used: &HashMap<String, u64>) -> u64 {
+        self.capacity()
+            .saturating_sub(used.get(&self.name).copied().unwrap_or(0))
+    }
+}
+
 /// What splitting a model across nodes (llama.cpp RPC) needs to know of a
 /// node, from its agent.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -540,13 +556,8 @@ pub fn place(
     };
 
     let used = used_by_node(nodes, placements, &[]);
-    let cap = |i: usize| {
-        let n = &nodes[i];
-        n.usable_bytes.unwrap_or(0).saturating_sub(n.reserve_bytes)
-    };
-    let free = |i: usize, used: &HashMap<String, u64>| {
-        cap(i).saturating_sub(used.get(&nodes[i].name).copied().unwrap_or(0))
-    };
+    let cap = |i: usize| nodes[i].capacity();
+    let free = |i: usize, used: &HashMap<String, u64>| nodes[i].free(used);
 
     let split_ctx = SplitCtx {
         nodes,
@@ -987,11 +998,7 @@ fn with_split(mut d: Decision, s: &SplitCtx<'_>, why: &str) -> Decision {
     for (i, _) in s.candidates {
         let n = &s.nodes[*i];
         if !plan.shares.iter().any(|sh| sh.node == n.name) {
-            let f = n
-                .usable_bytes
-                .unwrap_or(0)
-                .saturating_sub(n.reserve_bytes)
-                .saturating_sub(s.used.get(&n.name).copied().unwrap_or(0));
+            let f = n.free(s.used);
             fits.push(NodeFit {
                 node: n.name.clone(),
                 candidate: true,
@@ -1162,11 +1169,7 @@ pub fn relocate(
             why.push(format!("{}: {r}", n.name));
             continue;
         }
-        let free = n
-            .usable_bytes
-            .unwrap_or(0)
-            .saturating_sub(n.reserve_bytes)
-            .saturating_sub(used.get(&n.name).copied().unwrap_or(0));
+        let free = n.free(&used);
         if need > free {
             why.push(format!(
                 "{}: needs {} > {} free",

@@ -116,13 +116,7 @@ pub fn choose(
     parallel: u32,
     across: Option<usize>,
 ) -> Result<Choice, Vec<String>> {
-    let free = |i: usize| {
-        let n = &nodes[i];
-        n.usable_bytes
-            .unwrap_or(0)
-            .saturating_sub(n.reserve_bytes)
-            .saturating_sub(used.get(&n.name).copied().unwrap_or(0))
-    };
+    let free = |i: usize| nodes[i].free(used);
     let mut order: Vec<&(usize, Arc<ModelParams>)> = candidates.iter().collect();
     order.sort_by(|a, b| {
         free(b.0)
