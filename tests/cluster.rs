@@ -428,3 +428,46 @@ pub fn tiny_controller(dir: &Path, nodes: &[AgentNode], extra: &[&str]) -> Contr
     args.extend(extra.iter().map(|a| (*a).to_owned()));
     ControllerProc::new(dir, "controller", &args)
 }
+
+/// A chat completion through an endpoint with its API key.
+pub fn chat(base_url: &str, api_key: &str, model: &str) -> anyhow::Result<String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into();
+    let body = serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "Hello"}],
+        "max_tokens": 4,
+    });
+    let mut resp = agent
+        .post(&format!("{base_url}/v1/chat/completions"))
+        .header("Authorization", &format!("Bearer {api_key}"))
+        .send_json(&body)?;
+    let v: serde_json::Value = resp.body_mut().read_json()?;
+    v["choices"][0]["message"]["content"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow::anyhow!("no content in {v}"))
+}
+
+/// The code-mode endpoint of `placement`, once its instance is ready.
+pub async fn endpoint(
+    c: &Client,
+    placement: &str,
+    timeout: Duration,
+) -> Option<proto::v1::Endpoint> {
+    eventually(timeout, || {
+        let mut c = c.clone();
+        async move {
+            c.endpoints(proto::v1::EndpointsRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .endpoints
+                .into_iter()
+                .find(|e| e.placement == placement && e.mode == proto::v1::EditorMode::Code as i32)
+        }
+    })
+    .await
+}

@@ -6,48 +6,11 @@
 //! unreachable, the placement moves to the other node and answers there;
 //! when the agent comes back with the stale instance, exactly one remains.
 
-use crate::cluster::{Client, connect, eventually, tiny_controller, tiny_speed_pair, wait_nodes};
+use crate::cluster::{
+    Client, chat, connect, endpoint, eventually, tiny_controller, tiny_speed_pair, wait_nodes,
+};
 use proto::v1;
 use std::time::{Duration, Instant};
-
-/// A chat completion through an endpoint with its API key.
-pub fn chat(base_url: &str, api_key: &str, model: &str) -> anyhow::Result<String> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(60)))
-        .build()
-        .into();
-    let body = serde_json::json!({
-        "model": model,
-        "messages": [{"role": "user", "content": "Hello"}],
-        "max_tokens": 4,
-    });
-    let mut resp = agent
-        .post(&format!("{base_url}/v1/chat/completions"))
-        .header("Authorization", &format!("Bearer {api_key}"))
-        .send_json(&body)?;
-    let v: serde_json::Value = resp.body_mut().read_json()?;
-    v["choices"][0]["message"]["content"]
-        .as_str()
-        .map(str::to_owned)
-        .ok_or_else(|| anyhow::anyhow!("no content in {v}"))
-}
-
-/// The code-mode endpoint of `placement`, once its instance is ready.
-pub async fn endpoint(c: &Client, placement: &str, timeout: Duration) -> Option<v1::Endpoint> {
-    eventually(timeout, || {
-        let mut c = c.clone();
-        async move {
-            c.endpoints(v1::EndpointsRequest {})
-                .await
-                .ok()?
-                .into_inner()
-                .endpoints
-                .into_iter()
-                .find(|e| e.placement == placement && e.mode == v1::EditorMode::Code as i32)
-        }
-    })
-    .await
-}
 
 /// Managed, not-stopped instances the controller sees on every node.
 pub async fn live_instances(c: &mut Client) -> Vec<(String, v1::Instance)> {

@@ -14,7 +14,8 @@
 //! they fail loudly instead of passing.
 
 use crate::cluster::{Client, connect, eventually, wait_nodes};
-use crate::cluster_failover::{chat, endpoint, live_instances};
+use crate::cluster::{chat, endpoint};
+use crate::cluster_failover::live_instances;
 use controller::store::{LEADER, Store};
 use proto::v1;
 use proto::v1::agent_service_client::AgentServiceClient;

@@ -7,8 +7,8 @@
 //! model, unknown role, refusal with arithmetic (exit 1), unreachable
 //! controller (exit 3), usage (exit 2).
 
+use crate::cluster::chat;
 use crate::cluster::{AgentNode, ControllerProc, write_catalog};
-use crate::cluster_failover::chat;
 use agent::gguf::fixtures::{self, SparseModel, VocabStyle, write_tiny_llama};
 use std::io::BufRead;
 use std::process::{Command, Output, Stdio};

@@ -342,8 +342,8 @@ fn alive(pid: u32) -> bool {
 /// unplacing leaves no process behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiny_model_split_over_two_agents_answers_fails_as_a_whole_and_is_replanned() {
+    use crate::cluster::{chat, endpoint};
     use crate::cluster::{connect, eventually, tiny_controller, tiny_speed_pair, wait_nodes};
-    use crate::cluster_failover::{chat, endpoint};
     use proto::v1;
     use std::time::{Duration, Instant};
 

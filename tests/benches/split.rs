@@ -11,7 +11,9 @@
 #[path = "../cluster.rs"]
 mod cluster;
 
-use cluster::{Client, connect, eventually, tiny_controller, tiny_speed_pair, wait_nodes};
+use cluster::{
+    Client, connect, endpoint, eventually, tiny_controller, tiny_speed_pair, wait_nodes,
+};
 use proto::v1;
 use std::time::{Duration, Instant};
 
@@ -20,23 +22,6 @@ const ROUNDS: usize = 5;
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
-}
-
-async fn ready_endpoint(c: &Client) -> v1::Endpoint {
-    eventually(Duration::from_secs(120), || {
-        let mut c = c.clone();
-        async move {
-            c.endpoints(v1::EndpointsRequest {})
-                .await
-                .ok()?
-                .into_inner()
-                .endpoints
-                .into_iter()
-                .find(|e| e.placement == "tiny")
-        }
-    })
-    .await
-    .expect("an endpoint for tiny")
 }
 
 /// Tokens per second of one 64-token completion, as llama-server times it.
@@ -75,7 +60,9 @@ async fn round(c: &mut Client, split: bool) -> (f64, f64) {
         .expect("place")
         .into_inner();
     assert!(r.accepted, "{:?}", r.explanation);
-    let ep = ready_endpoint(c).await;
+    let ep = endpoint(c, "tiny", Duration::from_secs(120))
+        .await
+        .expect("an endpoint for tiny");
     let ready_ms = t0.elapsed().as_secs_f64() * 1000.0;
     let tps = tokio::task::spawn_blocking(move || {
         median((0..5).map(|_| tokens_per_second(&ep)).collect())
