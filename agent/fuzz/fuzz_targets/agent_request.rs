@@ -14,18 +14,12 @@ use agent::error::Error;
 use agent::scan::check_model_id;
 use agent::supervisor::{StartRequest, check_kind, check_request_id};
 use libfuzzer_sys::fuzz_target;
-use prost::Message;
 use proto::domain::{InstanceKind, InstanceOptions, ReplicaKey};
 use proto::v1;
 
-/// Decodes `bytes` as `M`; on success asserts that re-encoding and decoding
-/// again gives the same message.
-fn decode<M: Message + Default + PartialEq + std::fmt::Debug>(bytes: &[u8]) -> Option<M> {
-    let m = M::decode(bytes).ok()?;
-    let again = M::decode(m.encode_to_vec().as_slice()).expect("re-encoded message decodes");
-    assert_eq!(again, m, "re-encode changed the message");
-    Some(m)
-}
+#[path = "common/mod.rs"]
+mod common;
+use common::decode;
 
 /// The status a refused request is answered with (what the client sees).
 fn answer(e: Error) {
