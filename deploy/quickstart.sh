@@ -9,7 +9,10 @@
 # model, starts a controller (embedded store) and two agents named halo1
 # (role speed) and halo2 (role reasoning), places the demo model, shows
 # `haloctl status` and sends one chat completion through the endpoint.
-# Running `up` again while the cluster runs reuses it.
+# Running `up` again while the cluster runs reuses it. Every link speaks
+# mutual TLS, as in a deployment: `haloctl certs` makes a CA and the
+# certificates in $HALO_LOCAL_DIR/tls, and $HALO_LOCAL_DIR/env exports what
+# haloctl needs (`. .halo-local/env`).
 #
 # $HALO_LLAMA_BIN, when it holds llama-server, is used instead of building.
 # Everything lives under $HALO_LOCAL_DIR (default ./.halo-local, git-ignored):
@@ -23,7 +26,9 @@ DIR=${HALO_LOCAL_DIR:-$ROOT/.halo-local}
 PORT=${HALO_LOCAL_PORT:-7300}
 BIN=${CARGO_TARGET_DIR:-$ROOT/target}/debug
 HALOCTL=$BIN/haloctl
-export HALO_CONTROLLER=http://127.0.0.1:$PORT
+TLS=$DIR/tls
+export HALO_CONTROLLER=https://127.0.0.1:$PORT
+export HALO_TLS_CERT=$TLS/admin-local.pem HALO_TLS_KEY=$TLS/admin-local.key HALO_TLS_CA=$TLS/ca.pem
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { printf 'quickstart: %s\n' "$*" >&2; exit 1; }
@@ -127,6 +132,20 @@ up() {
       port_free "$p" || die "port $p is in use: set HALO_LOCAL_PORT to another base port"
     done
     mkdir -p "$DIR/controller"
+    say "making a CA and certificates in $TLS (haloctl certs)"
+    "$HALOCTL" certs init --dir "$TLS" >/dev/null
+    local who
+    for who in agent:halo1 agent:halo2 controller:controller admin:local; do
+      "$HALOCTL" certs issue "${who%%:*}" "${who#*:}" --dir "$TLS" \
+        --host 127.0.0.1 --host localhost >/dev/null
+    done
+    cat >"$DIR/env" <<EOF
+# haloctl's settings for the local cluster: . $DIR/env
+export HALO_CONTROLLER=$HALO_CONTROLLER
+export HALO_TLS_CERT=$HALO_TLS_CERT
+export HALO_TLS_KEY=$HALO_TLS_KEY
+export HALO_TLS_CA=$HALO_TLS_CA
+EOF
     local i=0 node role
     for node in halo1:speed halo2:reasoning; do
       i=$((i + 1))
@@ -141,7 +160,8 @@ up() {
       start "$node" "$BIN/halo-agent" --node-name "$node" --role "$role" \
         --listen "127.0.0.1:$((PORT + i))" --model-dir "$DIR/$node/models" \
         --state-dir "$DIR/$node/state" --llama-server "$llama/llama-server" \
-        --port-range "$((PORT + 10 * i))-$((PORT + 10 * i + 9))" --stop-timeout-secs 5
+        --port-range "$((PORT + 10 * i))-$((PORT + 10 * i + 9))" --stop-timeout-secs 5 \
+        --tls-cert "$TLS/agent-$node.pem" --tls-key "$TLS/agent-$node.key" --tls-ca "$TLS/ca.pem"
       wait_port "$node" $((PORT + i))
     done
     cat >"$DIR/catalog.toml" <<'EOF'
@@ -167,7 +187,9 @@ EOF
     start controller "$BIN/halo-controller" --listen "127.0.0.1:$PORT" \
       --store-path "$DIR/controller/state.json" \
       --node "halo1=127.0.0.1:$((PORT + 1)),halo2=127.0.0.1:$((PORT + 2))" \
-      --catalog "$DIR/catalog.toml"
+      --catalog "$DIR/catalog.toml" \
+      --tls-cert "$TLS/controller-controller.pem" --tls-key "$TLS/controller-controller.key" \
+      --tls-ca "$TLS/ca.pem"
     wait_port controller "$PORT"
   fi
 
@@ -200,8 +222,9 @@ EOF
   printf 'answer: %s\n' "$(printf '%s' "$answer" | sed -nE 's/.*"content":"(([^"\\]|\\.)*)".*/\1/p' | head -n 1)"
   cat <<EOF
 
-The local cluster is running (state and logs in $DIR).
-  export HALO_CONTROLLER=$HALO_CONTROLLER   # only needed if HALO_LOCAL_PORT is not 7300
+The local cluster is running (state and logs in $DIR), with mutual TLS.
+haloctl needs the controller's address and an admin certificate:
+  . $DIR/env
   $HALOCTL nodes | models | status | endpoints | events
   $HALOCTL place reasoning deepseek-v3.1-1bit    # refused, with the arithmetic
 Stop it, leaving no process behind:

@@ -18,6 +18,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // prost's codec, with undecodable messages as INVALID_ARGUMENT.
+        .codec_path("crate::limits::Codec")
         .compile_fds(fds)?;
 
     // etcd's API v3 (a client only; the controller talks to etcd with it).

@@ -81,8 +81,13 @@ impl Node {
             .arg("--state-dir")
             .arg(&self.state)
             .arg("--role")
-            .arg("speed")
-            .args(&self.extra)
+            .arg("speed");
+        // These tests talk to the agent alone, in plaintext on loopback;
+        // the cluster tests and tests/tls.rs run it with certificates.
+        if !self.extra.iter().any(|a| a == "--tls-cert") {
+            cmd.arg("--insecure-loopback-only");
+        }
+        cmd.args(&self.extra)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("HALO_LOG", "info,agent=debug")
             .env_remove("HALO_AGENT_CONFIG");
@@ -462,6 +467,36 @@ async fn an_instance_goes_loading_then_ready_answers_with_its_key_and_stops_with
         chat["choices"][0]["message"]["content"].is_string(),
         "{chat}"
     );
+    // Browsers: a page from another site is not let in; one served from
+    // this machine is, and never with credentials.
+    let cors = |origin: &'static str| {
+        let url = format!("{base}/health");
+        tokio::task::spawn_blocking(move || {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .build()
+                .into();
+            let resp = agent
+                .get(&url)
+                .header("Origin", origin)
+                .call()
+                .expect("health");
+            let h = |n: &str| {
+                resp.headers()
+                    .get(n)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            (
+                h("access-control-allow-origin"),
+                h("access-control-allow-credentials"),
+            )
+        })
+    };
+    let (allow, _) = cors("https://evil.example").await.expect("cors task");
+    assert_eq!(allow, None, "another site's page let in");
+    let (allow, _) = cors("http://localhost:3000").await.expect("cors task");
+    assert_eq!(allow.as_deref(), Some("http://localhost:3000"));
 
     // Memory samples on the stream carry the instance's process.
     loop {
@@ -1005,6 +1040,16 @@ async fn a_bad_config_exits_64_with_one_line_before_binding_anything() {
             "line 2: unknown field `model_dir`",
         ),
         ("unknown flag", vec!["--frobnicate".into()], "--frobnicate"),
+        (
+            "plaintext on a mesh address",
+            vec!["--listen".into(), "100.64.0.1:7301".into()],
+            "--insecure-loopback-only refuses listen address 100.64.0.1:7301",
+        ),
+        (
+            "plaintext on every address",
+            vec!["--listen".into(), "0.0.0.0:7301".into()],
+            "refuses listen address 0.0.0.0:7301",
+        ),
     ];
     for (what, args, text) in cases {
         let out = node
@@ -1021,6 +1066,27 @@ async fn a_bad_config_exits_64_with_one_line_before_binding_anything() {
         );
         assert!(err.contains(text), "{what}: {err}");
     }
+    // Neither certificates nor --insecure-loopback-only: refused, with how
+    // to make certificates.
+    let mut bare = Command::new(AGENT);
+    bare.arg("--node-name")
+        .arg("test-node")
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{taken_port}"))
+        .arg("--model-dir")
+        .arg(&node.models)
+        .arg("--llama-server")
+        .arg(&node.llama_server)
+        .arg("--state-dir")
+        .arg(&node.state)
+        .env_remove("HALO_AGENT_CONFIG");
+    let out = bare.output().expect("run agent");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("no TLS configured") && err.contains("haloctl certs init"),
+        "{err}"
+    );
     // The same taken port with a good config: a clear bind error, exit 69.
     let out = node
         .command_listening_on(taken_port)

@@ -1,7 +1,10 @@
 //! Harness for the controller's multi-process tests: a real etcd on free
 //! loopback ports with its own data dir, real agents (`halo-agent-shim`)
 //! and real controllers (`halo-controller-shim`), each a [`tests::Proc`]
-//! whose log is printed when a test fails.
+//! whose log is printed when a test fails. Agents, controllers and clients
+//! speak mutual TLS with certificates from the test process's CA
+//! ([`tests::pki`]), as a deployment does, unless a test passes its own
+//! `--tls-*` flags or `--insecure-loopback-only`.
 
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -128,8 +131,17 @@ pub struct AgentNode {
     /// The running agent.
     pub proc: Option<Proc>,
     runs: u32,
-    /// More agent flags (e.g. `--tls-cert …`), after the others.
+    /// More agent flags, after the others. With `--tls-cert` or
+    /// `--insecure-loopback-only` among them, the harness adds no TLS flags
+    /// of its own; otherwise the agent gets an agent certificate.
     pub extra_args: Vec<String>,
+}
+
+/// Whether `args` already choose the transport (their own certificate or
+/// plaintext on loopback).
+fn chooses_transport(args: &[String]) -> bool {
+    args.iter()
+        .any(|a| a == "--tls-cert" || a == "--insecure-loopback-only")
 }
 
 impl AgentNode {
@@ -183,6 +195,9 @@ impl AgentNode {
             .env_remove("HALO_AGENT_CONFIG");
         for r in &self.roles {
             cmd.arg("--role").arg(r);
+        }
+        if !chooses_transport(&self.extra_args) {
+            cmd.args(tests::pki::pki().flags("agent", &self.name));
         }
         cmd.args(&self.extra_args);
         let mut proc = Proc::spawn(
@@ -266,9 +281,28 @@ impl ControllerProc {
         }
     }
 
-    /// gRPC URL.
+    /// Whether it speaks TLS with the harness's certificates.
+    fn tls(&self) -> bool {
+        !chooses_transport(&self.args)
+    }
+
+    /// gRPC URL: `https://` unless it runs plaintext or with a test's own
+    /// certificates.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// `haloctl` environment for this controller: its URL and, with TLS,
+    /// an admin certificate (`HALO_TLS_*`).
+    pub fn haloctl_env(&self) -> Vec<(&'static str, String)> {
+        let mut env = vec![("HALO_CONTROLLER", self.url())];
+        if self.tls() {
+            for (k, v) in tests::pki::pki().env("admin", "tester") {
+                env.push((k, v.display().to_string()));
+            }
+        }
+        env
     }
 
     /// Starts the controller and waits until it accepts connections.
@@ -278,6 +312,11 @@ impl ControllerProc {
         cmd.arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
             .args(&self.args)
+            .args(if self.tls() {
+                tests::pki::pki().flags("controller", &self.name)
+            } else {
+                Vec::new()
+            })
             .env("HALO_LOG", "info,controller=debug")
             .env_remove("HALO_CONTROLLER_CONFIG");
         let mut proc = Proc::spawn(&format!("{}-{}", self.name, self.runs), cmd, &self.dir);
@@ -319,15 +358,45 @@ impl ControllerProc {
 pub type Client =
     proto::v1::controller_service_client::ControllerServiceClient<tonic::transport::Channel>;
 
-/// Connects to a controller.
+/// Connects to a controller; an `https://` URL with the harness's admin
+/// certificate.
 pub async fn connect(url: &str) -> Client {
     for _ in 0..100 {
-        if let Ok(c) = Client::connect(url.to_owned()).await {
-            return c;
+        if let Ok(ch) = channel(url, "admin").connect().await {
+            return Client::new(ch);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("cannot connect to {url}");
+}
+
+/// An endpoint for `url` (`http://…`, or `https://…` with the harness's
+/// certificate of `role`).
+pub fn channel(url: &str, role: &str) -> tonic::transport::Endpoint {
+    let ep = tonic::transport::Endpoint::from_shared(url.to_owned()).expect("url");
+    if url.starts_with("https://") {
+        ep.tls_config(tests::pki::pki().client(role, "tester"))
+            .expect("tls config")
+    } else {
+        ep
+    }
+}
+
+/// An agent client for `node`, as the controller (TLS with a controller
+/// certificate unless the node runs with its own transport flags).
+pub async fn agent_client(
+    node: &AgentNode,
+) -> proto::v1::agent_service_client::AgentServiceClient<tonic::transport::Channel> {
+    let url = if chooses_transport(&node.extra_args) {
+        format!("http://{}", node.address())
+    } else {
+        format!("https://{}", node.address())
+    };
+    let ch = channel(&url, "controller")
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"));
+    proto::v1::agent_service_client::AgentServiceClient::new(ch)
 }
 
 /// Polls `f` every 100 ms until it returns `Some` or `timeout` passes.

@@ -11,7 +11,6 @@ use crate::cluster::{
 use crate::cluster_failover::live_instances;
 use agent::gguf::fixtures::write_tiny_llama;
 use proto::v1;
-use proto::v1::agent_service_client::AgentServiceClient;
 use rustix::process::{Pid, Signal, kill_process};
 use std::time::{Duration, Instant};
 use tonic::Code;
@@ -169,9 +168,7 @@ async fn paused_leader_is_replaced_and_on_waking_can_neither_write_nor_command_a
         .expect_err("A must not delete");
     assert_eq!(unplace.code(), Code::FailedPrecondition, "{unplace:?}");
     // The agent refuses A's term outright.
-    let mut agent = AgentServiceClient::connect(format!("http://{}", node.address()))
-        .await
-        .expect("agent");
+    let mut agent = crate::cluster::agent_client(&node).await;
     let t1 = both
         .iter()
         .find(|(_, i)| i.request_id.starts_with("halo.t1."))

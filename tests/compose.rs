@@ -6,14 +6,15 @@
 //! own cluster (its own compose project and subnet), breaks it the way a
 //! user's cluster breaks (`docker kill`, `pause`, `network disconnect`,
 //! `restart`), asserts what a user would see, and prints the measured
-//! times.
+//! times. Every gRPC link speaks mutual TLS with certificates for the
+//! containers' addresses from the test process's CA ([`tests::pki`]).
 //!
 //! They need images built from this build: run them with
 //! `bash tests/compose.sh` (which sets `HALO_COMPOSE_TAG`); the normal run
 //! skips them (`#[ignore]`, listed as skipped). Run without the images,
 //! they fail loudly instead of passing.
 
-use crate::cluster::{Client, connect, eventually, wait_nodes};
+use crate::cluster::{Client, channel, connect, eventually, wait_nodes};
 use crate::cluster::{chat, endpoint};
 use crate::cluster_failover::live_instances;
 use controller::store::{LEADER, Store};
@@ -90,6 +91,7 @@ impl Cluster {
             // 172.29.X.0/24, X from the pid: concurrent runs do not share
             // a subnet; another network in the way moves it on.
             cl.net = format!("172.29.{}", 10 + (pid + attempt * 37) % 240);
+            cl.write_certs();
             let started = Instant::now();
             let out = cl.compose(&["up", "-d", "--no-build"]);
             if out.status.success() {
@@ -112,6 +114,31 @@ impl Cluster {
         panic!("no free subnet for the compose network:\n{last}");
     }
 
+    /// Certificates for this subnet's addresses in `DIR/tls`, as the
+    /// compose file names them, readable by the images' user (uid 10001).
+    fn write_certs(&self) {
+        use std::os::unix::fs::PermissionsExt;
+        let tls = self.dir.path().join("tls");
+        std::fs::create_dir_all(&tls).expect("mkdir tls");
+        let pki = tests::pki::pki();
+        let copy = |from: &Path, to: &str| {
+            std::fs::copy(from, tls.join(to)).expect("copy certificate");
+            std::fs::set_permissions(tls.join(to), std::fs::Permissions::from_mode(0o644))
+                .expect("chmod");
+        };
+        copy(&pki.ca(), "ca.pem");
+        for (role, svc) in [
+            ("agent", "halo1"),
+            ("agent", "halo2"),
+            ("controller", "controller1"),
+            ("controller", "controller2"),
+        ] {
+            let (cert, key) = pki.reissue(role, svc, &[&self.ip(svc), svc]);
+            copy(&cert, &format!("{svc}.pem"));
+            copy(&key, &format!("{svc}.key"));
+        }
+    }
+
     fn compose_cmd(&self) -> Command {
         let mut cmd = Command::new("docker-compose");
         cmd.current_dir(repo().join("deploy/compose"))
@@ -122,6 +149,7 @@ impl Cluster {
             .env("HALO_IMAGE_TAG", &self.tag)
             .env("HALO_NET", &self.net)
             .env("HALO_MODELS", self.dir.path().join("models"))
+            .env("HALO_TLS_DIR", self.dir.path().join("tls"))
             .env("HALO_CATALOG", repo().join("deploy/compose/catalog.toml"))
             .env(
                 "HALO_PROBE_ROOT",
@@ -175,7 +203,7 @@ impl Cluster {
     }
 
     fn controller_url(&self, service: &str) -> String {
-        format!("http://{}:7300", self.ip(service))
+        format!("https://{}:7300", self.ip(service))
     }
 
     async fn client(&self, service: &str) -> Client {
@@ -214,9 +242,10 @@ impl Cluster {
         let t = Instant::now();
         eventually(timeout, || async {
             for svc in ["controller1", "controller2"] {
-                let Ok(mut c) = Client::connect(self.controller_url(svc)).await else {
+                let Ok(ch) = channel(&self.controller_url(svc), "admin").connect().await else {
                     continue;
                 };
+                let mut c = Client::new(ch);
                 let Ok(catalog) = c.list_catalog(v1::ListCatalogRequest::default()).await else {
                     continue;
                 };
@@ -789,9 +818,12 @@ async fn compose_killed_leader_is_replaced_and_a_paused_one_on_waking_is_refused
         .expect_err("the woken leader deleted");
     assert_eq!(delete.code(), Code::FailedPrecondition, "{delete:?}");
     let refused_after = woke.elapsed();
-    let mut agent = AgentServiceClient::connect(format!("http://{}:7301", cl.ip("halo1")))
-        .await
-        .expect("agent halo1");
+    let mut agent = AgentServiceClient::new(
+        channel(&format!("https://{}:7301", cl.ip("halo1")), "controller")
+            .connect()
+            .await
+            .expect("agent halo1"),
+    );
     let fenced = agent
         .stop_instance(v1::StopInstanceRequest {
             instance_id: t1_instance.clone(),

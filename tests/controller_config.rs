@@ -5,9 +5,18 @@ use crate::cluster::CONTROLLER;
 use std::net::TcpListener;
 use std::process::Command;
 
+/// Runs the controller in plaintext on loopback (these tests are about
+/// its other keys) unless `args` choose TLS or `--secure` is asked.
 fn run(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(CONTROLLER)
-        .args(args)
+    let mut cmd = Command::new(CONTROLLER);
+    if !args
+        .iter()
+        .any(|a| a.starts_with("--tls") || *a == "--secure")
+    {
+        cmd.arg("--insecure-loopback-only");
+    }
+    let out = cmd
+        .args(args.iter().filter(|a| **a != "--secure"))
         .env_remove("HALO_CONTROLLER_CONFIG")
         .output()
         .expect("run halo-controller");
@@ -50,6 +59,25 @@ fn bad_config_exits_64_with_one_line_before_binding() {
             "Bad Name",
         ),
         (vec!["--no-such-flag".into()], "no-such-flag"),
+        (
+            vec!["--node".into(), "halo1=100.64.0.1:7301".into()],
+            "--insecure-loopback-only refuses halo1 at 100.64.0.1:7301",
+        ),
+        (
+            vec!["--secure".into()],
+            "no TLS configured: set tls_cert, tls_key and tls_ca",
+        ),
+        (
+            vec![
+                "--tls-cert".into(),
+                "/nonexistent/c.pem".into(),
+                "--tls-key".into(),
+                "/nonexistent/c.key".into(),
+                "--tls-ca".into(),
+                "/nonexistent/ca.pem".into(),
+            ],
+            "/nonexistent/c.pem",
+        ),
     ];
     for (extra, needle) in cases {
         let mut args = vec![

@@ -37,6 +37,8 @@ modes = ["architect", "debug"]
 struct Ctl {
     url: String,
     home: tempfile::TempDir,
+    /// `HALO_TLS_*` for the controller's admin certificate.
+    tls: Vec<(&'static str, String)>,
 }
 
 impl Ctl {
@@ -46,7 +48,8 @@ impl Ctl {
             .arg(&self.url)
             .env_remove("HALO_CONTROLLER")
             .env("HOME", self.home.path())
-            .env_remove("XDG_CONFIG_HOME");
+            .env_remove("XDG_CONFIG_HOME")
+            .envs(self.tls.iter().cloned());
         c
     }
 
@@ -110,6 +113,11 @@ fn haloctl_drives_a_local_cluster_from_nodes_to_a_completion_and_back() {
     let ctl = Ctl {
         url: controller.url(),
         home: tempfile::tempdir().expect("home"),
+        tls: controller
+            .haloctl_env()
+            .into_iter()
+            .filter(|(k, _)| *k != "HALO_CONTROLLER")
+            .collect(),
     };
     let logs = || format!("{}\n", controller.logs());
 
@@ -278,6 +286,7 @@ fn haloctl_drives_a_local_cluster_from_nodes_to_a_completion_and_back() {
     let o = Command::new(HALOCTL)
         .arg("status")
         .env("HALO_CONTROLLER", &ctl.url)
+        .envs(ctl.tls.iter().cloned())
         .env("HOME", ctl.home.path())
         .output()
         .expect("haloctl");

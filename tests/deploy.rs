@@ -653,7 +653,8 @@ fn agent_tells_systemd_ready_feeds_the_watchdog_and_says_stopping() {
         .arg(format!("{first}-{first}"))
         // Never started here; it only has to be an executable.
         .arg("--llama-server")
-        .arg(std::env::current_exe().expect("exe"));
+        .arg(std::env::current_exe().expect("exe"))
+        .arg("--insecure-loopback-only");
     tells_systemd_ready_feeds_the_watchdog_and_says_stopping("halo-agent", cmd, port, tmp.path());
 }
 
@@ -665,7 +666,8 @@ fn controller_tells_systemd_ready_feeds_the_watchdog_and_says_stopping() {
     cmd.arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
         .arg("--store-path")
-        .arg(tmp.path().join("state.json"));
+        .arg(tmp.path().join("state.json"))
+        .arg("--insecure-loopback-only");
     tells_systemd_ready_feeds_the_watchdog_and_says_stopping(
         "halo-controller",
         cmd,
@@ -767,17 +769,44 @@ fn agent_image_from_scratch_runs_the_agent_and_serves_the_tiny_model() {
         text(&version.stderr)
     );
 
-    // The agent itself, as the image runs it, with the model mounted.
+    // The agent itself, as the image runs it, with the model and its
+    // certificates mounted (a non-loopback address needs TLS). The key is
+    // made readable for the image's user (uid 10001) in this copy only.
     let mount = format!("{}:/srv/models:ro", models.display());
+    let tls = tmp.path().join("tls");
+    std::fs::create_dir(&tls).expect("tls");
+    let pki = tests::pki::pki();
+    let (cert, key) = pki.files("agent", "img");
+    for (from, to) in [
+        (cert, "agent.pem"),
+        (key, "agent.key"),
+        (pki.ca(), "ca.pem"),
+    ] {
+        std::fs::copy(from, tls.join(to)).expect("copy tls");
+        std::fs::set_permissions(
+            tls.join(to),
+            std::os::unix::fs::PermissionsExt::from_mode(0o644),
+        )
+        .expect("chmod");
+    }
+    let tls_mount = format!("{}:/etc/halo/tls:ro", tls.display());
     let started = docker(&[
         "run",
         "-d",
         "-v",
         &mount,
+        "-v",
+        &tls_mount,
         "-e",
         "HALO_AGENT_NODE_NAME=img",
         "-e",
         "HALO_AGENT_LISTEN=0.0.0.0:7301",
+        "-e",
+        "HALO_AGENT_TLS_CERT=/etc/halo/tls/agent.pem",
+        "-e",
+        "HALO_AGENT_TLS_KEY=/etc/halo/tls/agent.key",
+        "-e",
+        "HALO_AGENT_TLS_CA=/etc/halo/tls/ca.pem",
         &image,
     ]);
     assert!(started.status.success(), "{}", text(&started.stderr));

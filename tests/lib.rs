@@ -4,6 +4,7 @@
 //! with llama.cpp's own projection.
 
 pub mod parity;
+pub mod pki;
 
 use std::io::Read;
 use std::net::TcpListener;

@@ -572,10 +572,8 @@ fn haloctl_offers_and_dry_runs_the_deepseek_split_on_two_simulated_strix_halos()
     let home = tempfile::tempdir().expect("home");
     let run = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_haloctl-shim"))
-            .arg("--controller")
-            .arg(ctl.url())
             .args(args)
-            .env_remove("HALO_CONTROLLER")
+            .envs(ctl.haloctl_env())
             .env("HOME", home.path())
             .output()
             .expect("haloctl")

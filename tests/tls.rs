@@ -514,6 +514,38 @@ async fn mutual_tls_refuses_every_wrong_caller_on_every_method_and_places_with_t
         .iter()
         .any(|i| i.state == v1::InstanceState::Ready as i32);
     assert!(ready, "no Ready instance on halo1 after place");
+    // Keys: an admin sees the endpoint's API key, a read-only certificate
+    // sees the endpoint without it, on the controller and on the agent.
+    let endpoints = |who: &'static str| {
+        let mut c = ControllerServiceClient::new(channel(cp, me(who)));
+        async move {
+            c.endpoints(v1::EndpointsRequest {})
+                .await
+                .expect("endpoints")
+                .into_inner()
+                .endpoints
+        }
+    };
+    let admin_sees = endpoints("admin-alice").await;
+    assert!(
+        !admin_sees.is_empty() && admin_sees.iter().all(|e| !e.api_key.is_empty()),
+        "{admin_sees:?}"
+    );
+    let bob_sees = endpoints("read-only-bob").await;
+    assert!(
+        bob_sees.len() == admin_sees.len() && bob_sees.iter().all(|e| e.api_key.is_empty()),
+        "{bob_sees:?}"
+    );
+    let bob_lists = AgentServiceClient::new(channel(ap, me("read-only-bob")))
+        .list_instances(v1::ListInstancesRequest {})
+        .await
+        .expect("list instances")
+        .into_inner()
+        .instances;
+    assert!(
+        bob_lists.iter().all(|i| i.api_key.is_empty()),
+        "{bob_lists:?}"
+    );
     // A plain `http://` controller URL is upgraded when TLS is configured.
     let mut status = vec!["--controller", "127.0.0.1:0"];
     let plain_url = format!("http://127.0.0.1:{cp}");

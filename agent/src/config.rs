@@ -11,7 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Default gRPC listen address: loopback only until mTLS lands.
+/// Default gRPC listen address (loopback; a node's mesh address needs TLS).
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7301";
 /// Default instance port range.
 pub const DEFAULT_PORT_RANGE: &str = "8100-8199";
@@ -90,6 +90,22 @@ pub const DENIED_FLAGS: &[&str] = &[
     "--media-path",
     "--models-dir",
     "--models-preset",
+    // Open instances to other web pages or run tools on the node.
+    "--cors-origins",
+    "--cors-methods",
+    "--cors-headers",
+    "--cors-credentials",
+    "--no-cors-credentials",
+    "--api-prefix",
+    "--reuse-port",
+    "--tools",
+    "--tools-runtime",
+    "--ui-mcp-proxy",
+    "--webui-mcp-proxy",
+    "--ui-config",
+    "--webui-config",
+    "--ui-config-file",
+    "--webui-config-file",
 ];
 
 /// A configuration that cannot be used. Displays as one line.
@@ -121,6 +137,36 @@ pub enum ConfigError {
         /// Why.
         reason: String,
     },
+}
+
+/// `localhost`, or one origin: http(s)://HOST[:PORT] with no path. llama-server
+/// sends any other value back verbatim as Access-Control-Allow-Origin, so a
+/// list, `*` or `null` (sandboxed frames) would open instances to pages
+/// the operator never meant.
+fn check_origin(o: &str) -> Result<(), String> {
+    if o == "localhost" {
+        return Ok(());
+    }
+    let rest = o
+        .strip_prefix("https://")
+        .or_else(|| o.strip_prefix("http://"))
+        .ok_or_else(|| format!("`{o}`: use `localhost` or one origin such as https://host:port"))?;
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (h, Some(p)),
+        _ => (rest, None),
+    };
+    let host_ok = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b));
+    let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0));
+    if host_ok && port_ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{o}`: one origin, scheme://host[:port] with no path, list or wildcard"
+        ))
+    }
 }
 
 fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -181,6 +227,11 @@ pub struct Args {
     /// Address instances listen on (default: the listen address's host).
     #[arg(long, env = "HALO_AGENT_INSTANCE_HOST", value_name = "IP")]
     pub instance_host: Option<String>,
+    /// Which web pages may call instances from a browser (CORS): `localhost`
+    /// (pages served from this machine) or one origin such as
+    /// https://chat.example.ts.net; never with credentials [default: localhost].
+    #[arg(long, env = "HALO_AGENT_CORS_ORIGIN", value_name = "ORIGIN")]
+    pub cors_origin: Option<String>,
     /// Memory held back for the OS and the agent, e.g. 8GiB [default: 4GiB].
     #[arg(long, env = "HALO_AGENT_RESERVE", value_name = "SIZE")]
     pub reserve: Option<String>,
@@ -223,7 +274,8 @@ pub struct Args {
     pub allowed_flags: Option<Vec<String>>,
     /// This daemon's certificate (PEM) for mutual TLS; with tls_key and
     /// tls_ca the gRPC server speaks only TLS and requires client
-    /// certificates signed by tls_ca [default: plaintext].
+    /// certificates signed by tls_ca. Required unless
+    /// --insecure-loopback-only.
     #[arg(long, env = "HALO_AGENT_TLS_CERT", value_name = "PEM")]
     pub tls_cert: Option<PathBuf>,
     /// The certificate's private key (PEM).
@@ -232,6 +284,11 @@ pub struct Args {
     /// The CA (PEM) that signs every halo certificate (`haloctl certs init`).
     #[arg(long, env = "HALO_AGENT_TLS_CA", value_name = "PEM")]
     pub tls_ca: Option<PathBuf>,
+    /// Serve plaintext gRPC, without TLS: refused unless the listen address
+    /// is loopback (a local cluster on one machine). Anything else needs
+    /// tls_cert/key/ca.
+    #[arg(long, env = "HALO_AGENT_INSECURE_LOOPBACK_ONLY")]
+    pub insecure_loopback_only: bool,
 }
 
 /// A byte size in a config file: an integer, or a string such as `8GiB`.
@@ -265,6 +322,7 @@ struct FileConfig {
     port_range: Option<String>,
     rpc_port_range: Option<String>,
     instance_host: Option<String>,
+    cors_origin: Option<String>,
     reserve: Option<SizeValue>,
     probe_root: Option<PathBuf>,
     state_dir: Option<PathBuf>,
@@ -279,6 +337,7 @@ struct FileConfig {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_ca: Option<PathBuf>,
+    insecure_loopback_only: Option<bool>,
 }
 
 /// An inclusive range of TCP ports.
@@ -353,6 +412,8 @@ pub struct Config {
     pub rpc_port_range: PortRange,
     /// Address instances listen on.
     pub instance_host: IpAddr,
+    /// llama-server's `--cors-origins`: `localhost` or one origin.
+    pub cors_origin: String,
     /// Bytes held back for the OS.
     pub reserve_bytes: u64,
     /// Memory probe root.
@@ -472,6 +533,11 @@ impl Config {
                 .map_err(|_| invalid("instance_host", format!("`{h}` is not an IP address")))?,
             None => listen.ip(),
         };
+        let cors_origin = args
+            .cors_origin
+            .or(file.cors_origin)
+            .unwrap_or_else(|| "localhost".into());
+        check_origin(&cors_origin).map_err(|r| invalid("cors_origin", r))?;
         let reserve_bytes = match args.reserve.or(file.reserve.map(SizeValue::into_text)) {
             Some(t) => parse_size(&t).map_err(|r| invalid("reserve", r))?,
             None => 4 << 30,
@@ -582,6 +648,9 @@ impl Config {
         if let Some(t) = &tls {
             t.check().map_err(|e| invalid("tls", e.to_string()))?;
         }
+        let insecure = args.insecure_loopback_only || file.insecure_loopback_only.unwrap_or(false);
+        proto::transport::check(tls.is_some(), insecure, listen, &[])
+            .map_err(|e| invalid("tls", e))?;
         Ok(Config {
             tls,
             node_name,
@@ -594,6 +663,7 @@ impl Config {
             port_range,
             rpc_port_range,
             instance_host,
+            cors_origin,
             reserve_bytes,
             probe_root,
             state_dir,
@@ -862,8 +932,37 @@ mod tests {
             model_dirs: Some(vec![d.models.clone()]),
             llama_server: Some(d.exe.clone()),
             state_dir: Some(d.state.clone()),
+            insecure_loopback_only: true,
             ..Args::default()
         }
+    }
+
+    #[test]
+    fn cors_origin_is_localhost_or_one_exact_origin() {
+        for ok in [
+            "localhost",
+            "https://chat.example.ts.net",
+            "http://100.64.0.5:3000",
+            "https://[fd7a::1]:8443",
+        ] {
+            assert!(check_origin(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "*",
+            "null",
+            "",
+            "https://a.example,https://b.example",
+            "https://a.example/path",
+            "ftp://a.example",
+            "https://",
+            "http://a:0",
+            "http://a:99999",
+        ] {
+            assert!(check_origin(bad).is_err(), "{bad}");
+        }
+        let d = dirs();
+        let c = Config::resolve(args(&d)).expect("valid");
+        assert_eq!(c.cors_origin, "localhost");
     }
 
     #[test]

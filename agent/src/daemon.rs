@@ -10,6 +10,7 @@ use crate::service::AgentApi;
 use crate::state::{StateError, StateStore};
 use crate::supervisor::Supervisor;
 use proto::domain::NodeIdentity;
+use proto::tls_reload::ReloadingTls;
 use proto::v1::agent_service_server::AgentServiceServer;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -68,7 +69,7 @@ pub struct Daemon {
     listener: TcpListener,
     supervisor: Supervisor,
     shutdown: CancellationToken,
-    tls: Option<proto::tls::TlsFiles>,
+    tls: Option<ReloadingTls>,
 }
 
 impl Daemon {
@@ -91,6 +92,14 @@ impl Daemon {
         // Which llama.cpp build runs here (a split needs the same on every
         // node); a failure leaves the fields empty, with a warning.
         let build = crate::llamabuild::probe(&config).await;
+        // Mutual TLS: the files are read (and checked) before serving, and
+        // reloaded while serving (SIGHUP, or a change of their contents).
+        let tls = config
+            .tls
+            .clone()
+            .map(ReloadingTls::load)
+            .transpose()
+            .map_err(|e| StartupError::Tls(e.to_string()))?;
         tracing::info!(
             llama_version = %build.version,
             gpu_devices = ?build.gpu_devices,
@@ -106,8 +115,8 @@ impl Daemon {
             llama_version: build.version,
             rpc_server_available: build.rpc_server_available,
             gpu_devices: build.gpu_devices,
+            tls_cert_not_after_unix: tls.as_ref().map(|t| t.current().not_after_unix),
         };
-        let tls = config.tls.clone();
         let supervisor = Supervisor::new(Arc::new(config), store, node, shutdown.clone())?;
         Ok(Daemon {
             listener,
@@ -141,29 +150,61 @@ impl Daemon {
         let addr = listener
             .local_addr()
             .map_or_else(|e| e.to_string(), |a| a.to_string());
-        let mut builder = tonic::transport::Server::builder();
-        if let Some(files) = &tls {
-            // Mutual TLS (opt-in): every caller shows a certificate from the
-            // CA, and AgentService checks its role per method.
-            let config = files
-                .server_config()
-                .map_err(|e| StartupError::Tls(e.to_string()))?;
-            builder = builder
-                .tls_config(config)
-                .map_err(|e| StartupError::Tls(e.to_string()))?;
+        // Deadline, per-connection concurrency and keep-alive shared with
+        // the controller; message sizes per service below.
+        let limits = proto::limits::AGENT;
+        let mut builder = proto::limits::server(&limits);
+        if let Some(tls) = &tls {
+            // Mutual TLS: every caller shows a certificate from the CA (the
+            // handshake in `incoming` below), and AgentService checks its
+            // role per method. The files are reloaded while serving, and
+            // GetNode reports the certificate's expiry as it is now.
             api = api.with_access(proto::tls::Access::enforce(crate::service::POLICY));
+            tokio::spawn(tls.clone().run(shutdown.child_token()));
+            let mut loaded = tls.subscribe();
+            let node = supervisor.clone();
+            let token = shutdown.child_token();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = token.cancelled() => return,
+                        r = loaded.changed() => if r.is_err() { return },
+                    }
+                    let not_after = loaded.borrow_and_update().not_after_unix;
+                    node.set_tls_cert_not_after(Some(not_after));
+                }
+            });
             tracing::info!("mutual TLS on: client certificates required");
         }
-        let server = builder
-            .add_service(health_service)
-            .add_service(reflection)
-            .add_service(AgentServiceServer::new(api))
-            .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listener),
-                shutdown.clone().cancelled_owned(),
+        let router = builder
+            .add_service(
+                health_service
+                    .max_decoding_message_size(limits.max_request_bytes)
+                    .max_encoding_message_size(limits.max_response_bytes),
+            )
+            .add_service(
+                reflection
+                    .max_decoding_message_size(limits.max_request_bytes)
+                    .max_encoding_message_size(limits.max_response_bytes),
+            )
+            .add_service(
+                AgentServiceServer::new(api)
+                    .max_decoding_message_size(limits.max_request_bytes)
+                    .max_encoding_message_size(limits.max_response_bytes),
             );
+        let stop = shutdown.clone().cancelled_owned();
+        let mut server = match &tls {
+            // The TLS handshake happens before tonic sees the connection,
+            // against the config current at that moment (tonic still gets
+            // the client's certificates for the role checks).
+            Some(tls) => tokio::spawn(
+                router.serve_with_incoming_shutdown(tls.incoming(listener, false), stop),
+            ),
+            None => tokio::spawn(
+                router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop),
+            ),
+        };
         tracing::info!(%addr, "halo-agent serving");
-        let mut server = tokio::spawn(server);
         let notify = proto::notify::Notifier::from_env();
         notify.ready(&format!("serving on {addr}"));
         let watchdog = shutdown.child_token();

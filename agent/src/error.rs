@@ -16,7 +16,7 @@ pub enum Error {
         reason: String,
     },
     /// A model id that can never name a model (`..`, absolute, NUL…).
-    #[error("model id `{}` {reason}", id.escape_debug())]
+    #[error("model id `{}` {reason}", proto::domain::model::shown_id(id))]
     BadModelId {
         /// The id as sent.
         id: String,
@@ -24,7 +24,10 @@ pub enum Error {
         reason: &'static str,
     },
     /// No model with this id was found in the model directories.
-    #[error("unknown model id `{}`: ListModels (with rescan) shows the ids this agent serves", id.escape_debug())]
+    #[error(
+        "unknown model id `{}`: ListModels (with rescan) shows the ids this agent serves",
+        proto::domain::model::shown_id(id)
+    )]
     UnknownModel {
         /// The id as sent.
         id: String,
@@ -122,6 +125,21 @@ pub enum Error {
     /// The agent is shutting down and takes no new work.
     #[error("the agent is shutting down")]
     ShuttingDown,
+    /// Too many start/stop calls: the token bucket is empty.
+    #[error(
+        "{method} rate limited: at most {burst} start/stop calls at once and {rate} per \
+         second after; retry in {retry_after_ms} ms"
+    )]
+    RateLimited {
+        /// The refused method.
+        method: &'static str,
+        /// The bucket's size.
+        burst: u32,
+        /// Its refill per second.
+        rate: u32,
+        /// When one call will be taken again.
+        retry_after_ms: u128,
+    },
     /// The state directory could not be written.
     #[error("state: {0}")]
     State(#[from] StateError),
@@ -150,7 +168,7 @@ impl From<Error> for tonic::Status {
             | Error::StaleLeader { .. }
             | Error::LeaderRevisionRequired
             | Error::RpcServerUnavailable { .. } => Code::FailedPrecondition,
-            Error::PortsExhausted { .. } => Code::ResourceExhausted,
+            Error::PortsExhausted { .. } | Error::RateLimited { .. } => Code::ResourceExhausted,
             Error::RequestIdReused { .. } => Code::AlreadyExists,
             Error::ShuttingDown => Code::Unavailable,
             Error::State(_) | Error::Io { .. } => Code::Internal,
@@ -208,6 +226,15 @@ mod tests {
                 Code::FailedPrecondition,
             ),
             (Error::ShuttingDown, Code::Unavailable),
+            (
+                Error::RateLimited {
+                    method: "StartInstance",
+                    burst: 20,
+                    rate: 5,
+                    retry_after_ms: 200,
+                },
+                Code::ResourceExhausted,
+            ),
             (Error::LeaderRevisionRequired, Code::FailedPrecondition),
             (
                 Error::RpcServerUnavailable {

@@ -23,7 +23,7 @@ pub const MAX_DEPTH: usize = 16;
 /// Most directory entries looked at in one scan.
 pub const MAX_ENTRIES: usize = 200_000;
 /// Longest model id accepted from the network.
-pub const MAX_MODEL_ID_LEN: usize = 1024;
+pub const MAX_MODEL_ID_LEN: usize = proto::domain::model::MAX_MODEL_ID_LEN;
 
 /// A model found by a scan, with the file the agent would load.
 #[derive(Debug, Clone, PartialEq)]
@@ -319,27 +319,11 @@ fn group(found: Vec<Found>) -> BTreeMap<String, Group> {
 
 /// Why a model id from the network is refused before any lookup, when it
 /// could never name a model (`..`, absolute, NUL…). Such ids are hostile or
-/// broken clients, and get a specific error rather than "unknown".
+/// broken clients, and get a specific error rather than "unknown". The one
+/// definition is [`proto::domain::check_model_id`], shared with the
+/// controller's catalog.
 pub fn check_model_id(id: &str) -> Result<(), &'static str> {
-    if id.is_empty() {
-        return Err("is empty");
-    }
-    if id.len() > MAX_MODEL_ID_LEN {
-        return Err("is too long");
-    }
-    if id.contains('\0') {
-        return Err("contains NUL");
-    }
-    if id.starts_with('/') {
-        return Err("is an absolute path; ids are relative to a model directory");
-    }
-    if id.contains('\\') {
-        return Err("contains a backslash");
-    }
-    if id.split('/').any(|c| c == ".." || c == "." || c.is_empty()) {
-        return Err("contains `..`, `.` or an empty path component");
-    }
-    Ok(())
+    proto::domain::check_model_id(id)
 }
 
 #[cfg(test)]

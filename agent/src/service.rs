@@ -2,6 +2,8 @@
 //! types at the boundary (range checks live in `proto`'s `TryFrom`), calls
 //! the [`Supervisor`], and converts back. Streams (Watch, TailLogs) run as
 //! one task each that ends when the client goes away or the agent shuts down.
+//! StartInstance and StopInstance share a token bucket ([`TokenBucket`]):
+//! a call beyond it is refused before anything starts or stops.
 
 use crate::error::Error;
 use crate::supervisor::{StartRequest, Supervisor};
@@ -9,7 +11,7 @@ use proto::domain::{AgentEvent, AgentEventKind, InstanceKind, InstanceOptions, L
 use proto::tls::{Access, Policy, Role};
 use proto::v1;
 use std::pin::Pin;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::MissedTickBehavior;
 use tokio_stream::Stream;
@@ -24,6 +26,56 @@ const MIN_MEMORY_PERIOD: Duration = Duration::from_millis(100);
 const MAX_MEMORY_PERIOD: Duration = Duration::from_secs(3600);
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Start and stop calls the agent takes at once before it refuses more.
+pub const MUTATION_BURST: u32 = 20;
+/// Start and stop calls per second the agent takes after a burst.
+///
+/// The controller sends one start per replica it wants running and one
+/// stop per instance it no longer wants, each at most once at a time and
+/// backed off after a failure; a cluster of a few models needs a handful
+/// per reconcile pass, and even re-placing 20 models at once fits in the
+/// burst. A client that loops (a bug, or something hostile) is held to five
+/// a second, which the agent (a process spawn and a state-file write each)
+/// takes without slowing its Watch streams.
+pub const MUTATION_RATE_PER_SEC: u32 = 5;
+
+/// A token bucket: `capacity` calls at once, refilled at `rate` per second.
+#[derive(Debug)]
+pub struct TokenBucket {
+    capacity: f64,
+    rate: f64,
+    state: std::sync::Mutex<(f64, Instant)>,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(capacity: u32, rate_per_sec: u32, now: Instant) -> TokenBucket {
+        TokenBucket {
+            capacity: f64::from(capacity),
+            rate: f64::from(rate_per_sec.max(1)),
+            state: std::sync::Mutex::new((f64::from(capacity), now)),
+        }
+    }
+
+    /// Takes one token at `now`, or says how long until one is there.
+    pub fn take(&self, now: Instant) -> Result<(), Duration> {
+        let mut st = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (tokens, last) = *st;
+        let elapsed = now.saturating_duration_since(last).as_secs_f64();
+        let tokens = (tokens + elapsed * self.rate).min(self.capacity);
+        if tokens >= 1.0 {
+            *st = (tokens - 1.0, now.max(last));
+            Ok(())
+        } else {
+            *st = (tokens, now.max(last));
+            Err(Duration::from_secs_f64((1.0 - tokens) / self.rate))
+        }
+    }
+}
 
 /// Who may call what when the agent serves mutual TLS: the one place that
 /// lists the methods that change something. Only the controller starts and
@@ -42,6 +94,8 @@ pub struct AgentApi {
     supervisor: Supervisor,
     shutdown: CancellationToken,
     access: Access,
+    /// Shared by StartInstance and StopInstance.
+    mutations: std::sync::Arc<TokenBucket>,
 }
 
 impl AgentApi {
@@ -52,7 +106,28 @@ impl AgentApi {
             supervisor,
             shutdown,
             access: Access::open(),
+            mutations: std::sync::Arc::new(TokenBucket::new(
+                MUTATION_BURST,
+                MUTATION_RATE_PER_SEC,
+                Instant::now(),
+            )),
         }
+    }
+
+    /// Takes a start/stop token, or refuses the call with
+    /// `RESOURCE_EXHAUSTED` saying when to retry; a refused call changes
+    /// nothing.
+    fn admit(&self, method: &'static str) -> Result<(), Error> {
+        self.mutations.take(Instant::now()).map_err(|wait| {
+            let ms = wait.as_micros().div_ceil(1000).max(1);
+            tracing::warn!(method, "rate limited; retry in {ms} ms");
+            Error::RateLimited {
+                method,
+                burst: MUTATION_BURST,
+                rate: MUTATION_RATE_PER_SEC,
+                retry_after_ms: ms,
+            }
+        })
     }
 
     /// Checks callers' certificate roles against [`POLICY`] (mutual TLS).
@@ -73,6 +148,19 @@ async fn send<T>(
         r = tx.send(Ok(item)) => r.is_ok(),
         () = shutdown.cancelled() => false,
     }
+}
+
+/// Clears instances' API keys from `e` unless the watcher may see them.
+fn hide_keys(mut e: v1::AgentEvent, secrets: bool) -> v1::AgentEvent {
+    use v1::agent_event::Event;
+    if !secrets {
+        match &mut e.event {
+            Some(Event::Instance(i)) => i.api_key.clear(),
+            Some(Event::Snapshot(s)) => s.instances.iter_mut().for_each(|i| i.api_key.clear()),
+            Some(Event::Memory(_) | Event::Models(_)) | None => {}
+        }
+    }
+    e
 }
 
 fn event(kind: AgentEventKind) -> v1::AgentEvent {
@@ -132,11 +220,18 @@ impl v1::agent_service_server::AgentService for AgentApi {
         &self,
         req: Request<v1::ListInstancesRequest>,
     ) -> Result<Response<v1::ListInstancesResponse>, Status> {
-        self.access.check("ListInstances", &req)?;
-        let instances = self.supervisor.instances().await;
-        Ok(Response::new(v1::ListInstancesResponse {
-            instances: instances.into_iter().map(Into::into).collect(),
-        }))
+        let secrets = self.access.check_secrets("ListInstances", &req)?;
+        let mut instances: Vec<v1::Instance> = self
+            .supervisor
+            .instances()
+            .await
+            .into_iter()
+            .map(Into::into)
+            .collect();
+        if !secrets {
+            instances.iter_mut().for_each(|i| i.api_key.clear());
+        }
+        Ok(Response::new(v1::ListInstancesResponse { instances }))
     }
 
     #[tracing::instrument(skip_all, fields(request_id = %req.get_ref().request_id.escape_debug(), model = %req.get_ref().model_id.escape_debug(), kind = req.get_ref().kind))]
@@ -145,6 +240,7 @@ impl v1::agent_service_server::AgentService for AgentApi {
         req: Request<v1::StartInstanceRequest>,
     ) -> Result<Response<v1::Instance>, Status> {
         self.access.check("StartInstance", &req)?;
+        self.admit("StartInstance")?;
         let r = req.into_inner();
         let options =
             InstanceOptions::try_from(r.options.unwrap_or_default()).map_err(Error::from)?;
@@ -177,6 +273,7 @@ impl v1::agent_service_server::AgentService for AgentApi {
         req: Request<v1::StopInstanceRequest>,
     ) -> Result<Response<v1::Instance>, Status> {
         self.access.check("StopInstance", &req)?;
+        self.admit("StopInstance")?;
         let r = req.into_inner();
         // In its own task, like a start: a stop is finished once begun.
         let sup = self.supervisor.clone();
@@ -194,7 +291,7 @@ impl v1::agent_service_server::AgentService for AgentApi {
         &self,
         req: Request<v1::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        self.access.check("Watch", &req)?;
+        let secrets = self.access.check_secrets("Watch", &req)?;
         let period = match req.into_inner().memory_period_ms {
             0 => self.supervisor.config().memory_sample_period,
             ms => Duration::from_millis(u64::from(ms)).clamp(MIN_MEMORY_PERIOD, MAX_MEMORY_PERIOD),
@@ -207,7 +304,7 @@ impl v1::agent_service_server::AgentService for AgentApi {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         tokio::spawn(async move {
             let snapshot = AgentEventKind::Snapshot(Box::new(sup.snapshot().await));
-            if !send(&tx, event(snapshot), &shutdown).await {
+            if !send(&tx, hide_keys(event(snapshot), secrets), &shutdown).await {
                 return;
             }
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
@@ -226,7 +323,7 @@ impl v1::agent_service_server::AgentService for AgentApi {
                     },
                     _ = tick.tick() => event(AgentEventKind::Memory(Box::new(sup.memory().await))),
                 };
-                if !send(&tx, next, &shutdown).await {
+                if !send(&tx, hide_keys(next, secrets), &shutdown).await {
                     break;
                 }
             }
@@ -285,5 +382,44 @@ impl v1::agent_service_server::AgentService for AgentApi {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bucket_allows_its_burst_then_its_rate_and_says_when_to_retry() {
+        let t0 = Instant::now();
+        let b = TokenBucket::new(20, 5, t0);
+        for i in 0..20 {
+            assert_eq!(b.take(t0), Ok(()), "call {i} of the burst");
+        }
+        let wait = b.take(t0).expect_err("21st call at once");
+        assert!(
+            wait > Duration::from_millis(150) && wait <= Duration::from_millis(200),
+            "{wait:?}"
+        );
+        // A refused call takes nothing: after the wait, exactly one passes.
+        let t1 = t0 + Duration::from_millis(200);
+        assert_eq!(b.take(t1), Ok(()));
+        assert!(b.take(t1).is_err());
+        // Idle time refills up to the burst, never beyond.
+        let t2 = t1 + Duration::from_secs(60);
+        for _ in 0..20 {
+            assert_eq!(b.take(t2), Ok(()));
+        }
+        assert!(b.take(t2).is_err());
+    }
+
+    #[test]
+    fn a_steady_five_per_second_is_never_refused() {
+        let t0 = Instant::now();
+        let b = TokenBucket::new(MUTATION_BURST, MUTATION_RATE_PER_SEC, t0);
+        for i in 0..1_000u32 {
+            let at = t0 + Duration::from_millis(200) * i;
+            assert_eq!(b.take(at), Ok(()), "call {i}");
+        }
     }
 }

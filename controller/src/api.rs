@@ -165,6 +165,13 @@ pub fn place_request(r: &v1::PlaceRequest) -> Result<PlaceRequest, Error> {
         split: r.split,
         split_across: (r.split_across > 0).then_some(r.split_across),
     };
+    // Catalog and node names obey `check_name`; anything else (a path, a
+    // URL-encoded `..`, NUL…) can never match one and is refused as such
+    // rather than reported as a model missing from the catalog.
+    proto::domain::catalog::check_name("model", &req.model)?;
+    if let Some(n) = &req.node {
+        proto::domain::catalog::check_name("node", n)?;
+    }
     if let Some(n) = &req.name {
         proto::domain::catalog::check_name("name", n)?;
     }
@@ -428,7 +435,9 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
         &self,
         r: Request<v1::EndpointsRequest>,
     ) -> Result<Response<v1::EndpointsResponse>, Status> {
-        self.access.check("Endpoints", &r)?;
+        // A read-only certificate sees where the endpoints are, not the
+        // keys that would let it use them.
+        let secrets = self.access.check_secrets("Endpoints", &r)?;
         let catalog = self.desired.catalog().await?;
         let (placed, _) = self.desired.placements().await?;
         let by_rid = instances_by_request(&self.observed);
@@ -453,7 +462,11 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
                         model: p.model.clone(),
                         placement: p.name.clone(),
                         node: node.clone(),
-                        api_key: i.api_key.clone(),
+                        api_key: if secrets {
+                            i.api_key.clone()
+                        } else {
+                            String::new()
+                        },
                     });
                 }
             }

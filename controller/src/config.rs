@@ -5,6 +5,7 @@
 //! before a socket is bound; each error is one line naming the key.
 
 use crate::observe::{NodeConfig, Timing};
+use crate::store::etcd::{EtcdIdentity, EtcdTls};
 use clap::Parser;
 use proto::domain::CatalogEntry;
 use serde::Deserialize;
@@ -12,7 +13,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Default gRPC listen address: loopback until mTLS lands.
+/// Default gRPC listen address (loopback; a mesh address needs TLS).
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7300";
 /// Default embedded store file.
 pub const DEFAULT_STORE_PATH: &str = "/var/lib/halo-controller/state.json";
@@ -76,6 +77,17 @@ pub struct Args {
     /// controllers elect a leader. Repeat or comma-separate.
     #[arg(long = "etcd", env = "HALO_CONTROLLER_ETCD", value_delimiter = ',')]
     pub etcd: Option<Vec<String>>,
+    /// The CA (PEM) that signed etcd's server certificate: required with
+    /// https:// etcd URLs, refused with http:// ones.
+    #[arg(long, env = "HALO_CONTROLLER_ETCD_CA", value_name = "PEM")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) shown to etcd, for an etcd started with
+    /// --client-cert-auth; with etcd_key and etcd_ca [default: none].
+    #[arg(long, env = "HALO_CONTROLLER_ETCD_CERT", value_name = "PEM")]
+    pub etcd_cert: Option<PathBuf>,
+    /// The etcd client certificate's private key (PEM).
+    #[arg(long, env = "HALO_CONTROLLER_ETCD_KEY", value_name = "PEM")]
+    pub etcd_key: Option<PathBuf>,
     /// Embedded store file, used when no etcd is given
     /// [default: /var/lib/halo-controller/state.json].
     #[arg(long, env = "HALO_CONTROLLER_STORE_PATH", value_name = "FILE")]
@@ -106,8 +118,9 @@ pub struct Args {
     #[arg(long, env = "HALO_CONTROLLER_LEASE_SECS", value_name = "SECS")]
     pub lease_secs: Option<u64>,
     /// This daemon's certificate (PEM) for mutual TLS; with tls_key and
-    /// tls_ca the gRPC server speaks only TLS and requires client
-    /// certificates signed by tls_ca [default: plaintext].
+    /// tls_ca the gRPC server speaks only TLS, requires client certificates
+    /// signed by tls_ca, and dials agents over TLS. Required unless
+    /// --insecure-loopback-only.
     #[arg(long, env = "HALO_CONTROLLER_TLS_CERT", value_name = "PEM")]
     pub tls_cert: Option<PathBuf>,
     /// The certificate's private key (PEM).
@@ -116,6 +129,11 @@ pub struct Args {
     /// The CA (PEM) that signs every halo certificate (`haloctl certs init`).
     #[arg(long, env = "HALO_CONTROLLER_TLS_CA", value_name = "PEM")]
     pub tls_ca: Option<PathBuf>,
+    /// Serve and dial agents in plaintext, without TLS: refused unless the
+    /// listen address and every node's address are loopback (a local
+    /// cluster on one machine). Anything else needs tls_cert/key/ca.
+    #[arg(long, env = "HALO_CONTROLLER_INSECURE_LOOPBACK_ONLY")]
+    pub insecure_loopback_only: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -133,6 +151,9 @@ struct FileConfig {
     listen: Option<String>,
     id: Option<String>,
     etcd: Option<Vec<String>>,
+    etcd_ca: Option<PathBuf>,
+    etcd_cert: Option<PathBuf>,
+    etcd_key: Option<PathBuf>,
     store_path: Option<PathBuf>,
     nodes: Option<Vec<FileNode>>,
     catalog: Option<PathBuf>,
@@ -144,6 +165,7 @@ struct FileConfig {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_ca: Option<PathBuf>,
+    insecure_loopback_only: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -156,8 +178,13 @@ struct CatalogFile {
 /// Where desired state lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreConfig {
-    /// etcd endpoints.
-    Etcd(Vec<String>),
+    /// etcd.
+    Etcd {
+        /// Client URLs, all http:// or all https://.
+        endpoints: Vec<String>,
+        /// TLS, with https:// endpoints.
+        tls: Option<EtcdTls>,
+    },
     /// The embedded file.
     File(PathBuf),
 }
@@ -212,6 +239,65 @@ fn parse_node(s: &str) -> Result<NodeConfig, ConfigError> {
     })
 }
 
+/// TLS towards etcd from its three keys: `etcd_ca` goes with https://
+/// endpoints (all of them) and only with them, `etcd_cert` with `etcd_key`;
+/// the files are read and checked here.
+fn etcd_tls(
+    endpoints: &[String],
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> Result<Option<EtcdTls>, ConfigError> {
+    if endpoints.is_empty() {
+        return match (&ca, &cert, &key) {
+            (None, None, None) => Ok(None),
+            _ => Err(invalid(
+                "etcd_ca",
+                "etcd_ca, etcd_cert and etcd_key need etcd endpoints",
+            )),
+        };
+    }
+    let plain = endpoints.iter().find(|e| e.starts_with("http://"));
+    let tls = endpoints.iter().find(|e| e.starts_with("https://"));
+    if let (Some(p), Some(t)) = (plain, tls) {
+        return Err(invalid(
+            "etcd",
+            format!("`{p}` is plaintext but `{t}` is TLS: use https:// for every endpoint"),
+        ));
+    }
+    let identity = match (cert, key) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => Some(EtcdIdentity { cert, key }),
+        (Some(_), None) => return Err(invalid("etcd_key", "etcd_cert is set without etcd_key")),
+        (None, Some(_)) => return Err(invalid("etcd_cert", "etcd_key is set without etcd_cert")),
+    };
+    let Some(ca) = ca else {
+        if let Some(t) = tls {
+            return Err(invalid(
+                "etcd_ca",
+                format!("`{t}` is https://: set etcd_ca to the CA that signed etcd's certificate"),
+            ));
+        }
+        if identity.is_some() {
+            return Err(invalid(
+                "etcd_cert",
+                "a client certificate needs etcd_ca and https:// etcd endpoints",
+            ));
+        }
+        return Ok(None);
+    };
+    if let Some(p) = plain {
+        return Err(invalid(
+            "etcd_ca",
+            format!("`{p}` is plaintext http://: use https:// with etcd_ca, or drop etcd_ca"),
+        ));
+    }
+    let tls = EtcdTls { ca, identity };
+    tls.client_config()
+        .map_err(|e| invalid(e.key, e.to_string()))?;
+    Ok(Some(tls))
+}
+
 fn millis(key: &'static str, v: u64, min: u64, max: u64) -> Result<Duration, ConfigError> {
     if !(min..=max).contains(&v) {
         return Err(invalid(key, format!("{v} is outside {min}-{max}")));
@@ -246,6 +332,12 @@ impl Config {
                 return Err(invalid("etcd", format!("`{e}` is not an http(s):// URL")));
             }
         }
+        let etcd_tls = etcd_tls(
+            &etcd,
+            args.etcd_ca.or(file.etcd_ca),
+            args.etcd_cert.or(file.etcd_cert),
+            args.etcd_key.or(file.etcd_key),
+        )?;
         let store = if etcd.is_empty() {
             let p = args
                 .store_path
@@ -262,7 +354,10 @@ impl Config {
             }
             StoreConfig::File(p)
         } else {
-            StoreConfig::Etcd(etcd)
+            StoreConfig::Etcd {
+                endpoints: etcd,
+                tls: etcd_tls,
+            }
         };
         let nodes: Vec<NodeConfig> = match args.nodes {
             Some(list) => list
@@ -364,6 +459,13 @@ impl Config {
         if let Some(t) = &tls {
             t.check().map_err(|e| invalid("tls", e.to_string()))?;
         }
+        let insecure = args.insecure_loopback_only || file.insecure_loopback_only.unwrap_or(false);
+        let peers: Vec<(&str, &str)> = nodes
+            .iter()
+            .map(|n| (n.name.as_str(), n.address.as_str()))
+            .collect();
+        proto::transport::check(tls.is_some(), insecure, listen, &peers)
+            .map_err(|e| invalid("tls", e))?;
         Ok(Config {
             tls,
             listen,

@@ -13,6 +13,7 @@ use crate::reconcile::Reconciler;
 use crate::store::etcd::EtcdStore;
 use crate::store::file::FileStore;
 use crate::store::{AnyStore, StoreError};
+use proto::tls_reload::ReloadingTls;
 use proto::v1::controller_service_server::ControllerServiceServer;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -59,20 +60,24 @@ impl StartupError {
 
 /// Runs the controller until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), StartupError> {
-    // Mutual TLS (opt-in): read the files before anything starts; links to
-    // agents use the same certificate (https).
+    // Mutual TLS: read the files before anything starts (and reload them
+    // while serving: SIGHUP, or a change of their contents); links to
+    // agents use the same certificate (https), from their next connect on.
     let tls = match &config.tls {
         Some(files) => {
-            let m = files.load().map_err(|e| StartupError::Tls(e.to_string()))?;
-            crate::observe::set_agent_tls(Some(m.client_config()));
-            Some(m.server_config())
+            let tls =
+                ReloadingTls::load(files.clone()).map_err(|e| StartupError::Tls(e.to_string()))?;
+            crate::observe::set_agent_tls(Some(tls.current().client.clone()));
+            Some(tls)
         }
         None => None,
     };
     let leadership = Leadership::new(&config.id);
     let store = match &config.store {
         StoreConfig::File(p) => AnyStore::File(FileStore::open(p)?),
-        StoreConfig::Etcd(eps) => AnyStore::Etcd(Box::new(EtcdStore::connect(eps).await?)),
+        StoreConfig::Etcd { endpoints, tls } => AnyStore::Etcd(Box::new(
+            EtcdStore::connect_with(endpoints, tls.as_ref()).await?,
+        )),
     };
     let listener =
         TcpListener::bind(config.listen)
@@ -156,27 +161,50 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
         .run(shutdown.clone()),
     );
     let mut api = ControllerApi::new(desired, observed.clone(), events, shutdown.clone());
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(config) = tls {
-        builder = builder
-            .tls_config(config)
-            .map_err(|e| StartupError::Tls(e.to_string()))?;
+    // Deadline, per-connection concurrency and keep-alive shared with the
+    // agent; message sizes on the service below.
+    let limits = proto::limits::CONTROLLER;
+    let mut builder = proto::limits::server(&limits);
+    if let Some(tls) = &tls {
         api = api.with_access(proto::tls::Access::enforce(crate::api::POLICY));
+        tracker.spawn(tls.clone().run(shutdown.clone()));
+        let mut loaded = tls.subscribe();
+        let token = shutdown.clone();
+        tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = token.cancelled() => return,
+                    r = loaded.changed() => if r.is_err() { return },
+                }
+                let client = loaded.borrow_and_update().client.clone();
+                crate::observe::set_agent_tls(Some(client));
+            }
+        });
         tracing::info!("mutual TLS on: client certificates required");
     }
     let addr = listener
         .local_addr()
         .map_or_else(|e| e.to_string(), |a| a.to_string());
     tracing::info!(%addr, id = %config.id, "halo-controller serving");
-    let server = builder
-        .add_service(ControllerServiceServer::new(api))
-        .serve_with_incoming_shutdown(
-            // Without TCP_NODELAY a small response waits for the client's
-            // delayed ACK: ~40 ms per `haloctl` call instead of ~3 ms.
+    let router = builder.add_service(
+        ControllerServiceServer::new(api)
+            .max_decoding_message_size(limits.max_request_bytes)
+            .max_encoding_message_size(limits.max_response_bytes),
+    );
+    // Without TCP_NODELAY a small response waits for the client's delayed
+    // ACK: ~40 ms per `haloctl` call instead of ~3 ms.
+    let stop = shutdown.clone().cancelled_owned();
+    let mut server = match &tls {
+        // The TLS handshake happens before tonic sees the connection,
+        // against the config current at that moment.
+        Some(tls) => {
+            tokio::spawn(router.serve_with_incoming_shutdown(tls.incoming(listener, true), stop))
+        }
+        None => tokio::spawn(router.serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown.clone().cancelled_owned(),
-        );
-    let mut server = tokio::spawn(server);
+            stop,
+        )),
+    };
     // systemd (Type=notify): ready once serving; the watchdog is fed while
     // the observed state still answers within the period.
     let notify = proto::notify::Notifier::from_env();

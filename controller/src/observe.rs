@@ -23,9 +23,12 @@ use tonic::transport::{Channel, Endpoint};
 /// Deadline of connecting to an agent.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Deadline of one unary agent call (stops wait for the process to exit).
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+pub const CALL_TIMEOUT: Duration = proto::limits::AGENT_CALL_TIMEOUT;
 /// Longest pause between redials.
 const MAX_REDIAL: Duration = Duration::from_secs(2);
+/// How often an open link asks the agent for its identity again (what can
+/// change while it runs: its certificate's expiry, after a reload).
+const IDENTITY_REFRESH: Duration = Duration::from_secs(60);
 
 /// Timing of liveness.
 #[derive(Debug, Clone, Copy)]
@@ -291,7 +294,19 @@ pub fn agent_client(address: &str) -> Result<AgentServiceClient<Channel>, tonic:
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(CALL_TIMEOUT)
         .tcp_nodelay(true);
-    Ok(AgentServiceClient::new(ep.connect_lazy()))
+    // An agent's snapshot may be large (every model file), but not
+    // unbounded: the agent's own encode limit.
+    Ok(AgentServiceClient::new(ep.connect_lazy())
+        .max_decoding_message_size(proto::limits::AGENT.max_response_bytes)
+        .max_encoding_message_size(proto::limits::AGENT.max_request_bytes))
+}
+
+/// `msg` as a request carrying [`CALL_TIMEOUT`] as its gRPC deadline, so
+/// the agent stops waiting when the controller does.
+pub fn with_deadline<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(CALL_TIMEOUT);
+    r
 }
 
 /// Keeps one node's Watch stream open and folds it into [`Observed`].
@@ -328,6 +343,22 @@ impl AgentLink {
                 () = token.cancelled() => return,
                 () = tokio::time::sleep(pause) => {}
             }
+        }
+    }
+
+    /// GetNode on an open link; the identity it returns replaces the one
+    /// held. A failure is left to the Watch stream to notice.
+    async fn refresh_identity(&self, client: &mut AgentServiceClient<Channel>) {
+        let call = client.get_node(v1::GetNodeRequest {});
+        match tokio::time::timeout(CONNECT_TIMEOUT.max(self.observed.timing().grace), call).await {
+            Ok(Ok(r)) => {
+                if let Some(id) = r.into_inner().node.map(NodeIdentity::from) {
+                    self.observed
+                        .update(&self.node.name, |n| n.identity = Some(id));
+                }
+            }
+            Ok(Err(e)) => tracing::debug!(node = %self.node.name, "GetNode: {}", e.message()),
+            Err(_) => tracing::debug!(node = %self.node.name, "GetNode timed out"),
         }
     }
 
@@ -368,11 +399,21 @@ impl AgentLink {
             n.identity = identity;
             n.reserve_bytes = reserve;
         });
+        let mut refresh =
+            tokio::time::interval_at(Instant::now() + IDENTITY_REFRESH, IDENTITY_REFRESH);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut deadline = Instant::now() + t.grace;
         loop {
-            let msg = tokio::time::timeout(t.grace, stream.message())
-                .await
-                .map_err(|_| format!("silent for {:?}", t.grace))?
-                .map_err(|e| e.message().to_owned())?;
+            let msg = tokio::select! {
+                r = tokio::time::timeout_at(deadline, stream.message()) => r
+                    .map_err(|_| format!("silent for {:?}", t.grace))?
+                    .map_err(|e| e.message().to_owned())?,
+                _ = refresh.tick() => {
+                    self.refresh_identity(&mut client).await;
+                    continue;
+                }
+            };
+            deadline = Instant::now() + t.grace;
             let Some(ev) = msg else {
                 return Err("stream ended".into());
             };

@@ -342,7 +342,7 @@ impl Reconciler {
                 }
                 let mut c = agent_client(&address).map_err(|e| e.to_string())?;
                 let i = c
-                    .start_instance(req)
+                    .start_instance(crate::observe::with_deadline(req))
                     .await
                     .map_err(|s| format!("{}: {}", s.code(), s.message()))?;
                 Instance::try_from(i.into_inner()).map_err(|e| e.to_string())
@@ -396,7 +396,7 @@ impl Reconciler {
                 }
                 let mut c = agent_client(&address).map_err(|e| e.to_string())?;
                 let i = c
-                    .stop_instance(req)
+                    .stop_instance(crate::observe::with_deadline(req))
                     .await
                     .map_err(|s| format!("{}: {}", s.code(), s.message()))?;
                 Instance::try_from(i.into_inner()).map_err(|e| e.to_string())

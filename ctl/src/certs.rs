@@ -1,6 +1,7 @@
 //! `haloctl certs`: a small CA for halo's mutual TLS (opt-in) and
 //! the certificates it signs, each recording its role as a SAN URI
-//! `urn:halo:role:<role>` (see `proto::tls`). Keys are ECDSA P-256, written
+//! `urn:halo:role:<role>` (see `proto::tls`), plus role-less certificates
+//! for etcd's own TLS (server and peer). Keys are ECDSA P-256, written
 //! 0600; nothing is overwritten without `--force`.
 
 use crate::Failure;
@@ -117,15 +118,42 @@ fn init(dir: &Path, force: bool, days: Option<u32>) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The kind of certificate `haloctl certs issue` writes, named `etcd`.
+pub const ETCD_KIND: &str = "etcd";
+
+/// What a certificate is for: a halo role, or etcd, which gets no role (so
+/// no halo service accepts its key) but serves TLS and dials peers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Role(Role),
+    Etcd,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Role(r) => r.as_str(),
+            Kind::Etcd => ETCD_KIND,
+        }
+    }
+}
+
 fn issue(a: &IssueArgs) -> Result<(), Failure> {
-    let role = Role::parse(&a.role).ok_or_else(|| {
-        let all: Vec<&str> = Role::ALL.iter().map(|r| r.as_str()).collect();
-        Failure::Usage(format!(
-            "unknown role `{}`: one of {}",
-            a.role,
-            all.join(", ")
-        ))
-    })?;
+    let kind = match Role::parse(&a.role) {
+        Some(r) => Kind::Role(r),
+        // A person's or a tool's certificate that may change things.
+        None if a.role == "client" => Kind::Role(Role::Admin),
+        None if a.role == ETCD_KIND => Kind::Etcd,
+        None => {
+            let mut all: Vec<&str> = Role::ALL.iter().map(|r| r.as_str()).collect();
+            all.push(ETCD_KIND);
+            return Err(Failure::Usage(format!(
+                "unknown role `{}`: one of {}",
+                a.role,
+                all.join(", ")
+            )));
+        }
+    };
     if a.name.is_empty()
         || a.name.len() > 63
         || !a
@@ -152,7 +180,7 @@ fn issue(a: &IssueArgs) -> Result<(), Failure> {
         .map_err(|e| other(&format!("{}", a.dir.join(CA_KEY).display()), e))?;
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)
         .map_err(|e| other(&format!("{}", a.dir.join(CA_CERT).display()), e))?;
-    let base = format!("{}-{}", role.as_str(), a.name);
+    let base = format!("{}-{}", kind.as_str(), a.name);
     let out = a.out.clone().unwrap_or_else(|| a.dir.clone());
     std::fs::create_dir_all(&out).map_err(|e| other(&format!("creating {}", out.display()), e))?;
     let (cert_path, key_path) = (
@@ -164,10 +192,12 @@ fn issue(a: &IssueArgs) -> Result<(), Failure> {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, a.name.as_str());
-    dn.push(DnType::OrganizationalUnitName, role.as_str());
+    dn.push(DnType::OrganizationalUnitName, kind.as_str());
     params.distinguished_name = dn;
-    let uri = role.uri().try_into().map_err(|e| other("role URI", e))?;
-    params.subject_alt_names.push(SanType::URI(uri));
+    if let Kind::Role(role) = kind {
+        let uri = role.uri().try_into().map_err(|e| other("role URI", e))?;
+        params.subject_alt_names.push(SanType::URI(uri));
+    }
     for h in &a.hosts {
         let san = match h.parse::<std::net::IpAddr>() {
             Ok(ip) => SanType::IpAddress(ip),
@@ -195,14 +225,24 @@ fn issue(a: &IssueArgs) -> Result<(), Failure> {
         .map_err(|e| other("signing the certificate", e))?;
     write_file(&key_path, key.serialize_pem().as_bytes(), 0o600, a.force)?;
     write_file(&cert_path, cert.pem().as_bytes(), 0o644, a.force)?;
-    if a.hosts.is_empty() && matches!(role, Role::Agent | Role::Controller) {
+    if a.hosts.is_empty()
+        && matches!(
+            kind,
+            Kind::Role(Role::Agent | Role::Controller) | Kind::Etcd
+        )
+    {
         eprintln!(
-            "haloctl: note: no --host; {role} certificates also serve TLS, and clients \
-             accept them only under a name or address given with --host"
+            "haloctl: note: no --host; {} certificates also serve TLS, and clients \
+             accept them only under a name or address given with --host",
+            kind.as_str()
         );
     }
+    let what = match kind {
+        Kind::Role(r) => format!("role {r}"),
+        Kind::Etcd => "etcd, no halo role".to_owned(),
+    };
     println!(
-        "wrote {} and {} (role {role}, valid {} days)",
+        "wrote {} and {} ({what}, valid {} days)",
         cert_path.display(),
         key_path.display(),
         a.days
@@ -258,10 +298,64 @@ mod tests {
         let der = pem_to_der(&pem);
         assert_eq!(proto::tls::roles_of_cert(&der), vec![Role::ReadOnly]);
         assert!(matches!(run(&a), Err(Failure::Refused(_))), "overwrote");
+        // `client` is an admin certificate.
+        let c = CertsArgs {
+            command: CertsCommand::Issue(issue_args(d.path(), "client", "carol")),
+        };
+        assert!(run(&c).is_ok());
+        let pem = std::fs::read_to_string(d.path().join("admin-carol.pem")).expect("pem");
+        assert_eq!(
+            proto::tls::roles_of_cert(&pem_to_der(&pem)),
+            vec![Role::Admin]
+        );
         let bad = CertsArgs {
             command: CertsCommand::Issue(issue_args(d.path(), "root", "x")),
         };
         assert!(matches!(run(&bad), Err(Failure::Usage(_))));
+    }
+
+    #[test]
+    fn an_etcd_certificate_serves_and_dials_tls_but_names_no_role() {
+        use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+        let d = tempfile::tempdir().expect("tempdir");
+        let init = CertsArgs {
+            command: CertsCommand::Init {
+                dir: d.path().to_owned(),
+                force: false,
+                days: None,
+            },
+        };
+        assert!(run(&init).is_ok());
+        let mut args = issue_args(d.path(), "etcd", "halo1");
+        args.hosts = vec!["10.0.0.5".into()];
+        let a = CertsArgs {
+            command: CertsCommand::Issue(args),
+        };
+        assert!(run(&a).is_ok());
+        let pem = std::fs::read_to_string(d.path().join("etcd-halo1.pem")).expect("pem");
+        let der = pem_to_der(&pem);
+        assert!(proto::tls::roles_of_cert(&der).is_empty(), "no halo role");
+        let (_, cert) = X509Certificate::from_der(&der).expect("x509");
+        let eku = cert
+            .extended_key_usage()
+            .expect("eku")
+            .expect("eku present")
+            .value;
+        assert!(eku.server_auth && eku.client_auth, "{eku:?}");
+        let ku = cert.key_usage().expect("ku").expect("ku present").value;
+        assert!(ku.digital_signature(), "{ku:?}");
+        let san = cert.subject_alternative_name().expect("san").expect("san");
+        let names = &san.value.general_names;
+        assert!(
+            names
+                .iter()
+                .any(|n| matches!(n, GeneralName::IPAddress(ip) if *ip == [10, 0, 0, 5])),
+            "{names:?}"
+        );
+        assert!(
+            !names.iter().any(|n| matches!(n, GeneralName::URI(_))),
+            "{names:?}"
+        );
     }
 
     fn pem_to_der(pem: &str) -> Vec<u8> {

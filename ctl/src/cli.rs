@@ -339,10 +339,13 @@ pub enum CertsCommand {
     #[command(
         after_help = "Roles: agent (a node's halo-agent), controller (halo-controller; the only \
         role that may start\nor stop instances on agents), admin (may change placements and the \
-        catalog), read-only (may look).\n\n\
+        catalog), read-only (may look).\n\
+        etcd is no role: etcd's own server and peer certificate (serverAuth and clientAuth), \
+        without a\nrole URI, so no halo service accepts it.\n\n\
         Examples:\n  \
         haloctl certs issue agent halo1 --dir /etc/halo/tls --host halo1 --host 10.0.0.11\n  \
-        haloctl certs issue read-only grafana --dir /etc/halo/tls --days 30"
+        haloctl certs issue read-only grafana --dir /etc/halo/tls --days 30\n  \
+        haloctl certs issue etcd halo1 --dir /etc/halo/tls --host 10.0.0.11"
     )]
     Issue(IssueArgs),
 }
@@ -350,7 +353,8 @@ pub enum CertsCommand {
 /// Arguments of `haloctl certs issue`.
 #[derive(Debug, Args)]
 pub struct IssueArgs {
-    /// agent, controller, admin or read-only.
+    /// agent, controller, admin (`client` is the same) or read-only; or
+    /// etcd, for etcd itself.
     pub role: String,
     /// Who the certificate is for (its common name), e.g. a node or a person.
     pub name: String,

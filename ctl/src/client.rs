@@ -15,6 +15,10 @@ pub const DEFAULT_CONTROLLER: &str = "http://127.0.0.1:7300";
 /// How long connecting may take before haloctl gives up (exit 3).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How long one call may take before haloctl gives up (exit 3). Streams
+/// (`events`, `logs -f`) are bounded only until they start.
+pub const CALL_TIMEOUT: Duration = proto::limits::CONTROLLER_CALL_TIMEOUT;
+
 /// A connected controller client.
 pub type Client = ControllerServiceClient<Channel>;
 
@@ -127,10 +131,18 @@ impl Target {
             )
         })?;
         if let Some(files) = files {
-            let config = files
-                .client_config()
-                .map_err(|e| Failure::Usage(e.to_string()))?;
-            self.tls = Some(config);
+            let material = files.load().map_err(|e| Failure::Usage(e.to_string()))?;
+            let now = proto::tls::now_unix();
+            if let Some(w) = proto::tls::cert_not_after_unix(material.cert_pem()).and_then(|na| {
+                crate::cluster::cert_warning(
+                    &format!("haloctl's certificate {}", files.cert.display()),
+                    na,
+                    now,
+                )
+            }) {
+                eprintln!("{w}");
+            }
+            self.tls = Some(material.client_config());
             if let Some(rest) = self.url.strip_prefix("http://") {
                 self.url = format!("https://{rest}");
             }
@@ -152,12 +164,35 @@ impl Target {
 
     /// The failure for "cannot reach the controller", with a hint.
     pub fn unreachable(&self, why: &str) -> Failure {
+        // A controller speaks mutual TLS unless started with
+        // --insecure-loopback-only: a plaintext attempt fails at the TLS
+        // handshake, which looks like a dropped connection.
+        let tls_hint = if self.tls.is_none() {
+            "\nhint: halo-controller speaks mutual TLS unless started with \
+             --insecure-loopback-only: give haloctl a certificate with --tls-cert, --tls-key \
+             and --tls-ca (or HALO_TLS_CERT/KEY/CA, or tls_* in haloctl.toml); the local \
+             cluster's are in .halo-local/env"
+        } else {
+            ""
+        };
         Failure::Unreachable(format!(
             "cannot reach the controller at {} ({}): {why}\n\
              hint: is halo-controller running? `bash deploy/quickstart.sh` starts a local \
-             cluster; `haloctl --controller http://HOST:7300 …` points elsewhere",
+             cluster; `haloctl --controller http://HOST:7300 …` points elsewhere{tls_hint}",
             self.url,
             self.origin()
+        ))
+    }
+
+    /// The failure for a call that got no answer within [`CALL_TIMEOUT`]
+    /// (exit 3), naming the controller and the deadline.
+    pub fn timed_out(&self) -> Failure {
+        Failure::Unreachable(format!(
+            "the controller at {} ({}) did not answer within {} s\n\
+             hint: is it overloaded, or stuck on its store? `haloctl events` shows what it is doing",
+            self.url,
+            self.origin(),
+            CALL_TIMEOUT.as_secs()
         ))
     }
 
@@ -173,9 +208,11 @@ impl Target {
         let ep = ep
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
-            .timeout(Duration::from_secs(30));
+            .timeout(CALL_TIMEOUT);
         match tokio::time::timeout(CONNECT_TIMEOUT, ep.connect()).await {
-            Ok(Ok(ch)) => Ok(ControllerServiceClient::new(ch)),
+            Ok(Ok(ch)) => Ok(ControllerServiceClient::new(ch)
+                .max_decoding_message_size(proto::limits::CONTROLLER.max_response_bytes)
+                .max_encoding_message_size(proto::limits::CONTROLLER.max_request_bytes)),
             Ok(Err(e)) => Err(self.unreachable(&source_chain(&e))),
             Err(_) => Err(self.unreachable("timed out connecting")),
         }
@@ -184,8 +221,11 @@ impl Target {
     /// Maps a gRPC status to haloctl's outcome.
     pub fn status(&self, s: tonic::Status) -> Failure {
         use tonic::Code;
+        if proto::limits::is_timeout(&s) {
+            return self.timed_out();
+        }
         match s.code() {
-            Code::Unavailable | Code::DeadlineExceeded => self.unreachable(s.message()),
+            Code::Unavailable => self.unreachable(s.message()),
             Code::NotFound | Code::InvalidArgument | Code::FailedPrecondition => {
                 Failure::Refused(s.message().to_owned())
             }
@@ -259,6 +299,26 @@ pub fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_call_past_its_deadline_exits_3_naming_the_controller_and_the_timeout() {
+        let t = Target {
+            url: "http://10.0.0.9:7300".into(),
+            source: Source::Flag,
+            tls: None,
+        };
+        for s in [
+            tonic::Status::cancelled("Timeout expired"),
+            tonic::Status::deadline_exceeded("deadline has elapsed"),
+        ] {
+            let f = t.status(s);
+            let Failure::Unreachable(m) = f else {
+                panic!("{f:?}");
+            };
+            assert!(m.contains("http://10.0.0.9:7300"), "{m}");
+            assert!(m.contains("within 30 s"), "{m}");
+        }
+    }
 
     #[test]
     fn addresses_without_a_scheme_get_http() {

@@ -34,6 +34,9 @@ pub struct NodeJson {
     pub instances: usize,
     /// Milliseconds since the agent was last heard from.
     pub silent_for_ms: u64,
+    /// When the certificate the agent serves expires, Unix seconds (absent
+    /// for a plaintext agent or one not heard from).
+    pub cert_not_after_unix: Option<i64>,
 }
 
 /// `haloctl models -o json`: one object per catalog entry.
@@ -258,15 +261,54 @@ pub fn nodes_json(nodes: &[v1::NodeView]) -> Vec<NodeJson> {
                 }),
                 instances: n.instances.len(),
                 silent_for_ms: n.silent_for_ms,
+                cert_not_after_unix: id.tls_cert_not_after_unix,
             }
         })
         .collect()
 }
 
-/// The `haloctl nodes` table.
+/// A certificate's expiry in words at `now_unix`: `expires in 312d` (hours
+/// in its last day), or `EXPIRED`.
+pub fn cert_expiry(not_after_unix: i64, now_unix: i64) -> String {
+    let left = not_after_unix.saturating_sub(now_unix);
+    if left <= 0 {
+        "EXPIRED".into()
+    } else if left < 86_400 {
+        format!("expires in {}h", (left + 3599) / 3600)
+    } else {
+        format!("expires in {}d", left / 86_400)
+    }
+}
+
+/// The warning for a certificate (`subject`: which, e.g. `node halo1's
+/// certificate`) that is expired or expires within 30 days at `now_unix`;
+/// `None` otherwise.
+pub fn cert_warning(subject: &str, not_after_unix: i64, now_unix: i64) -> Option<String> {
+    if !proto::tls::expires_soon(not_after_unix, now_unix) {
+        return None;
+    }
+    let when = cert_expiry(not_after_unix, now_unix);
+    let when = if when == "EXPIRED" {
+        "has EXPIRED".to_owned()
+    } else {
+        when
+    };
+    Some(format!(
+        "warning: {subject} {when}; renew it with `haloctl certs issue`"
+    ))
+}
+
+/// The `haloctl nodes` table, expiries counted from now.
 pub fn render_nodes(nodes: &[NodeJson]) -> String {
+    render_nodes_at(nodes, proto::tls::now_unix())
+}
+
+/// The `haloctl nodes` table at `now_unix`: a CERT column (`-` for
+/// plaintext), and a warning line under it for each certificate expired or
+/// expiring within 30 days.
+pub fn render_nodes_at(nodes: &[NodeJson], now_unix: i64) -> String {
     let mut t = Table::new([
-        "NODE", "ROLES", "STATUS", "USABLE", "RESERVE", "HALO", "FREE", "MEMORY",
+        "NODE", "ROLES", "STATUS", "USABLE", "RESERVE", "HALO", "FREE", "CERT", "MEMORY",
     ]);
     for n in nodes {
         t.row([
@@ -277,6 +319,8 @@ pub fn render_nodes(nodes: &[NodeJson]) -> String {
             bytes(n.reserve_bytes),
             bytes(n.halo_bytes),
             or_dash(n.free_bytes),
+            n.cert_not_after_unix
+                .map_or_else(|| "-".into(), |na| cert_expiry(na, now_unix)),
             n.usable_bytes
                 .map(|u| bar(u, n.reserve_bytes, n.halo_bytes))
                 .unwrap_or_default(),
@@ -285,6 +329,16 @@ pub fn render_nodes(nodes: &[NodeJson]) -> String {
     let mut s = t.render();
     if !nodes.is_empty() {
         s.push_str("MEMORY: # used by halo, = reserve, . free\n");
+    }
+    for n in nodes {
+        let what = format!("node {}'s certificate", n.name);
+        if let Some(w) = n
+            .cert_not_after_unix
+            .and_then(|na| cert_warning(&what, na, now_unix))
+        {
+            s.push_str(&w);
+            s.push('\n');
+        }
     }
     s
 }
@@ -521,7 +575,11 @@ pub fn render_endpoints(endpoints: &[EndpointJson]) -> String {
             e.base_url.clone(),
             e.model.clone(),
             e.node.clone(),
-            e.api_key.clone(),
+            if e.api_key.is_empty() {
+                "(hidden)".into()
+            } else {
+                e.api_key.clone()
+            },
         ]);
     }
     let mut s = t.render();
@@ -529,6 +587,11 @@ pub fn render_endpoints(endpoints: &[EndpointJson]) -> String {
         "\nIn an editor's OpenAI-compatible provider: base URL, model and API key as above.\n\
          With curl: -H \"Authorization: Bearer API_KEY\" BASE_URL/chat/completions\n",
     );
+    if endpoints.iter().any(|e| e.api_key.is_empty()) {
+        s.push_str(
+            "(hidden): a read-only certificate sees no API keys; an admin certificate does.\n",
+        );
+    }
     s
 }
 

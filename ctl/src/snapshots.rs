@@ -5,7 +5,7 @@
 
 use crate::cluster::{
     endpoints_json, models_json, nodes_json, plan_json, render_endpoints, render_models,
-    render_nodes, render_plan, render_status, status_json,
+    render_nodes_at, render_plan, render_status, status_json,
 };
 use crate::place::{decision_json, render_decision};
 use proto::v1;
@@ -109,7 +109,40 @@ fn nodes_table_matches_its_snapshot() {
         ),
         node("halo3", "speed", v1::NodeStatus::Unknown, None, 0),
     ];
-    check("nodes", &render_nodes(&nodes_json(&nodes)));
+    // halo1's certificate is good for long, halo2's nearly expired, halo3
+    // (not heard from) unknown.
+    let mut nodes = nodes_json(&nodes);
+    nodes[0].cert_not_after_unix = Some(NOW + 312 * DAY + 3600);
+    nodes[1].cert_not_after_unix = Some(NOW + 12 * DAY + 60);
+    check("nodes", &render_nodes_at(&nodes, NOW));
+}
+
+/// A fixed "now" (2026-01-01T00:00:00Z) for expiry columns.
+const NOW: i64 = 1_767_225_600;
+const DAY: i64 = 86_400;
+
+#[test]
+fn certificate_expiry_reads_in_days_then_hours_then_expired_and_warns_within_30_days() {
+    use crate::cluster::{cert_expiry, cert_warning};
+    assert_eq!(cert_expiry(NOW + 312 * DAY + 5, NOW), "expires in 312d");
+    assert_eq!(cert_expiry(NOW + DAY, NOW), "expires in 1d");
+    assert_eq!(cert_expiry(NOW + 2 * 3600 - 1, NOW), "expires in 2h");
+    assert_eq!(cert_expiry(NOW, NOW), "EXPIRED");
+    assert_eq!(cert_expiry(NOW - 10 * DAY, NOW), "EXPIRED");
+    assert_eq!(
+        cert_warning("node a's certificate", NOW + 30 * DAY, NOW),
+        None
+    );
+    let soon = cert_warning("node a's certificate", NOW + 29 * DAY, NOW).unwrap_or_default();
+    assert!(
+        soon.starts_with("warning: node a's certificate expires in 29d"),
+        "{soon}"
+    );
+    let gone = cert_warning("node a's certificate", NOW - 1, NOW).unwrap_or_default();
+    assert!(
+        gone.starts_with("warning: node a's certificate has EXPIRED"),
+        "{gone}"
+    );
 }
 
 #[test]

@@ -31,8 +31,11 @@ pub mod etcd {
 }
 
 pub mod domain;
+pub mod limits;
 pub mod notify;
 pub mod runtime;
 pub mod tls;
+pub mod tls_reload;
+pub mod transport;
 
 pub use domain::ConversionError;

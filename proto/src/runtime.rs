@@ -4,19 +4,25 @@
 
 use tokio_util::sync::CancellationToken;
 
-/// Cancels `token` on the first SIGTERM or SIGINT.
+/// Cancels `token` on the first SIGTERM or SIGINT. SIGHUP never stops the
+/// daemon: it means "re-read the TLS files" (`systemctl reload`), which
+/// the TLS reloader acts on; without TLS it is only logged.
 pub async fn cancel_on_signal(token: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
         return;
     };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM"),
-        _ = int.recv() => tracing::info!("SIGINT"),
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM"); break }
+            _ = int.recv() => { tracing::info!("SIGINT"); break }
+            _ = hup.recv() => tracing::info!("SIGHUP: TLS files are re-read (when TLS is on)"),
+        }
     }
     token.cancel();
 }

@@ -84,6 +84,15 @@ pub enum TlsError {
     /// tonic/rustls refused the material.
     #[error("TLS setup: {0}")]
     Setup(String),
+    /// A file holds PEM that cannot be used (a bad certificate, a key that
+    /// does not match the certificate…).
+    #[error("{}: {reason}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// The three PEM files of one side of a mutual-TLS connection.
@@ -98,11 +107,38 @@ pub struct TlsFiles {
 }
 
 /// The files' contents, read and checked for PEM blocks.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsMaterial {
-    cert: Vec<u8>,
-    key: Vec<u8>,
-    ca: Vec<u8>,
+    pub(crate) cert: Vec<u8>,
+    pub(crate) key: Vec<u8>,
+    pub(crate) ca: Vec<u8>,
+}
+
+/// Certificates expiring within this many seconds (30 days) are warned
+/// about: by the daemons when they load their own, by `haloctl` for its own
+/// and for every node's.
+pub const EXPIRY_WARNING_SECS: i64 = 30 * 86_400;
+
+/// Whether a certificate valid until `not_after_unix` is expired or expires
+/// within [`EXPIRY_WARNING_SECS`] of `now_unix`.
+pub fn expires_soon(not_after_unix: i64, now_unix: i64) -> bool {
+    not_after_unix.saturating_sub(now_unix) < EXPIRY_WARNING_SECS
+}
+
+/// Now, in Unix seconds.
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// The not-after (Unix seconds) of the first certificate in a PEM file's
+/// contents; `None` when there is none or it cannot be parsed.
+pub fn cert_not_after_unix(pem: &[u8]) -> Option<i64> {
+    use x509_parser::prelude::FromDer;
+    let (_, block) = x509_parser::pem::parse_x509_pem(pem).ok()?;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&block.contents).ok()?;
+    Some(cert.validity().not_after.timestamp())
 }
 
 fn read_pem(path: &Path, kinds: &[&str], kind: &'static str) -> Result<Vec<u8>, TlsError> {
@@ -173,19 +209,20 @@ impl TlsFiles {
         Ok(self.load()?.client_config())
     }
 
-    /// Reads the files and checks that tonic/rustls accept them (a server
-    /// acceptor is built and dropped), so a daemon refuses bad material at
-    /// start rather than at its first connection.
+    /// Reads the files and checks that rustls accepts them (the server
+    /// config is built as a reload builds it, then dropped), so a daemon
+    /// refuses bad material at start rather than at its first connection.
     pub fn check(&self) -> Result<(), TlsError> {
-        let m = self.load()?;
-        tonic::transport::Server::builder()
-            .tls_config(m.server_config())
-            .map_err(|e| TlsError::Setup(source_chain(&e)))?;
-        Ok(())
+        crate::tls_reload::Loaded::build(self, self.load()?).map(drop)
     }
 }
 
 impl TlsMaterial {
+    /// This side's certificate (chain), PEM, as read.
+    pub fn cert_pem(&self) -> &[u8] {
+        &self.cert
+    }
+
     fn identity(&self) -> Identity {
         Identity::from_pem(&self.cert, &self.key)
     }
@@ -204,17 +241,6 @@ impl TlsMaterial {
             .identity(self.identity())
             .ca_certificate(Certificate::from_pem(&self.ca))
     }
-}
-
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// The roles recorded in a DER certificate's SAN URIs (unknown role names
@@ -320,6 +346,17 @@ impl Access {
         match &self.policy {
             None => Ok(()),
             Some(p) => p.check(method, req).map(|_| ()),
+        }
+    }
+
+    /// Checks the caller of `method` like [`Access::check`], and says
+    /// whether it may see secrets (instances' API keys): every allowed
+    /// role but `read-only`, which looks without being able to use what
+    /// it sees. Without TLS (loopback only) everyone may.
+    pub fn check_secrets<T>(&self, method: &str, req: &Request<T>) -> Result<bool, Status> {
+        match &self.policy {
+            None => Ok(true),
+            Some(p) => p.check(method, req).map(|r| r != Role::ReadOnly),
         }
     }
 }

@@ -92,6 +92,13 @@ pub fn build(config: &Config, spec: &ArgvSpec<'_>) -> Vec<String> {
     push("--api-key-file", spec.api_key_file.display().to_string());
     push("-lv", LOG_VERBOSITY.to_owned());
     a.push("--no-webui".to_owned());
+    // Browsers: only the configured origin, never with credentials
+    // (llama-server's default echoes every Origin back, credentials on).
+    a.extend([
+        "--cors-origins".to_owned(),
+        config.cors_origin.clone(),
+        "--no-cors-credentials".to_owned(),
+    ]);
     for f in spec.extra {
         a.extend(f.argv.iter().cloned());
     }
@@ -170,6 +177,7 @@ mod tests {
             llama_server: Some(exe.clone()),
             state_dir: Some(tmp.path().join("state")),
             allowed_flags: Some(vec!["--cache-reuse 256".into()]),
+            insecure_loopback_only: true,
             ..Args::default()
         })
         .expect("config");
@@ -219,6 +227,9 @@ mod tests {
             "-lv",
             "4",
             "--no-webui",
+            "--cors-origins",
+            "localhost",
+            "--no-cors-credentials",
             "--cache-reuse",
             "256",
         ];
@@ -234,10 +245,12 @@ mod tests {
         std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         Config::resolve(Args {
             node_name: Some("n".into()),
-            listen: Some("10.0.0.1:7301".into()),
+            listen: Some("127.0.0.1:7301".into()),
+            instance_host: Some("10.0.0.1".into()),
             model_dirs: Some(vec![models]),
             llama_server: Some(exe),
             state_dir: Some(tmp.join("state")),
+            insecure_loopback_only: true,
             ..Args::default()
         })
         .expect("config")
@@ -336,6 +349,7 @@ mod tests {
                 llama_server: Some(base.llama_server.clone()),
                 state_dir: Some(base.state_dir.clone()),
                 allowed_flags: Some(vec![entry.into()]),
+                insecure_loopback_only: true,
                 ..Args::default()
             })
             .expect_err(entry)

@@ -111,7 +111,8 @@ pub struct Supervisor {
 #[derive(Debug)]
 struct Inner {
     config: Arc<Config>,
-    node: NodeIdentity,
+    /// Changes only by [`Supervisor::set_tls_cert_not_after`].
+    node: std::sync::RwLock<NodeIdentity>,
     probe: Probe,
     store: Arc<StateStore>,
     scanner: Arc<Mutex<Scanner>>,
@@ -219,7 +220,7 @@ impl Supervisor {
                 probe: Probe::new(config.probe_root.clone()),
                 scanner: Arc::new(Mutex::new(Scanner::new(config.model_dirs.clone()))),
                 config,
-                node,
+                node: std::sync::RwLock::new(node),
                 store: Arc::new(store),
                 table: Mutex::new(table),
                 events: broadcast::channel(EVENT_BUFFER).0,
@@ -322,7 +323,21 @@ impl Supervisor {
 
     /// The node's identity.
     pub fn node(&self) -> NodeIdentity {
-        self.inner.node.clone()
+        self.inner
+            .node
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Records the not-after of the certificate the agent serves now (after
+    /// a certificate reload), reported by GetNode and Watch snapshots.
+    pub fn set_tls_cert_not_after(&self, unix: Option<i64>) {
+        self.inner
+            .node
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .tls_cert_not_after_unix = unix;
     }
 
     /// The configuration.

@@ -199,10 +199,15 @@ impl CatalogEntry {
     /// Checks names, ranges and cache types; the reason names the field.
     pub fn validate(&self) -> Result<(), ConversionError> {
         check_name("name", &self.name)?;
-        if self.model_id.is_empty() || self.model_id.len() > 4096 {
+        // The same check agents make: an id that could leave a model
+        // directory never reaches the store (or a start request).
+        if let Err(reason) = crate::domain::check_model_id(&self.model_id) {
             return Err(ConversionError::Invalid {
                 field: "model_id",
-                reason: "must be 1-4096 characters".into(),
+                reason: format!(
+                    "`{}` {reason}",
+                    crate::domain::model::shown_id(&self.model_id)
+                ),
             });
         }
         if self.default_context == 0 || self.min_context == 0 {
@@ -260,7 +265,7 @@ pub fn check_name(field: &'static str, name: &str) -> Result<(), ConversionError
             field,
             reason: format!(
                 "`{}` is not 1-63 of a-z 0-9 . _ - starting with a letter or digit",
-                name.escape_debug()
+                crate::domain::model::shown_id(name)
             ),
         })
     }

@@ -14,7 +14,7 @@ pub use instance::{
     ObservedBuffers, UnknownCacheType,
 };
 pub use memory::{GpuMemory, MemoryReport, ProcessMemory};
-pub use model::{ModelFile, ModelParams, ModelStatus};
+pub use model::{ModelFile, ModelParams, ModelStatus, check_model_id};
 pub use node::{AgentEvent, AgentEventKind, NodeIdentity, Snapshot};
 pub use placement::{Placement, PlacementOptions, Replica, ReplicaKey, SplitPlan, SplitShare};
 

@@ -248,3 +248,82 @@ impl TryFrom<v1::ModelFile> for ModelFile {
         })
     }
 }
+
+/// Longest model id accepted from outside (a request or the catalog).
+pub const MAX_MODEL_ID_LEN: usize = 1024;
+
+/// Why a model id from outside (a start request, a catalog entry) is
+/// refused before any lookup, when it could never name a file inside a
+/// model directory: empty, too long, NUL, absolute, a backslash, or a `..`,
+/// `.` or empty path component. Ids are looked up literally: nothing is
+/// URL-decoded, so `%2e%2e/x.gguf` is just a name no scan reports.
+pub fn check_model_id(id: &str) -> Result<(), &'static str> {
+    if id.is_empty() {
+        return Err("is empty");
+    }
+    if id.len() > MAX_MODEL_ID_LEN {
+        return Err("is too long (at most 1024 bytes)");
+    }
+    if id.contains('\0') {
+        return Err("contains NUL");
+    }
+    if id.starts_with('/') {
+        return Err("is an absolute path; ids are relative to a model directory");
+    }
+    if id.contains('\\') {
+        return Err("contains a backslash");
+    }
+    if id.split('/').any(|c| c == ".." || c == "." || c.is_empty()) {
+        return Err("contains `..`, `.` or an empty path component");
+    }
+    if id.split('/').any(|c| c.len() > 255) {
+        return Err("has a path component longer than 255 bytes");
+    }
+    Ok(())
+}
+
+/// A model id as error messages show it: escaped, and cut to 80 characters
+/// so a hostile 10,000-byte id does not become a 10,000-byte status.
+pub fn shown_id(id: &str) -> String {
+    let escaped: String = id.escape_debug().collect();
+    match escaped.char_indices().nth(80) {
+        Some((cut, _)) => format!("{}… ({} bytes)", &escaped[..cut], id.len()),
+        None => escaped,
+    }
+}
+
+#[cfg(test)]
+mod id_tests {
+    use super::*;
+
+    #[test]
+    fn model_ids_that_could_leave_a_model_directory_are_refused() {
+        let long = "a".repeat(MAX_MODEL_ID_LEN + 1);
+        let component = format!("{}.gguf", "b".repeat(300));
+        for id in [
+            "",
+            "..",
+            "./",
+            "../x.gguf",
+            "a/../../etc/passwd",
+            "/etc/passwd",
+            "x\0.gguf",
+            "..\\..\\x",
+            "a//b",
+            long.as_str(),
+            component.as_str(),
+        ] {
+            assert!(check_model_id(id).is_err(), "{id:?}");
+        }
+        for id in [
+            "tiny.gguf",
+            "sub/m-00001-of-00002.gguf",
+            "x..y.gguf",
+            "%2e%2e/x.gguf",
+        ] {
+            assert_eq!(check_model_id(id), Ok(()), "{id:?}");
+        }
+        assert_eq!(shown_id("a\0b"), "a\\0b");
+        assert!(shown_id(&long).ends_with("… (1025 bytes)"));
+    }
+}

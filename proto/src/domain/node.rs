@@ -30,6 +30,10 @@ pub struct NodeIdentity {
     /// Non-CPU devices llama-server offloads layers to (empty: CPU only).
     #[serde(default)]
     pub gpu_devices: Vec<String>,
+    /// Not-after of the certificate the agent serves, Unix seconds; `None`
+    /// when it serves plaintext.
+    #[serde(default)]
+    pub tls_cert_not_after_unix: Option<i64>,
 }
 
 impl From<NodeIdentity> for v1::NodeIdentity {
@@ -43,6 +47,7 @@ impl From<NodeIdentity> for v1::NodeIdentity {
             llama_version: n.llama_version,
             rpc_server_available: n.rpc_server_available,
             gpu_devices: n.gpu_devices,
+            tls_cert_not_after_unix: n.tls_cert_not_after_unix,
         }
     }
 }
@@ -58,6 +63,7 @@ impl From<v1::NodeIdentity> for NodeIdentity {
             llama_version: n.llama_version,
             rpc_server_available: n.rpc_server_available,
             gpu_devices: n.gpu_devices,
+            tls_cert_not_after_unix: n.tls_cert_not_after_unix,
         }
     }
 }

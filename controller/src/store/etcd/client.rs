@@ -22,14 +22,14 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 pub use proto::etcd::etcdserverpb::{TxnResponse, WatchResponse};
 pub use proto::etcd::mvccpb::KeyValue;
 pub use proto::etcd::mvccpb::event::EventType;
 
 /// How to reach etcd.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnectOptions {
     /// Deadline of opening a connection to one endpoint.
     pub connect_timeout: Duration,
@@ -41,6 +41,9 @@ pub struct ConnectOptions {
     /// How long a keep-alive ping may go unanswered before the connection
     /// counts as dead.
     pub keep_alive_timeout: Duration,
+    /// TLS for `https://` endpoints (the CA that verifies etcd, and a
+    /// client certificate when etcd asks for one); `None` for `http://`.
+    pub tls: Option<ClientTlsConfig>,
 }
 
 /// Why an etcd call failed.
@@ -57,8 +60,9 @@ pub enum EtcdError {
     /// The call did not finish within its deadline.
     #[error("etcd {0} timed out")]
     Timeout(&'static str),
-    /// etcd (or the transport) answered with an error.
-    #[error("etcd {call}: {status}")]
+    /// etcd (or the transport) answered with an error; a TLS failure is
+    /// told as one, with what to check.
+    #[error("etcd {call}: {}", status_text(status))]
     Status {
         /// The call.
         call: &'static str,
@@ -71,6 +75,144 @@ pub enum EtcdError {
     /// etcd answered, but not as the API says it should.
     #[error("etcd {0}")]
     Protocol(String),
+}
+
+impl EtcdError {
+    /// Whether this is a TLS failure with etcd (a refused handshake: wrong
+    /// CA, missing or unknown client certificate, not a TLS port).
+    pub fn is_tls(&self) -> bool {
+        matches!(self, EtcdError::Status { status, .. } if tls_failure(status).is_some())
+    }
+}
+
+fn status_text(status: &tonic::Status) -> String {
+    match tls_failure(status) {
+        Some(why) => format!("TLS with etcd failed: {why}"),
+        None => status.to_string(),
+    }
+}
+
+/// What went wrong, and what to check, when `status` is a TLS failure.
+fn tls_failure(status: &tonic::Status) -> Option<String> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(status);
+    while let Some(e) = cur {
+        // rustls errors travel inside `std::io::Error`, whose `source()`
+        // skips the error it wraps.
+        let inner = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|i| i as &(dyn std::error::Error + 'static));
+        for candidate in [Some(e), inner].into_iter().flatten() {
+            if let Some(r) = candidate.downcast_ref::<rustls::Error>() {
+                return Some(explain_tls(r));
+            }
+        }
+        // An alert after the handshake reaches here through h2, whose
+        // error keeps the io error without exposing it as a source; and
+        // tonic's own TLS errors are private types. Their texts are stable.
+        let text = e.to_string();
+        if let Some((_, alert)) = text.split_once("received fatal alert: ") {
+            let name: String = alert
+                .chars()
+                .take_while(char::is_ascii_alphanumeric)
+                .collect();
+            return Some(explain_alert(&name));
+        }
+        if text.contains("TLS handshake timeout") {
+            return Some(
+                "no TLS handshake within the connect timeout: does this URL reach etcd's TLS \
+                 port?"
+                    .into(),
+            );
+        }
+        if text.contains("HTTP/2 was not negotiated") {
+            return Some("etcd did not offer HTTP/2 (ALPN h2) in the handshake".into());
+        }
+        cur = e.source();
+    }
+    None
+}
+
+fn explain_tls(e: &rustls::Error) -> String {
+    use rustls::{CertificateError as C, Error as E};
+    match e {
+        // Another halo CA has the same name, so its certificates fail the
+        // signature check rather than the issuer look-up.
+        E::InvalidCertificate(c @ (C::UnknownIssuer | C::BadSignature)) => {
+            format!("etcd's certificate is not signed by etcd_ca ({c:?})")
+        }
+        E::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
+            "etcd's certificate does not name the host of the etcd URL (issue it with --host \
+             for that name or address)"
+                .into()
+        }
+        E::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
+            "etcd's certificate has expired".into()
+        }
+        E::InvalidCertificate(c) => format!("etcd's certificate was refused: {c:?}"),
+        E::AlertReceived(a) => explain_alert(&format!("{a:?}")),
+        E::InvalidMessage(_) | E::InappropriateMessage { .. } => {
+            format!("etcd did not answer with TLS ({e}): does this URL reach etcd's TLS port?")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// A bare TLS handshake with `endpoint` (`https://host:port`) that sends
+/// nothing after it, then a read of up to a second: `Some` with what is
+/// wrong when etcd refuses this client (a handshake error, or an alert
+/// right after it, as etcd sends when it checks a TLS 1.3 client
+/// certificate); `None` when it accepts or cannot be reached. Blocking.
+pub fn handshake_refusal(
+    endpoint: &str,
+    config: Arc<rustls::ClientConfig>,
+    connect_timeout: Duration,
+) -> Option<String> {
+    use std::io::Read;
+    use std::net::ToSocketAddrs;
+    let uri: tonic::codegen::http::Uri = endpoint.parse().ok()?;
+    let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+    let addr = (host, uri.port_u16().unwrap_or(443))
+        .to_socket_addrs()
+        .ok()?
+        .next()?;
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned()).ok()?;
+    let mut conn = rustls::ClientConnection::new(config, name).ok()?;
+    let mut sock = std::net::TcpStream::connect_timeout(&addr, connect_timeout).ok()?;
+    sock.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    sock.set_write_timeout(Some(connect_timeout)).ok()?;
+    let mut byte = [0u8; 1];
+    match rustls::Stream::new(&mut conn, &mut sock).read(&mut byte) {
+        Err(e) => e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .map(explain_tls),
+        // Data (etcd would not send any first) or a clean close: no refusal.
+        Ok(0 | 1..) => None,
+    }
+}
+
+/// A TLS alert from etcd, by its name in rustls (`BadCertificate`, …).
+fn explain_alert(name: &str) -> String {
+    match name {
+        "CertificateRequired" => {
+            "etcd requires a client certificate (alert CertificateRequired): set etcd_cert and \
+             etcd_key"
+                .into()
+        }
+        "BadCertificate"
+        | "UnknownCA"
+        | "CertificateUnknown"
+        | "UnsupportedCertificate"
+        | "CertificateExpired"
+        | "CertificateRevoked"
+        | "AccessDenied" => format!(
+            "etcd refused the client certificate (alert {name}): etcd requires one \
+             (--client-cert-auth), so set etcd_cert and etcd_key to a valid certificate \
+             signed by etcd's --trusted-ca-file"
+        ),
+        _ => format!("etcd sent TLS alert {name}"),
+    }
 }
 
 /// A handle on an etcd cluster; cheap to clone (clones share the channels
@@ -121,9 +263,10 @@ fn request<T>(message: T, timeout: Duration) -> tonic::Request<T> {
 }
 
 impl EtcdClient {
-    /// A client over the endpoints in `endpoints` (`http://host:port`).
-    /// Connections are made lazily, so an unreachable cluster shows up as
-    /// calls failing (each within its deadline), not here.
+    /// A client over the endpoints in `endpoints` (`http://host:port`, or
+    /// `https://host:port` with [`ConnectOptions::tls`]). Connections are
+    /// made lazily, so an unreachable cluster shows up as calls failing
+    /// (each within its deadline), not here.
     pub fn connect(endpoints: &[String], options: ConnectOptions) -> Result<EtcdClient, EtcdError> {
         if endpoints.is_empty() {
             return Err(EtcdError::Endpoint {
@@ -143,6 +286,17 @@ impl EtcdClient {
                 .keep_alive_timeout(options.keep_alive_timeout)
                 .keep_alive_while_idle(true)
                 .tcp_nodelay(true);
+            let endpoint = match &options.tls {
+                Some(tls) => {
+                    endpoint
+                        .tls_config(tls.clone())
+                        .map_err(|err| EtcdError::Endpoint {
+                            endpoint: e.clone(),
+                            reason: format!("TLS: {err}"),
+                        })?
+                }
+                None => endpoint,
+            };
             channels.push(endpoint.connect_lazy());
         }
         Ok(EtcdClient {

@@ -1,0 +1,397 @@
+//! Certificates replaced under a running agent, on real processes: the
+//! agent's `tls_cert`, `tls_key` and `tls_ca` are overwritten with another
+//! CA's material, and new connections get it, on SIGHUP and (without a
+//! signal) when the files change (the agent polls them every 2 s); a broken
+//! key file keeps the last good material serving and is logged. The
+//! certificate's expiry reaches `haloctl nodes` through the controller.
+
+use crate::cluster::{AgentNode, ControllerProc, wait_nodes};
+use proto::v1;
+use proto::v1::agent_service_client::AgentServiceClient;
+use proto::v1::controller_service_client::ControllerServiceClient;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+const HALOCTL: &str = env!("CARGO_BIN_EXE_haloctl-shim");
+
+fn haloctl(args: &[&str]) -> std::process::Output {
+    Command::new(HALOCTL)
+        .args(args)
+        .env_remove("HALO_CONTROLLER")
+        .env_remove("HALO_TLS_CERT")
+        .env_remove("HALO_TLS_KEY")
+        .env_remove("HALO_TLS_CA")
+        .env("XDG_CONFIG_HOME", "/nonexistent")
+        .output()
+        .expect("run haloctl")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = haloctl(args);
+    assert!(
+        o.status.success(),
+        "haloctl {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A CA made by `haloctl certs init` in `root/NAME`, with an agent
+/// certificate valid `agent_days` days (None: the default), a controller
+/// and an admin certificate.
+fn make_ca(root: &Path, name: &str, agent_days: Option<&str>) -> PathBuf {
+    let dir = root.join(name);
+    let d = dir.display().to_string();
+    ok(&["certs", "init", "--dir", &d]);
+    let host = ["--host", "127.0.0.1", "--host", "localhost"];
+    for (role, who) in [
+        ("agent", "halo1"),
+        ("controller", "ctl"),
+        ("admin", "alice"),
+    ] {
+        let mut a = vec!["certs", "issue", role, who, "--dir", &d];
+        a.extend(host);
+        if role == "agent"
+            && let Some(days) = agent_days
+        {
+            a.extend(["--days", days]);
+        }
+        ok(&a);
+    }
+    dir
+}
+
+/// The agent's live files, which the tests overwrite.
+struct Live {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+}
+
+impl Live {
+    fn new(root: &Path) -> Live {
+        let dir = root.join("live");
+        std::fs::create_dir_all(&dir).expect("mkdir live");
+        Live {
+            cert: dir.join("agent.pem"),
+            key: dir.join("agent.key"),
+            ca: dir.join("ca.pem"),
+        }
+    }
+
+    /// Replaces each file (write + rename) with the agent material of `ca`.
+    fn install(&self, ca: &Path) {
+        for (from, to) in [
+            ("agent-halo1.pem", &self.cert),
+            ("agent-halo1.key", &self.key),
+            ("ca.pem", &self.ca),
+        ] {
+            replace(to, &std::fs::read(ca.join(from)).expect("read material"));
+        }
+    }
+
+    fn flags(&self) -> Vec<String> {
+        vec![
+            "--tls-cert".into(),
+            self.cert.display().to_string(),
+            "--tls-key".into(),
+            self.key.display().to_string(),
+            "--tls-ca".into(),
+            self.ca.display().to_string(),
+        ]
+    }
+}
+
+fn replace(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+/// `--tls-cert/--tls-key/--tls-ca` for `ROLE-NAME` of the CA in `ca`.
+fn flags(ca: &Path, base: &str) -> Vec<String> {
+    vec![
+        "--tls-cert".into(),
+        ca.join(format!("{base}.pem")).display().to_string(),
+        "--tls-key".into(),
+        ca.join(format!("{base}.key")).display().to_string(),
+        "--tls-ca".into(),
+        ca.join("ca.pem").display().to_string(),
+    ]
+}
+
+/// A client trusting only the CA in `ca`, showing its `ROLE-NAME`.
+fn client(ca: &Path, base: &str) -> ClientTlsConfig {
+    let read = |f: &str| std::fs::read(ca.join(f)).expect("read material");
+    ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.pem")))
+        .identity(Identity::from_pem(
+            read(&format!("{base}.pem")),
+            read(&format!("{base}.key")),
+        ))
+}
+
+/// GetNode over a new connection (a new TLS handshake).
+async fn get_node(port: u16, tls: ClientTlsConfig) -> Result<v1::NodeIdentity, String> {
+    let ch = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+        .map_err(|e| e.to_string())?
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .connect_lazy();
+    AgentServiceClient::new(ch)
+        .get_node(v1::GetNodeRequest {})
+        .await
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        .into_inner()
+        .node
+        .ok_or_else(|| "no node in the answer".to_owned())
+}
+
+fn not_after(ca: &Path) -> i64 {
+    let pem = std::fs::read(ca.join("agent-halo1.pem")).expect("read cert");
+    proto::tls::cert_not_after_unix(&pem).expect("a parsable certificate")
+}
+
+/// Waits (≤ 15 s) until a CA2 client gets GetNode answered and a CA1 client
+/// is refused; the identity CA2's client got.
+async fn switched(port: u16, ca1: &Path, ca2: &Path, log: impl Fn() -> String) -> v1::NodeIdentity {
+    let mut last = String::new();
+    for _ in 0..150 {
+        match get_node(port, client(ca2, "controller-ctl")).await {
+            Ok(id) => {
+                let old = get_node(port, client(ca1, "controller-ctl")).await;
+                assert!(old.is_err(), "a CA1 client still connects: {old:?}");
+                return id;
+            }
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "the agent never served CA2's certificate (last: {last}):\n{}",
+        log()
+    );
+}
+
+async fn wait_log(what: &str, log: impl Fn() -> String) {
+    for _ in 0..150 {
+        if log().contains(what) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the log never said `{what}`:\n{}", log());
+}
+
+fn agent_log(a: &AgentNode) -> String {
+    a.proc.as_ref().map(|p| p.log()).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_serves_another_cas_certificates_after_sighup_and_keeps_the_last_good_ones_when_a_file_breaks()
+ {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let ca1 = make_ca(root, "ca1", None);
+    let ca2 = make_ca(root, "ca2", Some("20"));
+    let live = Live::new(root);
+    live.install(&ca1);
+    let mut halo1 = AgentNode::new(root, "halo1", &["speed"], 2);
+    halo1.extra_args = live.flags();
+    halo1.start();
+    let port = halo1.port;
+
+    // A client that connects and never says a word does not hold up the
+    // others' handshakes.
+    let _idle = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let id = get_node(port, client(&ca1, "controller-ctl"))
+        .await
+        .unwrap_or_else(|e| panic!("CA1 client refused: {e}\n{}", agent_log(&halo1)));
+    assert_eq!(id.tls_cert_not_after_unix, Some(not_after(&ca1)));
+    assert!(
+        get_node(port, client(&ca2, "controller-ctl"))
+            .await
+            .is_err(),
+        "a CA2 client connects before the switch"
+    );
+
+    // New files, then SIGHUP: the next connections get CA2's material, and
+    // GetNode reports the new certificate's expiry.
+    live.install(&ca2);
+    let pid = halo1.proc.as_ref().map(|p| p.pid()).expect("agent running");
+    let hup = Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(hup.success());
+    let id = switched(port, &ca1, &ca2, || agent_log(&halo1)).await;
+    assert_eq!(id.tls_cert_not_after_unix, Some(not_after(&ca2)));
+    wait_log("TLS certificates reloaded", || agent_log(&halo1)).await;
+    // A 20-day certificate is warned about (19 or 20 days left, by when
+    // the second turned).
+    wait_log("days (not after", || agent_log(&halo1)).await;
+
+    // A broken key: logged naming the file, and the last good material
+    // keeps serving new connections (SIGHUP, then the poll, both try).
+    replace(
+        &live.key,
+        b"-----BEGIN PRIVATE KEY-----\nbroken\n-----END PRIVATE KEY-----\n",
+    );
+    let hup = Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(hup.success());
+    let key = live.key.display().to_string();
+    wait_log("TLS certificates not reloaded", || agent_log(&halo1)).await;
+    let log = agent_log(&halo1);
+    let line = log
+        .lines()
+        .find(|l| l.contains("TLS certificates not reloaded"))
+        .unwrap_or_default();
+    assert!(line.contains(&key), "the error does not name {key}: {line}");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let id = get_node(port, client(&ca2, "controller-ctl"))
+        .await
+        .unwrap_or_else(|e| panic!("last good material not served: {e}\n{}", agent_log(&halo1)));
+    assert_eq!(id.tls_cert_not_after_unix, Some(not_after(&ca2)));
+    assert!(
+        get_node(port, client(&ca1, "controller-ctl"))
+            .await
+            .is_err()
+    );
+    if let Some(p) = halo1.proc.as_mut() {
+        p.assert_running();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_follows_changed_certificate_files_without_a_signal_and_haloctl_nodes_shows_the_expiry()
+ {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let ca1 = make_ca(root, "ca1", None);
+    let ca2 = make_ca(root, "ca2", Some("20"));
+    let live = Live::new(root);
+    live.install(&ca1);
+    let mut halo1 = AgentNode::new(root, "halo1", &["speed"], 2);
+    halo1.extra_args = live.flags();
+    halo1.start();
+    let port = halo1.port;
+
+    // A CA1 controller: `haloctl nodes` shows the agent's certificate.
+    let controller = |name: &str, ca: &Path| {
+        let mut args = vec![
+            "--store-path".to_owned(),
+            root.join(format!("{name}.json")).display().to_string(),
+            "--node".to_owned(),
+            format!("halo1={}", halo1.address()),
+        ];
+        args.extend(flags(ca, "controller-ctl"));
+        let mut c = ControllerProc::new(root, name, &args);
+        c.start();
+        c
+    };
+    let nodes = |c: &ControllerProc, ca: &Path, json: bool| {
+        let url = format!("https://127.0.0.1:{}", c.port);
+        let mut a = vec!["--controller".to_owned(), url, "nodes".to_owned()];
+        if json {
+            a.extend(["-o".to_owned(), "json".to_owned()]);
+        }
+        a.extend(flags(ca, "admin-alice"));
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        haloctl(&a)
+    };
+    let c1 = controller("controller1", &ca1);
+    let mut admin = ControllerServiceClient::new(
+        Endpoint::from_shared(format!("https://127.0.0.1:{}", c1.port))
+            .expect("url")
+            .tls_config(client(&ca1, "admin-alice"))
+            .expect("tls")
+            .connect_lazy(),
+    );
+    let up = wait_nodes(
+        &mut admin,
+        &["halo1"],
+        v1::NodeStatus::Ready,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(up, "controller never saw halo1:\n{}", c1.logs());
+    let na1 = not_after(&ca1);
+    let o = nodes(&c1, &ca1, false);
+    let table = String::from_utf8_lossy(&o.stdout);
+    let want = ctl::cluster::cert_expiry(na1, proto::tls::now_unix());
+    assert!(table.contains("CERT"), "{table}");
+    assert!(table.contains(&want), "no `{want}` in:\n{table}");
+    assert!(!table.contains("warning:"), "{table}");
+    let o = nodes(&c1, &ca1, true);
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(json[0]["cert_not_after_unix"], serde_json::json!(na1));
+
+    // The files change, no signal: the poll picks them up.
+    live.install(&ca2);
+    let id = switched(port, &ca1, &ca2, || agent_log(&halo1)).await;
+    assert_eq!(id.tls_cert_not_after_unix, Some(not_after(&ca2)));
+    wait_log("TLS certificates reloaded", || agent_log(&halo1)).await;
+    drop(c1);
+
+    // A CA2 controller reaches the agent with its new certificate, and
+    // `haloctl nodes` warns that it expires within 30 days.
+    let c2 = controller("controller2", &ca2);
+    let mut admin = ControllerServiceClient::new(
+        Endpoint::from_shared(format!("https://127.0.0.1:{}", c2.port))
+            .expect("url")
+            .tls_config(client(&ca2, "admin-alice"))
+            .expect("tls")
+            .connect_lazy(),
+    );
+    let up = wait_nodes(
+        &mut admin,
+        &["halo1"],
+        v1::NodeStatus::Ready,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(
+        up,
+        "controller never saw halo1 after the switch:\n{}",
+        c2.logs()
+    );
+    let o = nodes(&c2, &ca2, false);
+    let table = String::from_utf8_lossy(&o.stdout);
+    let days = ["19d", "20d"];
+    assert!(
+        days.iter()
+            .any(|d| table.contains(&format!("expires in {d}"))),
+        "{table}"
+    );
+    assert!(
+        days.iter()
+            .any(|d| table.contains(&format!("warning: node halo1's certificate expires in {d}"))),
+        "{table}"
+    );
+
+    // haloctl warns (stderr) about its own certificate expiring soon.
+    let d = ca2.display().to_string();
+    ok(&[
+        "certs", "issue", "admin", "soon", "--dir", &d, "--days", "10",
+    ]);
+    let url = format!("https://127.0.0.1:{}", c2.port);
+    let mut a = vec!["--controller".to_owned(), url, "nodes".to_owned()];
+    a.extend(flags(&ca2, "admin-soon"));
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let o = haloctl(&a);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("warning: haloctl's certificate")
+            && (err.contains("expires in 9d") || err.contains("expires in 10d")),
+        "{err}"
+    );
+}
