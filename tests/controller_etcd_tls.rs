@@ -16,22 +16,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tests::{Proc, free_port, wait_for};
 
-const HALOCTL: &str = env!("CARGO_BIN_EXE_haloctl-shim");
+use crate::tls::ok;
 const CONTROLLER: &str = env!("CARGO_BIN_EXE_halo-controller-shim");
-
-fn haloctl(args: &[&str]) {
-    let o = Command::new(HALOCTL)
-        .args(args)
-        .env("XDG_CONFIG_HOME", "/nonexistent")
-        .output()
-        .expect("run haloctl");
-    assert!(
-        o.status.success(),
-        "haloctl {args:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
 
 /// halo's CA with an `etcd` certificate for etcd and a `controller` one for
 /// the controller, and another CA with a controller certificate.
@@ -45,8 +31,8 @@ impl Pki {
         let dir = root.join("tls");
         let other = root.join("other");
         let (d, o) = (dir.display().to_string(), other.display().to_string());
-        haloctl(&["certs", "init", "--dir", &d]);
-        haloctl(&[
+        ok(&["certs", "init", "--dir", &d]);
+        ok(&[
             "certs",
             "issue",
             "etcd",
@@ -56,7 +42,7 @@ impl Pki {
             "--host",
             "127.0.0.1",
         ]);
-        haloctl(&[
+        ok(&[
             "certs",
             "issue",
             "controller",
@@ -66,8 +52,8 @@ impl Pki {
             "--host",
             "127.0.0.1",
         ]);
-        haloctl(&["certs", "init", "--dir", &o]);
-        haloctl(&["certs", "issue", "controller", "mallory", "--dir", &o]);
+        ok(&["certs", "init", "--dir", &o]);
+        ok(&["certs", "issue", "controller", "mallory", "--dir", &o]);
         Pki { dir, other }
     }
 

@@ -17,7 +17,9 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 
 const HALOCTL: &str = env!("CARGO_BIN_EXE_haloctl-shim");
 
-fn haloctl(args: &[&str]) -> std::process::Output {
+/// Runs haloctl with no controller, TLS or config file from the
+/// environment.
+pub(crate) fn haloctl(args: &[&str]) -> std::process::Output {
     Command::new(HALOCTL)
         .args(args)
         .env_remove("HALO_CONTROLLER")
@@ -29,7 +31,8 @@ fn haloctl(args: &[&str]) -> std::process::Output {
         .expect("run haloctl")
 }
 
-fn ok(args: &[&str]) {
+/// [`haloctl`] that must succeed; its stdout.
+pub(crate) fn ok(args: &[&str]) -> String {
     let o = haloctl(args);
     assert!(
         o.status.success(),
@@ -37,6 +40,7 @@ fn ok(args: &[&str]) {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
+    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 /// The CA, its certificates, and another CA's.

@@ -14,30 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
-const HALOCTL: &str = env!("CARGO_BIN_EXE_haloctl-shim");
-
-fn haloctl(args: &[&str]) -> std::process::Output {
-    Command::new(HALOCTL)
-        .args(args)
-        .env_remove("HALO_CONTROLLER")
-        .env_remove("HALO_TLS_CERT")
-        .env_remove("HALO_TLS_KEY")
-        .env_remove("HALO_TLS_CA")
-        .env("XDG_CONFIG_HOME", "/nonexistent")
-        .output()
-        .expect("run haloctl")
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = haloctl(args);
-    assert!(
-        o.status.success(),
-        "haloctl {args:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
+use crate::tls::{haloctl, ok};
 
 /// A CA made by `haloctl certs init` in `root/NAME`, with an agent
 /// certificate valid `agent_days` days (None: the default), a controller

@@ -203,7 +203,7 @@ impl Target {
         if let Some(tls) = &self.tls {
             ep = ep
                 .tls_config(tls.clone())
-                .map_err(|e| Failure::Usage(format!("TLS: {}", source_chain(&e))))?;
+                .map_err(|e| Failure::Usage(format!("TLS: {}", proto::error_chain(&e))))?;
         }
         let ep = ep
             .connect_timeout(CONNECT_TIMEOUT)
@@ -213,7 +213,7 @@ impl Target {
             Ok(Ok(ch)) => Ok(ControllerServiceClient::new(ch)
                 .max_decoding_message_size(proto::limits::CONTROLLER.max_response_bytes)
                 .max_encoding_message_size(proto::limits::CONTROLLER.max_request_bytes)),
-            Ok(Err(e)) => Err(self.unreachable(&source_chain(&e))),
+            Ok(Err(e)) => Err(self.unreachable(&proto::error_chain(&e))),
             Err(_) => Err(self.unreachable("timed out connecting")),
         }
     }
@@ -275,17 +275,6 @@ fn read_config(path: &Path) -> Result<ConfigFile, Failure> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Failure::Usage(format!("reading {}: {e}", path.display())))?;
     toml::from_str(&text).map_err(|e| Failure::Usage(format!("{}: {e}", path.display())))
-}
-
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// A current-thread runtime for one command.

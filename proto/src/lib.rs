@@ -39,3 +39,16 @@ pub mod tls_reload;
 pub mod transport;
 
 pub use domain::ConversionError;
+
+/// An error and its sources, `: `-separated, on one line (transport errors
+/// hide the useful part, such as a TLS alert, in their sources).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

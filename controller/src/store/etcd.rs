@@ -88,23 +88,12 @@ fn read_pem(key: &'static str, path: &Path, kinds: &[&str]) -> Result<Vec<u8>, E
     Ok(bytes)
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 /// Whether tonic/rustls accept `config` (a connector is built and dropped).
 fn accepted(config: &ClientTlsConfig) -> Result<(), String> {
     Endpoint::from_static("https://etcd.invalid")
         .tls_config(config.clone())
         .map(drop)
-        .map_err(|e| error_chain(&e))
+        .map_err(|e| proto::error_chain(&e))
 }
 
 impl EtcdTls {
