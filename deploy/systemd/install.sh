@@ -141,6 +141,22 @@ install_config() { # SOURCE NAME
 }
 [ "$agent" = 1 ] && install_config "$repo/deploy/config/agent.toml" agent.toml
 [ "$controller" = 1 ] && install_config "$repo/deploy/config/controller.toml" controller.toml
+# ---- TLS files (/etc/halo/tls, from `haloctl certs`) --------------------------
+# The daemons run as halo: their keys become root:halo 0640. The CA key and
+# people's keys (admin-*, read-only-*) stay as haloctl wrote them (0600).
+tlsdir="$confdest/tls"
+install -d -m 0750 "$tlsdir"
+[ -z "$destdir" ] && chown root:halo "$tlsdir"
+found=0
+for k in "$tlsdir"/agent-*.key "$tlsdir"/controller-*.key; do
+    [ -e "$k" ] || continue
+    found=1
+    chmod 0640 "$k"
+    [ -z "$destdir" ] && chgrp halo "$k"
+    say "made $k readable by the halo group"
+done
+[ "$found" = 1 ] || say "no daemon keys in $tlsdir yet: copy this node's certificate, key and ca.pem there (README: TLS) and run this again"
+
 install -d -m 0755 "$docdest"
 install -m 0644 "$repo/README.md" "$docdest/README.md"
 install -m 0644 "$here/README.md" "$docdest/systemd.md"
