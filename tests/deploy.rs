@@ -514,12 +514,33 @@ fn install_script_stages_a_node_under_destdir_and_keeps_existing_config() {
 
     let config = stage.join("etc/halo/agent.toml");
     std::fs::write(&config, "node_name = \"mine\"\n").expect("edit config");
+    // The node's key as haloctl certs writes it (0600), and a person's.
+    use std::os::unix::fs::PermissionsExt;
+    let tls = stage.join("etc/halo/tls");
+    for k in ["agent-halo1.key", "admin-alice.key"] {
+        std::fs::write(tls.join(k), "key").expect("key");
+        std::fs::set_permissions(tls.join(k), std::fs::Permissions::from_mode(0o600))
+            .expect("chmod");
+    }
     let second = run();
     assert!(second.contains("kept existing"), "{second}");
     assert_eq!(
         std::fs::read_to_string(&config).expect("config"),
         "node_name = \"mine\"\n",
         "a second run never overwrites config"
+    );
+    let mode = |k: &str| {
+        std::fs::metadata(tls.join(k))
+            .expect("key")
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("agent-halo1.key"), 0o640, "the unit's group reads it");
+    assert_eq!(
+        mode("admin-alice.key"),
+        0o600,
+        "a person's key is left alone"
     );
 }
 
