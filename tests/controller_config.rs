@@ -127,3 +127,78 @@ fn help_names_every_key_with_its_default_and_env_var() {
         assert!(out.contains(key), "--help lacks {key}:\n{out}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plaintext_controller_never_dials_a_registered_mesh_node() {
+    use crate::cluster::{ControllerProc, connect, eventually};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("state.json").display().to_string();
+    // A TLS controller registers a node on a mesh address in the store.
+    let mut tls = ControllerProc::new(
+        dir.path(),
+        "controller-tls",
+        &[
+            "--store-path".into(),
+            store.clone(),
+            "--node".into(),
+            "halo9=100.64.0.9:7301".into(),
+        ],
+    );
+    tls.start();
+    let mut c = connect(&tls.url()).await;
+    let listed = eventually(std::time::Duration::from_secs(10), || {
+        let mut c = c.clone();
+        async move {
+            let n = c
+                .list_nodes(proto::v1::ListNodesRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .nodes;
+            (!n.is_empty()).then_some(())
+        }
+    })
+    .await;
+    assert!(listed.is_some(), "{}", tls.logs());
+    // Registration is written once the leader syncs; give it a moment.
+    let registered = eventually(std::time::Duration::from_secs(10), || async {
+        std::fs::read_to_string(&store)
+            .ok()
+            .filter(|s| s.contains("100.64.0.9"))
+    })
+    .await;
+    assert!(
+        registered.is_some(),
+        "halo9 never registered:\n{}",
+        tls.logs()
+    );
+    tls.kill9();
+    drop(c);
+    // The same store under a plaintext controller: halo9 is not dialed.
+    let mut plain = ControllerProc::new(
+        dir.path(),
+        "controller-plain",
+        &[
+            "--store-path".into(),
+            store,
+            "--insecure-loopback-only".into(),
+        ],
+    );
+    plain.start();
+    c = connect(&plain.url()).await;
+    let nodes = c
+        .list_nodes(proto::v1::ListNodesRequest {})
+        .await
+        .expect("list nodes")
+        .into_inner()
+        .nodes;
+    assert!(nodes.is_empty(), "{nodes:?}");
+    let warned = eventually(std::time::Duration::from_secs(5), || async {
+        plain
+            .logs()
+            .contains("registered node not dialed")
+            .then_some(())
+    })
+    .await;
+    assert!(warned.is_some(), "{}", plain.logs());
+}

@@ -103,9 +103,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
     match tokio::time::timeout(Duration::from_secs(5), desired.nodes()).await {
         Ok(Ok(stored)) => {
             for r in stored {
-                if !nodes.iter().any(|n| n.name == r.name) {
-                    nodes.push(r.into());
+                if nodes.iter().any(|n| n.name == r.name) {
+                    continue;
                 }
+                // Without TLS (loopback only), a node another controller
+                // registered is dialed only if it is on loopback too.
+                if config.tls.is_none()
+                    && let Err(e) = proto::transport::check(
+                        false,
+                        true,
+                        config.listen,
+                        &[(r.name.as_str(), r.address.as_str())],
+                    )
+                {
+                    tracing::warn!("registered node not dialed: {e}");
+                    continue;
+                }
+                nodes.push(r.into());
             }
         }
         Ok(Err(e)) => tracing::warn!("registered nodes not read: {e}"),
