@@ -41,32 +41,36 @@ fn make_ca(root: &Path, name: &str, agent_days: Option<&str>) -> PathBuf {
     dir
 }
 
-/// The agent's live files, which the tests overwrite.
+/// A daemon's live files, which the tests overwrite.
 struct Live {
+    base: &'static str,
     cert: PathBuf,
     key: PathBuf,
     ca: PathBuf,
 }
 
 impl Live {
-    fn new(root: &Path) -> Live {
-        let dir = root.join("live");
+    /// Live files for the `base` (`ROLE-NAME`) material of each CA.
+    fn new(root: &Path, base: &'static str) -> Live {
+        let dir = root.join(format!("live-{base}"));
         std::fs::create_dir_all(&dir).expect("mkdir live");
         Live {
-            cert: dir.join("agent.pem"),
-            key: dir.join("agent.key"),
+            base,
+            cert: dir.join("cert.pem"),
+            key: dir.join("cert.key"),
             ca: dir.join("ca.pem"),
         }
     }
 
-    /// Replaces each file (write + rename) with the agent material of `ca`.
+    /// Replaces each file (write + rename) with this daemon's material of
+    /// `ca`.
     fn install(&self, ca: &Path) {
         for (from, to) in [
-            ("agent-halo1.pem", &self.cert),
-            ("agent-halo1.key", &self.key),
-            ("ca.pem", &self.ca),
+            (format!("{}.pem", self.base), &self.cert),
+            (format!("{}.key", self.base), &self.key),
+            ("ca.pem".to_owned(), &self.ca),
         ] {
-            replace(to, &std::fs::read(ca.join(from)).expect("read material"));
+            replace(to, &std::fs::read(ca.join(&from)).expect("read material"));
         }
     }
 
@@ -176,7 +180,7 @@ async fn agent_serves_another_cas_certificates_after_sighup_and_keeps_the_last_g
     let root = dir.path();
     let ca1 = make_ca(root, "ca1", None);
     let ca2 = make_ca(root, "ca2", Some("20"));
-    let live = Live::new(root);
+    let live = Live::new(root, "agent-halo1");
     live.install(&ca1);
     let mut halo1 = AgentNode::new(root, "halo1", &["speed"], 2);
     halo1.extra_args = live.flags();
@@ -254,7 +258,7 @@ async fn agent_follows_changed_certificate_files_without_a_signal_and_haloctl_no
     let root = dir.path();
     let ca1 = make_ca(root, "ca1", None);
     let ca2 = make_ca(root, "ca2", Some("20"));
-    let live = Live::new(root);
+    let live = Live::new(root, "agent-halo1");
     live.install(&ca1);
     let mut halo1 = AgentNode::new(root, "halo1", &["speed"], 2);
     halo1.extra_args = live.flags();
@@ -370,5 +374,109 @@ async fn agent_follows_changed_certificate_files_without_a_signal_and_haloctl_no
         err.contains("warning: haloctl's certificate")
             && (err.contains("expires in 9d") || err.contains("expires in 10d")),
         "{err}"
+    );
+}
+
+fn hup(pid: u32) {
+    let ok = Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(ok.success());
+}
+
+/// ListNodes over a new connection with `tls`: halo1's status and the
+/// expiry of the agent certificate the controller last saw.
+async fn controller_sees(port: u16, tls: ClientTlsConfig) -> Result<(i32, Option<i64>), String> {
+    let ch = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+        .map_err(|e| e.to_string())?
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .connect_lazy();
+    ControllerServiceClient::new(ch)
+        .list_nodes(v1::ListNodesRequest {})
+        .await
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        .into_inner()
+        .nodes
+        .iter()
+        .find(|n| n.node.as_ref().is_some_and(|i| i.name == "halo1"))
+        .map(|n| {
+            let seen = n.node.as_ref().and_then(|i| i.tls_cert_not_after_unix);
+            (n.status, seen)
+        })
+        .ok_or_else(|| "no halo1".to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_moves_to_a_new_ca_on_sighup_serving_and_dialing_agents_with_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let ca1 = make_ca(root, "ca1", None);
+    // CA2's agent certificate has another expiry: seeing it proves the
+    // controller dialed the restarted agent.
+    let ca2 = make_ca(root, "ca2", Some("20"));
+    let (agent_live, ctl_live) = (
+        Live::new(root, "agent-halo1"),
+        Live::new(root, "controller-ctl"),
+    );
+    agent_live.install(&ca1);
+    ctl_live.install(&ca1);
+    let mut halo1 = AgentNode::new(root, "halo1", &["speed"], 2);
+    halo1.extra_args = agent_live.flags();
+    halo1.start();
+    let mut args = vec![
+        "--store-path".to_owned(),
+        root.join("state.json").display().to_string(),
+        "--node".to_owned(),
+        format!("halo1={}", halo1.address()),
+    ];
+    args.extend(ctl_live.flags());
+    let mut ctl = ControllerProc::new(root, "controller", &args);
+    ctl.start();
+    let ready = v1::NodeStatus::Ready as i32;
+    let want = Ok((ready, Some(not_after(&ca1))));
+    let mut seen = Err(String::new());
+    for _ in 0..100 {
+        seen = controller_sees(ctl.port, client(&ca1, "admin-alice")).await;
+        if seen == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen, want, "halo1 never ready over CA1:\n{}", ctl.logs());
+
+    // Both move to CA2; the agent restarts (so the controller must dial
+    // it anew), the controller only gets SIGHUP.
+    agent_live.install(&ca2);
+    ctl_live.install(&ca2);
+    halo1.kill9();
+    halo1.start();
+    hup(ctl.pid());
+    wait_log("TLS certificates reloaded", || ctl.logs()).await;
+    // CA2's admin is served, CA1's is refused, and the controller reaches
+    // the CA2 agent with its reloaded client certificate.
+    let want = Ok((ready, Some(not_after(&ca2))));
+    let mut last = Err(String::new());
+    for _ in 0..150 {
+        last = controller_sees(ctl.port, client(&ca2, "admin-alice")).await;
+        if last == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        last,
+        want,
+        "halo1 not ready over CA2 after the reload:\n{}",
+        ctl.logs()
+    );
+    assert!(
+        controller_sees(ctl.port, client(&ca1, "admin-alice"))
+            .await
+            .is_err(),
+        "a CA1 client still connects"
     );
 }
