@@ -383,9 +383,34 @@ pub fn margin(total: u64) -> u64 {
 
 /// Bytes a placement's replica uses on its node: observed when reported.
 fn replica_use(p: &Placement, r: &Replica, node: Option<&NodeState>) -> u64 {
-    let rid = p.key(r).request_id();
-    node.and_then(|n| n.observed.get(&rid).copied())
-        .unwrap_or(p.estimate_bytes)
+    match node {
+        // The request id is built only when the node reported something.
+        Some(n) if !n.observed.is_empty() => n
+            .observed
+            .get(&p.key(r).request_id())
+            .copied()
+            .unwrap_or(p.estimate_bytes),
+        _ => p.estimate_bytes,
+    }
+}
+
+/// What `p` uses on each of its nodes.
+fn placement_use<'a>(p: &'a Placement, by_name: &HashMap<&str, &NodeState>) -> Vec<(&'a str, u64)> {
+    match &p.split {
+        Some(s) => s
+            .shares
+            .iter()
+            .map(|sh| (sh.node.as_str(), sh.total_bytes))
+            .collect(),
+        None => p
+            .replicas
+            .iter()
+            .map(|r| {
+                let u = replica_use(p, r, by_name.get(r.node.as_str()).copied());
+                (r.node.as_str(), u)
+            })
+            .collect(),
+    }
 }
 
 /// Bytes each node's placements use, excluding `skip`.
@@ -396,22 +421,47 @@ pub fn used_by_node(
 ) -> HashMap<String, u64> {
     let by_name: HashMap<&str, &NodeState> = nodes.iter().map(|n| (n.name.as_str(), n)).collect();
     let mut used: HashMap<String, u64> = HashMap::new();
-    for p in placements {
-        if skip.contains(&p.name.as_str()) {
-            continue;
-        }
-        if let Some(s) = &p.split {
-            for sh in &s.shares {
-                *used.entry(sh.node.clone()).or_default() += sh.total_bytes;
+    for p in placements
+        .iter()
+        .filter(|p| !skip.contains(&p.name.as_str()))
+    {
+        for (node, u) in placement_use(p, &by_name) {
+            match used.get_mut(node) {
+                Some(v) => *v += u,
+                None => {
+                    used.insert(node.to_owned(), u);
+                }
             }
-            continue;
-        }
-        for r in &p.replicas {
-            let u = replica_use(p, r, by_name.get(r.node.as_str()).copied());
-            *used.entry(r.node.clone()).or_default() += u;
         }
     }
     used
+}
+
+/// `used` (from [`used_by_node`] with no skip) less what the placements
+/// named in `skip` use: the same as `used_by_node(nodes, placements,
+/// skip)` without adding up every other placement again.
+fn used_without(
+    used: &HashMap<String, u64>,
+    nodes: &[NodeState],
+    placements: &[Placement],
+    skip: &[&str],
+) -> HashMap<String, u64> {
+    let by_name: HashMap<&str, &NodeState> = nodes.iter().map(|n| (n.name.as_str(), n)).collect();
+    let mut after = used.clone();
+    for p in placements
+        .iter()
+        .filter(|p| skip.contains(&p.name.as_str()))
+    {
+        for (node, u) in placement_use(p, &by_name) {
+            if let Some(v) = after.get_mut(node) {
+                *v -= u.min(*v);
+                if *v == 0 {
+                    after.remove(node);
+                }
+            }
+        }
+    }
+    after
 }
 
 /// A unique placement name for `base`.
@@ -735,7 +785,7 @@ pub fn place(
             }
             if let Some((_, _, victims)) = best {
                 let skip: Vec<&str> = victims.iter().map(String::as_str).collect();
-                let used_after = used_by_node(nodes, placements, &skip);
+                let used_after = used_without(&used, nodes, placements, &skip);
                 if let Some(c) = assign(a, &mut est, &used_after) {
                     chosen = Some((a, c, victims));
                     break;
@@ -782,7 +832,7 @@ pub fn place(
         used.clone()
     } else {
         let skip: Vec<&str> = evicted.iter().map(String::as_str).collect();
-        used_by_node(nodes, placements, &skip)
+        used_without(&used, nodes, placements, &skip)
     };
     let mut per_node: HashMap<usize, u32> = HashMap::new();
     for &i in &chosen_nodes {
@@ -1192,4 +1242,107 @@ pub fn relocate(
     }
     best.map(|(_, n)| n.to_owned())
         .ok_or_else(|| why.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::domain::{PlacementOptions, SplitPlan, SplitShare};
+
+    fn node(name: &str, observed: &[(&str, u64)]) -> NodeState {
+        NodeState {
+            name: name.to_owned(),
+            roles: vec!["speed".into()],
+            liveness: Liveness::Ready,
+            usable_bytes: Some(100),
+            reserve_bytes: 0,
+            models: BTreeMap::new(),
+            observed: observed
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), *v))
+                .collect(),
+            loads: Vec::new(),
+            split: SplitCaps::default(),
+        }
+    }
+
+    fn placement(name: &str, nodes: &[&str], bytes: u64) -> Placement {
+        Placement {
+            name: name.to_owned(),
+            role: "speed".into(),
+            model: "m".into(),
+            model_id: "m.gguf".into(),
+            pinned_node: None,
+            options: PlacementOptions {
+                context_size: 512,
+                parallel: 1,
+                cache_type_k: "f16".into(),
+                cache_type_v: "f16".into(),
+                extra_flags: Vec::new(),
+            },
+            estimate_bytes: bytes,
+            priority: 0,
+            replicas: nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| Replica {
+                    index: u32::try_from(i).unwrap_or(0),
+                    node: (*n).to_owned(),
+                    generation: 1,
+                })
+                .collect(),
+            paused: false,
+            split: None,
+        }
+    }
+
+    fn nonzero(m: HashMap<String, u64>) -> BTreeMap<String, u64> {
+        m.into_iter().filter(|(_, v)| *v > 0).collect()
+    }
+
+    #[test]
+    fn taking_evicted_placements_off_matches_adding_up_the_rest() {
+        let a = placement("a", &["n1", "n2"], 10);
+        let observed_a0 = a.key(&a.replicas[0]).request_id();
+        let nodes = [node("n1", &[(observed_a0.as_str(), 7)]), node("n2", &[])];
+        let mut split = placement("s", &[], 0);
+        split.split = Some(SplitPlan {
+            shares: vec![
+                SplitShare {
+                    node: "n1".into(),
+                    total_bytes: 30,
+                    ..SplitShare::default()
+                },
+                SplitShare {
+                    node: "n2".into(),
+                    total_bytes: 20,
+                    host: true,
+                    ..SplitShare::default()
+                },
+            ],
+            traffic_bytes_per_token: 0,
+            notes: Vec::new(),
+        });
+        let placements = vec![a, placement("b", &["n2"], 5), split];
+        let used = used_by_node(&nodes, &placements, &[]);
+        assert_eq!(
+            used.get("n1"),
+            Some(&37),
+            "observed 7 for a's replica, 30 split"
+        );
+        for skip in [
+            &[][..],
+            &["a"],
+            &["b"],
+            &["s"],
+            &["a", "s"],
+            &["a", "b", "s"],
+        ] {
+            assert_eq!(
+                nonzero(used_without(&used, &nodes, &placements, skip)),
+                nonzero(used_by_node(&nodes, &placements, skip)),
+                "skip {skip:?}"
+            );
+        }
+    }
 }
