@@ -1,4 +1,4 @@
-//! `haloctl certs`: a small CA for halo's mutual TLS (opt-in) and
+//! `haloctl certs`: a small CA for halo's mutual TLS and
 //! the certificates it signs, each recording its role as a SAN URI
 //! `urn:halo:role:<role>` (see `proto::tls`), plus role-less certificates
 //! for etcd's own TLS (server and peer). Keys are ECDSA P-256, written

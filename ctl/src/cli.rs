@@ -25,29 +25,15 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "URL")]
     pub controller: Option<String>,
     /// Client certificate for mutual TLS (also $HALO_TLS_CERT); with
-    /// --tls-key and --tls-ca, haloctl speaks https to the controller.
-    #[arg(
-        long,
-        global = true,
-        value_name = "PEM",
-        help_heading = "Mutual TLS (opt-in)"
-    )]
+    /// --tls-key and --tls-ca, haloctl speaks https to the controller,
+    /// which requires it unless started with --insecure-loopback-only.
+    #[arg(long, global = true, value_name = "PEM", help_heading = "Mutual TLS")]
     pub tls_cert: Option<PathBuf>,
     /// The client certificate's key (also $HALO_TLS_KEY).
-    #[arg(
-        long,
-        global = true,
-        value_name = "PEM",
-        help_heading = "Mutual TLS (opt-in)"
-    )]
+    #[arg(long, global = true, value_name = "PEM", help_heading = "Mutual TLS")]
     pub tls_key: Option<PathBuf>,
     /// The CA that signed the controller's certificate (also $HALO_TLS_CA).
-    #[arg(
-        long,
-        global = true,
-        value_name = "PEM",
-        help_heading = "Mutual TLS (opt-in)"
-    )]
+    #[arg(long, global = true, value_name = "PEM", help_heading = "Mutual TLS")]
     pub tls_ca: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]

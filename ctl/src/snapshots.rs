@@ -266,6 +266,19 @@ fn endpoints_table_matches_its_snapshot() {
         e(v1::EditorMode::Ask, 8083, "gpt-oss-20b"),
     ];
     check("endpoints", &render_endpoints(&endpoints_json(&list)));
+    // As a read-only certificate sees them: no keys.
+    let hidden: Vec<v1::Endpoint> = list
+        .iter()
+        .cloned()
+        .map(|e| v1::Endpoint {
+            api_key: String::new(),
+            ..e
+        })
+        .collect();
+    check(
+        "endpoints-read-only",
+        &render_endpoints(&endpoints_json(&hidden)),
+    );
 }
 
 #[test]

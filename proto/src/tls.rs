@@ -1,4 +1,4 @@
-//! Mutual TLS, opt-in: PEM files for a daemon's or a
+//! Mutual TLS: PEM files for a daemon's or a
 //! client's certificate, key and CA; the tonic server and client configs
 //! built from them; and the caller's role, read from its certificate.
 //!
@@ -160,8 +160,8 @@ fn read_pem(path: &Path, kinds: &[&str], kind: &'static str) -> Result<Vec<u8>, 
 }
 
 impl TlsFiles {
-    /// All three paths, or none (`Ok(None)`): TLS is opt-in, and a partial
-    /// set is a mistake.
+    /// All three paths, or none (`Ok(None)`: plaintext, which the daemons
+    /// allow only on loopback); a partial set is a mistake.
     pub fn from_parts(
         cert: Option<PathBuf>,
         key: Option<PathBuf>,
