@@ -161,19 +161,10 @@ impl Daemon {
             // GetNode reports the certificate's expiry as it is now.
             api = api.with_access(proto::tls::Access::enforce(crate::service::POLICY));
             tokio::spawn(tls.clone().run(shutdown.child_token()));
-            let mut loaded = tls.subscribe();
             let node = supervisor.clone();
-            let token = shutdown.child_token();
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        () = token.cancelled() => return,
-                        r = loaded.changed() => if r.is_err() { return },
-                    }
-                    let not_after = loaded.borrow_and_update().not_after_unix;
-                    node.set_tls_cert_not_after(Some(not_after));
-                }
-            });
+            tokio::spawn(tls.on_reload(shutdown.child_token(), move |l| {
+                node.set_tls_cert_not_after(Some(l.not_after_unix));
+            }));
             tracing::info!("mutual TLS on: client certificates required");
         }
         let router = builder

@@ -182,18 +182,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
     if let Some(tls) = &tls {
         api = api.with_access(proto::tls::Access::enforce(crate::api::POLICY));
         tracker.spawn(tls.clone().run(shutdown.clone()));
-        let mut loaded = tls.subscribe();
-        let token = shutdown.clone();
-        tracker.spawn(async move {
-            loop {
-                tokio::select! {
-                    () = token.cancelled() => return,
-                    r = loaded.changed() => if r.is_err() { return },
-                }
-                let client = loaded.borrow_and_update().client.clone();
-                crate::observe::set_agent_tls(Some(client));
-            }
-        });
+        tracker.spawn(tls.on_reload(shutdown.clone(), |l| {
+            crate::observe::set_agent_tls(Some(l.client.clone()));
+        }));
         tracing::info!("mutual TLS on: client certificates required");
     }
     let addr = listener

@@ -194,6 +194,27 @@ impl ReloadingTls {
         self.current.subscribe()
     }
 
+    /// Calls `f` with the material of each successful reload from now on,
+    /// until `token` is cancelled (spawn it): how a daemon passes new
+    /// material to what uses it besides the listener.
+    pub fn on_reload(
+        &self,
+        token: CancellationToken,
+        mut f: impl FnMut(&Loaded) + Send + 'static,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut loaded = self.subscribe();
+        async move {
+            loop {
+                tokio::select! {
+                    () = token.cancelled() => return,
+                    r = loaded.changed() => if r.is_err() { return },
+                }
+                let now = loaded.borrow_and_update().clone();
+                f(&now);
+            }
+        }
+    }
+
     /// Reads the files and, when their contents differ from the loaded
     /// material (or `force`), builds and swaps in new configs. `Ok(true)`
     /// when swapped; on an error the old material stays.
