@@ -141,6 +141,19 @@ pub fn cert_not_after_unix(pem: &[u8]) -> Option<i64> {
     Some(cert.validity().not_after.timestamp())
 }
 
+/// The private-key PEM labels halo reads (PKCS#8, SEC1, PKCS#1).
+const KEY_PEM_LABELS: [&str; 3] = ["PRIVATE KEY", "EC PRIVATE KEY", "RSA PRIVATE KEY"];
+
+/// Reads a PEM file that must hold a certificate (chain).
+pub fn read_cert_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
+    read_pem(path, &["CERTIFICATE"], "CERTIFICATE")
+}
+
+/// Reads a PEM file that must hold a private key.
+pub fn read_key_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
+    read_pem(path, &KEY_PEM_LABELS, "PRIVATE KEY")
+}
+
 fn read_pem(path: &Path, kinds: &[&str], kind: &'static str) -> Result<Vec<u8>, TlsError> {
     let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
         path: path.to_owned(),
@@ -187,13 +200,9 @@ impl TlsFiles {
     /// Reads the three files.
     pub fn load(&self) -> Result<TlsMaterial, TlsError> {
         Ok(TlsMaterial {
-            cert: read_pem(&self.cert, &["CERTIFICATE"], "CERTIFICATE")?,
-            key: read_pem(
-                &self.key,
-                &["PRIVATE KEY", "EC PRIVATE KEY", "RSA PRIVATE KEY"],
-                "PRIVATE KEY",
-            )?,
-            ca: read_pem(&self.ca, &["CERTIFICATE"], "CERTIFICATE")?,
+            cert: read_cert_pem(&self.cert)?,
+            key: read_key_pem(&self.key)?,
+            ca: read_cert_pem(&self.ca)?,
         })
     }
 

@@ -14,6 +14,7 @@ pub mod client;
 use super::{Compare, Event, KeyValue, Op, Store, StoreError, Watch};
 use client::{ConnectOptions, EtcdClient, EtcdError, EventType};
 use proto::etcd::etcdserverpb::TxnRequest;
+use proto::tls::{TlsError, read_cert_pem, read_key_pem};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -69,23 +70,22 @@ pub struct EtcdTlsError {
     pub reason: String,
 }
 
-const PEM_KEYS: [&str; 3] = ["PRIVATE KEY", "EC PRIVATE KEY", "RSA PRIVATE KEY"];
-
-fn read_pem(key: &'static str, path: &Path, kinds: &[&str]) -> Result<Vec<u8>, EtcdTlsError> {
-    let fail = |reason: String| EtcdTlsError {
+/// Reads one of the etcd TLS files with `read` (proto's certificate or key
+/// reader), naming the config key on failure.
+fn read_pem(
+    key: &'static str,
+    path: &Path,
+    read: fn(&Path) -> Result<Vec<u8>, TlsError>,
+) -> Result<Vec<u8>, EtcdTlsError> {
+    read(path).map_err(|e| EtcdTlsError {
         key,
         path: path.to_owned(),
-        reason,
-    };
-    let bytes = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
-    let text = String::from_utf8_lossy(&bytes);
-    if !kinds
-        .iter()
-        .any(|k| text.contains(&format!("-----BEGIN {k}-----")))
-    {
-        return Err(fail(format!("no PEM {} in it", kinds[0])));
-    }
-    Ok(bytes)
+        reason: match e {
+            TlsError::Read { source, .. } => source.to_string(),
+            TlsError::NotPem { kind, .. } => format!("no PEM {kind} in it"),
+            other => other.to_string(),
+        },
+    })
 }
 
 /// Whether tonic/rustls accept `config` (a connector is built and dropped).
@@ -136,7 +136,7 @@ impl EtcdTls {
     /// the certificate with its key); handshakes time out after
     /// [`CONNECT_TIMEOUT`].
     pub fn client_config(&self) -> Result<ClientTlsConfig, EtcdTlsError> {
-        let ca = read_pem("etcd_ca", &self.ca, &["CERTIFICATE"])?;
+        let ca = read_pem("etcd_ca", &self.ca, read_cert_pem)?;
         let ca_error = |reason: String| EtcdTlsError {
             key: "etcd_ca",
             path: self.ca.clone(),
@@ -155,8 +155,8 @@ impl EtcdTls {
             .timeout(CONNECT_TIMEOUT);
         accepted(&config).map_err(ca_error)?;
         if let Some(id) = &self.identity {
-            let cert = read_pem("etcd_cert", &id.cert, &["CERTIFICATE"])?;
-            let key = read_pem("etcd_key", &id.key, &PEM_KEYS)?;
+            let cert = read_pem("etcd_cert", &id.cert, read_cert_pem)?;
+            let key = read_pem("etcd_key", &id.key, read_key_pem)?;
             config = config.identity(Identity::from_pem(cert, key));
             accepted(&config).map_err(|reason| EtcdTlsError {
                 key: "etcd_cert",
