@@ -18,6 +18,8 @@ pub struct Etcd {
     _server: Proc,
     /// Client URL.
     pub endpoint: String,
+    /// Client port.
+    pub port: u16,
 }
 
 /// Where etcd is: `$HALO_ETCD` or `etcd` on PATH (Debian's `etcd-server`).
@@ -37,12 +39,38 @@ fn etcd_bin() -> PathBuf {
 impl Etcd {
     /// Starts etcd in `dir/etcd-NAME` and waits until it takes connections.
     pub fn start(dir: &Path, name: &str) -> Etcd {
+        Etcd::spawn(dir, name, "http", &[])
+    }
+
+    /// Starts etcd serving clients and peers only over TLS with `cert` and
+    /// `key`, requiring client (and peer) certificates signed by `ca`.
+    pub fn start_tls(dir: &Path, name: &str, cert: &str, key: &str, ca: &str) -> Etcd {
+        let tls = [
+            "--cert-file",
+            cert,
+            "--key-file",
+            key,
+            "--trusted-ca-file",
+            ca,
+            "--client-cert-auth",
+            "--peer-cert-file",
+            cert,
+            "--peer-key-file",
+            key,
+            "--peer-trusted-ca-file",
+            ca,
+            "--peer-client-cert-auth",
+        ];
+        Etcd::spawn(dir, name, "https", &tls)
+    }
+
+    fn spawn(dir: &Path, name: &str, scheme: &str, extra: &[&str]) -> Etcd {
         let client = free_port();
         let peer = free_port();
         let data = dir.join(format!("etcd-{name}"));
         let mut cmd = Command::new(etcd_bin());
-        let c = format!("http://127.0.0.1:{client}");
-        let p = format!("http://127.0.0.1:{peer}");
+        let c = format!("{scheme}://127.0.0.1:{client}");
+        let p = format!("{scheme}://127.0.0.1:{peer}");
         cmd.arg("--name")
             .arg("default")
             .arg("--data-dir")
@@ -57,6 +85,7 @@ impl Etcd {
             .arg(&p)
             .arg("--initial-cluster")
             .arg(format!("default={p}"))
+            .args(extra)
             .env("ETCD_UNSUPPORTED_ARCH", "arm64");
         let mut proc = Proc::spawn(&format!("etcd-{name}"), cmd, dir);
         let up = wait_for(Duration::from_secs(20), || {
@@ -67,6 +96,7 @@ impl Etcd {
         Etcd {
             _server: proc,
             endpoint: c,
+            port: client,
         }
     }
 }

@@ -7,14 +7,13 @@
 //! from another CA each fail at start with one line saying it is TLS; and
 //! mixed or incomplete etcd TLS settings are config errors (exit 64).
 
-use crate::cluster::{ControllerProc, TINY_CATALOG, write_catalog};
+use crate::cluster::{ControllerProc, Etcd, TINY_CATALOG, write_catalog};
 use controller::store::etcd::{EtcdIdentity, EtcdStore, EtcdTls};
 use controller::store::{CATALOG, LEADER, Store};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tests::{Proc, free_port, wait_for};
+use tests::free_port;
 
 use crate::tls::ok;
 const CONTROLLER: &str = env!("CARGO_BIN_EXE_halo-controller-shim");
@@ -81,69 +80,6 @@ impl Pki {
     }
 }
 
-/// Where etcd is: `$HALO_ETCD` or `etcd` on PATH (Debian's `etcd-server`).
-fn etcd_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("HALO_ETCD") {
-        return PathBuf::from(p);
-    }
-    std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .map(|d| Path::new(d).join("etcd"))
-        .find(|p| p.is_file())
-        .expect(
-            "etcd not found: install Debian's etcd-server (tests/deps.sh does) or set HALO_ETCD",
-        )
-}
-
-/// An etcd serving clients and peers only over TLS with the `etcd`
-/// certificate, and requiring client certificates signed by halo's CA.
-struct TlsEtcd {
-    _server: Proc,
-    endpoint: String,
-    port: u16,
-}
-
-impl TlsEtcd {
-    fn start(dir: &Path, pki: &Pki) -> TlsEtcd {
-        let (client, peer) = (free_port(), free_port());
-        let c = format!("https://127.0.0.1:{client}");
-        let p = format!("https://127.0.0.1:{peer}");
-        let (cert, key, ca) = (
-            pki.file("etcd-etcd1.pem"),
-            pki.file("etcd-etcd1.key"),
-            pki.file("ca.pem"),
-        );
-        let mut cmd = Command::new(etcd_bin());
-        cmd.args(["--name", "default", "--data-dir"])
-            .arg(dir.join("etcd-tls"))
-            .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
-            .args([
-                "--listen-peer-urls",
-                &p,
-                "--initial-advertise-peer-urls",
-                &p,
-            ])
-            .args(["--initial-cluster", &format!("default={p}")])
-            .args(["--cert-file", &cert, "--key-file", &key])
-            .args(["--trusted-ca-file", &ca, "--client-cert-auth"])
-            .args(["--peer-cert-file", &cert, "--peer-key-file", &key])
-            .args(["--peer-trusted-ca-file", &ca, "--peer-client-cert-auth"])
-            .env("ETCD_UNSUPPORTED_ARCH", "arm64");
-        let mut proc = Proc::spawn("etcd-tls", cmd, dir);
-        let up = wait_for(Duration::from_secs(20), || {
-            proc.assert_running();
-            TcpStream::connect(("127.0.0.1", client)).ok()
-        });
-        assert!(up.is_some(), "etcd did not listen:\n{}", proc.log());
-        TlsEtcd {
-            _server: proc,
-            endpoint: c,
-            port: client,
-        }
-    }
-}
-
 /// Runs the controller with `args` until it exits or `limit` passes (then
 /// kills it): its exit code (`None`: still running at the limit) and stderr.
 fn run_controller(dir: &Path, args: &[String], limit: Duration) -> (Option<i32>, String) {
@@ -188,7 +124,13 @@ fn catalog_args(dir: &Path) -> Vec<String> {
 async fn controller_on_tls_etcd_with_client_cert_leads_and_writes_desired_state() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::make(dir.path());
-    let etcd = TlsEtcd::start(dir.path(), &pki);
+    let etcd = Etcd::start_tls(
+        dir.path(),
+        "tls",
+        &pki.file("etcd-etcd1.pem"),
+        &pki.file("etcd-etcd1.key"),
+        &pki.file("ca.pem"),
+    );
     let mut args = vec!["--etcd".to_owned(), etcd.endpoint.clone()];
     args.extend(pki.flags(
         &pki.file("ca.pem"),
@@ -260,7 +202,13 @@ async fn controller_on_tls_etcd_with_client_cert_leads_and_writes_desired_state(
 fn controller_fails_fast_with_a_tls_message_when_etcd_refuses_the_handshake() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::make(dir.path());
-    let etcd = TlsEtcd::start(dir.path(), &pki);
+    let etcd = Etcd::start_tls(
+        dir.path(),
+        "tls",
+        &pki.file("etcd-etcd1.pem"),
+        &pki.file("etcd-etcd1.key"),
+        &pki.file("ca.pem"),
+    );
     let own = (
         pki.file("controller-ctl.pem"),
         pki.file("controller-ctl.key"),
