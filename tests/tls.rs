@@ -80,31 +80,46 @@ impl Pki {
 
     /// `--tls-cert/--tls-key/--tls-ca` for a `ROLE-NAME` of this CA.
     fn flags(&self, base: &str) -> Vec<String> {
-        vec![
-            "--tls-cert".into(),
-            self.file(&format!("{base}.pem")),
-            "--tls-key".into(),
-            self.file(&format!("{base}.key")),
-            "--tls-ca".into(),
-            self.file("ca.pem"),
-        ]
+        tls_flags(&self.dir, base)
     }
 
     /// A client config trusting this CA, showing `who` (a `ROLE-NAME` in
     /// `dir`), or no certificate.
     fn client(&self, who: Option<(&Path, &str)>) -> ClientTlsConfig {
-        let ca = std::fs::read(self.dir.join("ca.pem")).expect("ca");
-        let mut c = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
-        if let Some((dir, base)) = who {
-            let cert = std::fs::read(dir.join(format!("{base}.pem"))).expect("cert");
-            let key = std::fs::read(dir.join(format!("{base}.key"))).expect("key");
-            c = c.identity(Identity::from_pem(cert, key));
-        }
-        c
+        client_config(&self.dir, who)
     }
 }
 
-fn channel(port: u16, tls: ClientTlsConfig) -> Channel {
+/// `--tls-cert/--tls-key/--tls-ca` for the `ROLE-NAME` files of the CA
+/// directory `dir` (as `haloctl certs` names them).
+pub(crate) fn tls_flags(dir: &Path, base: &str) -> Vec<String> {
+    let file = |name: String| dir.join(name).display().to_string();
+    vec![
+        "--tls-cert".into(),
+        file(format!("{base}.pem")),
+        "--tls-key".into(),
+        file(format!("{base}.key")),
+        "--tls-ca".into(),
+        file("ca.pem".into()),
+    ]
+}
+
+/// A client config trusting only the CA in `ca_dir`, showing `who` (a
+/// `ROLE-NAME` in a directory), or no certificate.
+pub(crate) fn client_config(ca_dir: &Path, who: Option<(&Path, &str)>) -> ClientTlsConfig {
+    let ca = std::fs::read(ca_dir.join("ca.pem")).expect("ca");
+    let mut c = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+    if let Some((dir, base)) = who {
+        let cert = std::fs::read(dir.join(format!("{base}.pem"))).expect("cert");
+        let key = std::fs::read(dir.join(format!("{base}.key"))).expect("key");
+        c = c.identity(Identity::from_pem(cert, key));
+    }
+    c
+}
+
+/// A lazy channel to `https://127.0.0.1:PORT` with `tls` (each use of a
+/// new one makes a new handshake).
+pub(crate) fn channel(port: u16, tls: ClientTlsConfig) -> Channel {
     Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
         .expect("url")
         .tls_config(tls)

@@ -12,9 +12,9 @@ use proto::v1::controller_service_client::ControllerServiceClient;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::ClientTlsConfig;
 
-use crate::tls::{haloctl, ok};
+use crate::tls::{channel, client_config, haloctl, ok, tls_flags};
 
 /// A CA made by `haloctl certs init` in `root/NAME`, with an agent
 /// certificate valid `agent_days` days (None: the default), a controller
@@ -92,38 +92,14 @@ fn replace(path: &Path, bytes: &[u8]) {
     std::fs::rename(&tmp, path).expect("rename");
 }
 
-/// `--tls-cert/--tls-key/--tls-ca` for `ROLE-NAME` of the CA in `ca`.
-fn flags(ca: &Path, base: &str) -> Vec<String> {
-    vec![
-        "--tls-cert".into(),
-        ca.join(format!("{base}.pem")).display().to_string(),
-        "--tls-key".into(),
-        ca.join(format!("{base}.key")).display().to_string(),
-        "--tls-ca".into(),
-        ca.join("ca.pem").display().to_string(),
-    ]
-}
-
 /// A client trusting only the CA in `ca`, showing its `ROLE-NAME`.
 fn client(ca: &Path, base: &str) -> ClientTlsConfig {
-    let read = |f: &str| std::fs::read(ca.join(f)).expect("read material");
-    ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read("ca.pem")))
-        .identity(Identity::from_pem(
-            read(&format!("{base}.pem")),
-            read(&format!("{base}.key")),
-        ))
+    client_config(ca, Some((ca, base)))
 }
 
 /// GetNode over a new connection (a new TLS handshake).
 async fn get_node(port: u16, tls: ClientTlsConfig) -> Result<v1::NodeIdentity, String> {
-    let ch = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
-        .map_err(|e| e.to_string())?
-        .tls_config(tls)
-        .map_err(|e| e.to_string())?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(10))
-        .connect_lazy();
+    let ch = channel(port, tls);
     AgentServiceClient::new(ch)
         .get_node(v1::GetNodeRequest {})
         .await
@@ -273,7 +249,7 @@ async fn agent_follows_changed_certificate_files_without_a_signal_and_haloctl_no
             "--node".to_owned(),
             format!("halo1={}", halo1.address()),
         ];
-        args.extend(flags(ca, "controller-ctl"));
+        args.extend(tls_flags(ca, "controller-ctl"));
         let mut c = ControllerProc::new(root, name, &args);
         c.start();
         c
@@ -284,18 +260,12 @@ async fn agent_follows_changed_certificate_files_without_a_signal_and_haloctl_no
         if json {
             a.extend(["-o".to_owned(), "json".to_owned()]);
         }
-        a.extend(flags(ca, "admin-alice"));
+        a.extend(tls_flags(ca, "admin-alice"));
         let a: Vec<&str> = a.iter().map(String::as_str).collect();
         haloctl(&a)
     };
     let c1 = controller("controller1", &ca1);
-    let mut admin = ControllerServiceClient::new(
-        Endpoint::from_shared(format!("https://127.0.0.1:{}", c1.port))
-            .expect("url")
-            .tls_config(client(&ca1, "admin-alice"))
-            .expect("tls")
-            .connect_lazy(),
-    );
+    let mut admin = ControllerServiceClient::new(channel(c1.port, client(&ca1, "admin-alice")));
     let up = wait_nodes(
         &mut admin,
         &["halo1"],
@@ -325,13 +295,7 @@ async fn agent_follows_changed_certificate_files_without_a_signal_and_haloctl_no
     // A CA2 controller reaches the agent with its new certificate, and
     // `haloctl nodes` warns that it expires within 30 days.
     let c2 = controller("controller2", &ca2);
-    let mut admin = ControllerServiceClient::new(
-        Endpoint::from_shared(format!("https://127.0.0.1:{}", c2.port))
-            .expect("url")
-            .tls_config(client(&ca2, "admin-alice"))
-            .expect("tls")
-            .connect_lazy(),
-    );
+    let mut admin = ControllerServiceClient::new(channel(c2.port, client(&ca2, "admin-alice")));
     let up = wait_nodes(
         &mut admin,
         &["halo1"],
@@ -365,7 +329,7 @@ async fn agent_follows_changed_certificate_files_without_a_signal_and_haloctl_no
     ]);
     let url = format!("https://127.0.0.1:{}", c2.port);
     let mut a = vec!["--controller".to_owned(), url, "nodes".to_owned()];
-    a.extend(flags(&ca2, "admin-soon"));
+    a.extend(tls_flags(&ca2, "admin-soon"));
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
     let o = haloctl(&a);
     let err = String::from_utf8_lossy(&o.stderr);
@@ -388,13 +352,7 @@ fn hup(pid: u32) {
 /// ListNodes over a new connection with `tls`: halo1's status and the
 /// expiry of the agent certificate the controller last saw.
 async fn controller_sees(port: u16, tls: ClientTlsConfig) -> Result<(i32, Option<i64>), String> {
-    let ch = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
-        .map_err(|e| e.to_string())?
-        .tls_config(tls)
-        .map_err(|e| e.to_string())?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(10))
-        .connect_lazy();
+    let ch = channel(port, tls);
     ControllerServiceClient::new(ch)
         .list_nodes(v1::ListNodesRequest {})
         .await
