@@ -117,25 +117,14 @@ impl Cluster {
     /// Certificates for this subnet's addresses in `DIR/tls`, as the
     /// compose file names them, readable by the images' user (uid 10001).
     fn write_certs(&self) {
-        use std::os::unix::fs::PermissionsExt;
         let tls = self.dir.path().join("tls");
-        std::fs::create_dir_all(&tls).expect("mkdir tls");
-        let pki = tests::pki::pki();
-        let copy = |from: &Path, to: &str| {
-            std::fs::copy(from, tls.join(to)).expect("copy certificate");
-            std::fs::set_permissions(tls.join(to), std::fs::Permissions::from_mode(0o644))
-                .expect("chmod");
-        };
-        copy(&pki.ca(), "ca.pem");
         for (role, svc) in [
             ("agent", "halo1"),
             ("agent", "halo2"),
             ("controller", "controller1"),
             ("controller", "controller2"),
         ] {
-            let (cert, key) = pki.reissue(role, svc, &[&self.ip(svc), svc]);
-            copy(&cert, &format!("{svc}.pem"));
-            copy(&key, &format!("{svc}.key"));
+            tests::pki::pki().export(&tls, role, svc, &[&self.ip(svc), svc], svc);
         }
     }
 

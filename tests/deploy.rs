@@ -795,21 +795,7 @@ fn agent_image_from_scratch_runs_the_agent_and_serves_the_tiny_model() {
     // made readable for the image's user (uid 10001) in this copy only.
     let mount = format!("{}:/srv/models:ro", models.display());
     let tls = tmp.path().join("tls");
-    std::fs::create_dir(&tls).expect("tls");
-    let pki = tests::pki::pki();
-    let (cert, key) = pki.files("agent", "img");
-    for (from, to) in [
-        (cert, "agent.pem"),
-        (key, "agent.key"),
-        (pki.ca(), "ca.pem"),
-    ] {
-        std::fs::copy(from, tls.join(to)).expect("copy tls");
-        std::fs::set_permissions(
-            tls.join(to),
-            std::os::unix::fs::PermissionsExt::from_mode(0o644),
-        )
-        .expect("chmod");
-    }
+    tests::pki::pki().export(&tls, "agent", "img", &[], "agent");
     let tls_mount = format!("{}:/etc/halo/tls:ro", tls.display());
     let started = docker(&[
         "run",

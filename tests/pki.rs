@@ -84,6 +84,25 @@ impl Pki {
         )
     }
 
+    /// Copies the CA certificate and `role` `name`'s certificate and key,
+    /// issued again for `hosts` too, into `dir` as `ca.pem`, `AS.pem` and
+    /// `AS.key`, readable by everyone: for a container whose user is not
+    /// the test's (a test directory only; real keys stay 0600).
+    pub fn export(&self, dir: &Path, role: &str, name: &str, hosts: &[&str], as_base: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(dir).expect("mkdir tls");
+        let (cert, key) = self.reissue(role, name, hosts);
+        for (from, to) in [
+            (self.ca(), "ca.pem".to_owned()),
+            (cert, format!("{as_base}.pem")),
+            (key, format!("{as_base}.key")),
+        ] {
+            std::fs::copy(&from, dir.join(&to)).expect("copy certificate");
+            std::fs::set_permissions(dir.join(&to), std::fs::Permissions::from_mode(0o644))
+                .expect("chmod");
+        }
+    }
+
     /// `--tls-cert F --tls-key F --tls-ca F` for `role` `name`.
     pub fn flags(&self, role: &str, name: &str) -> Vec<String> {
         let (cert, key) = self.files(role, name);
