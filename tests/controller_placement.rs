@@ -379,8 +379,8 @@ fn a_new_request_is_sized_by_a_real_load_at_the_same_settings_and_says_so() {
     }
     assert_eq!(b.source(), "observed on halo1");
     assert!(
-        d.explanation[0].contains("KV 3.00 GiB (observed on halo1)")
-            && d.explanation[0].contains("compute 1.00 GiB (observed on halo1)"),
+        d.explanation[0].contains("KV 3.0 GiB (observed on halo1)")
+            && d.explanation[0].contains("compute 1.0 GiB (observed on halo1)"),
         "{:?}",
         d.explanation
     );

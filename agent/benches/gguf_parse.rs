@@ -39,8 +39,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "{:<22} {:>6} {:>12} {:>12} {:>14} {:>10} {:>10} {:>10}",
                 spec.name,
                 label,
-                human(model.file_size()),
-                human(header),
+                proto::units::bytes(model.file_size()),
+                proto::units::bytes(header),
                 read,
                 format!("+{}", read.saturating_sub(header)),
                 ms(times[times.len() / 2]),
@@ -55,14 +55,4 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 fn ms(d: Duration) -> String {
     format!("{:.2}ms", d.as_secs_f64() * 1e3)
-}
-
-fn human(n: u64) -> String {
-    const GIB: f64 = (1u64 << 30) as f64;
-    const MIB: f64 = (1u64 << 20) as f64;
-    if n as f64 >= GIB {
-        format!("{:.1}GiB", n as f64 / GIB)
-    } else {
-        format!("{:.2}MiB", n as f64 / MIB)
-    }
 }

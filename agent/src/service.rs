@@ -165,7 +165,7 @@ fn hide_keys(mut e: v1::AgentEvent, secrets: bool) -> v1::AgentEvent {
 
 fn event(kind: AgentEventKind) -> v1::AgentEvent {
     AgentEvent {
-        at_unix_ms: crate::supervisor::now_unix_ms(),
+        at_unix_ms: proto::units::now_unix_ms(),
         kind,
     }
     .into()
@@ -370,7 +370,7 @@ impl v1::agent_service_server::AgentService for AgentApi {
                     l = lines.recv() => match l {
                         Ok(l) => l,
                         Err(broadcast::error::RecvError::Lagged(n)) => LogLine {
-                            at_unix_ms: crate::supervisor::now_unix_ms(),
+                            at_unix_ms: proto::units::now_unix_ms(),
                             line: format!("[halo-agent: {n} lines skipped: this reader was too slow]"),
                         },
                         Err(broadcast::error::RecvError::Closed) => break,

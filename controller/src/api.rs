@@ -387,8 +387,8 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
                     fits: need <= avail,
                     reason: format!(
                         "needs {} with margin, {} available (estimate: {})",
-                        placement::gib(need),
-                        placement::gib(avail),
+                        proto::units::bytes(need),
+                        proto::units::bytes(avail),
                         est.source()
                     ),
                 });
@@ -586,7 +586,7 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
                 let e = match e {
                     Ok(e) => e,
                     Err(broadcast::error::RecvError::Lagged(n)) => crate::events::ClusterEvent {
-                        at_unix_ms: crate::events::now_unix_ms(),
+                        at_unix_ms: proto::units::now_unix_ms(),
                         kind: "lagged".into(),
                         subject: String::new(),
                         message: format!("{n} events skipped: this reader was too slow"),

@@ -2,6 +2,7 @@
 //! stops): logged, kept in a bounded history, and broadcast to
 //! `WatchEvents` streams.
 
+use proto::units::now_unix_ms;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::broadcast;
@@ -36,13 +37,6 @@ impl Default for Events {
             recent: Arc::new(Mutex::new(VecDeque::with_capacity(HISTORY))),
         }
     }
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl Events {

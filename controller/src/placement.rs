@@ -31,6 +31,7 @@ use crate::estimate::{
 use proto::domain::{
     CatalogEntry, InstanceOptions, ModelParams, Placement, PlacementOptions, Replica,
 };
+use proto::units;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -40,13 +41,6 @@ pub const MARGIN_MIN: u64 = 512 * 1024 * 1024;
 pub const MARGIN_PERCENT: u64 = 3;
 /// The KV cache type tried after the catalog's.
 pub const FALLBACK_CACHE: &str = "q8_0";
-
-const GIB: f64 = (1u64 << 30) as f64;
-
-/// Formats bytes as GiB with two decimals.
-pub fn gib(b: u64) -> String {
-    format!("{:.2} GiB", b as f64 / GIB)
-}
 
 /// Whether the controller hears from a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -254,7 +248,7 @@ impl Breakdown {
     pub fn sourced_terms(&self) -> String {
         self.figures()
             .iter()
-            .map(|(n, b, s)| format!("{n} {} ({})", gib(*b), self.tag(*s)))
+            .map(|(n, b, s)| format!("{n} {} ({})", units::bytes(*b), self.tag(*s)))
             .collect::<Vec<_>>()
             .join(" + ")
     }
@@ -653,15 +647,15 @@ pub fn place(
                 "refused: `{}` needs {} ({}, plus margin {}) \
                  even at the floor context {} with {} KV cache",
                 entry.name,
-                gib(need_min),
+                units::bytes(need_min),
                 b.sourced_terms(),
-                gib(margin(b.total_bytes)),
+                units::bytes(margin(b.total_bytes)),
                 b.context_size,
                 b.cache_type_k
             ),
             format!(
                 "the largest candidate node has {} usable after its reserve: the model is larger than any node",
-                gib(cap_max)
+                units::bytes(cap_max)
             ),
             "options: a smaller quantization of the model whose weights fit one node, \
              or splitting it across nodes (llama.cpp RPC: `--split`)"
@@ -681,8 +675,8 @@ pub fn place(
                 false,
                 format!(
                     "needs {} > {} usable after reserve, even empty",
-                    gib(b.total_bytes + m),
-                    gib(cap(*i))
+                    units::bytes(b.total_bytes + m),
+                    units::bytes(cap(*i))
                 ),
             ));
         }
@@ -813,7 +807,11 @@ pub fn place(
                 m,
                 0,
                 false,
-                format!("needs {} > {} free", gib(b.total_bytes + m), gib(f)),
+                format!(
+                    "needs {} > {} free",
+                    units::bytes(b.total_bytes + m),
+                    units::bytes(f)
+                ),
             ));
         }
         d.fits.extend(fits);
@@ -848,15 +846,15 @@ pub fn place(
         let reason = if k > 0 {
             format!(
                 "{k} replica(s): {} usable − {} reserve − {} used = {} free ≥ {} × {} needed",
-                gib(cap(*i) + nodes[*i].reserve_bytes),
-                gib(nodes[*i].reserve_bytes),
-                gib(used_after.get(&nodes[*i].name).copied().unwrap_or(0)),
-                gib(f),
+                units::bytes(cap(*i) + nodes[*i].reserve_bytes),
+                units::bytes(nodes[*i].reserve_bytes),
+                units::bytes(used_after.get(&nodes[*i].name).copied().unwrap_or(0)),
+                units::bytes(f),
                 k,
-                gib(need)
+                units::bytes(need)
             )
         } else if need > f {
-            format!("needs {} > {} free", gib(need), gib(f))
+            format!("needs {} > {} free", units::bytes(need), units::bytes(f))
         } else {
             "fits, not chosen".to_owned()
         };
@@ -908,7 +906,7 @@ pub fn place(
             "placed `{}` as `{name}` on {}: {} per replica ({}) at context {}, {}/{} KV",
             entry.name,
             where_.join(", "),
-            gib(b.total_bytes),
+            units::bytes(b.total_bytes),
             b.sourced_terms(),
             at.ctx,
             at.ctk,
@@ -920,8 +918,8 @@ pub fn place(
             "sized by a real load of `{}` at these settings, {}: {} per replica where the formula gives {}",
             entry.model_id,
             b.source(),
-            gib(b.total_bytes),
-            gib(b.formula_total_bytes)
+            units::bytes(b.total_bytes),
+            units::bytes(b.formula_total_bytes)
         ));
     }
     if !evicted.is_empty() {
@@ -1038,9 +1036,9 @@ fn with_split(mut d: Decision, s: &SplitCtx<'_>, why: &str) -> Decision {
                     "split share ({}): {} layer(s), {} + margin {} ≤ {} free",
                     if sh.host { "host" } else { "helper" },
                     sh.layers,
-                    gib(sh.total_bytes),
-                    gib(sh.margin_bytes),
-                    gib(sh.free_bytes)
+                    units::bytes(sh.total_bytes),
+                    units::bytes(sh.margin_bytes),
+                    units::bytes(sh.free_bytes)
                 ),
             })
         })
@@ -1077,7 +1075,7 @@ fn with_split(mut d: Decision, s: &SplitCtx<'_>, why: &str) -> Decision {
         c.ctx,
         c.ctk,
         c.ctv,
-        gib(e.total_bytes)
+        units::bytes(e.total_bytes)
     )];
     explanation.extend(plan.notes.iter().cloned());
     let placement = Placement {
@@ -1224,8 +1222,8 @@ pub fn relocate(
             why.push(format!(
                 "{}: needs {} > {} free",
                 n.name,
-                gib(need),
-                gib(free)
+                units::bytes(need),
+                units::bytes(free)
             ));
             continue;
         }

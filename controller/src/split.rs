@@ -13,10 +13,11 @@
 //! of a split are not used to size the next one).
 
 use crate::estimate::split::{self, Layout, SplitNode};
-use crate::estimate::{Estimate, estimate, mib};
-use crate::placement::{Liveness, NodeState, estimate_options, gib, margin, used_by_node};
+use crate::estimate::{Estimate, estimate};
+use crate::placement::{Liveness, NodeState, estimate_options, margin, used_by_node};
 use proto::domain::instance::MAX_TENSOR_SPLIT_LEN;
 use proto::domain::{ModelParams, Placement, Replica, SplitPlan};
+use proto::units;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -84,8 +85,8 @@ impl Choice {
              network round trip each), and {} per hop for each {}-token prompt batch; generation \
              runs the layers one node after the other, so expect about one node's speed minus \
              those round trips: slower than a model that fits one node",
-            human(l.traffic_bytes_per_token),
-            mib(params.embedding_length * 4 * self.estimate.resolved.n_ubatch),
+            units::bytes(l.traffic_bytes_per_token),
+            units::bytes(params.embedding_length * 4 * self.estimate.resolved.n_ubatch),
             self.estimate.resolved.n_ubatch
         ));
         SplitPlan {
@@ -93,14 +94,6 @@ impl Choice {
             traffic_bytes_per_token: l.traffic_bytes_per_token,
             notes,
         }
-    }
-}
-
-fn human(b: u64) -> String {
-    if b >= 1 << 20 {
-        mib(b)
-    } else {
-        format!("{:.1} KiB", b as f64 / 1024.0)
     }
 }
 
@@ -217,8 +210,8 @@ pub fn choose(
         let have: u64 = l.shares.iter().map(|s| s.free_bytes).sum();
         why.push(format!(
             "together they need {} and have {} free",
-            gib(need),
-            gib(have)
+            units::bytes(need),
+            units::bytes(have)
         ));
     }
     Err(why)

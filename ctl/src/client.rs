@@ -132,7 +132,7 @@ impl Target {
         })?;
         if let Some(files) = files {
             let material = files.load().map_err(|e| Failure::Usage(e.to_string()))?;
-            let now = proto::tls::now_unix();
+            let now = proto::units::now_unix();
             if let Some(w) = proto::tls::cert_not_after_unix(material.cert_pem()).and_then(|na| {
                 crate::cluster::cert_warning(
                     &format!("haloctl's certificate {}", files.cert.display()),

@@ -300,7 +300,7 @@ pub fn cert_warning(subject: &str, not_after_unix: i64, now_unix: i64) -> Option
 
 /// The `haloctl nodes` table, expiries counted from now.
 pub fn render_nodes(nodes: &[NodeJson]) -> String {
-    render_nodes_at(nodes, proto::tls::now_unix())
+    render_nodes_at(nodes, proto::units::now_unix())
 }
 
 /// The `haloctl nodes` table at `now_unix`: a CERT column (`-` for

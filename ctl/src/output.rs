@@ -13,22 +13,7 @@ pub enum Format {
     Json,
 }
 
-const GIB: f64 = (1u64 << 30) as f64;
-const MIB: f64 = (1u64 << 20) as f64;
-
-/// Bytes as a person reads them: `170.3 GiB`, `512.0 MiB`, `900 B`.
-pub fn bytes(n: u64) -> String {
-    let f = n as f64;
-    if f >= GIB {
-        format!("{:.1} GiB", f / GIB)
-    } else if f >= MIB {
-        format!("{:.1} MiB", f / MIB)
-    } else if n >= 1024 {
-        format!("{:.1} KiB", f / 1024.0)
-    } else {
-        format!("{n} B")
-    }
-}
+pub use proto::units::bytes;
 
 /// A large count as a person reads it: `671.0B`, `8.0B`, `30.5M`.
 pub fn count(n: u64) -> String {
@@ -129,13 +114,6 @@ pub fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bytes_are_printed_in_the_largest_fitting_unit() {
-        assert_eq!(bytes(900), "900 B");
-        assert_eq!(bytes(512 << 20), "512.0 MiB");
-        assert_eq!(bytes(170 << 30), "170.0 GiB");
-    }
 
     #[test]
     fn tables_align_columns_and_right_align_numbers() {

@@ -235,8 +235,8 @@ fn advice(
         let room = budget.saturating_sub(floor.total_bytes - floor.weights_bytes);
         out.push(format!(
             "Options: a smaller quantization of this model whose weights are under about {} \
-             (today {}); more memory than one node has (a split across two nodes is \
-             planned, not built yet); or llama.cpp paging the weights from disk through \
+             (today {}); more memory than one node has (on a cluster, `haloctl place \
+             --split` runs the model's layers across nodes); or llama.cpp paging the weights from disk through \
              mmap, which runs at a few tokens per second at best.",
             bytes(room),
             bytes(params.weight_bytes)

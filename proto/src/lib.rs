@@ -37,6 +37,7 @@ pub mod runtime;
 pub mod tls;
 pub mod tls_reload;
 pub mod transport;
+pub mod units;
 
 pub use domain::ConversionError;
 

@@ -125,13 +125,6 @@ pub fn expires_soon(not_after_unix: i64, now_unix: i64) -> bool {
     not_after_unix.saturating_sub(now_unix) < EXPIRY_WARNING_SECS
 }
 
-/// Now, in Unix seconds.
-pub fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
 /// The not-after (Unix seconds) of the first certificate in a PEM file's
 /// contents; `None` when there is none or it cannot be parsed.
 pub fn cert_not_after_unix(pem: &[u8]) -> Option<i64> {

@@ -11,7 +11,8 @@
 //! for which tonic records the client's certificates, so
 //! [`crate::tls::peer_role`] works as with tonic's own TLS.
 
-use crate::tls::{TlsError, TlsFiles, TlsMaterial, expires_soon, now_unix};
+use crate::tls::{TlsError, TlsFiles, TlsMaterial, expires_soon};
+use crate::units::now_unix;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;

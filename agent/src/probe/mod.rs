@@ -65,11 +65,11 @@ mod usable;
 pub use usable::{UNIFIED_VRAM_MAX_BYTES, UsableMemory, usable_memory};
 
 use proto::domain::{GpuMemory, MemoryReport, ProcessMemory};
+use proto::units::now_unix_ms;
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Most bytes read from any one file.
 pub const MAX_FILE_BYTES: usize = 1 << 20;
@@ -327,12 +327,6 @@ fn read_bounded_text(path: &Path) -> Option<String> {
     Some(String::from_utf8_lossy(&buf).into_owned())
 }
 
-fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -390,8 +384,8 @@ mod tests {
         assert_eq!(r.usable_bytes, Some(129_385_889_792));
         assert!(r.unified_memory);
         let text = r.usable_explanation.join("\n");
-        assert!(text.contains("min(GTT total 120.00 GiB, ttm.pages_limit 120.00 GiB, MemTotal 124.48 GiB) = 120.00 GiB"), "{text}");
-        assert!(text.contains("usable = 120.50 GiB (card1)"), "{text}");
+        assert!(text.contains("min(GTT total 120.0 GiB, ttm.pages_limit 120.0 GiB, MemTotal 124.5 GiB) = 120.0 GiB"), "{text}");
+        assert!(text.contains("usable = 120.5 GiB (card1)"), "{text}");
     }
 
     #[test]

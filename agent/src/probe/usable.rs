@@ -4,6 +4,7 @@
 //! its one implementation, a pure function so it can be tested on any input.
 
 use proto::domain::GpuMemory;
+use proto::units;
 
 /// Bytes in a GiB.
 const GIB: u64 = 1 << 30;
@@ -25,12 +26,6 @@ pub struct UsableMemory {
     pub unified: bool,
 }
 
-/// `12.34 GiB`.
-pub(super) fn gib(bytes: u64) -> String {
-    // Display only: f64 holds any byte count here to well within 0.01 GiB.
-    format!("{:.2} GiB", bytes as f64 / GIB as f64)
-}
-
 /// Applies the rule (see the module header of [`super`]) to `MemTotal` and
 /// the cards that expose amdgpu `mem_info_*` files.
 #[must_use]
@@ -39,7 +34,7 @@ pub fn usable_memory(mem_total: Option<u64>, gpus: &[GpuMemory]) -> UsableMemory
     match mem_total {
         Some(t) => lines.push(format!(
             "MemTotal {}: system RAM the kernel manages (a BIOS carve-out is already outside it)",
-            gib(t)
+            units::bytes(t)
         )),
         None => lines.push("MemTotal unknown (/proc/meminfo unreadable)".to_owned()),
     }
@@ -51,7 +46,7 @@ pub fn usable_memory(mem_total: Option<u64>, gpus: &[GpuMemory]) -> UsableMemory
         );
         let bytes = mem_total;
         match bytes {
-            Some(t) => lines.push(format!("usable = MemTotal = {}", gib(t))),
+            Some(t) => lines.push(format!("usable = MemTotal = {}", units::bytes(t))),
             None => lines.push("usable unknown: MemTotal unknown".to_owned()),
         }
         return UsableMemory {
@@ -83,8 +78,8 @@ pub fn usable_memory(mem_total: Option<u64>, gpus: &[GpuMemory]) -> UsableMemory
             lines.push(format!(
                 "{card}: VRAM {} > {} → discrete GPU: its VRAM counts; system RAM and GTT (which is \
                  system RAM) do not, layers spilled to the CPU run far slower",
-                gib(vram),
-                gib(UNIFIED_VRAM_MAX_BYTES)
+                units::bytes(vram),
+                units::bytes(UNIFIED_VRAM_MAX_BYTES)
             ));
             discrete = discrete.and_then(|d| d.checked_add(vram));
             discrete_cards += 1;
@@ -94,8 +89,8 @@ pub fn usable_memory(mem_total: Option<u64>, gpus: &[GpuMemory]) -> UsableMemory
         let Some(gtt) = gpu.gtt_total_bytes else {
             lines.push(format!(
                 "{card}: VRAM {} ≤ {} reads as an APU carve-out, but GTT total is unknown",
-                gib(vram),
-                gib(UNIFIED_VRAM_MAX_BYTES)
+                units::bytes(vram),
+                units::bytes(UNIFIED_VRAM_MAX_BYTES)
             ));
             unknown = true;
             continue;
@@ -128,13 +123,13 @@ pub fn usable_memory(mem_total: Option<u64>, gpus: &[GpuMemory]) -> UsableMemory
             let unified_bytes = best_unified.map_or(0, |(_, b)| b);
             let total = unified_bytes.saturating_add(discrete);
             let line = match (best_unified, discrete_cards) {
-                (Some((card, _)), 0) => format!("usable = {} ({card})", gib(total)),
-                (None, _) => format!("usable = discrete VRAM {}", gib(total)),
+                (Some((card, _)), 0) => format!("usable = {} ({card})", units::bytes(total)),
+                (None, _) => format!("usable = discrete VRAM {}", units::bytes(total)),
                 (Some((card, b)), _) => format!(
                     "usable = {card} {} + discrete VRAM {} = {}",
-                    gib(b),
-                    gib(discrete),
-                    gib(total)
+                    units::bytes(b),
+                    units::bytes(discrete),
+                    units::bytes(total)
                 ),
             };
             lines.push(line);
@@ -160,18 +155,18 @@ fn unified_card(
     lines.push(format!(
         "{card}: VRAM {} ≤ {} → APU with unified memory: the GPU draws on system RAM through \
          GTT, so RAM and GTT are one pool, never added",
-        gib(vram),
-        gib(UNIFIED_VRAM_MAX_BYTES)
+        units::bytes(vram),
+        units::bytes(UNIFIED_VRAM_MAX_BYTES)
     ));
     let mut window = gtt;
-    let mut terms = vec![format!("GTT total {}", gib(gtt))];
+    let mut terms = vec![format!("GTT total {}", units::bytes(gtt))];
     if let Some(ttm) = ttm_limit {
-        terms.push(format!("ttm.pages_limit {}", gib(ttm)));
+        terms.push(format!("ttm.pages_limit {}", units::bytes(ttm)));
         window = window.min(ttm);
     }
     match mem_total {
         Some(t) => {
-            terms.push(format!("MemTotal {}", gib(t)));
+            terms.push(format!("MemTotal {}", units::bytes(t)));
             window = window.min(t);
         }
         None => lines.push(format!("{card}: MemTotal unknown, not used as a cap")),
@@ -179,14 +174,14 @@ fn unified_card(
     lines.push(format!(
         "{card}: GPU window = min({}) = {}",
         terms.join(", "),
-        gib(window)
+        units::bytes(window)
     ));
     let usable = vram.saturating_add(window);
     lines.push(format!(
         "{card}: VRAM carve-out {} + GPU window {} = {}",
-        gib(vram),
-        gib(window),
-        gib(usable)
+        units::bytes(vram),
+        units::bytes(window),
+        units::bytes(usable)
     ));
     usable
 }
@@ -215,7 +210,7 @@ mod tests {
         assert!(
             u.explanation
                 .iter()
-                .any(|l| l == "usable = MemTotal = 24.00 GiB")
+                .any(|l| l == "usable = MemTotal = 24.0 GiB")
         );
     }
 
@@ -235,7 +230,7 @@ mod tests {
         assert_eq!(u.bytes, Some(512 * MIB + 40 * GIB));
         assert!(u.unified);
         assert!(
-            u.explanation.iter().any(|l| l.contains("= 40.00 GiB")),
+            u.explanation.iter().any(|l| l.contains("= 40.0 GiB")),
             "{:#?}",
             u.explanation
         );

@@ -18,10 +18,11 @@
 use super::health::health;
 use super::logs::LogTail;
 use super::rpcproxy::{PROXY_ARG, ProxyArgs};
-use super::{Inner, argv, now_unix_ms};
+use super::{Inner, argv};
 use crate::loadlog::LoadLog;
 use crate::procfs::{self, ProcessId};
 use proto::domain::{InstanceKind, InstanceState, LogLine};
+use proto::units::now_unix_ms;
 use rustix::process::Signal;
 use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;

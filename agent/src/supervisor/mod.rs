@@ -49,10 +49,11 @@ use proto::domain::{
     AgentEvent, AgentEventKind, Instance, InstanceKind, InstanceOptions, InstanceState, LogLine,
     MemoryReport, ModelFile, ModelStatus, NodeIdentity, ReplicaKey, Snapshot,
 };
+use proto::units::now_unix_ms;
 use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -1127,13 +1128,6 @@ fn prepare_instance_dir(
     };
     crate::state::write_atomic(key_file, format!("{key}\n").as_bytes(), 0o600)
         .map_err(io(format!("write {}", key_file.display())))
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

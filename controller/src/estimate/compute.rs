@@ -40,8 +40,9 @@
 //! way: 4 MiB for 4096-wide models at 512-token batches).
 
 use super::context::{ContextMemory, is_attention_layer, is_mla, is_swa_layer};
-use super::{MIB, Resolved, mib};
+use super::{MIB, Resolved};
 use proto::domain::ModelParams;
+use proto::units;
 
 /// One phase of the worst-case graph and the bytes alive in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,8 +101,8 @@ pub fn compute_memory(params: &ModelParams, r: &Resolved, ctx: &ContextMemory) -
             "logits {} vocab x {} outputs x 4 B ({}) + 5.5 x n_embd activations ({} each)",
             params.vocab_size,
             r.n_outputs,
-            mib(logits),
-            mib(act)
+            units::bytes(logits),
+            units::bytes(act)
         ),
     });
 
@@ -150,9 +151,9 @@ pub fn compute_memory(params: &ModelParams, r: &Resolved, ctx: &ContextMemory) -
                     params.kv_lora_rank,
                     params.rope_dimension_count,
                     params.key_length_mla,
-                    mib(q_terms),
+                    units::bytes(q_terms),
                     if kq > 0 {
-                        format!(" + scores {n_kv} x {t} x {n_head} x 4 B ({})", mib(kq))
+                        format!(" + scores {n_kv} x {t} x {n_head} x 4 B ({})", units::bytes(kq))
                     } else {
                         String::new()
                     }
@@ -182,14 +183,14 @@ pub fn compute_memory(params: &ModelParams, r: &Resolved, ctx: &ContextMemory) -
                     if kq > 0 {
                         format!(
                             "scores {n_kv} x {t} x {n_head} heads x 4 B ({}) + ",
-                            mib(kq)
+                            units::bytes(kq)
                         )
                     } else {
                         String::new()
                     },
-                    mib(q),
-                    mib(k),
-                    mib(v)
+                    units::bytes(q),
+                    units::bytes(k),
+                    units::bytes(v)
                 ),
             });
         }
@@ -210,7 +211,7 @@ pub fn compute_memory(params: &ModelParams, r: &Resolved, ctx: &ContextMemory) -
             detail: format!(
                 "gate, up, product {} x {t} x 4 B ({} each) + 5 activations",
                 params.feed_forward_length,
-                mib(ff)
+                units::bytes(ff)
             ),
         });
     }
@@ -232,10 +233,10 @@ pub fn compute_memory(params: &ModelParams, r: &Resolved, ctx: &ContextMemory) -
             bytes: 2 * in_proj + conv + state + 3 * act + temps,
             detail: format!(
                 "2 x in_proj {} + conv {} + state {} + temporaries {} + 3 activations",
-                mib(in_proj),
-                mib(conv),
-                mib(state),
-                mib(temps)
+                units::bytes(in_proj),
+                units::bytes(conv),
+                units::bytes(state),
+                units::bytes(temps)
             ),
         });
     }
@@ -270,8 +271,8 @@ pub fn compute_memory(params: &ModelParams, r: &Resolved, ctx: &ContextMemory) -
                 bytes,
                 detail: format!(
                     "{used} experts of {ff} ({how}): mid {} , out {}, {}",
-                    mib(mid),
-                    mib(out),
+                    units::bytes(mid),
+                    units::bytes(out),
                     if gated {
                         "max(3 mid + 5 act, 2 out + mid + 3 act)"
                     } else {
@@ -301,7 +302,7 @@ pub fn compute_memory(params: &ModelParams, r: &Resolved, ctx: &ContextMemory) -
         "compute inputs: KQ mask {} x {t} + SWA mask {} x {t} at {mask_elem} B, ids = {}",
         ctx.kv_size,
         ctx.swa_size,
-        mib(inputs_bytes)
+        units::bytes(inputs_bytes)
     )];
     for p in &phases {
         notes.push(format!(
@@ -313,7 +314,7 @@ pub fn compute_memory(params: &ModelParams, r: &Resolved, ctx: &ContextMemory) -
                 ""
             },
             p.detail,
-            mib(p.bytes)
+            units::bytes(p.bytes)
         ));
     }
     if let Some(n) = expert_ff_note {
@@ -321,10 +322,10 @@ pub fn compute_memory(params: &ModelParams, r: &Resolved, ctx: &ContextMemory) -
     }
     notes.push(format!(
         "compute: {} inputs + {} phase = {} (ggml-alloc placement may add ~{} of fragmentation)",
-        mib(inputs_bytes),
+        units::bytes(inputs_bytes),
         dominant.name,
-        mib(total_bytes),
-        mib(act.max(MIB))
+        units::bytes(total_bytes),
+        units::bytes(act.max(MIB))
     ));
 
     ComputeMemory {

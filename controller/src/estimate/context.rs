@@ -20,8 +20,9 @@
 //!   `n_embd_r()`) and `s` (SSM state, `n_embd_s()`) f32 rows, one row per
 //!   sequence (`mem_size = max(1, n_seq_max)`), whatever the context.
 
-use super::{EstimateOptions, Resolved, mib, pad};
+use super::{EstimateOptions, Resolved, pad};
 use proto::domain::ModelParams;
+use proto::units;
 
 /// One group of layers that share a cache geometry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,7 +195,7 @@ pub fn context_memory(params: &ModelParams, opts: &EstimateOptions, r: &Resolved
             "KV {kind}: {layers} layer(s) x (K {k_row} x {} + {v_part}) per cell x {cells} cells x {} stream(s) = {}",
             opts.cache_type_k,
             r.n_stream,
-            mib(bytes)
+            units::bytes(bytes)
         ));
         if !opts.cache_type_k.fits(k_row) || !opts.cache_type_v.fits(v_row) {
             out.notes.push(format!(
@@ -236,7 +237,7 @@ pub fn context_memory(params: &ModelParams, opts: &EstimateOptions, r: &Resolved
             "recurrent: {recurrent} layer(s) x (conv {} + ssm {}) f32 x {rows} sequence row(s) = {} (fixed, independent of context)",
             n_embd_r(params),
             n_embd_s(params),
-            mib(bytes)
+            units::bytes(bytes)
         ));
         if n_embd_r(params) + n_embd_s(params) == 0 {
             out.notes.push(

@@ -50,6 +50,7 @@ pub use observed::{EstimateSource, ObservedRecord, SourcedEstimate, estimate_wit
 pub use proto::domain::CacheType;
 
 use proto::domain::ModelParams;
+use proto::units;
 use std::fmt;
 use std::str::FromStr;
 
@@ -359,7 +360,7 @@ pub fn estimate(params: &ModelParams, opts: &EstimateOptions) -> Estimate {
         "weights: {} tensors over {} file(s) = {}",
         params.tensor_count,
         params.split_count.max(1),
-        mib(weights_bytes)
+        units::bytes(weights_bytes)
     ));
 
     let context = context::context_memory(params, opts, &resolved);
@@ -376,7 +377,7 @@ pub fn estimate(params: &ModelParams, opts: &EstimateOptions) -> Estimate {
         "output: logits {} vocab x {} row(s) x 4 B = {} (outside llama.cpp's projection)",
         params.vocab_size,
         resolved.n_seq,
-        mib(output_bytes)
+        units::bytes(output_bytes)
     ));
 
     if !resolved.flash_attn && opts.cache_type_v.is_quantized() {
@@ -398,11 +399,6 @@ pub fn estimate(params: &ModelParams, opts: &EstimateOptions) -> Estimate {
         compute,
         notes,
     }
-}
-
-/// Formats bytes as MiB with two decimals, as llama.cpp logs them.
-pub fn mib(bytes: u64) -> String {
-    format!("{:.2} MiB", bytes as f64 / MIB as f64)
 }
 
 #[cfg(test)]

@@ -5,8 +5,9 @@
 //! of that load. [`estimate_with_observed`] prefers observed figures, field
 //! by field, and says where each came from.
 
-use super::{CacheType, Estimate, EstimateOptions, Resolved, estimate, mib};
+use super::{CacheType, Estimate, EstimateOptions, Resolved, estimate};
 use proto::domain::{ModelParams, ObservedBuffers};
+use proto::units;
 
 /// Where a figure came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -132,8 +133,8 @@ pub fn estimate_with_observed(
                 if let Some(v) = value {
                     notes.push(format!(
                         "observed {what}: {} (formula {})",
-                        mib(v),
-                        mib(*slot)
+                        units::bytes(v),
+                        units::bytes(*slot)
                     ));
                     *slot = v;
                     *src = EstimateSource::Observed;
@@ -172,9 +173,9 @@ pub fn estimate_with_observed(
         if double_counted {
             notes.push(format!(
                 "observed weights {} include a {} file mapping that also holds the repacked tensors; using the header's {}",
-                mib(b.model_bytes.unwrap_or(0)),
-                mib(b.mapped_model_bytes.unwrap_or(0)),
-                mib(est.weights_bytes)
+                units::bytes(b.model_bytes.unwrap_or(0)),
+                units::bytes(b.mapped_model_bytes.unwrap_or(0)),
+                units::bytes(est.weights_bytes)
             ));
         }
         est.notes.extend(notes);

@@ -21,8 +21,9 @@
 //! buffer, margin, and on the host the input/output tensors), then
 //! rebalanced until every node's share plus margin fits, if it can.
 
-use super::{Estimate, mib};
+use super::Estimate;
 use proto::domain::ModelParams;
+use proto::units;
 
 /// llama.cpp's device for each layer `0..=n_layer` (the last is the output
 /// head): `Some(device index)`, or `None` for the CPU.
@@ -262,17 +263,17 @@ pub fn describe(l: &Layout) -> Vec<String> {
                 s.node,
                 if s.host { "host, llama-server" } else { "helper, ggml-rpc-server" },
                 s.layers,
-                mib(s.weights_bytes),
-                mib(s.kv_bytes),
-                mib(s.compute_bytes),
+                units::bytes(s.weights_bytes),
+                units::bytes(s.kv_bytes),
+                units::bytes(s.compute_bytes),
                 if s.output_bytes > 0 {
-                    format!(" + output {}", mib(s.output_bytes))
+                    format!(" + output {}", units::bytes(s.output_bytes))
                 } else {
                     String::new()
                 },
-                mib(s.total_bytes),
-                mib(s.margin_bytes),
-                mib(s.free_bytes),
+                units::bytes(s.total_bytes),
+                units::bytes(s.margin_bytes),
+                units::bytes(s.free_bytes),
                 if s.fits() { "" } else { " (does not fit)" }
             )
         })
