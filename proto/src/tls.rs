@@ -210,13 +210,6 @@ impl TlsFiles {
     pub fn client_config(&self) -> Result<ClientTlsConfig, TlsError> {
         Ok(self.load()?.client_config())
     }
-
-    /// Reads the files and checks that rustls accepts them (the server
-    /// config is built as a reload builds it, then dropped), so a daemon
-    /// refuses bad material at start rather than at its first connection.
-    pub fn check(&self) -> Result<(), TlsError> {
-        crate::tls_reload::Loaded::build(self, self.load()?).map(drop)
-    }
 }
 
 impl TlsMaterial {

@@ -82,6 +82,17 @@ fn certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsErr
     Ok(certs)
 }
 
+impl TlsFiles {
+    /// Reads the files and checks that rustls accepts them (the server
+    /// config is built as a reload builds it, then dropped), so a daemon
+    /// refuses bad material at start rather than at its first connection.
+    /// It lives here, beside [`Loaded::build`], so that `tls` needs
+    /// nothing of this module.
+    pub fn check(&self) -> Result<(), TlsError> {
+        Loaded::build(self, self.load()?).map(drop)
+    }
+}
+
 impl Loaded {
     /// Checks `material` (read from `files`) and builds both configs; an
     /// error names the file at fault.
