@@ -545,6 +545,107 @@ fn install_script_stages_a_node_under_destdir_and_keeps_existing_config() {
 }
 
 #[test]
+fn install_script_writes_a_controller_config_and_catalog_that_start_a_controller() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let bin = tmp.path().join("bin");
+    let stage = tmp.path().join("stage");
+    std::fs::create_dir(&bin).expect("mkdir");
+    for b in ["halo-controller", "haloctl"] {
+        write_exe(&bin.join(b), "#!/bin/sh\n");
+    }
+    let out = Command::new("bash")
+        .arg(repo().join("deploy/systemd/install.sh"))
+        .arg("--controller")
+        .arg("--bin-dir")
+        .arg(&bin)
+        .arg("--destdir")
+        .arg(&stage)
+        .output()
+        .expect("run install.sh");
+    let said = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "install.sh: {said}{}",
+        text(&out.stderr)
+    );
+    // The next steps name keys controller.toml has.
+    assert!(said.contains("catalog.toml"), "{said}");
+    assert!(
+        !said.contains("model_dirs and"),
+        "agent keys offered for the controller: {said}"
+    );
+    assert!(said.contains("next steps"), "{said}");
+
+    // The person's part: certificates in /etc/halo/tls (README: TLS). The
+    // staged root stands in for /, and the example's tailnet addresses for
+    // loopback ones; everything else is as install.sh wrote it.
+    let etc = stage.join("etc/halo");
+    tests::pki::pki().export(
+        &etc.join("tls"),
+        "controller",
+        "installtest",
+        &[],
+        "controller-ctl",
+    );
+    let config = etc.join("controller.toml");
+    let written = std::fs::read_to_string(&config).expect("controller.toml");
+    assert!(
+        written.contains("catalog = \"/etc/halo/catalog.toml\""),
+        "{written}"
+    );
+    let rebased = written
+        .replace("\"/etc/halo/", &format!("\"{}/", etc.display()))
+        .replace("100.64.0.", "127.0.0.");
+    std::fs::write(&config, rebased).expect("rebase config");
+
+    let port = free_port();
+    let log = tmp.path().join("controller.log");
+    let out = std::fs::File::create(&log).expect("log");
+    let child = Command::new(env!("CARGO_BIN_EXE_halo-controller-shim"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--store-path")
+        .arg(tmp.path().join("state.json"))
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().expect("log"))
+        .stderr(out)
+        .spawn()
+        .expect("start halo-controller");
+    let mut daemon = Daemon {
+        name: "halo-controller",
+        child,
+        log,
+    };
+    let up = wait_for(Duration::from_secs(20), || {
+        if let Ok(Some(status)) = daemon.child.try_wait() {
+            panic!("halo-controller exited ({status}) on the installed config");
+        }
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    assert!(up.is_some(), "halo-controller never listened");
+
+    // The installed catalog is the one it serves.
+    let mut ctl = Command::new(env!("CARGO_BIN_EXE_haloctl-shim"));
+    ctl.args(["models", "--controller"])
+        .arg(format!("https://127.0.0.1:{port}"));
+    for (k, v) in tests::pki::pki().env("admin", "installtest") {
+        ctl.env(k, v);
+    }
+    let out = ctl.output().expect("haloctl models");
+    let models = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "haloctl models: {models}{}",
+        text(&out.stderr)
+    );
+    for name in ["gpt-oss-20b", "qwen3-coder-30b", "deepseek-v3.1-1bit"] {
+        assert!(models.contains(name), "{name} missing from:\n{models}");
+    }
+}
+
+#[test]
 fn compose_draft_is_valid_for_docker_compose_v1() {
     let file = repo().join("deploy/compose/docker-compose.yml");
     let out = tool(

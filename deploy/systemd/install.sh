@@ -127,20 +127,29 @@ say "installed ${units[*]} into $unitdest"
 # ---- config (never overwritten) --------------------------------------------
 install -d -m 0750 "$confdest"
 [ -z "$destdir" ] && chown root:halo "$confdest"
-install_config() { # SOURCE NAME
+install_config() { # SOURCE NAME WHAT-TO-EDIT
     local dest="$confdest/$2"
     if [ -e "$dest" ]; then
         say "kept existing $dest"
     elif [ -e "$1" ]; then
         install -m 0640 "$1" "$dest"
         [ -z "$destdir" ] && chown root:halo "$dest"
-        say "wrote $dest from $1: edit node_name, listen (the tailnet address) and model_dirs"
+        say "wrote $dest from $1: edit $3"
     else
-        say "WARNING: no example $1; write $dest yourself before starting"
+        die "no example $1 in this checkout; cannot write $dest"
     fi
 }
-[ "$agent" = 1 ] && install_config "$repo/deploy/config/agent.toml" agent.toml
-[ "$controller" = 1 ] && install_config "$repo/deploy/config/controller.toml" controller.toml
+if [ "$agent" = 1 ]; then
+    install_config "$repo/deploy/config/agent.toml" agent.toml \
+        "node_name, listen (this node's tailnet address), model_dirs and roles"
+fi
+if [ "$controller" = 1 ]; then
+    install_config "$repo/deploy/config/controller.toml" controller.toml \
+        "listen (the tailnet address), [[nodes]] (each agent's name, address, roles) and, with etcd, etcd"
+    # controller.toml names this file; without it the controller exits 64.
+    install_config "$repo/deploy/config/catalog.toml" catalog.toml \
+        "[[models]]: each model_id is a file under an agent's model_dirs"
+fi
 # ---- TLS files (/etc/halo/tls, from `haloctl certs`) --------------------------
 # The daemons run as halo: their keys become root:halo 0640. The CA key and
 # people's keys (admin-*, read-only-*) stay as haloctl wrote them (0600).
@@ -178,8 +187,15 @@ if [ "$etcd" = 1 ]; then
 fi
 
 # ---- systemd ---------------------------------------------------------------
+next_steps() {
+    say "next steps:"
+    say "  1. edit the config named above under /etc/halo"
+    say "  2. put this node's certificate, key and ca.pem in /etc/halo/tls (haloctl certs; README: TLS) and run this again"
+    say "  3. systemctl start ${units[*]}; the log: journalctl -u ${units[0]}"
+}
 if [ -n "$destdir" ]; then
     say "dry run: staged under $destdir; would run: systemctl daemon-reload && systemctl enable ${units[*]}"
+    next_steps
     exit 0
 fi
 if ! [ -d /run/systemd/system ]; then
@@ -193,5 +209,6 @@ if [ "$now" = 1 ]; then
     systemctl restart "${units[@]}"
     systemctl --no-pager status "${units[@]}" || true
 else
-    say "enabled ${units[*]}; start with: systemctl start ${units[*]}"
+    say "enabled ${units[*]}"
+    next_steps
 fi
