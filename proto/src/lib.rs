@@ -31,6 +31,8 @@ pub mod etcd {
 }
 
 pub mod domain;
+#[cfg(feature = "fuzz")]
+pub mod fuzz;
 pub mod limits;
 pub mod notify;
 pub mod runtime;

@@ -17,9 +17,7 @@ use libfuzzer_sys::fuzz_target;
 use proto::domain::{InstanceKind, InstanceOptions, ReplicaKey};
 use proto::v1;
 
-#[path = "common/mod.rs"]
-mod common;
-use common::decode;
+use proto::fuzz::decode;
 
 /// The status a refused request is answered with (what the client sees).
 fn answer(e: Error) {

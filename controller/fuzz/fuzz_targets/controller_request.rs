@@ -7,7 +7,7 @@
 //! or an error, never a panic; what decodes must survive a re-encode, and
 //! what validates must survive the wire and the store.
 //!
-//! Run from `agent/fuzz`: `cargo fuzz run controller_request` (nightly), or
+//! Run from `controller/fuzz`: `cargo fuzz run controller_request` (nightly), or
 //! on a stable toolchain `RUSTC_BOOTSTRAP=1 cargo fuzz run controller_request`.
 
 #![no_main]
@@ -19,9 +19,7 @@ use proto::domain::{CatalogEntry, InstanceOptions, Placement, ReplicaKey};
 use proto::v1;
 use std::collections::BTreeMap;
 
-#[path = "common/mod.rs"]
-mod common;
-use common::decode;
+use proto::fuzz::decode;
 
 /// The status a refused request is answered with (what the client sees).
 fn answer(e: Error) {

@@ -3,12 +3,14 @@
 few valid requests of each kind, encoded as the targets read them (one
 selector byte, then the protobuf message, or for what the store holds, its
 JSON). Field numbers follow proto/halo/v1/*.proto. Run from anywhere:
-`python3 agent/fuzz/seeds.py`; it rewrites corpus/*/seed-*."""
+`python3 tests/fuzz_seeds.py`; it rewrites the seed-* files of
+agent/fuzz/corpus/agent_request and controller/fuzz/corpus/controller_request."""
 
 import json
 import os
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FUZZ = {"agent_request": "agent", "controller_request": "controller"}
 
 
 def varint(n):
@@ -45,7 +47,7 @@ def msg(*fields):
 
 
 def write(target, name, selector, body):
-    d = os.path.join(HERE, "corpus", target)
+    d = os.path.join(REPO, FUZZ[target], "fuzz", "corpus", target)
     os.makedirs(d, exist_ok=True)
     with open(os.path.join(d, "seed-" + name), "wb") as f:
         f.write(bytes([selector]) + body)
