@@ -10,7 +10,10 @@
 //! * [`state`]: what survives an agent restart (atomic JSON + lock).
 //! * [`service`]: the gRPC `AgentService`; [`error`]: its status codes.
 //! * [`daemon`]: wiring and graceful shutdown; [`cli`]: the binary.
-//! * [`notify`]: systemd readiness, stopping and watchdog (`sd_notify`).
+//!
+//! systemd readiness, stopping and watchdog (`sd_notify`) and the logging
+//! and signal setup are shared with the controller: `proto::notify`,
+//! `proto::runtime`.
 
 pub mod cli;
 pub mod config;
