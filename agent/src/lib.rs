@@ -3,7 +3,12 @@
 //! controller. `main.rs` is a thin shell over [`cli::main`].
 //!
 //! * [`config`]: file < env < flag, validated before anything is bound.
+//! * [`gguf`]: the GGUF header reader (untrusted input, bounded) and
+//!   [`gguf::params`], a model's shape and tensor bytes per block.
 //! * [`scan`]: model directories → models (ids, params or why broken).
+//! * [`probe`]: memory readings (RAM, amdgpu VRAM/GTT, per process, PSI)
+//!   under a root directory; [`procfs`]: process identity and signals.
+//! * [`loadlog`]: llama.cpp's load log → the buffers it really allocated.
 //! * [`llamabuild`]: the node's llama.cpp build (version, GPU devices, RPC).
 //! * [`supervisor`]: instances (llama-server and ggml-rpc-server): spawn,
 //!   watch, restart, stop, re-adopt.
