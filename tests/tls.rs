@@ -616,6 +616,57 @@ async fn mutual_tls_refuses_every_wrong_caller_on_every_method_and_places_with_t
         o.status.success() && String::from_utf8_lossy(&o.stdout).contains("tiny-tls"),
         "status with haloctl.toml: {o:?}"
     );
+    // What a person gets wrong first, each told as what it is.
+    let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    // An agent's port is no controller (exit 3, not "Unimplemented").
+    let agent_url = format!("https://127.0.0.1:{ap}");
+    let mut args = vec!["--controller", agent_url.as_str(), "status"];
+    args.extend(alice.iter().map(String::as_str));
+    let o = haloctl(&args);
+    assert_eq!(o.status.code(), Some(3), "{o:?}");
+    assert!(
+        stderr(&o).contains("is not a halo-controller"),
+        "{}",
+        stderr(&o)
+    );
+    // https:// without a certificate: a usage error said once, before any
+    // connection, and no "is it running?".
+    let o = Command::new(HALOCTL)
+        .args(["--controller", url.as_str(), "status"])
+        .env_remove("HALO_TLS_CERT")
+        .env_remove("HALO_TLS_KEY")
+        .env_remove("HALO_TLS_CA")
+        .env("XDG_CONFIG_HOME", "/nonexistent")
+        .env("HALO_LOCAL_DIR", "/srv/halo-local")
+        .output()
+        .expect("haloctl");
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(e.contains("has no client certificate"), "{e}");
+    assert!(!e.contains("running?"), "{e}");
+    assert_eq!(e.matches("HTTPS without TLS").count(), 0, "{e}");
+    // The hint names where HALO_LOCAL_DIR put the quick start's settings.
+    assert!(e.contains("/srv/halo-local/env"), "{e}");
+    // An expired own certificate: exit 3 with the TLS cause.
+    let old = [
+        "--tls-cert",
+        &pki.file("admin-old.pem"),
+        "--tls-key",
+        &pki.file("admin-old.key"),
+        "--tls-ca",
+        &pki.file("ca.pem"),
+    ]
+    .map(str::to_owned);
+    let mut args = vec!["--controller", url.as_str(), "status"];
+    args.extend(old.iter().map(String::as_str));
+    let o = haloctl(&args);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(3), "{o:?}");
+    assert!(
+        e.contains("a TLS failure") && e.contains("admin-old.pem has expired"),
+        "{e}"
+    );
+
     // Unplace as admin stops the instance.
     let mut unplace = vec!["--controller", url.as_str(), "unplace", "tiny-tls"];
     unplace.extend(alice.iter().map(String::as_str));

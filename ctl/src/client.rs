@@ -44,6 +44,10 @@ pub struct Target {
     pub source: Source,
     /// Mutual TLS to the controller, when configured (`https://` URLs).
     pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// haloctl's own certificate when it has expired: a failed connection
+    /// is then blamed on it, whatever the transport says (TLS 1.3 can lose
+    /// the server's alert to a reset).
+    pub expired_cert: Option<PathBuf>,
 }
 
 /// `--tls-cert`, `--tls-key` and `--tls-ca` as given on the command line;
@@ -70,6 +74,7 @@ impl Target {
                     url: normalize(u),
                     source,
                     tls: None,
+                    expired_cert: None,
                 });
             }
         }
@@ -81,12 +86,14 @@ impl Target {
                 url: normalize(&url),
                 source: Source::File(path),
                 tls: None,
+                expired_cert: None,
             });
         }
         Ok(Target {
             url: DEFAULT_CONTROLLER.to_owned(),
             source: Source::Default,
             tls: None,
+            expired_cert: None,
         })
     }
 
@@ -133,7 +140,8 @@ impl Target {
         if let Some(files) = files {
             let material = files.load().map_err(|e| Failure::Usage(e.to_string()))?;
             let now = proto::units::now_unix();
-            if let Some(w) = proto::tls::cert_not_after_unix(material.cert_pem()).and_then(|na| {
+            let not_after = proto::tls::cert_not_after_unix(material.cert_pem());
+            if let Some(w) = not_after.and_then(|na| {
                 crate::cluster::cert_warning(
                     &format!("haloctl's certificate {}", files.cert.display()),
                     na,
@@ -141,6 +149,9 @@ impl Target {
                 )
             }) {
                 eprintln!("{w}");
+            }
+            if not_after.is_some_and(|na| na <= now) {
+                self.expired_cert = Some(files.cert.clone());
             }
             self.tls = Some(material.client_config());
             if let Some(rest) = self.url.strip_prefix("http://") {
@@ -167,18 +178,46 @@ impl Target {
         // A controller speaks mutual TLS unless started with
         // --insecure-loopback-only: a plaintext attempt fails at the TLS
         // handshake, which looks like a dropped connection.
-        let tls_hint = if self.tls.is_none() {
-            "\nhint: halo-controller speaks mutual TLS unless started with \
-             --insecure-loopback-only: give haloctl a certificate with --tls-cert, --tls-key \
-             and --tls-ca (or HALO_TLS_CERT/KEY/CA, or tls_* in haloctl.toml); the local \
-             cluster's are in .halo-local/env"
+        let hint = if let Some(cert) = &self.expired_cert {
+            format!(
+                "hint: a TLS failure: haloctl's certificate {} has expired; \
+                 `haloctl certs issue admin NAME` makes a new one",
+                cert.display()
+            )
+        } else if is_tls_failure(why) {
+            format!(
+                "hint: a TLS failure: haloctl's certificate must be valid, not expired and \
+                 signed by the controller's CA, and --tls-ca must be the CA that signed the \
+                 controller's; `haloctl certs issue admin NAME` makes a new one; {}",
+                local_env_hint()
+            )
+        } else if self.tls.is_none() {
+            format!(
+                "hint: is halo-controller running? `bash deploy/quickstart.sh` starts a local \
+                 cluster; `haloctl --controller http://HOST:7300 …` points elsewhere\n\
+                 hint: halo-controller speaks mutual TLS unless started with \
+                 --insecure-loopback-only: {}",
+                cert_flags_hint()
+            )
         } else {
-            ""
+            "hint: is halo-controller running? `bash deploy/quickstart.sh` starts a local \
+             cluster; `haloctl --controller http://HOST:7300 …` points elsewhere"
+                .to_owned()
         };
         Failure::Unreachable(format!(
-            "cannot reach the controller at {} ({}): {why}\n\
-             hint: is halo-controller running? `bash deploy/quickstart.sh` starts a local \
-             cluster; `haloctl --controller http://HOST:7300 …` points elsewhere{tls_hint}",
+            "cannot reach the controller at {} ({}): {why}\n{hint}",
+            self.url,
+            self.origin()
+        ))
+    }
+
+    /// The failure for an address that answers gRPC but is no controller
+    /// (exit 3): most often an agent's port.
+    pub fn not_a_controller(&self) -> Failure {
+        Failure::Unreachable(format!(
+            "{} ({}) is not a halo-controller: it does not serve halo.v1.ControllerService\n\
+             hint: is it an agent's port? Point haloctl at the controller (port 7300 unless \
+             its `listen` says otherwise)",
             self.url,
             self.origin()
         ))
@@ -196,8 +235,18 @@ impl Target {
         ))
     }
 
-    /// Connects (bounded by a timeout).
+    /// Connects (bounded by a timeout). An `https://` address without a
+    /// client certificate is a usage error before any connection: the
+    /// controller would refuse the handshake anyway.
     pub async fn connect(&self) -> Result<Client, Failure> {
+        if self.tls.is_none() && self.url.starts_with("https://") {
+            return Err(Failure::Usage(format!(
+                "{} ({}) speaks mutual TLS and haloctl has no client certificate: {}",
+                self.url,
+                self.origin(),
+                cert_flags_hint()
+            )));
+        }
         let mut ep = Endpoint::from_shared(self.url.clone())
             .map_err(|e| Failure::Usage(format!("bad controller address `{}`: {e}", self.url)))?;
         if let Some(tls) = &self.tls {
@@ -226,6 +275,22 @@ impl Target {
         }
         match s.code() {
             Code::Unavailable => self.unreachable(s.message()),
+            Code::Unimplemented => self.not_a_controller(),
+            // A connection that broke under the call (e.g. the controller
+            // refused this client's certificate after the handshake): the
+            // cause is in the status's source, not its message.
+            Code::Unknown if std::error::Error::source(&s).is_some() => {
+                let mut why = s.message().to_owned();
+                if let Some(src) = std::error::Error::source(&s) {
+                    let chain = proto::error_chain(src);
+                    why = if chain.starts_with(&why) {
+                        chain
+                    } else {
+                        format!("{why}: {chain}")
+                    };
+                }
+                self.unreachable(&why)
+            }
             Code::NotFound | Code::InvalidArgument | Code::FailedPrecondition => {
                 Failure::Refused(s.message().to_owned())
             }
@@ -235,6 +300,40 @@ impl Target {
                 s.message()
             )),
         }
+    }
+}
+
+/// Whether a transport failure is TLS's (a certificate refused, an alert).
+fn is_tls_failure(why: &str) -> bool {
+    let w = why.to_ascii_lowercase();
+    ["certificate", "alert", "tls handshake", "handshake"]
+        .iter()
+        .any(|k| w.contains(k))
+}
+
+/// How to give haloctl a certificate, naming where the quick start put its
+/// own.
+fn cert_flags_hint() -> String {
+    format!(
+        "give haloctl a certificate with --tls-cert, --tls-key and --tls-ca (or \
+         HALO_TLS_CERT/KEY/CA, or tls_* in haloctl.toml); {}",
+        local_env_hint()
+    )
+}
+
+/// Where the quick start's haloctl settings are: `$HALO_LOCAL_DIR/env` when
+/// that is set, else its default.
+fn local_env_hint() -> String {
+    match std::env::var("HALO_LOCAL_DIR") {
+        Ok(d) if !d.trim().is_empty() => {
+            format!(
+                "the local cluster's are exported by `. {}/env`",
+                d.trim_end_matches('/')
+            )
+        }
+        _ => "the local cluster's are exported by `. .halo-local/env` (or \
+              $HALO_LOCAL_DIR/env where the quick start ran with HALO_LOCAL_DIR)"
+            .to_owned(),
     }
 }
 
@@ -295,6 +394,7 @@ mod tests {
             url: "http://10.0.0.9:7300".into(),
             source: Source::Flag,
             tls: None,
+            expired_cert: None,
         };
         for s in [
             tonic::Status::cancelled("Timeout expired"),

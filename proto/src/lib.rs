@@ -44,13 +44,18 @@ pub mod units;
 pub use domain::ConversionError;
 
 /// An error and its sources, `: `-separated, on one line (transport errors
-/// hide the useful part, such as a TLS alert, in their sources).
+/// hide the useful part, such as a TLS alert, in their sources). A source
+/// whose text the line already holds (many errors print their source) is
+/// left out.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let part = c.to_string();
+        if !s.contains(&part) {
+            s.push_str(": ");
+            s.push_str(&part);
+        }
         cur = c.source();
     }
     s
