@@ -116,3 +116,26 @@ fn memory_reads_the_strix_halo_fixture_as_one_unified_pool() {
     assert_eq!(v["unified_memory"], true);
     assert_eq!(v["usable_bytes"].as_u64(), Some(129_385_889_792));
 }
+
+#[test]
+fn memory_with_a_root_that_is_no_machine_exits_1_saying_so() {
+    let out = haloctl(&["memory", "--root", "/nonexistent"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = text(&out.stderr);
+    assert!(err.contains("/nonexistent has no proc/meminfo"), "{err}");
+    assert!(text(&out.stdout).is_empty(), "no table of unknowns");
+}
+
+#[test]
+fn fixture_write_says_how_little_disk_a_sparse_model_uses() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ds.gguf");
+    let p = path.display().to_string();
+    let out = haloctl(&["fixture", "write", "deepseek-v3.1-1bit", &p]);
+    assert!(out.status.success(), "{out:?}");
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("158.4 GiB") && said.contains("on disk: a sparse file"),
+        "{said}"
+    );
+}

@@ -40,6 +40,41 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// The commands that never reach the controller.
+pub const OFFLINE: [&str; 5] = ["inspect", "memory", "fixture", "certs", "completions"];
+
+/// The flags that say how to reach the controller.
+const CONNECTION_FLAGS: [&str; 4] = ["controller", "tls_cert", "tls_key", "tls_ca"];
+
+/// haloctl's command line as clap builds it, with the connection flags
+/// left out of the offline commands' help (they still parse there, as
+/// global flags do, and mean nothing).
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    // A subcommand that already has a global's id keeps its own copy when
+    // globals are propagated: give the offline ones hidden copies.
+    let hidden: Vec<clap::Arg> = cmd
+        .get_arguments()
+        .filter(|a| CONNECTION_FLAGS.contains(&a.get_id().as_str()))
+        .map(|a| a.clone().hide(true))
+        .collect();
+    OFFLINE.iter().fold(cmd, |cmd, name| {
+        cmd.mut_subcommand(name, |c| hidden.iter().cloned().fold(c, clap::Command::arg))
+    })
+}
+
+/// Parses haloctl's arguments (the first is the program name).
+pub fn parse<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use clap::FromArgMatches;
+    let matches = command().try_get_matches_from(args)?;
+    Cli::from_arg_matches(&matches)
+}
+
 /// haloctl's commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {

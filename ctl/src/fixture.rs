@@ -53,7 +53,20 @@ pub fn run(args: &FixtureArgs) -> Result<(), Failure> {
                 fixtures::write_sparse_with(kind, path, vocab)
             }
             .with_context(|| format!("writing {}", path.display()))?;
-            print(&format!("wrote {} ({})\n", path.display(), bytes(size)));
+            // A sparse file's size is not what it costs: say both.
+            let disk = std::fs::metadata(path)
+                .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+                .ok();
+            let line = match disk {
+                Some(d) if d < size => format!(
+                    "wrote {} ({}, {} on disk: a sparse file, its data a hole)\n",
+                    path.display(),
+                    bytes(size),
+                    bytes(d)
+                ),
+                _ => format!("wrote {} ({})\n", path.display(), bytes(size)),
+            };
+            print(&line);
             Ok(())
         }
     }

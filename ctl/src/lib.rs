@@ -44,8 +44,7 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    use clap::Parser;
-    let cli = match cli::Cli::try_parse_from(args) {
+    let cli = match cli::parse(args) {
         Ok(c) => c,
         Err(e) => {
             let code = if e.use_stderr() { 2 } else { 0 };
@@ -71,9 +70,8 @@ where
         cli::Command::Unplace(a) => target().and_then(|t| cluster::unplace(&t, &a)),
         cli::Command::Place(a) => target().and_then(|t| place::run(&t, &a)),
         cli::Command::Completions(a) => {
-            use clap::CommandFactory;
             let mut out = Vec::new();
-            clap_complete::generate(a.shell, &mut cli::Cli::command(), "haloctl", &mut out);
+            clap_complete::generate(a.shell, &mut cli::command(), "haloctl", &mut out);
             output::print(&String::from_utf8_lossy(&out));
             Ok(())
         }

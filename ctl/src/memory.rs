@@ -7,6 +7,15 @@ use agent::probe::Probe;
 
 /// Prints the probe's report.
 pub fn run(args: &MemoryArgs) -> Result<(), Failure> {
+    // Every figure would read "unknown": say the root is wrong instead.
+    let meminfo = args.root.join("proc/meminfo");
+    if !meminfo.is_file() {
+        return Err(Failure::Refused(format!(
+            "{} has no proc/meminfo: --root must be / or a copy of a machine's /proc and /sys \
+             (e.g. tests/fixtures/probe/strix-halo-128g)",
+            args.root.display()
+        )));
+    }
     let probe = Probe::new(&args.root);
     let report = probe.report(&probe.find_llama_servers());
     if args.output == Format::Json {

@@ -37,8 +37,7 @@ fn check(name: &str, actual: &str) {
 }
 
 fn help(args: &[&str]) -> String {
-    use clap::Parser;
-    match crate::cli::Cli::try_parse_from(args) {
+    match crate::cli::parse(args) {
         Ok(_) => panic!("{args:?} parsed instead of printing help"),
         Err(e) => e.render().to_string(),
     }
@@ -48,8 +47,7 @@ fn help(args: &[&str]) -> String {
 fn help_of_every_command_matches_its_snapshot() {
     check("help", &help(&["haloctl", "--help"]));
     // Every subcommand clap knows, so a new one cannot be missed.
-    use clap::CommandFactory;
-    let names: Vec<String> = crate::cli::Cli::command()
+    let names: Vec<String> = crate::cli::command()
         .get_subcommands()
         .map(|c| c.get_name().to_owned())
         .collect();
@@ -63,6 +61,23 @@ fn help_of_every_command_matches_its_snapshot() {
         let h = help(&["haloctl", "certs", sub, "--help"]);
         check(&format!("help-certs-{sub}"), &h);
     }
+}
+
+#[test]
+fn offline_commands_do_not_offer_the_controller_flags() {
+    for args in crate::cli::OFFLINE
+        .iter()
+        .map(|c| vec!["haloctl", c, "--help"])
+        .chain([vec!["haloctl", "certs", "issue", "--help"]])
+    {
+        let h = help(&args);
+        for flag in ["--controller", "--tls-cert", "--tls-key", "--tls-ca"] {
+            assert!(!h.contains(flag), "{args:?} offers {flag}:\n{h}");
+        }
+    }
+    // The commands that reach the controller still do.
+    let h = help(&["haloctl", "status", "--help"]);
+    assert!(h.contains("--controller") && h.contains("--tls-ca"), "{h}");
 }
 
 fn node(
