@@ -31,6 +31,7 @@ pub mod etcd {
 }
 
 pub mod domain;
+pub mod fsutil;
 pub mod limits;
 pub mod notify;
 pub mod runtime;
