@@ -30,6 +30,7 @@ pub mod etcd {
     }
 }
 
+pub mod backoff;
 pub mod domain;
 pub mod fsutil;
 pub mod limits;
