@@ -9,13 +9,9 @@
 //!
 //!     cargo bench -p tests --bench node_loss
 
-#[allow(dead_code)]
-#[path = "../cluster.rs"]
-mod cluster;
-
-use cluster::{connect, eventually, tiny_controller, tiny_speed_pair, wait_nodes};
 use proto::v1;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tests::cluster::{connect, eventually, tiny_controller, tiny_speed_pair, wait_nodes};
 
 const RUNS: usize = 10;
 const MOVE_AFTER_MS: i64 = 3000;

@@ -7,15 +7,11 @@
 //!
 //!     cargo bench -p tests --bench split
 
-#[allow(dead_code)]
-#[path = "../cluster.rs"]
-mod cluster;
-
-use cluster::{
-    Client, connect, endpoint, eventually, tiny_controller, tiny_speed_pair, wait_nodes,
-};
 use proto::v1;
 use std::time::{Duration, Instant};
+use tests::cluster::{
+    Client, connect, endpoint, eventually, tiny_controller, tiny_speed_pair, wait_nodes,
+};
 
 const ROUNDS: usize = 5;
 
