@@ -81,6 +81,13 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// Whether a bench runs as a smoke test (`HALO_BENCH_SMOKE=1`, as
+/// `tests/bench-smoke.sh` runs them): one short pass with tiny sizes that
+/// shows the bench still starts and finishes, no figures worth reading.
+pub fn smoke() -> bool {
+    std::env::var_os("HALO_BENCH_SMOKE").is_some_and(|v| v == "1")
+}
+
 /// Output bytes as text, invalid UTF-8 replaced.
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()

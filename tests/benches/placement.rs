@@ -4,6 +4,8 @@
 //! Targets: < 1 ms and < 20 ms per decision.
 //!
 //!     cargo bench -p tests --bench placement
+//!
+//! `HALO_BENCH_SMOKE=1`: one decision each, 10 nodes with 100 placements.
 
 use agent::gguf::fixtures::SparseModel;
 use controller::placement::{NodeState, PlaceRequest, SplitCaps, place};
@@ -12,6 +14,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tests::placing::{GIB, node, params};
+use tests::smoke;
 
 fn time(label: &str, runs: u32, mut f: impl FnMut() -> bool) {
     let mut samples: Vec<Duration> = Vec::new();
@@ -62,10 +65,13 @@ fn main() {
     }
     let names: Vec<String> = catalog.keys().cloned().collect();
 
+    // Smoke: one decision each, and 10 nodes carrying 100 placements.
+    let (small_runs, big_runs, nodes) = if smoke() { (1, 1, 10) } else { (500, 50, 1000) };
+
     // 2 nodes, 50 models.
     let two: Vec<NodeState> = (0..2).map(node).collect();
     let mut k = 0;
-    time("2 nodes, 50-model catalog", 500, || {
+    time("2 nodes, 50-model catalog", small_runs, || {
         k += 1;
         let req = PlaceRequest {
             role: "speed".into(),
@@ -76,8 +82,8 @@ fn main() {
     });
 
     // 1,000 nodes, 10,000 placements (10 small ones per node).
-    let many: Vec<NodeState> = (0..1000).map(node).collect();
-    let placements: Vec<Placement> = (0..10_000)
+    let many: Vec<NodeState> = (0..nodes).map(node).collect();
+    let placements: Vec<Placement> = (0..nodes * 10)
         .map(|i| Placement {
             name: format!("p{i:05}"),
             role: "speed".into(),
@@ -95,14 +101,15 @@ fn main() {
             priority: 1,
             replicas: vec![Replica {
                 index: 0,
-                node: format!("node-{:04}", i % 1000),
+                node: format!("node-{:04}", i % nodes),
                 generation: 1,
             }],
             paused: false,
             split: None,
         })
         .collect();
-    time("1,000 nodes, 10,000 placements", 50, || {
+    let label = format!("{nodes} nodes, {} placements", nodes * 10);
+    time(&label, big_runs, || {
         k += 1;
         let req = PlaceRequest {
             role: "speed".into(),
