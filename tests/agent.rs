@@ -9,7 +9,10 @@ use rustix::process::Signal;
 use std::net::TcpListener;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use tests::agent_node::*;
+use tests::agent_node::{
+    AGENT, Client, Node, alive, list, next_event, options, port_answers, post, signal_pid,
+    start_request, state_of, wait_instance, watch,
+};
 use tests::free_port;
 use tonic::Code;
 use tonic::transport::Channel;
