@@ -3,16 +3,16 @@
 //! on B, `llama-server --rpc` on A) and answer a chat; the refusals of RPC
 //! starts; the agent's proxy admitting only the allowed client; an RPC
 //! server killed with SIGKILL failing without a restart; and re-adoption
-//! after an agent restart. The harness is `agent.rs`'s `Node`.
+//! after an agent restart. The harness is `tests::agent_node::Node`.
 
-use crate::agent::{
-    Client, Node, alive, list, options, port_answers, post, signal_pid, start_request, state_of,
-    wait_instance, watch,
-};
 use proto::v1;
 use rustix::process::Signal;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+use tests::agent_node::{
+    Client, Node, alive, list, options, port_answers, post, signal_pid, start_request, state_of,
+    wait_instance, watch,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 

@@ -1,18 +1,21 @@
 //! Harness for the controller's multi-process tests: a real etcd on free
 //! loopback ports with its own data dir, real agents (`halo-agent-shim`)
-//! and real controllers (`halo-controller-shim`), each a [`tests::Proc`]
+//! and real controllers (`halo-controller-shim`), each a [`crate::Proc`]
 //! whose log is printed when a test fails. Agents, controllers and clients
 //! speak mutual TLS with certificates from the test process's CA
-//! ([`tests::pki`]), as a deployment does, unless a test passes its own
+//! ([`crate::pki`]), as a deployment does, unless a test passes its own
 //! `--tls-*` flags or `--insecure-loopback-only`.
 
+use crate::{Proc, bin, free_port, free_range, port_outside, wait_for};
+use proto::v1;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::LazyLock;
 use std::time::Duration;
-use tests::{Proc, free_port, wait_for};
 
 /// A real etcd server.
+#[derive(Debug)]
 pub struct Etcd {
     /// The process, killed on drop.
     _server: Proc,
@@ -102,47 +105,17 @@ impl Etcd {
 }
 
 /// The agent daemon binary of this package.
-pub const AGENT: &str = env!("CARGO_BIN_EXE_halo-agent-shim");
+pub static AGENT: LazyLock<PathBuf> = LazyLock::new(|| bin("halo-agent-shim"));
 /// The controller daemon binary of this package.
-pub const CONTROLLER: &str = env!("CARGO_BIN_EXE_halo-controller-shim");
+pub static CONTROLLER: LazyLock<PathBuf> = LazyLock::new(|| bin("halo-controller-shim"));
 
 /// The simulated 128 GB Strix Halo probe tree.
 pub fn strix_halo_probe() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/probe/strix-halo-128g")
 }
 
-/// A loopback port outside `range`.
-pub fn port_outside(range: (u16, u16)) -> u16 {
-    loop {
-        let p = free_port();
-        if !(range.0..=range.1).contains(&p) {
-            return p;
-        }
-    }
-}
-
-/// `n` consecutive loopback ports that are free now.
-pub fn free_range(n: u16) -> (u16, u16) {
-    for _ in 0..200 {
-        let first = 20_000 + (rand_u16() % 30_000);
-        let Some(last) = first.checked_add(n - 1) else {
-            continue;
-        };
-        if (first..=last).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
-            return (first, last);
-        }
-    }
-    panic!("no {n} free consecutive ports");
-}
-
-fn rand_u16() -> u16 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    u16::try_from((t ^ std::process::id().wrapping_mul(2_654_435_761)) % 65_536).unwrap_or(0)
-}
-
 /// One node: model dir, state dir, ports, and its agent process (restartable).
+#[derive(Debug)]
 pub struct AgentNode {
     /// Node name.
     pub name: String,
@@ -204,7 +177,7 @@ impl AgentNode {
     pub fn start(&mut self) {
         assert!(self.proc.is_none(), "agent {} already running", self.name);
         self.runs += 1;
-        let mut cmd = Command::new(AGENT);
+        let mut cmd = Command::new(&*AGENT);
         cmd.arg("--node-name")
             .arg(&self.name)
             .arg("--listen")
@@ -212,7 +185,7 @@ impl AgentNode {
             .arg("--model-dir")
             .arg(&self.models)
             .arg("--llama-server")
-            .arg(tests::llama_bin("llama-server"))
+            .arg(crate::llama_bin("llama-server"))
             .arg("--port-range")
             .arg(format!("{}-{}", self.ports.0, self.ports.1))
             .arg("--state-dir")
@@ -227,7 +200,7 @@ impl AgentNode {
             cmd.arg("--role").arg(r);
         }
         if !chooses_transport(&self.extra_args) {
-            cmd.args(tests::pki::pki().flags("agent", &self.name));
+            cmd.args(crate::pki::pki().flags("agent", &self.name));
         }
         cmd.args(&self.extra_args);
         let mut proc = Proc::spawn(
@@ -287,6 +260,7 @@ impl Drop for AgentNode {
 }
 
 /// A controller process (restartable) with its command line.
+#[derive(Debug)]
 pub struct ControllerProc {
     /// Listen port.
     pub port: u16,
@@ -328,7 +302,7 @@ impl ControllerProc {
     pub fn haloctl_env(&self) -> Vec<(&'static str, String)> {
         let mut env = vec![("HALO_CONTROLLER", self.url())];
         if self.tls() {
-            for (k, v) in tests::pki::pki().env("admin", "tester") {
+            for (k, v) in crate::pki::pki().env("admin", "tester") {
                 env.push((k, v.display().to_string()));
             }
         }
@@ -338,12 +312,12 @@ impl ControllerProc {
     /// Starts the controller and waits until it accepts connections.
     pub fn start(&mut self) {
         self.runs += 1;
-        let mut cmd = Command::new(CONTROLLER);
+        let mut cmd = Command::new(&*CONTROLLER);
         cmd.arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
             .args(&self.args)
             .args(if self.tls() {
-                tests::pki::pki().flags("controller", &self.name)
+                crate::pki::pki().flags("controller", &self.name)
             } else {
                 Vec::new()
             })
@@ -405,7 +379,7 @@ pub async fn connect(url: &str) -> Client {
 pub fn channel(url: &str, role: &str) -> tonic::transport::Endpoint {
     let ep = tonic::transport::Endpoint::from_shared(url.to_owned()).expect("url");
     if url.starts_with("https://") {
-        ep.tls_config(tests::pki::pki().client(role, "tester"))
+        ep.tls_config(crate::pki::pki().client(role, "tester"))
             .expect("tls config")
     } else {
         ep
@@ -569,4 +543,27 @@ pub async fn endpoint(
         }
     })
     .await
+}
+
+/// Managed, not-stopped instances the controller sees on every node.
+pub async fn live_instances(c: &mut Client) -> Vec<(String, v1::Instance)> {
+    let nodes = c
+        .list_nodes(v1::ListNodesRequest {})
+        .await
+        .expect("nodes")
+        .into_inner()
+        .nodes;
+    nodes
+        .into_iter()
+        .flat_map(|n| {
+            let name = n.node.map(|i| i.name).unwrap_or_default();
+            n.instances
+                .into_iter()
+                .filter(|i| {
+                    i.request_id.starts_with("halo.")
+                        && i.state != v1::InstanceState::Stopped as i32
+                })
+                .map(move |i| (name.clone(), i))
+        })
+        .collect()
 }

@@ -5,11 +5,11 @@
 //! exactly one instance: a start retried after a crash carries the same
 //! request id, so the agent returns the instance it already started.
 
-use crate::cluster::{connect, eventually, tiny_controller, tiny_speed_pair, wait_nodes};
-use crate::cluster_failover::live_instances;
 use proto::v1;
 use std::collections::BTreeMap;
 use std::time::Duration;
+use tests::cluster::live_instances;
+use tests::cluster::{connect, eventually, tiny_controller, tiny_speed_pair, wait_nodes};
 
 const PLACEMENTS: usize = 20;
 

@@ -6,34 +6,12 @@
 //! unreachable, the placement moves to the other node and answers there;
 //! when the agent comes back with the stale instance, exactly one remains.
 
-use crate::cluster::{
-    Client, chat, connect, endpoint, eventually, tiny_controller, tiny_speed_pair, wait_nodes,
-};
 use proto::v1;
 use std::time::{Duration, Instant};
-
-/// Managed, not-stopped instances the controller sees on every node.
-pub async fn live_instances(c: &mut Client) -> Vec<(String, v1::Instance)> {
-    let nodes = c
-        .list_nodes(v1::ListNodesRequest {})
-        .await
-        .expect("nodes")
-        .into_inner()
-        .nodes;
-    nodes
-        .into_iter()
-        .flat_map(|n| {
-            let name = n.node.map(|i| i.name).unwrap_or_default();
-            n.instances
-                .into_iter()
-                .filter(|i| {
-                    i.request_id.starts_with("halo.")
-                        && i.state != v1::InstanceState::Stopped as i32
-                })
-                .map(move |i| (name.clone(), i))
-        })
-        .collect()
-}
+use tests::cluster::{
+    Client, chat, connect, endpoint, eventually, live_instances, tiny_controller, tiny_speed_pair,
+    wait_nodes,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn floating_placement_moves_off_a_lost_node_and_one_instance_remains_when_it_returns() {

@@ -4,15 +4,15 @@
 //! agent: its term lapsed on its own clock, its writes compare the leader
 //! key, and the agent refuses its (older) leader revision.
 
-use crate::cluster::TINY_CATALOG;
-use crate::cluster::{
-    AgentNode, Client, ControllerProc, Etcd, connect, eventually, wait_nodes, write_catalog,
-};
-use crate::cluster_failover::live_instances;
 use agent::gguf::fixtures::write_tiny_llama;
 use proto::v1;
 use rustix::process::{Pid, Signal, kill_process};
 use std::time::{Duration, Instant};
+use tests::cluster::TINY_CATALOG;
+use tests::cluster::live_instances;
+use tests::cluster::{
+    AgentNode, Client, ControllerProc, Etcd, connect, eventually, wait_nodes, write_catalog,
+};
 use tonic::Code;
 
 fn place(name: &str) -> v1::PlaceRequest {
@@ -168,7 +168,7 @@ async fn paused_leader_is_replaced_and_on_waking_can_neither_write_nor_command_a
         .expect_err("A must not delete");
     assert_eq!(unplace.code(), Code::FailedPrecondition, "{unplace:?}");
     // The agent refuses A's term outright.
-    let mut agent = crate::cluster::agent_client(&node).await;
+    let mut agent = tests::cluster::agent_client(&node).await;
     let t1 = both
         .iter()
         .find(|(_, i)| i.request_id.starts_with("halo.t1."))

@@ -14,9 +14,6 @@
 //! skips them (`#[ignore]`, listed as skipped). Run without the images,
 //! they fail loudly instead of passing.
 
-use crate::cluster::{Client, channel, connect, eventually, wait_nodes};
-use crate::cluster::{chat, endpoint};
-use crate::cluster_failover::live_instances;
 use controller::store::{LEADER, Store};
 use proto::v1;
 use proto::v1::agent_service_client::AgentServiceClient;
@@ -25,6 +22,10 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+use tests::cluster::live_instances;
+use tests::cluster::{Client, channel, connect, eventually, wait_nodes};
+use tests::cluster::{chat, endpoint};
+use tests::text;
 use tonic::Code;
 
 /// The cluster's timings (deploy/compose/docker-compose.yml).
@@ -39,10 +40,6 @@ fn repo() -> PathBuf {
         .parent()
         .expect("repo root")
         .to_owned()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 /// The image tag `tests/compose.sh` built.

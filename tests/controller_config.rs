@@ -1,14 +1,14 @@
 //! `halo-controller`'s command line: a bad config is one line on stderr and
 //! exit 64, before anything is bound; `--help` documents every key.
 
-use crate::cluster::CONTROLLER;
 use std::net::TcpListener;
 use std::process::Command;
+use tests::cluster::CONTROLLER;
 
 /// Runs the controller in plaintext on loopback (these tests are about
 /// its other keys) unless `args` choose TLS or `--secure` is asked.
 fn run(args: &[&str]) -> (Option<i32>, String, String) {
-    let mut cmd = Command::new(CONTROLLER);
+    let mut cmd = Command::new(&*CONTROLLER);
     if !args
         .iter()
         .any(|a| a.starts_with("--tls") || *a == "--secure")
@@ -130,7 +130,7 @@ fn help_names_every_key_with_its_default_and_env_var() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plaintext_controller_never_dials_a_registered_mesh_node() {
-    use crate::cluster::{ControllerProc, connect, eventually};
+    use tests::cluster::{ControllerProc, connect, eventually};
     let dir = tempfile::tempdir().expect("tempdir");
     let store = dir.path().join("state.json").display().to_string();
     // A TLS controller registers a node on a mesh address in the store.

@@ -7,15 +7,15 @@
 //! from another CA each fail at start with one line saying it is TLS; and
 //! mixed or incomplete etcd TLS settings are config errors (exit 64).
 
-use crate::cluster::{ControllerProc, Etcd, TINY_CATALOG, write_catalog};
 use controller::store::etcd::{EtcdIdentity, EtcdStore, EtcdTls};
 use controller::store::{CATALOG, LEADER, Store};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use tests::cluster::{ControllerProc, Etcd, TINY_CATALOG, write_catalog};
 use tests::free_port;
 
-use crate::tls::ok;
+use tests::tls_client::ok;
 const CONTROLLER: &str = env!("CARGO_BIN_EXE_halo-controller-shim");
 
 /// halo's CA with an `etcd` certificate for etcd and a `controller` one for
@@ -180,7 +180,7 @@ async fn controller_on_tls_etcd_with_client_cert_leads_and_writes_desired_state(
     assert!(ctl.logs().contains("elected leader"), "{}", ctl.logs());
 
     // The same data through the controller's API.
-    let mut c = crate::cluster::connect(&ctl.url()).await;
+    let mut c = tests::cluster::connect(&ctl.url()).await;
     let models = c
         .list_catalog(proto::v1::ListCatalogRequest::default())
         .await

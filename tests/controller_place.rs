@@ -5,11 +5,11 @@
 //! held in desired state but no instance is started); the decisions and
 //! their arithmetic are the real ones.
 
-use crate::cluster::{AgentNode, ControllerProc, connect, wait_nodes, write_catalog};
 use agent::gguf::fixtures::{SparseModel, VocabStyle, write_sparse_with};
 use controller::placement::{estimate_options, margin};
 use proto::v1;
 use std::time::Duration;
+use tests::cluster::{AgentNode, ControllerProc, connect, wait_nodes, write_catalog};
 
 fn sparse(node: &AgentNode, kind: SparseModel) {
     write_sparse_with(

@@ -4,49 +4,15 @@
 //! eviction, replicas, candidates, observed figures (of running replicas
 //! and of real loads sizing new requests).
 
-use agent::gguf::fixtures::{SparseModel, VocabStyle, write_sparse_with};
+use agent::gguf::fixtures::SparseModel;
 use controller::estimate::{EstimateSource, ObservedRecord, estimate};
 use controller::placement::{
-    Liveness, NodeState, PlaceRequest, SplitCaps, estimate_options, margin, place, used_by_node,
+    Liveness, PlaceRequest, estimate_options, margin, place, used_by_node,
 };
 use proto::domain::CatalogEntry;
 use proto::domain::{ModelParams, ObservedBuffers};
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
-
-const GIB: u64 = 1 << 30;
-/// What the Strix Halo probe fixture reports usable.
-const USABLE: u64 = 120 * GIB + GIB / 2;
-const RESERVE: u64 = 4 * GIB;
-
-fn params(kind: SparseModel) -> Arc<ModelParams> {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("m.gguf");
-    write_sparse_with(kind, &path, VocabStyle::SizeOnly).expect("fixture");
-    let model = agent::gguf::read_model(&path).expect("header");
-    Arc::new(agent::gguf::model_params(&model).expect("params"))
-}
-
-fn node(name: &str, role: &str, models: &[(SparseModel, &Arc<ModelParams>)]) -> NodeState {
-    NodeState {
-        name: name.into(),
-        roles: vec![role.into()],
-        liveness: Liveness::Ready,
-        usable_bytes: Some(USABLE),
-        reserve_bytes: RESERVE,
-        models: models
-            .iter()
-            .map(|(k, p)| (k.spec().file_name.to_owned(), (*p).clone()))
-            .collect(),
-        observed: HashMap::new(),
-        loads: Vec::new(),
-        split: SplitCaps {
-            llama_version: "version: 1 (test)".into(),
-            rpc_server: true,
-            gpu: true,
-        },
-    }
-}
+use std::collections::BTreeMap;
+use tests::placing::{GIB, RESERVE, USABLE, node, params};
 
 fn entry(kind: SparseModel, ctx: u32, priority: i32) -> CatalogEntry {
     let mut e = CatalogEntry::new(kind.spec().name, kind.spec().file_name);

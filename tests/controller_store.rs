@@ -1,10 +1,10 @@
 //! The store conformance suite (`controller::store::conformance`) on both
 //! backends: a real etcd started for the test, and the embedded file store.
 
-use crate::cluster::Etcd;
 use controller::store::etcd::EtcdStore;
 use controller::store::file::FileStore;
 use controller::store::{Compare, Op, Store, conformance};
+use tests::cluster::Etcd;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_conformance_holds_on_a_real_etcd() {

@@ -3,6 +3,7 @@
 use agent::gguf::fixtures::{self, SparseModel, VocabStyle};
 use std::path::Path;
 use std::process::{Command, Output};
+use tests::text;
 
 fn haloctl(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_haloctl-shim"))
@@ -10,10 +11,6 @@ fn haloctl(args: &[&str]) -> Output {
         .env_remove("HALO_PROBE_ROOT")
         .output()
         .expect("run haloctl")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 fn sparse(dir: &Path, kind: SparseModel) -> String {

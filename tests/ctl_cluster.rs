@@ -7,13 +7,13 @@
 //! model, unknown role, refusal with arithmetic (exit 1), unreachable
 //! controller (exit 3), usage (exit 2).
 
-use crate::cluster::chat;
-use crate::cluster::{AgentNode, ControllerProc, write_catalog};
 use agent::gguf::fixtures::{self, SparseModel, VocabStyle, write_tiny_llama};
 use std::io::BufRead;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
-use tests::wait_for;
+use tests::cluster::chat;
+use tests::cluster::{AgentNode, ControllerProc, write_catalog};
+use tests::{text, wait_for};
 
 const HALOCTL: &str = env!("CARGO_BIN_EXE_haloctl-shim");
 
@@ -56,10 +56,6 @@ impl Ctl {
     fn run(&self, args: &[&str]) -> Output {
         self.cmd().args(args).output().expect("run haloctl")
     }
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 fn show(o: &Output) -> String {
@@ -403,7 +399,7 @@ impl Drop for Quickstart {
 fn quickstart_answers_runs_twice_and_down_leaves_no_process() {
     let qs = Quickstart {
         dir: tempfile::tempdir().expect("tempdir"),
-        port: crate::cluster::free_range(30).0,
+        port: tests::free_range(30).0,
     };
     let up = qs.run("up");
     assert_eq!(up.status.code(), Some(0), "{}", show(&up));

@@ -12,7 +12,7 @@ use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-use tests::{free_port, llama_bin, wait_for};
+use tests::{free_port, llama_bin, text, wait_for};
 
 /// The highest `systemd-analyze security` exposure a unit may have.
 const MAX_EXPOSURE: f64 = 2.0;
@@ -55,10 +55,6 @@ fn tool(program: &str, install: &str, args: &[&str], cwd: Option<&Path>) -> Outp
         }
         Err(e) => panic!("run {program}: {e}"),
     }
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 const SYSTEMD_HINT: &str = "apt-get install -y systemd (systemd-analyze >= 250 for --offline)";

@@ -5,11 +5,11 @@
 //! and requests far above the message size limits. Every refusal must name
 //! the problem, start nothing, record nothing, and leave the daemon up.
 
-use crate::agent::{Client as AgentClient, options, start_request};
-use crate::cluster::{AgentNode, CONTROLLER, ControllerProc, connect, tiny_controller, wait_nodes};
 use proto::v1;
 use std::path::Path;
 use std::time::Duration;
+use tests::agent_node::{Client as AgentClient, options, start_request};
+use tests::cluster::{AgentNode, CONTROLLER, ControllerProc, connect, tiny_controller, wait_nodes};
 use tonic::Code;
 
 /// A model id as the table gives it.
@@ -477,7 +477,7 @@ async fn every_hostile_model_id_is_refused_at_every_entry_point_and_nothing_star
         ];
         match catalog_want {
             Refused(..) => {
-                let mut child = std::process::Command::new(CONTROLLER)
+                let mut child = std::process::Command::new(&*CONTROLLER)
                     .arg("--listen")
                     .arg("127.0.0.1:0")
                     .args(&args)

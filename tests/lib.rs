@@ -1,10 +1,18 @@
-//! Shared harness for halo's integration tests: where the llama.cpp binaries
-//! are, free ports, and real child processes that are killed (and whose logs
-//! are printed) when a test ends. [`parity`] compares halo's memory estimate
-//! with llama.cpp's own projection.
+//! Shared harness for halo's integration tests and the benches beside them:
+//! where the llama.cpp binaries and this package's shims are, free ports,
+//! and real child processes that are killed (and whose logs are printed)
+//! when a test ends. [`cluster`] runs etcd, agents and controllers;
+//! [`agent_node`] one agent alone; [`tls_client`] haloctl and TLS clients;
+//! [`placing`] placement inputs from the sparse fixtures; [`parity`]
+//! compares halo's memory estimate with llama.cpp's own projection.
+//! Test modules (`main.rs`) share helpers only through this library.
 
+pub mod agent_node;
+pub mod cluster;
 pub mod parity;
 pub mod pki;
+pub mod placing;
+pub mod tls_client;
 
 use std::io::Read;
 use std::net::TcpListener;
@@ -44,10 +52,88 @@ fn default_llama_dir() -> PathBuf {
     cache.join(format!("llama.cpp-{LLAMA_VERSION}")).join("bin")
 }
 
+/// A binary of this package (`halo-agent-shim`, `halo-controller-shim`,
+/// `haloctl-shim`). Cargo builds them for integration tests and benches
+/// but tells only those targets where (`CARGO_BIN_EXE_*`), not this
+/// library, so they are found at run time: nextest's
+/// `NEXTEST_BIN_EXE_<name>` when set, else beside the `deps/` directory the
+/// test or bench executable runs from (`target/<profile>/`).
+pub fn bin(name: &str) -> PathBuf {
+    for var in [
+        format!("NEXTEST_BIN_EXE_{name}"),
+        format!("CARGO_BIN_EXE_{name}"),
+    ] {
+        if let Some(p) = std::env::var_os(var) {
+            return PathBuf::from(p);
+        }
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join(name))
+        .unwrap_or_else(|| PathBuf::from(name));
+    assert!(
+        path.is_file(),
+        "{} not found (built with the tests and benches of package `tests`)",
+        path.display()
+    );
+    path
+}
+
+/// Whether a bench runs as a smoke test (`HALO_BENCH_SMOKE=1`, as
+/// `tests/bench-smoke.sh` runs them): one short pass with tiny sizes that
+/// shows the bench still starts and finishes, no figures worth reading.
+pub fn smoke() -> bool {
+    std::env::var_os("HALO_BENCH_SMOKE").is_some_and(|v| v == "1")
+}
+
+/// Output bytes as text, invalid UTF-8 replaced.
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     l.local_addr().expect("local addr").port()
+}
+
+/// A loopback port outside `range`.
+pub fn port_outside(range: (u16, u16)) -> u16 {
+    loop {
+        let p = free_port();
+        if !(range.0..=range.1).contains(&p) {
+            return p;
+        }
+    }
+}
+
+/// `n` consecutive loopback ports that are free now, for an agent's
+/// `--port-range`. The first is drawn from 20000..50000 by time and pid,
+/// not asked of the kernel: `free_port` (port 0) and every outgoing
+/// connection take ports from the ephemeral range (32768..60999), so a
+/// range starting at a port-0 port sits where the other processes of a
+/// concurrent test run are handed theirs, and two test processes asking
+/// at once tend to start near each other. Bounded: panics after 200 tries.
+pub fn free_range(n: u16) -> (u16, u16) {
+    for _ in 0..200 {
+        let first = 20_000 + (rand_u16() % 30_000);
+        let Some(last) = first.checked_add(n - 1) else {
+            continue;
+        };
+        if (first..=last).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+            return (first, last);
+        }
+    }
+    panic!("no {n} free consecutive ports");
+}
+
+fn rand_u16() -> u16 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    u16::try_from((t ^ std::process::id().wrapping_mul(2_654_435_761)) % 65_536).unwrap_or(0)
 }
 
 /// A child process killed on drop; its stderr goes to a log file that is

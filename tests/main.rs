@@ -3,7 +3,6 @@
 
 mod agent;
 mod agent_rpc;
-mod cluster;
 mod cluster_crash;
 mod cluster_failover;
 mod cluster_leader;

@@ -4,46 +4,10 @@
 use agent::gguf::fixtures::{SparseModel, VocabStyle, write_sparse_with};
 use controller::estimate::estimate;
 use controller::estimate::split::{self, SplitNode, assign_layers};
-use controller::placement::{Liveness, NodeState, PlaceRequest, SplitCaps, place};
-use proto::domain::{CatalogEntry, ModelParams};
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
-
-const GIB: u64 = 1 << 30;
-/// What the Strix Halo probe fixture reports usable.
-const USABLE: u64 = 120 * GIB + GIB / 2;
-const RESERVE: u64 = 4 * GIB;
-const BUILD: &str = "version: 11434 (test)";
-
-fn params(kind: SparseModel) -> Arc<ModelParams> {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("m.gguf");
-    write_sparse_with(kind, &path, VocabStyle::SizeOnly).expect("fixture");
-    let model = agent::gguf::read_model(&path).expect("header");
-    Arc::new(agent::gguf::model_params(&model).expect("params"))
-}
-
-fn node(name: &str, kind: SparseModel, p: &Arc<ModelParams>, caps: SplitCaps) -> NodeState {
-    NodeState {
-        name: name.into(),
-        roles: vec!["reasoning".into()],
-        liveness: Liveness::Ready,
-        usable_bytes: Some(USABLE),
-        reserve_bytes: RESERVE,
-        models: [(kind.spec().file_name.to_owned(), p.clone())].into(),
-        observed: HashMap::new(),
-        loads: Vec::new(),
-        split: caps,
-    }
-}
-
-fn caps(gpu: bool) -> SplitCaps {
-    SplitCaps {
-        llama_version: BUILD.into(),
-        rpc_server: true,
-        gpu,
-    }
-}
+use controller::placement::{NodeState, PlaceRequest, place};
+use proto::domain::CatalogEntry;
+use std::collections::BTreeMap;
+use tests::placing::{RESERVE, USABLE, node, params, split_caps};
 
 fn deepseek(ctx: u32) -> BTreeMap<String, CatalogEntry> {
     let k = SparseModel::DeepSeekV31;
@@ -66,8 +30,14 @@ fn deepseek_1bit_on_two_128_gb_nodes_is_offered_a_split_and_placed_with_split() 
     let k = SparseModel::DeepSeekV31;
     let ds = params(k);
     let nodes = vec![
-        node("halo1", k, &ds, caps(true)),
-        node("halo2", k, &ds, caps(true)),
+        NodeState {
+            split: split_caps(true),
+            ..node("halo1", "reasoning", &[(k, &ds)])
+        },
+        NodeState {
+            split: split_caps(true),
+            ..node("halo2", "reasoning", &[(k, &ds)])
+        },
     ];
     let cat = deepseek(16384);
 
@@ -127,22 +97,34 @@ fn deepseek_1bit_on_two_128_gb_nodes_is_offered_a_split_and_placed_with_split() 
 fn a_split_needs_the_same_llama_cpp_build_and_an_rpc_server_on_helpers() {
     let k = SparseModel::DeepSeekV31;
     let ds = params(k);
-    let mut other = caps(true);
+    let mut other = split_caps(true);
     other.llama_version = "version: 11000 (old)".into();
     let nodes = vec![
-        node("halo1", k, &ds, caps(true)),
-        node("halo2", k, &ds, other),
+        NodeState {
+            split: split_caps(true),
+            ..node("halo1", "reasoning", &[(k, &ds)])
+        },
+        NodeState {
+            split: other,
+            ..node("halo2", "reasoning", &[(k, &ds)])
+        },
     ];
     let d = place(&nodes, &[], &deepseek(16384), &place_req(true));
     assert!(!d.accepted);
     let text = d.explanation.join("\n");
     assert!(text.contains("RPC protocol must match"), "{text}");
 
-    let mut no_rpc = caps(true);
+    let mut no_rpc = split_caps(true);
     no_rpc.rpc_server = false;
     let nodes = vec![
-        node("halo1", k, &ds, caps(true)),
-        node("halo2", k, &ds, no_rpc),
+        NodeState {
+            split: split_caps(true),
+            ..node("halo1", "reasoning", &[(k, &ds)])
+        },
+        NodeState {
+            split: no_rpc,
+            ..node("halo2", "reasoning", &[(k, &ds)])
+        },
     ];
     let d = place(&nodes, &[], &deepseek(16384), &place_req(true));
     assert!(!d.accepted);
@@ -155,8 +137,14 @@ fn a_cpu_only_host_keeps_its_layers_on_its_cpu_and_offloads_the_rest() {
     let k = SparseModel::DeepSeekV31;
     let ds = params(k);
     let nodes = vec![
-        node("halo1", k, &ds, caps(false)),
-        node("halo2", k, &ds, caps(false)),
+        NodeState {
+            split: split_caps(false),
+            ..node("halo1", "reasoning", &[(k, &ds)])
+        },
+        NodeState {
+            split: split_caps(false),
+            ..node("halo2", "reasoning", &[(k, &ds)])
+        },
     ];
     let d = place(&nodes, &[], &deepseek(16384), &place_req(true));
     assert!(d.accepted, "{}", d.explanation.join("\n"));
@@ -287,7 +275,7 @@ fn deepseek_split_plan_matches_llama_fit_params_with_a_real_rpc_server() {
 }
 
 /// The placement's host replica as the controller reports it.
-async fn split_replica(c: &mut crate::cluster::Client, name: &str) -> Option<proto::v1::Replica> {
+async fn split_replica(c: &mut tests::cluster::Client, name: &str) -> Option<proto::v1::Replica> {
     c.list_placements(proto::v1::ListPlacementsRequest {})
         .await
         .ok()?
@@ -301,7 +289,7 @@ async fn split_replica(c: &mut crate::cluster::Client, name: &str) -> Option<pro
 }
 
 /// The recent events the controller keeps.
-async fn events(c: &mut crate::cluster::Client) -> Vec<proto::v1::ClusterEvent> {
+async fn events(c: &mut tests::cluster::Client) -> Vec<proto::v1::ClusterEvent> {
     let mut s = c
         .watch_events(proto::v1::WatchEventsRequest {
             follow: false,
@@ -318,7 +306,7 @@ async fn events(c: &mut crate::cluster::Client) -> Vec<proto::v1::ClusterEvent> 
 }
 
 /// Places the tiny model split across two nodes (it fits one).
-async fn place_tiny_split(c: &mut crate::cluster::Client) -> proto::v1::PlaceResponse {
+async fn place_tiny_split(c: &mut tests::cluster::Client) -> proto::v1::PlaceResponse {
     c.place(proto::v1::PlaceRequest {
         role: "speed".into(),
         model: "tiny".into(),
@@ -342,10 +330,10 @@ fn alive(pid: u32) -> bool {
 /// unplacing leaves no process behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiny_model_split_over_two_agents_answers_fails_as_a_whole_and_is_replanned() {
-    use crate::cluster::{chat, endpoint};
-    use crate::cluster::{connect, eventually, tiny_controller, tiny_speed_pair, wait_nodes};
     use proto::v1;
     use std::time::{Duration, Instant};
+    use tests::cluster::{chat, endpoint};
+    use tests::cluster::{connect, eventually, tiny_controller, tiny_speed_pair, wait_nodes};
 
     let dir = tempfile::tempdir().expect("tempdir");
     let nodes = tiny_speed_pair(dir.path(), 6);
@@ -498,7 +486,7 @@ async fn tiny_model_split_over_two_agents_answers_fails_as_a_whole_and_is_replan
     })
     .await
     .expect("unplace");
-    let gone = crate::cluster::eventually(Duration::from_secs(30), || {
+    let gone = tests::cluster::eventually(Duration::from_secs(30), || {
         let pids = pids.clone();
         async move { pids.iter().all(|&p| !alive(p)).then_some(()) }
     })
@@ -531,9 +519,9 @@ async fn tiny_model_split_over_two_agents_answers_fails_as_a_whole_and_is_replan
 /// has no weights to send over RPC.)
 #[test]
 fn haloctl_offers_and_dry_runs_the_deepseek_split_on_two_simulated_strix_halos() {
-    use crate::cluster::{AgentNode, ControllerProc, write_catalog};
     use std::process::Command;
     use std::time::Duration;
+    use tests::cluster::{AgentNode, ControllerProc, write_catalog};
 
     let dir = tempfile::tempdir().expect("tempdir");
     let k = SparseModel::DeepSeekV31;

@@ -5,43 +5,16 @@
 //! wrong role — each refused with nothing changed — and the right
 //! certificates placing the tiny model end to end.
 
-use crate::cluster::{AgentNode, ControllerProc, TINY_CATALOG, write_catalog};
 use proto::v1;
 use proto::v1::agent_service_client::AgentServiceClient;
 use proto::v1::controller_service_client::ControllerServiceClient;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
+use tests::cluster::{AgentNode, ControllerProc, TINY_CATALOG, write_catalog};
+use tests::tls_client::{HALOCTL, channel, client_config, haloctl, ok, tls_flags};
 use tonic::Code;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-
-const HALOCTL: &str = env!("CARGO_BIN_EXE_haloctl-shim");
-
-/// Runs haloctl with no controller, TLS or config file from the
-/// environment.
-pub(crate) fn haloctl(args: &[&str]) -> std::process::Output {
-    Command::new(HALOCTL)
-        .args(args)
-        .env_remove("HALO_CONTROLLER")
-        .env_remove("HALO_TLS_CERT")
-        .env_remove("HALO_TLS_KEY")
-        .env_remove("HALO_TLS_CA")
-        .env("XDG_CONFIG_HOME", "/nonexistent")
-        .output()
-        .expect("run haloctl")
-}
-
-/// [`haloctl`] that must succeed; its stdout.
-pub(crate) fn ok(args: &[&str]) -> String {
-    let o = haloctl(args);
-    assert!(
-        o.status.success(),
-        "haloctl {args:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 /// The CA, its certificates, and another CA's.
 struct Pki {
@@ -88,45 +61,6 @@ impl Pki {
     fn client(&self, who: Option<(&Path, &str)>) -> ClientTlsConfig {
         client_config(&self.dir, who)
     }
-}
-
-/// `--tls-cert/--tls-key/--tls-ca` for the `ROLE-NAME` files of the CA
-/// directory `dir` (as `haloctl certs` names them).
-pub(crate) fn tls_flags(dir: &Path, base: &str) -> Vec<String> {
-    let file = |name: String| dir.join(name).display().to_string();
-    vec![
-        "--tls-cert".into(),
-        file(format!("{base}.pem")),
-        "--tls-key".into(),
-        file(format!("{base}.key")),
-        "--tls-ca".into(),
-        file("ca.pem".into()),
-    ]
-}
-
-/// A client config trusting only the CA in `ca_dir`, showing `who` (a
-/// `ROLE-NAME` in a directory), or no certificate.
-pub(crate) fn client_config(ca_dir: &Path, who: Option<(&Path, &str)>) -> ClientTlsConfig {
-    let ca = std::fs::read(ca_dir.join("ca.pem")).expect("ca");
-    let mut c = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
-    if let Some((dir, base)) = who {
-        let cert = std::fs::read(dir.join(format!("{base}.pem"))).expect("cert");
-        let key = std::fs::read(dir.join(format!("{base}.key"))).expect("key");
-        c = c.identity(Identity::from_pem(cert, key));
-    }
-    c
-}
-
-/// A lazy channel to `https://127.0.0.1:PORT` with `tls` (each use of a
-/// new one makes a new handshake).
-pub(crate) fn channel(port: u16, tls: ClientTlsConfig) -> Channel {
-    Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
-        .expect("url")
-        .tls_config(tls)
-        .expect("tls")
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(10))
-        .connect_lazy()
 }
 
 /// Calls every AgentService method; each outcome's code (`Ok` for success).
@@ -368,7 +302,7 @@ async fn mutual_tls_refuses_every_wrong_caller_on_every_method_and_places_with_t
     // The controller reaches the agent through TLS with its own certificate.
     let admin_ctl =
         ControllerServiceClient::new(channel(cp, pki.client(Some((&tls_dir, "admin-alice")))));
-    let up = crate::cluster::wait_nodes(
+    let up = tests::cluster::wait_nodes(
         &mut admin_ctl.clone(),
         &["halo1"],
         v1::NodeStatus::Ready,
@@ -578,7 +512,7 @@ async fn mutual_tls_refuses_every_wrong_caller_on_every_method_and_places_with_t
         "status over TLS: {o:?}"
     );
     // The same through HALO_TLS_* and through haloctl.toml's keys.
-    let o = Command::new(HALOCTL)
+    let o = Command::new(&*HALOCTL)
         .args(["--controller", url.as_str(), "status"])
         .env("HALO_TLS_CERT", pki.file("read-only-bob.pem"))
         .env("HALO_TLS_KEY", pki.file("read-only-bob.key"))
@@ -603,7 +537,7 @@ async fn mutual_tls_refuses_every_wrong_caller_on_every_method_and_places_with_t
         ),
     )
     .expect("haloctl.toml");
-    let o = Command::new(HALOCTL)
+    let o = Command::new(&*HALOCTL)
         .arg("status")
         .env("XDG_CONFIG_HOME", &xdg)
         .env_remove("HALO_CONTROLLER")
@@ -631,7 +565,7 @@ async fn mutual_tls_refuses_every_wrong_caller_on_every_method_and_places_with_t
     );
     // https:// without a certificate: a usage error said once, before any
     // connection, and no "is it running?".
-    let o = Command::new(HALOCTL)
+    let o = Command::new(&*HALOCTL)
         .args(["--controller", url.as_str(), "status"])
         .env_remove("HALO_TLS_CERT")
         .env_remove("HALO_TLS_KEY")
@@ -671,7 +605,7 @@ async fn mutual_tls_refuses_every_wrong_caller_on_every_method_and_places_with_t
     let mut unplace = vec!["--controller", url.as_str(), "unplace", "tiny-tls"];
     unplace.extend(alice.iter().map(String::as_str));
     ok(&unplace);
-    let gone = crate::cluster::eventually(Duration::from_secs(30), || {
+    let gone = tests::cluster::eventually(Duration::from_secs(30), || {
         let mut a = agent_admin.clone();
         async move {
             let i = a
@@ -701,7 +635,7 @@ fn a_partial_tls_config_exits_64_with_one_line() {
     let store = dir.path().join("s.json").display().to_string();
     for (bin, extra) in [
         (
-            crate::cluster::AGENT,
+            tests::cluster::AGENT.as_path(),
             vec![
                 "--state-dir",
                 state.as_str(),
@@ -712,7 +646,7 @@ fn a_partial_tls_config_exits_64_with_one_line() {
             ],
         ),
         (
-            crate::cluster::CONTROLLER,
+            tests::cluster::CONTROLLER.as_path(),
             vec!["--store-path", store.as_str()],
         ),
     ] {
@@ -725,9 +659,9 @@ fn a_partial_tls_config_exits_64_with_one_line() {
             .output()
             .expect("run");
         let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(64), "{bin}: {err}");
-        assert_eq!(err.trim().lines().count(), 1, "{bin}: {err}");
-        assert!(err.contains("tls_key"), "{bin}: {err}");
+        assert_eq!(o.status.code(), Some(64), "{}: {err}", bin.display());
+        assert_eq!(err.trim().lines().count(), 1, "{}: {err}", bin.display());
+        assert!(err.contains("tls_key"), "{}: {err}", bin.display());
     }
 }
 
@@ -736,7 +670,7 @@ fn a_key_that_is_not_the_certificates_exits_64() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::make(dir.path());
     let store = dir.path().join("s.json").display().to_string();
-    let o = Command::new(crate::cluster::CONTROLLER)
+    let o = Command::new(&*tests::cluster::CONTROLLER)
         .args(["--store-path", store.as_str()])
         .args([
             "--tls-cert",

@@ -5,16 +5,16 @@
 //! key file keeps the last good material serving and is logged. The
 //! certificate's expiry reaches `haloctl nodes` through the controller.
 
-use crate::cluster::{AgentNode, ControllerProc, wait_nodes};
 use proto::v1;
 use proto::v1::agent_service_client::AgentServiceClient;
 use proto::v1::controller_service_client::ControllerServiceClient;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
+use tests::cluster::{AgentNode, ControllerProc, wait_nodes};
 use tonic::transport::ClientTlsConfig;
 
-use crate::tls::{channel, client_config, haloctl, ok, tls_flags};
+use tests::tls_client::{channel, client_config, haloctl, ok, tls_flags};
 
 /// A CA made by `haloctl certs init` in `root/NAME`, with an agent
 /// certificate valid `agent_days` days (None: the default), a controller

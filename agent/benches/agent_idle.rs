@@ -14,6 +14,13 @@
 //! Needs llama.cpp's `llama-server` (`HALO_LLAMA_BIN`, else the build
 //! script's cache). Targets: RSS < 10 MiB, idle CPU < 0.2 % of a core,
 //! Ready latency median < 100 ms.
+//!
+//! The agent serves plaintext gRPC on loopback (`--insecure-loopback-only`):
+//! what is measured is its idle footprint and its reaction to a health
+//! check, over one long-lived connection, not TLS handshakes. Every wait
+//! has a deadline; a failure exits non-zero with the agent's log.
+//! `HALO_BENCH_SMOKE=1` (tests/bench-smoke.sh): one instance, one second
+//! per measurement, one start, no exporter.
 
 use agent::gguf::fixtures::write_tiny_llama;
 use proto::v1::{self, agent_service_client::AgentServiceClient};
@@ -25,6 +32,18 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const AGENT: &str = env!("CARGO_BIN_EXE_halo-agent");
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// Whether `HALO_BENCH_SMOKE=1`: one short pass that only shows the bench
+/// still runs.
+fn smoke() -> bool {
+    std::env::var_os("HALO_BENCH_SMOKE").is_some_and(|v| v == "1")
+}
+
+/// Longest wait for the agent to serve, and for an instance to be Ready.
+const AGENT_UP: Duration = Duration::from_secs(20);
+const READY: Duration = Duration::from_secs(90);
+/// Deadline of each unary call.
+const CALL: Duration = Duration::from_secs(30);
 
 fn llama_server() -> PathBuf {
     let dir = std::env::var_os("HALO_LLAMA_BIN")
@@ -47,6 +66,18 @@ fn free_port() -> u16 {
 
 /// Kills the child on drop.
 struct Guard(Child);
+
+impl Guard {
+    /// An error carrying `what` and the agent's log so far (`log`).
+    fn fail(&mut self, log: &Path, what: impl std::fmt::Display) -> Error {
+        let status = match self.0.try_wait() {
+            Ok(Some(s)) => format!("exited with {s}"),
+            _ => "still running".to_owned(),
+        };
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        format!("{what} (halo-agent {status}); its log:\n{text}").into()
+    }
+}
 
 impl Drop for Guard {
     fn drop(&mut self) {
@@ -177,19 +208,46 @@ fn start_request(id: &str) -> v1::StartInstanceRequest {
     }
 }
 
+/// Reads `events` until `id` is Ready, at most [`READY`].
 async fn wait_ready(
     events: &mut tonic::Streaming<v1::AgentEvent>,
     id: &str,
 ) -> Result<(v1::Instance, Instant), Error> {
+    let deadline = tokio::time::Instant::now() + READY;
     loop {
-        let e = tokio::time::timeout(Duration::from_secs(60), events.message())
-            .await??
+        let e = tokio::time::timeout_at(deadline, events.message())
+            .await
+            .map_err(|_| format!("{id} not Ready within {READY:?}"))??
             .ok_or("watch ended")?;
         if let Some(v1::agent_event::Event::Instance(i)) = e.event
             && i.id == id
             && i.state() == v1::InstanceState::Ready
         {
             return Ok((i, Instant::now()));
+        }
+    }
+}
+
+/// Connects to the agent on `listen`, waiting at most [`AGENT_UP`] and
+/// failing at once if it exits.
+async fn connect(
+    agent: &mut Guard,
+    listen: u16,
+) -> Result<AgentServiceClient<tonic::transport::Channel>, Error> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{listen}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(CALL);
+    let deadline = Instant::now() + AGENT_UP;
+    loop {
+        if let Ok(Some(_)) = agent.0.try_wait() {
+            return Err("halo-agent did not start".into());
+        }
+        match endpoint.connect().await {
+            Ok(ch) => return Ok(AgentServiceClient::new(ch)),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(format!("no connection within {AGENT_UP:?}: {e}").into());
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
 }
@@ -207,6 +265,7 @@ fn start_agent(dir: &Path, models: &Path, listen: u16, ports: u16) -> Result<Gua
         .arg(format!("{ports}-{}", ports + 20))
         .arg("--state-dir")
         .arg(dir.join("state"))
+        .arg("--insecure-loopback-only")
         .env("HALO_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -216,11 +275,17 @@ fn start_agent(dir: &Path, models: &Path, listen: u16, ports: u16) -> Result<Gua
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> Result<(), Error> {
-    let secs: u64 = std::env::var("HALO_BENCH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(30);
+async fn main() -> std::process::ExitCode {
+    match bench().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("agent_idle: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn bench() -> Result<(), Error> {
     let tmp = tempfile::tempdir()?;
     let models = tmp.path().join("models");
     std::fs::create_dir(&models)?;
@@ -228,25 +293,41 @@ async fn main() -> Result<(), Error> {
     let listen = free_port();
     // A range well away from ephemeral ports of this run.
     let ports = 40_000 + (std::process::id() % 20_000) as u16;
-    let agent = start_agent(tmp.path(), &models, listen, ports)?;
-    let pid = agent.0.id();
-    let url = format!("http://127.0.0.1:{listen}");
-    let mut client = loop {
-        match AgentServiceClient::connect(url.clone()).await {
-            Ok(c) => break c,
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
+    let log = tmp.path().join("agent.log");
+    let mut agent = start_agent(tmp.path(), &models, listen, ports)?;
+    // A failed call may be the agent's doing: show its log with the error.
+    run(&mut agent, listen)
+        .await
+        .map_err(|e| agent.fail(&log, e))
+}
+
+async fn run(agent: &mut Guard, listen: u16) -> Result<(), Error> {
+    let smoke = smoke();
+    let secs: u64 = match std::env::var("HALO_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        Some(s) => s,
+        None if smoke => 1,
+        None => 30,
     };
+    let (instances, starts, settle) = if smoke {
+        (1, 1, Duration::from_millis(200))
+    } else {
+        (2, 10, Duration::from_secs(3))
+    };
+    let pid = agent.0.id();
+    let mut client = connect(agent, listen).await?;
     println!("halo-agent {AGENT}");
 
-    // Two instances, then let everything settle.
+    // The instances, then let everything settle.
     let mut events = client
         .watch(v1::WatchRequest {
             memory_period_ms: 0,
         })
         .await?
         .into_inner();
-    for n in 0..2 {
+    for n in 0..instances {
         let i = client
             .start_instance(start_request(&format!("idle-{n}")))
             .await?
@@ -254,9 +335,9 @@ async fn main() -> Result<(), Error> {
         wait_ready(&mut events, &i.id).await?;
     }
     drop(events);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(settle).await;
     report(
-        "halo-agent, 2 instances, no client",
+        &format!("halo-agent, {instances} instances, no client"),
         secs,
         measure(pid, secs, std::future::pending()).await,
     );
@@ -268,13 +349,15 @@ async fn main() -> Result<(), Error> {
         .into_inner();
     let drain = async move { while let Ok(Some(_)) = watch.message().await {} };
     report(
-        "halo-agent, 2 instances, Watch every 5 s",
+        &format!("halo-agent, {instances} instances, Watch every 5 s"),
         secs,
         measure(pid, secs, drain).await,
     );
 
     let exporter = Path::new("/usr/bin/prometheus-node-exporter");
-    if exporter.is_file() {
+    if smoke {
+        println!("smoke run: prometheus-node-exporter not measured");
+    } else if exporter.is_file() {
         let port = free_port();
         let child = Command::new(exporter)
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
@@ -308,7 +391,7 @@ async fn main() -> Result<(), Error> {
     // /health 200 → Ready event.
     let mut lat = Vec::new();
     let mut start_to_ready = Vec::new();
-    for n in 0..10 {
+    for n in 0..starts {
         let mut events = client
             .watch(v1::WatchRequest {
                 memory_period_ms: 0,
@@ -377,6 +460,5 @@ async fn main() -> Result<(), Error> {
                 .await;
         }
     }
-    drop(agent);
     Ok(())
 }

@@ -9,8 +9,8 @@
 use crate::procfs::ProcessId;
 use proto::domain::{InstanceKind, InstanceOptions, ObservedBuffers};
 use serde::{Deserialize, Serialize};
-use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::fs::File;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 /// Version of the state file's schema.
@@ -127,32 +127,13 @@ impl StateStore {
     /// Locks `dir` (which must exist) for this process.
     pub fn open(dir: &Path) -> Result<StateStore, StateError> {
         let path = dir.join("agent.lock");
-        let io_err = |source| StateError::Io {
-            path: path.clone(),
-            source,
-        };
-        let mut lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(io_err)?;
-        if let Err(e) =
-            rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
-        {
-            if e == rustix::io::Errno::WOULDBLOCK {
-                let mut s = String::new();
-                let _ = lock.read_to_string(&mut s);
-                return Err(StateError::Locked {
-                    dir: dir.to_owned(),
-                    holder: s.trim().parse().ok(),
-                });
-            }
-            return Err(io_err(e.into()));
-        }
-        lock.set_len(0).map_err(io_err)?;
-        writeln!(lock, "{}", std::process::id()).map_err(io_err)?;
+        let lock = proto::fsutil::lock_exclusive(&path).map_err(|e| match e {
+            proto::fsutil::LockError::Busy { holder } => StateError::Locked {
+                dir: dir.to_owned(),
+                holder,
+            },
+            proto::fsutil::LockError::Io(source) => StateError::Io { path, source },
+        })?;
         std::fs::create_dir_all(dir.join("instances")).map_err(|source| StateError::Io {
             path: dir.join("instances"),
             source,
@@ -230,31 +211,9 @@ impl StateStore {
     }
 }
 
-/// Writes `bytes` to `path` through a temp file in the same directory:
-/// write, fsync, rename over, fsync the directory. A crash leaves either
-/// the old or the new file, never a torn one.
-pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = path
-        .parent()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no parent directory"))?;
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
-    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
-    {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    File::open(dir)?.sync_all()
-}
+/// The one atomic write (`proto::fsutil`), also used for instances' API
+/// key files.
+pub use proto::fsutil::write_atomic;
 
 #[cfg(test)]
 mod tests {

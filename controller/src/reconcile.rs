@@ -584,8 +584,6 @@ fn failed(b: &Arc<Mutex<HashMap<String, Backoff>>>, rid: &str) {
         next: Instant::now(),
     });
     e.failures = e.failures.saturating_add(1);
-    let delay = BACKOFF_MIN
-        .saturating_mul(1 << e.failures.min(8).saturating_sub(1))
-        .min(BACKOFF_MAX);
+    let delay = proto::backoff::Backoff::new(BACKOFF_MIN, BACKOFF_MAX).delay(e.failures);
     e.next = Instant::now() + delay;
 }

@@ -4,20 +4,32 @@
 //!     cargo bench -p ctl --bench plan
 //!
 //! Target: under 50 ms end to end for the largest fixture. Prints numbers;
-//! asserts nothing about time.
+//! asserts nothing about time. `HALO_BENCH_SMOKE=1`: the first fixture
+//! only, one run each.
 
 use agent::gguf::fixtures::{self, SparseModel, VocabStyle};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Whether `HALO_BENCH_SMOKE=1` (tests/bench-smoke.sh): one short pass
+/// that only shows the bench still runs.
+fn smoke() -> bool {
+    std::env::var_os("HALO_BENCH_SMOKE").is_some_and(|v| v == "1")
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let haloctl = env!("CARGO_BIN_EXE_haloctl");
+    let (kinds, runs) = if smoke() {
+        (&SparseModel::ALL[..1], 1)
+    } else {
+        (&SparseModel::ALL[..], 21)
+    };
     let dir = tempfile::tempdir()?;
     println!(
         "{:<22} {:>6} {:>10} {:>10} {:>10}",
         "model", "vocab", "min", "median", "p90"
     );
-    for kind in SparseModel::ALL {
+    for &kind in kinds {
         for (style, label) in [
             (VocabStyle::Synthetic, "full"),
             (VocabStyle::SizeOnly, "size"),
@@ -26,7 +38,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let path = dir.path().join(format!("{label}-{}", spec.file_name));
             fixtures::write_sparse_with(kind, &path, style)?;
             let mut times = Vec::new();
-            for _ in 0..21 {
+            for _ in 0..runs {
                 let t = Instant::now();
                 let status = Command::new(haloctl)
                     .arg("plan")

@@ -6,8 +6,11 @@
 //!
 //! The controller (embedded store) and one agent run in this process on
 //! loopback; the placements are paused (memory held, no llama-server
-//! started), so the bench needs no llama.cpp build. Target: `haloctl
-//! status` under 50 ms. Prints numbers; asserts nothing about time.
+//! started), so the bench needs no llama.cpp build. Both serve plaintext
+//! on loopback (`--insecure-loopback-only`): the time measured is
+//! haloctl's, not a TLS handshake's. Target: `haloctl status` under
+//! 50 ms. Prints numbers; asserts nothing about time.
+//! `HALO_BENCH_SMOKE=1`: 2 placements, one run of each command.
 
 use proto::v1;
 use proto::v1::controller_service_client::ControllerServiceClient;
@@ -24,8 +27,12 @@ fn free_port() -> Result<u16, Error> {
 }
 
 /// Starts an agent and a controller in this process; returns the
-/// controller's URL once both nodes are ready and 10 placements exist.
-async fn cluster(dir: &std::path::Path, stop: &CancellationToken) -> Result<String, Error> {
+/// controller's URL once both nodes are ready and `placements` exist.
+async fn cluster(
+    dir: &std::path::Path,
+    stop: &CancellationToken,
+    placements: usize,
+) -> Result<String, Error> {
     use clap::Parser;
     let models = dir.join("models");
     std::fs::create_dir_all(&models)?;
@@ -45,6 +52,7 @@ async fn cluster(dir: &std::path::Path, stop: &CancellationToken) -> Result<Stri
         // Paused placements never start it; any executable will do.
         "--llama-server",
         "/bin/true",
+        "--insecure-loopback-only",
     ])?;
     let agent =
         agent::daemon::Daemon::bind(agent::config::Config::resolve(args)?, stop.clone()).await?;
@@ -67,6 +75,7 @@ async fn cluster(dir: &std::path::Path, stop: &CancellationToken) -> Result<Stri
         &format!("halo1={agent_addr}"),
         "--catalog",
         &dir.join("catalog.toml").display().to_string(),
+        "--insecure-loopback-only",
     ])?;
     let config = controller::config::Config::resolve(args)?;
     tokio::spawn(controller::daemon::run(config, stop.clone()));
@@ -74,7 +83,7 @@ async fn cluster(dir: &std::path::Path, stop: &CancellationToken) -> Result<Stri
 
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut placed = 0;
-    while placed < 10 {
+    while placed < placements {
         if Instant::now() > deadline {
             return Err(format!("only {placed} placements after 30 s").into());
         }
@@ -99,9 +108,9 @@ async fn cluster(dir: &std::path::Path, stop: &CancellationToken) -> Result<Stri
     Ok(url)
 }
 
-fn time(haloctl: &str, url: &str, args: &[&str]) -> Result<Vec<Duration>, Error> {
+fn time(haloctl: &str, url: &str, args: &[&str], runs: usize) -> Result<Vec<Duration>, Error> {
     let mut times = Vec::new();
-    for _ in 0..31 {
+    for _ in 0..runs {
         let t = Instant::now();
         let status = Command::new(haloctl)
             .arg("--controller")
@@ -118,19 +127,26 @@ fn time(haloctl: &str, url: &str, args: &[&str]) -> Result<Vec<Duration>, Error>
     Ok(times)
 }
 
+/// Whether `HALO_BENCH_SMOKE=1` (tests/bench-smoke.sh): one short pass
+/// that only shows the bench still runs.
+fn smoke() -> bool {
+    std::env::var_os("HALO_BENCH_SMOKE").is_some_and(|v| v == "1")
+}
+
 fn main() -> Result<(), Error> {
     let haloctl = env!("CARGO_BIN_EXE_haloctl");
     let dir = tempfile::tempdir()?;
     let rt = tokio::runtime::Runtime::new()?;
     let stop = CancellationToken::new();
-    let url = rt.block_on(cluster(dir.path(), &stop))?;
-    println!("haloctl against {url}: 10 placements, 1 node, 31 runs each");
+    let (placements, runs) = if smoke() { (2, 1) } else { (10, 31) };
+    let url = rt.block_on(cluster(dir.path(), &stop, placements))?;
+    println!("haloctl against {url}: {placements} placements, 1 node, {runs} runs each");
     println!(
         "{:<22} {:>10} {:>10} {:>10}",
         "command", "min", "median", "p90"
     );
     for args in [&["status"][..], &["status", "-o", "json"], &["nodes"]] {
-        let t = time(haloctl, &url, args)?;
+        let t = time(haloctl, &url, args, runs)?;
         let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1e3);
         println!(
             "{:<22} {:>10} {:>10} {:>10}",

@@ -30,7 +30,9 @@ pub mod etcd {
     }
 }
 
+pub mod backoff;
 pub mod domain;
+pub mod fsutil;
 #[cfg(feature = "fuzz")]
 pub mod fuzz;
 pub mod limits;

@@ -13,6 +13,9 @@
 //! HALO_FIXTURE_DIR=/tmp/fixtures   keep the sparse files there
 //! HALO_PARITY_STRICT=1             exit 1 when a row misses
 //! HALO_PARITY_ONLY=deepseek        only models whose name contains this
+//! HALO_BENCH_SMOKE=1               one model, one llama-fit-params case;
+//!                                  no llama-fit-params or a failed run
+//!                                  is an error, not a skipped row
 //! ```
 //!
 //! `--write-tiny PATH` writes the tiny llama model instead (used to capture
@@ -156,14 +159,21 @@ fn main() -> anyhow::Result<()> {
     }
     // `cargo bench` passes `--bench`; nothing else is expected.
 
+    let smoke = tests::smoke();
     let Some(bin_dir) = llama_bin_dir() else {
+        if smoke {
+            bail!("llama-fit-params not found (set HALO_LLAMA_BIN)");
+        }
         println!("estimate_parity: llama-fit-params not found (set HALO_LLAMA_BIN); skipped");
         return Ok(());
     };
     let fit = bin_dir.join("llama-fit-params");
     let server = bin_dir.join("llama-server");
-    let sections =
-        std::env::var("HALO_PARITY_SECTIONS").unwrap_or_else(|_| "fit,extra,server".into());
+    let sections = match std::env::var("HALO_PARITY_SECTIONS") {
+        Ok(s) => s,
+        Err(_) if smoke => "fit".into(),
+        Err(_) => "fit,extra,server".into(),
+    };
     let tmp;
     let dir = match std::env::var_os("HALO_FIXTURE_DIR") {
         Some(d) => {
@@ -190,7 +200,12 @@ fn main() -> anyhow::Result<()> {
     let mut extra_rows = Vec::new();
     let mut server_rows = Vec::new();
     let mut failures = Vec::new();
-    for kind in SparseModel::ALL {
+    let kinds = if smoke {
+        &SparseModel::ALL[..1]
+    } else {
+        &SparseModel::ALL[..]
+    };
+    for &kind in kinds {
         let spec = kind.spec();
         if !only.is_empty() && !spec.name.contains(&only) {
             continue;
@@ -231,7 +246,8 @@ fn main() -> anyhow::Result<()> {
             if !sections.split(',').any(|s| s == section) {
                 continue;
             }
-            for case in set {
+            let cases = if smoke { 1 } else { set.len() };
+            for case in set.into_iter().take(cases) {
                 let est = estimate(&params, &case.opts);
                 let proj: Result<LlamaProjection, ParityError> = match tool {
                     Tool::FitParams => run_fit_params(&fit, &path, &case.opts),
@@ -247,6 +263,7 @@ fn main() -> anyhow::Result<()> {
                         }
                         rows.push(row);
                     }
+                    Err(e) if smoke => bail!("{label} ctx {}: {e}", case.opts.ctx),
                     Err(e) => println!("{label} ctx {}: {e}", case.opts.ctx),
                 }
             }

@@ -8,16 +8,13 @@
 //! last heard); then bring the agent back and let the duplicate go.
 //!
 //!     cargo bench -p tests --bench node_loss
+//!
+//! `HALO_BENCH_SMOKE=1`: one run.
 
-#[allow(dead_code)]
-#[path = "../cluster.rs"]
-mod cluster;
-
-use cluster::{connect, eventually, tiny_controller, tiny_speed_pair, wait_nodes};
 use proto::v1;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tests::cluster::{connect, eventually, tiny_controller, tiny_speed_pair, wait_nodes};
 
-const RUNS: usize = 10;
 const MOVE_AFTER_MS: i64 = 3000;
 
 fn now_ms() -> i64 {
@@ -33,6 +30,7 @@ fn median(mut v: Vec<i64>) -> i64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    let runs = if tests::smoke() { 1 } else { 10 };
     let dir = tempfile::tempdir().expect("tempdir");
     let mut nodes = tiny_speed_pair(dir.path(), 4);
     let move_after = (MOVE_AFTER_MS / 1000).to_string();
@@ -67,7 +65,7 @@ async fn main() {
         .expect("events")
         .into_inner();
     let (mut detect, mut replace) = (Vec::new(), Vec::new());
-    for run in 0..RUNS {
+    for run in 0..runs {
         let host = eventually(Duration::from_secs(60), || {
             let mut c = c.clone();
             async move {
@@ -146,7 +144,7 @@ async fn main() {
         assert!(settled.is_some(), "cluster did not settle:\n{}", ctl.logs());
     }
     println!(
-        "node loss over {RUNS} runs: detection median {} ms (target < 3000); re-placement started median {} ms after the {} ms move period (target < 1000)",
+        "node loss over {runs} runs: detection median {} ms (target < 3000); re-placement started median {} ms after the {} ms move period (target < 1000)",
         median(detect),
         median(replace),
         MOVE_AFTER_MS

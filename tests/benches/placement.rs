@@ -4,43 +4,17 @@
 //! Targets: < 1 ms and < 20 ms per decision.
 //!
 //!     cargo bench -p tests --bench placement
+//!
+//! `HALO_BENCH_SMOKE=1`: one decision each, 10 nodes with 100 placements.
 
-use agent::gguf::fixtures::{SparseModel, VocabStyle, write_sparse_with};
-use controller::placement::{Liveness, NodeState, PlaceRequest, place};
+use agent::gguf::fixtures::SparseModel;
+use controller::placement::{NodeState, PlaceRequest, SplitCaps, place};
 use proto::domain::{CatalogEntry, ModelParams, Placement, PlacementOptions, Replica};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-const GIB: u64 = 1 << 30;
-
-fn params(kind: SparseModel, dir: &std::path::Path) -> Arc<ModelParams> {
-    let path = dir.join(kind.spec().file_name);
-    write_sparse_with(kind, &path, VocabStyle::SizeOnly).expect("fixture");
-    let model = agent::gguf::read_model(&path).expect("read");
-    Arc::new(agent::gguf::model_params(&model).expect("params"))
-}
-
-fn node(i: usize, models: &BTreeMap<String, Arc<ModelParams>>) -> NodeState {
-    NodeState {
-        name: format!("node-{i:04}"),
-        roles: vec![
-            if i.is_multiple_of(2) {
-                "speed"
-            } else {
-                "reasoning"
-            }
-            .to_owned(),
-        ],
-        liveness: Liveness::Ready,
-        usable_bytes: Some(120 * GIB + GIB / 2),
-        reserve_bytes: 4 * GIB,
-        models: models.clone(),
-        observed: HashMap::new(),
-        loads: Vec::new(),
-        split: Default::default(),
-    }
-}
+use tests::placing::{GIB, node, params};
+use tests::smoke;
 
 fn time(label: &str, runs: u32, mut f: impl FnMut() -> bool) {
     let mut samples: Vec<Duration> = Vec::new();
@@ -57,7 +31,6 @@ fn time(label: &str, runs: u32, mut f: impl FnMut() -> bool) {
 }
 
 fn main() {
-    let dir = tempfile::tempdir().expect("tempdir");
     let kinds = [
         SparseModel::GptOss20B,
         SparseModel::Qwen3Coder30B,
@@ -66,11 +39,21 @@ fn main() {
         SparseModel::Qwen3_235B,
     ];
     let files: Vec<(SparseModel, Arc<ModelParams>)> =
-        kinds.iter().map(|&k| (k, params(k, dir.path()))).collect();
-    let models: BTreeMap<String, Arc<ModelParams>> = files
-        .iter()
-        .map(|(k, p)| (k.spec().file_name.to_owned(), p.clone()))
-        .collect();
+        kinds.iter().map(|&k| (k, params(k))).collect();
+    let held: Vec<(SparseModel, &Arc<ModelParams>)> = files.iter().map(|(k, p)| (*k, p)).collect();
+    // Every node holds every file; even nodes serve speed, odd reasoning;
+    // none can take part in a split.
+    let node = |i: usize| {
+        let role = if i.is_multiple_of(2) {
+            "speed"
+        } else {
+            "reasoning"
+        };
+        NodeState {
+            split: SplitCaps::default(),
+            ..node(&format!("node-{i:04}"), role, &held)
+        }
+    };
     // 50 catalog names over the 5 files, different contexts and priorities.
     let mut catalog = BTreeMap::new();
     for i in 0..50 {
@@ -82,10 +65,13 @@ fn main() {
     }
     let names: Vec<String> = catalog.keys().cloned().collect();
 
+    // Smoke: one decision each, and 10 nodes carrying 100 placements.
+    let (small_runs, big_runs, nodes) = if smoke() { (1, 1, 10) } else { (500, 50, 1000) };
+
     // 2 nodes, 50 models.
-    let two: Vec<NodeState> = (0..2).map(|i| node(i, &models)).collect();
+    let two: Vec<NodeState> = (0..2).map(node).collect();
     let mut k = 0;
-    time("2 nodes, 50-model catalog", 500, || {
+    time("2 nodes, 50-model catalog", small_runs, || {
         k += 1;
         let req = PlaceRequest {
             role: "speed".into(),
@@ -96,8 +82,8 @@ fn main() {
     });
 
     // 1,000 nodes, 10,000 placements (10 small ones per node).
-    let many: Vec<NodeState> = (0..1000).map(|i| node(i, &models)).collect();
-    let placements: Vec<Placement> = (0..10_000)
+    let many: Vec<NodeState> = (0..nodes).map(node).collect();
+    let placements: Vec<Placement> = (0..nodes * 10)
         .map(|i| Placement {
             name: format!("p{i:05}"),
             role: "speed".into(),
@@ -115,14 +101,15 @@ fn main() {
             priority: 1,
             replicas: vec![Replica {
                 index: 0,
-                node: format!("node-{:04}", i % 1000),
+                node: format!("node-{:04}", i % nodes),
                 generation: 1,
             }],
             paused: false,
             split: None,
         })
         .collect();
-    time("1,000 nodes, 10,000 placements", 50, || {
+    let label = format!("{nodes} nodes, {} placements", nodes * 10);
+    time(&label, big_runs, || {
         k += 1;
         let req = PlaceRequest {
             role: "speed".into(),

@@ -6,33 +6,55 @@
 //! five requests).
 //!
 //!     cargo bench -p tests --bench split
+//!
+//! `HALO_BENCH_SMOKE=1`: one round each, one 8-token request.
 
-#[allow(dead_code)]
-#[path = "../cluster.rs"]
-mod cluster;
-
-use cluster::{
-    Client, connect, endpoint, eventually, tiny_controller, tiny_speed_pair, wait_nodes,
-};
 use proto::v1;
 use std::time::{Duration, Instant};
+use tests::cluster::{
+    Client, connect, endpoint, eventually, tiny_controller, tiny_speed_pair, wait_nodes,
+};
 
-const ROUNDS: usize = 5;
+/// How much to run: rounds per layout, completions per round and tokens
+/// per completion.
+#[derive(Clone, Copy)]
+struct Size {
+    rounds: usize,
+    requests: usize,
+    tokens: u32,
+}
+
+fn size() -> Size {
+    if tests::smoke() {
+        Size {
+            rounds: 1,
+            requests: 1,
+            tokens: 8,
+        }
+    } else {
+        Size {
+            rounds: 5,
+            requests: 5,
+            tokens: 64,
+        }
+    }
+}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
-/// Tokens per second of one 64-token completion, as llama-server times it.
-fn tokens_per_second(ep: &v1::Endpoint) -> f64 {
+/// Tokens per second of one `tokens`-token completion, as llama-server
+/// times it.
+fn tokens_per_second(ep: &v1::Endpoint, tokens: u32) -> f64 {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(120)))
         .build()
         .into();
     let body = serde_json::json!({
         "prompt": "The quick brown fox",
-        "n_predict": 64,
+        "n_predict": tokens,
         "ignore_eos": true,
         "cache_prompt": false,
     });
@@ -47,7 +69,7 @@ fn tokens_per_second(ep: &v1::Endpoint) -> f64 {
         .expect("timings.predicted_per_second")
 }
 
-async fn round(c: &mut Client, split: bool) -> (f64, f64) {
+async fn round(c: &mut Client, split: bool, size: Size) -> (f64, f64) {
     let t0 = Instant::now();
     let r = c
         .place(v1::PlaceRequest {
@@ -65,7 +87,11 @@ async fn round(c: &mut Client, split: bool) -> (f64, f64) {
         .expect("an endpoint for tiny");
     let ready_ms = t0.elapsed().as_secs_f64() * 1000.0;
     let tps = tokio::task::spawn_blocking(move || {
-        median((0..5).map(|_| tokens_per_second(&ep)).collect())
+        median(
+            (0..size.requests)
+                .map(|_| tokens_per_second(&ep, size.tokens))
+                .collect(),
+        )
     })
     .await
     .expect("join");
@@ -97,6 +123,7 @@ async fn round(c: &mut Client, split: bool) -> (f64, f64) {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    let size = size();
     let dir = tempfile::tempdir().expect("tempdir");
     let nodes = tiny_speed_pair(dir.path(), 6);
     let mut ctl = tiny_controller(dir.path(), &nodes, &["--requeue-ms", "300"]);
@@ -115,15 +142,18 @@ async fn main() {
     for split in [false, true] {
         let mut ready = Vec::new();
         let mut tps = Vec::new();
-        for _ in 0..ROUNDS {
-            let (r, t) = round(&mut c, split).await;
+        for _ in 0..size.rounds {
+            let (r, t) = round(&mut c, split, size).await;
             eprintln!("split={split}: ready after {r:.0} ms, {t:.1} tokens/s");
             ready.push(r);
             tps.push(t);
         }
         rows.push((split, median(ready), median(tps)));
     }
-    println!("tiny model on loopback, {ROUNDS} rounds each (medians)");
+    println!(
+        "tiny model on loopback, {} rounds each (medians)",
+        size.rounds
+    );
     println!("{:<28} {:>16} {:>14}", "", "place->ready ms", "tokens/s");
     for (split, ready, tps) in &rows {
         let what = if *split {

@@ -685,11 +685,8 @@ impl InstanceTask {
     /// initial × 2^(failures-1), capped.
     async fn back_off(&self, failures: u32, shutdown: &CancellationToken) -> Wake {
         let c = &self.inner.config;
-        let exp = failures.saturating_sub(1).min(20);
-        let delay = c
-            .restart_backoff
-            .saturating_mul(1 << exp)
-            .min(c.restart_backoff_max);
+        let delay =
+            proto::backoff::Backoff::new(c.restart_backoff, c.restart_backoff_max).delay(failures);
         tracing::info!(instance = %self.id, "restarting in {delay:?}");
         tokio::select! {
             () = tokio::time::sleep(delay) => Wake::Elapsed,

@@ -1,10 +1,10 @@
 //! The embedded store: the whole desired state in one JSON file, for the
 //! one-controller homelab. A write builds the new file next to the old one
-//! (`FILE.tmp`), fsyncs it, renames it over the old one and fsyncs the
-//! directory before it is acknowledged; a crash (kill -9, power loss) at any
-//! point leaves either the old or the new file, never a torn one, and never
-//! loses an acknowledged write. An exclusive `flock` on `FILE.lock` keeps a
-//! second controller off the same file.
+//! (`.FILE.tmp`, `proto::fsutil::write_atomic`), fsyncs it, renames it over
+//! the old one and fsyncs the directory before it is acknowledged; a crash
+//! (kill -9, power loss) at any point leaves either the old or the new file,
+//! never a torn one, and never loses an acknowledged write. An exclusive
+//! `flock` on `FILE.lock` keeps a second controller off the same file.
 //!
 //! Watch history is kept in memory (the last [`HISTORY`] events since the
 //! process opened the file); older start revisions get
@@ -14,7 +14,6 @@ use super::{Compare, Event, KeyValue, Op, Store, StoreError, Watch};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{broadcast, mpsc};
@@ -71,18 +70,13 @@ impl FileStore {
     /// Opens (or creates) the store at `path`, taking its lock.
     pub fn open(path: &Path) -> Result<FileStore, StoreError> {
         let lock_path = path.with_extension("lock");
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| io(&lock_path, e))?;
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
-            |_| StoreError::Corrupt {
+        let lock = proto::fsutil::lock_exclusive(&lock_path).map_err(|e| match e {
+            proto::fsutil::LockError::Busy { .. } => StoreError::Corrupt {
                 path: path.display().to_string(),
                 reason: "another process holds the store (lock file busy)".into(),
             },
-        )?;
+            proto::fsutil::LockError::Io(e) => io(&lock_path, e),
+        })?;
         let data = match std::fs::read(path) {
             Ok(bytes) => {
                 let data: Data =
@@ -133,23 +127,12 @@ impl FileStore {
     /// Writes `data` durably: temp file, fsync, rename, fsync directory.
     fn persist(&self, data: &Data) -> Result<(), StoreError> {
         let path = &self.inner.path;
-        let tmp = path.with_extension("tmp");
         let bytes = serde_json::to_vec_pretty(data).map_err(|e| StoreError::Corrupt {
             path: path.display().to_string(),
             reason: e.to_string(),
         })?;
-        let mut f = File::create(&tmp).map_err(|e| io(&tmp, e))?;
-        f.write_all(&bytes).map_err(|e| io(&tmp, e))?;
-        f.sync_all().map_err(|e| io(&tmp, e))?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(|e| io(path, e))?;
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io(dir, e))?;
+        // Created like `File::create` would: 0o666 before the umask.
+        proto::fsutil::write_atomic(path, &bytes, 0o666).map_err(|e| io(path, e))?;
         Ok(())
     }
 }
