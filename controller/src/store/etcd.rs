@@ -22,7 +22,7 @@
 use super::{Compare, Event, KeyValue, Op, Store, StoreError, Watch};
 use etcd_client::{
     Certificate, Client, CompareOp, ConnectOptions, EventType, GetOptions, GetResponse, Identity,
-    TlsOptions, Txn, TxnOp, WatchOptions,
+    TlsOptions, Txn, TxnOp, WatchOptions, WatchResponse, WatchStream,
 };
 use proto::tls::{TlsError, read_cert_pem, read_key_pem};
 use std::future::Future;
@@ -406,6 +406,96 @@ fn header_revision(header: Option<&etcd_client::ResponseHeader>) -> u64 {
     header.map_or(0, |h| rev(h.revision()))
 }
 
+/// The transaction that applies `ops` if every compare holds.
+fn to_txn(compares: &[Compare], ops: &[Op]) -> Txn {
+    let compares: Vec<_> = compares
+        .iter()
+        .map(|c| {
+            etcd_client::Compare::mod_revision(
+                c.key.as_str(),
+                CompareOp::Equal,
+                irev(c.mod_revision),
+            )
+        })
+        .collect();
+    let ops: Vec<_> = ops
+        .iter()
+        .map(|op| match op {
+            Op::Put { key, value } => TxnOp::put(key.as_str(), value.as_str(), None),
+            Op::Delete { key } => TxnOp::delete(key.as_str(), None),
+        })
+        .collect();
+    Txn::new().when(compares).and_then(ops)
+}
+
+/// What one watch response means for a watch that started at `from`: its
+/// events (possibly none), or the error that ends the watch (a compacted
+/// start, a cancel).
+fn watch_events(resp: &WatchResponse, from: u64) -> Result<Vec<Event>, StoreError> {
+    if resp.compact_revision() > 0 {
+        return Err(StoreError::Compacted {
+            requested: from,
+            compact_revision: rev(resp.compact_revision()),
+        });
+    }
+    if resp.canceled() {
+        let reason = resp.cancel_reason();
+        return Err(StoreError::Unavailable(format!("watch canceled: {reason}")));
+    }
+    Ok(resp
+        .events()
+        .iter()
+        .filter_map(|e| {
+            let kv = e.kv()?;
+            Some(match e.event_type() {
+                EventType::Put => Event::Put(to_kv(kv)),
+                EventType::Delete => Event::Delete {
+                    key: String::from_utf8_lossy(kv.key()).into_owned(),
+                    revision: rev(kv.mod_revision()),
+                },
+            })
+        })
+        .collect())
+}
+
+/// Forwards a watch's event batches to `tx` until the watch ends (then
+/// sends why) or the receiver is dropped (dropping the stream ends the
+/// watch in etcd). No deadline: a quiet prefix sends nothing (HTTP/2
+/// keep-alive notices a dead connection).
+async fn forward(
+    mut stream: WatchStream,
+    tx: mpsc::Sender<Result<Vec<Event>, StoreError>>,
+    from: u64,
+) {
+    loop {
+        let msg = tokio::select! {
+            () = tx.closed() => return,
+            m = stream.message() => m,
+        };
+        let batch = match msg {
+            Ok(Some(resp)) => watch_events(&resp, from),
+            Ok(None) => Err(StoreError::Unavailable("watch ended".into())),
+            Err(error) => Err(EtcdError::Failed {
+                call: "watch",
+                error,
+            }
+            .into()),
+        };
+        match batch {
+            Ok(events) if events.is_empty() => {}
+            Ok(events) => {
+                if tx.send(Ok(events)).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+        }
+    }
+}
+
 /// Reads one key to see whether etcd accepts this client's TLS: a refused
 /// handshake is an error; any other failure is logged and left to the
 /// callers' retries. etcd checks a TLS 1.3 client certificate only after
@@ -576,27 +666,7 @@ impl Store for EtcdStore {
     }
 
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<u64, StoreError> {
-        let txn = Txn::new()
-            .when(
-                compares
-                    .iter()
-                    .map(|c| {
-                        etcd_client::Compare::mod_revision(
-                            c.key.as_str(),
-                            CompareOp::Equal,
-                            irev(c.mod_revision),
-                        )
-                    })
-                    .collect::<Vec<_>>(),
-            )
-            .and_then(
-                ops.iter()
-                    .map(|op| match op {
-                        Op::Put { key, value } => TxnOp::put(key.as_str(), value.as_str(), None),
-                        Op::Delete { key } => TxnOp::delete(key.as_str(), None),
-                    })
-                    .collect::<Vec<_>>(),
-            );
+        let txn = to_txn(&compares, &ops);
         let r = self
             .call("txn", |c| {
                 let txn = txn.clone();
@@ -629,75 +699,14 @@ impl Store for EtcdStore {
         let options = WatchOptions::new()
             .with_prefix()
             .with_start_revision(if from > 0 { irev(from) } else { 0 });
-        let mut stream = self
+        let stream = self
             .call("watch", |c| {
                 let options = options.clone();
                 async move { c.watch_client().watch(prefix, Some(options)).await }
             })
             .await?;
         let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(async move {
-            loop {
-                // No deadline: a quiet prefix sends nothing (HTTP/2
-                // keep-alive notices a dead connection).
-                let msg = tokio::select! {
-                    () = tx.closed() => return,
-                    m = stream.message() => m,
-                };
-                let resp = match msg {
-                    Ok(Some(r)) => r,
-                    Ok(None) => {
-                        let _ = tx
-                            .send(Err(StoreError::Unavailable("watch ended".into())))
-                            .await;
-                        return;
-                    }
-                    Err(error) => {
-                        let e = EtcdError::Failed {
-                            call: "watch",
-                            error,
-                        };
-                        let _ = tx.send(Err(e.into())).await;
-                        return;
-                    }
-                };
-                if resp.compact_revision() > 0 {
-                    let _ = tx
-                        .send(Err(StoreError::Compacted {
-                            requested: from,
-                            compact_revision: rev(resp.compact_revision()),
-                        }))
-                        .await;
-                    return;
-                }
-                if resp.canceled() {
-                    let reason = resp.cancel_reason();
-                    let _ = tx
-                        .send(Err(StoreError::Unavailable(format!(
-                            "watch canceled: {reason}"
-                        ))))
-                        .await;
-                    return;
-                }
-                let events: Vec<Event> = resp
-                    .events()
-                    .iter()
-                    .filter_map(|e| {
-                        let kv = e.kv()?;
-                        Some(match e.event_type() {
-                            EventType::Put => Event::Put(to_kv(kv)),
-                            EventType::Delete => Event::Delete {
-                                key: String::from_utf8_lossy(kv.key()).into_owned(),
-                                revision: rev(kv.mod_revision()),
-                            },
-                        })
-                    })
-                    .collect();
-                if !events.is_empty() && tx.send(Ok(events)).await.is_err() {
-                    return;
-                }
-            }
-        });
+        tokio::spawn(forward(stream, tx, from));
         Ok(Watch::new(rx))
     }
 
