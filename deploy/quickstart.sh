@@ -4,7 +4,8 @@
 #   bash deploy/quickstart.sh        # (or `up`) build, start, place the demo model, ask it
 #   bash deploy/quickstart.sh down   # stop everything it started and remove its state
 #
-# `up` builds halo's binaries (cargo) and llama.cpp's llama-server
+# `up` builds halo's binaries (cargo; protoc, which that needs, is
+# installed first when missing, as root on Debian) and llama.cpp's llama-server
 # (deploy/build-llama.sh, cached in ~/.cache/halo), writes the tiny demo
 # model, starts a controller (embedded store) and two agents named halo1
 # (role speed) and halo2 (role reasoning), places the demo model, shows
@@ -109,6 +110,16 @@ port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 up() {
   command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs), 1.88 or newer"
   command -v curl >/dev/null || die "curl not found (apt-get install curl)"
+  # protoc: the etcd-client crate's build script runs it.
+  if ! command -v protoc >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      say "installing protobuf-compiler (protoc, for building halo)"
+      apt-get update -qq >&2
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq protobuf-compiler >&2
+    else
+      die "protoc not found (apt-get install protobuf-compiler): building halo needs it"
+    fi
+  fi
   say "building halo (cargo build)"
   (cd "$ROOT" && cargo build -q -p agent -p controller -p ctl --bins)
   say "llama.cpp's llama-server (built once, ~10 min on 2 cores, then cached)"

@@ -1,6 +1,5 @@
-//! Compiles `halo/v1/*.proto`, and the subset of etcd's API v3 in
-//! `etcd/` that the controller's etcd client uses, with protox (pure Rust),
-//! so no system `protoc` is needed to build halo.
+//! Compiles `halo/v1/*.proto` with protox (pure Rust), so the API crate
+//! needs no system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = ["halo/v1/agent.proto", "halo/v1/controller.proto"];
@@ -21,16 +20,5 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // prost's codec, with undecodable messages as INVALID_ARGUMENT.
         .codec_path("crate::limits::Codec")
         .compile_fds(fds)?;
-
-    // etcd's API v3 (a client only; the controller talks to etcd with it).
-    let etcd = ["etcd/etcdserverpb/rpc.proto", "etcd/mvccpb/kv.proto"];
-    for f in &etcd {
-        println!("cargo:rerun-if-changed={f}");
-    }
-    let etcd_fds = protox::compile(["etcdserverpb/rpc.proto"], ["etcd"])?;
-    tonic_prost_build::configure()
-        .build_server(false)
-        .build_client(true)
-        .compile_fds(etcd_fds)?;
     Ok(())
 }

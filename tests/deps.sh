@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what halo's tests need beyond a Rust toolchain, when missing:
-# Debian packages (etcd for the store and leader tests; systemd-analyze and
-# the shell linter for the deploy checks),
+# Debian packages (protoc, which the etcd-client crate's build script runs;
+# etcd for the store and leader tests; systemd-analyze and the shell linter
+# for the deploy checks),
 # cargo-nextest, and llama.cpp's binaries (built once, cached; see
 # deploy/build-llama.sh). Prints the llama.cpp bin directory on stdout.
 #
@@ -10,6 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
+command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)

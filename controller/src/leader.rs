@@ -9,11 +9,20 @@
 //! Every desired-state write compares the leader key's revision, so a
 //! deposed leader cannot write; every agent command carries the term as
 //! `leader_revision`, which agents use to refuse a deposed leader.
+//!
+//! The calls go through `etcd-client` ([`EtcdStore::call`]: deadline and
+//! fail-over), the lease kept alive on its `lease_keep_alive` stream. etcd's
+//! own election API is not used: its `Campaign` writes one key per
+//! candidate (`/halo/v1/leader/<lease>`) and blocks on the server until
+//! that key is the oldest, while halo's term is the revision of the one
+//! key `/halo/v1/leader` that every write compares, and a candidate that
+//! loses should hold no key and keep its calls within their deadline.
 
-use crate::store::etcd::EtcdStore;
-use crate::store::etcd::client::{self, EtcdClient};
+use crate::store::etcd::{EtcdError, EtcdStore, REQUEST_TIMEOUT};
 use crate::store::{LEADER, Op, Store, StoreError};
-use proto::etcd::etcdserverpb::TxnRequest;
+use etcd_client::{
+    Compare as EtcdCompare, CompareOp, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp,
+};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -99,6 +108,37 @@ pub struct Election {
     ttl: Duration,
 }
 
+/// A lease kept alive over one stream.
+struct Lease {
+    keeper: LeaseKeeper,
+    stream: LeaseKeepAliveStream,
+}
+
+impl Lease {
+    /// Keeps the lease alive once, within [`REQUEST_TIMEOUT`]: the TTL
+    /// left (0: the lease is gone).
+    async fn keep_alive(&mut self) -> Result<i64, EtcdError> {
+        let failed = |error| EtcdError::Failed {
+            call: "keep-alive",
+            error,
+        };
+        self.keeper.keep_alive().await.map_err(failed)?;
+        let answer = tokio::time::timeout(REQUEST_TIMEOUT, self.stream.message())
+            .await
+            .map_err(|_| EtcdError::Timeout("keep-alive"))?
+            .map_err(failed)?;
+        match answer {
+            Some(r) if r.id() == self.keeper.id() => Ok(r.ttl()),
+            Some(r) => Err(EtcdError::Protocol(format!(
+                "keep-alive for lease {} answered for {}",
+                self.keeper.id(),
+                r.id()
+            ))),
+            None => Err(EtcdError::Protocol("keep-alive stream ended".into())),
+        }
+    }
+}
+
 impl Election {
     /// Campaigns with a lease of `ttl` (at least 2 s).
     pub fn new(store: EtcdStore, leadership: Leadership, ttl: Duration) -> Election {
@@ -128,23 +168,78 @@ impl Election {
         self.leadership.set(None);
     }
 
+    /// A lease of the election's TTL: its id.
+    async fn grant(&self) -> Result<i64, EtcdError> {
+        let ttl_secs = i64::try_from(self.ttl.as_secs()).unwrap_or(5);
+        let r = self
+            .store
+            .call("lease grant", |c| async move {
+                c.lease_client().grant(ttl_secs, None).await
+            })
+            .await?;
+        if !r.error().is_empty() {
+            return Err(EtcdError::Protocol(format!("lease grant: {}", r.error())));
+        }
+        Ok(r.id())
+    }
+
+    /// Opens the keep-alive stream of lease `id`, keeping it alive once
+    /// (the client refuses a lease etcd no longer has).
+    async fn keep_alive(&self, id: i64) -> Result<Lease, EtcdError> {
+        let (keeper, stream) = self
+            .store
+            .call("keep-alive", |c| async move {
+                c.lease_client().keep_alive(id).await
+            })
+            .await?;
+        Ok(Lease { keeper, stream })
+    }
+
+    /// Revokes lease `id` (the leader key goes with it), within `limit`;
+    /// a failure is left to the lease's expiry.
+    async fn revoke(&self, id: i64, limit: Duration) {
+        let revoke = self.store.call("lease revoke", |c| async move {
+            c.lease_client().revoke(id).await
+        });
+        let _ = tokio::time::timeout(limit, revoke).await;
+    }
+
+    /// Creates the leader key under `lease` if it is absent: the term (the
+    /// key's revision) when this controller won.
+    async fn campaign(&self, lease: i64) -> Result<Option<u64>, EtcdError> {
+        let txn = Txn::new()
+            .when([EtcdCompare::create_revision(LEADER, CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                LEADER,
+                self.leadership.id.as_str(),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let r = self
+            .store
+            .call("txn", |c| {
+                let txn = txn.clone();
+                async move { c.kv_client().txn(txn).await }
+            })
+            .await?;
+        let revision = r.header().map_or(0, |h| h.revision());
+        Ok(r.succeeded().then(|| u64::try_from(revision).unwrap_or(0)))
+    }
+
     /// One lease: campaign, lead until the lease is lost.
     async fn term(&self, token: &CancellationToken) -> Result<(), String> {
-        let etcd: EtcdClient = self.store.client();
         let step = self.ttl / 3;
-        let ttl_secs = i64::try_from(self.ttl.as_secs()).unwrap_or(5);
-        let (lease, _) = tokio::time::timeout(step, etcd.lease_grant(ttl_secs))
+        let lease = tokio::time::timeout(step, self.grant())
             .await
             .map_err(|_| "lease grant timed out".to_owned())?
             .map_err(|e| e.to_string())?;
-        let opened = tokio::time::timeout(step, etcd.lease_keep_alive(lease))
+        let opened = tokio::time::timeout(step, self.keep_alive(lease))
             .await
             .map_err(|_| "keep-alive timed out".to_owned())
             .and_then(|r| r.map_err(|e| e.to_string()));
-        let mut keeper = match opened {
-            Ok((keeper, _)) => keeper,
+        let mut kept = match opened {
+            Ok(kept) => kept,
             Err(e) => {
-                let _ = tokio::time::timeout(step, etcd.lease_revoke(lease)).await;
+                self.revoke(lease, step).await;
                 return Err(e);
             }
         };
@@ -154,14 +249,14 @@ impl Election {
         loop {
             tokio::select! {
                 () = token.cancelled() => {
-                    let _ = tokio::time::timeout(step, etcd.lease_revoke(lease)).await;
+                    self.revoke(lease, step).await;
                     return Ok(());
                 }
                 _ = tick.tick() => {}
             }
             // Keep the lease alive; a missing or zero-TTL answer ends the term.
             let sent = Instant::now();
-            let ka = tokio::time::timeout(step, keeper.keep_alive())
+            let ka = tokio::time::timeout(step, kept.keep_alive())
                 .await
                 .map_err(|_| "keep-alive timed out".to_owned())
                 .and_then(|r| match r {
@@ -185,18 +280,11 @@ impl Election {
                 }));
             }
             if term.is_none() {
-                // Campaign: create the leader key under our lease if absent.
-                let txn = TxnRequest {
-                    compare: vec![client::compare_create_revision(LEADER, 0)],
-                    success: vec![client::put_op(LEADER, &self.leadership.id, lease)],
-                    failure: Vec::new(),
-                };
-                let r = tokio::time::timeout(step, etcd.txn(txn))
+                let won = tokio::time::timeout(step, self.campaign(lease))
                     .await
                     .map_err(|_| "campaign timed out".to_owned())?
                     .map_err(|e| e.to_string())?;
-                if r.succeeded {
-                    let rev = u64::try_from(client::txn_revision(&r)).unwrap_or(0);
+                if let Some(rev) = won {
                     tracing::info!(term = rev, "elected leader");
                     term = Some(rev);
                     // The keep-alive above succeeded after the grant: act now.

@@ -1,7 +1,5 @@
 //! halo's gRPC API, `halo.v1`: the generated prost/tonic code in [`v1`] and
-//! the hand-written domain types in [`domain`] that the rest of halo uses;
-//! plus [`etcd`], the generated client for the part of etcd's API v3 the
-//! controller uses.
+//! the hand-written domain types in [`domain`] that the rest of halo uses.
 //! Conversions between the two live beside the domain types; business logic
 //! never touches prost types.
 
@@ -15,20 +13,6 @@ pub mod v1 {
 /// The encoded `FileDescriptorSet` of `halo.v1`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/halo_v1_descriptor.bin"));
-
-/// A subset of etcd's API v3 (`proto/etcd/`), generated the same way: the
-/// gRPC client the controller's etcd backend is built on.
-#[allow(missing_docs, clippy::all, missing_debug_implementations)]
-pub mod etcd {
-    /// etcd's keys, values and watch events.
-    pub mod mvccpb {
-        tonic::include_proto!("mvccpb");
-    }
-    /// etcd's KV, Watch and Lease services.
-    pub mod etcdserverpb {
-        tonic::include_proto!("etcdserverpb");
-    }
-}
 
 pub mod backoff;
 pub mod domain;

@@ -1,5 +1,5 @@
 //! Desired state storage: one [`Store`] trait, two backends. [`etcd`] talks
-//! to a real etcd through halo's own etcd v3 client ([`etcd::client`]);
+//! to a real etcd through the `etcd-client` crate;
 //! [`file`] is a single JSON file for the one-controller homelab (atomic write, fsync, rename). Both give every
 //! write a revision, make every write conditional ([`Compare`]) and let a
 //! reader list a prefix at a revision and watch from the next one; a watcher
