@@ -373,6 +373,61 @@ impl Quickstart {
             .expect("run quickstart.sh")
     }
 
+    /// Runs the quick start with stdout and stderr in one transcript, as a
+    /// terminal shows them (haloctl's progress goes to stderr).
+    fn run_merged(&self, arg: &str) -> (std::process::ExitStatus, String) {
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/quickstart.sh");
+        let llama = tests::llama_bin("llama-server");
+        let log = self.dir.path().join(format!("quickstart-{arg}.out"));
+        let file = std::fs::File::create(&log).expect("transcript");
+        let status = Command::new("bash")
+            .arg(script)
+            .arg(arg)
+            .env("HALO_LOCAL_DIR", self.dir.path().join("local"))
+            .env("HALO_LOCAL_PORT", self.port.to_string())
+            .env("HALO_LLAMA_BIN", llama.parent().expect("llama bin dir"))
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("transcript"))
+            .stderr(file)
+            .status()
+            .expect("run quickstart.sh");
+        (status, std::fs::read_to_string(&log).unwrap_or_default())
+    }
+
+    /// haloctl as the quick start tells a person to run it (`. DIR/env`):
+    /// stdout, then stderr.
+    fn haloctl(&self, args: &[&str]) -> String {
+        let local = self.dir.path().join("local");
+        let tls = local.join("tls");
+        let o = Command::new(HALOCTL)
+            .args(args)
+            .env(
+                "HALO_CONTROLLER",
+                format!("https://127.0.0.1:{}", self.port),
+            )
+            .env("HALO_TLS_CERT", tls.join("admin-local.pem"))
+            .env("HALO_TLS_KEY", tls.join("admin-local.key"))
+            .env("HALO_TLS_CA", tls.join("ca.pem"))
+            .env("XDG_CONFIG_HOME", "/nonexistent")
+            .output()
+            .expect("run haloctl");
+        let mut out = text(&o.stdout);
+        out.push_str(&text(&o.stderr));
+        out.trim_end().to_owned()
+    }
+
+    /// `text` with this run's ports written as the quick start's defaults
+    /// (7300 and up), as README.md shows them.
+    fn as_default_ports(&self, text: &str) -> String {
+        (0..30u16).rev().fold(text.to_owned(), |t, k| {
+            t.replace(
+                &format!("127.0.0.1:{}", self.port + k),
+                &format!("127.0.0.1:{}", 7300 + k),
+            )
+        })
+    }
+
     /// Processes whose command line names the quick start's directory.
     fn processes(&self) -> Vec<u32> {
         let mark = self.dir.path().display().to_string();
@@ -401,9 +456,8 @@ fn quickstart_answers_runs_twice_and_down_leaves_no_process() {
         dir: tempfile::tempdir().expect("tempdir"),
         port: tests::free_range(30).0,
     };
-    let up = qs.run("up");
-    assert_eq!(up.status.code(), Some(0), "{}", show(&up));
-    let out = text(&up.stdout);
+    let (status, out) = qs.run_merged("up");
+    assert_eq!(status.code(), Some(0), "{out}");
     assert!(out.contains("$ haloctl place speed tiny"), "{out}");
     assert!(out.contains("tiny  tiny   halo1  ready"), "{out}");
     assert!(out.contains("\nanswer: "), "{out}");
@@ -417,6 +471,45 @@ fn quickstart_answers_runs_twice_and_down_leaves_no_process() {
         })
         .count();
     assert_eq!(servers, 1, "one llama-server instance");
+
+    // README's samples are what this cluster prints: the quick start's
+    // own, and the tour's commands after it.
+    let checked = crate::readme::check_or_update(
+        "$ bash deploy/quickstart.sh",
+        &crate::readme::sections(&qs.as_default_ports(&out)),
+    );
+    assert_eq!(
+        checked,
+        [
+            "haloctl nodes",
+            "haloctl place speed tiny",
+            "haloctl status"
+        ],
+        "the quick start's samples in README.md"
+    );
+    let tour: Vec<(String, String)> = [
+        "haloctl nodes",
+        "haloctl models",
+        "haloctl plan deepseek-v3.1-1bit --ctx 16384",
+        "haloctl status",
+        "haloctl endpoints",
+        "haloctl place reasoning deepseek-v3.1-1bit",
+    ]
+    .iter()
+    .map(|c| {
+        let args: Vec<&str> = c.split_whitespace().skip(1).collect();
+        ((*c).to_owned(), qs.as_default_ports(&qs.haloctl(&args)))
+    })
+    .collect();
+    let checked = crate::readme::check_or_update("The rest of the tour", &tour);
+    assert_eq!(
+        checked.len(),
+        5,
+        "the tour's samples in README.md: {checked:?}"
+    );
+    let checked =
+        crate::readme::check_or_update("$ haloctl place reasoning deepseek-v3.1-1bit", &tour);
+    assert_eq!(checked, ["haloctl place reasoning deepseek-v3.1-1bit"]);
 
     let again = qs.run("up");
     assert_eq!(again.status.code(), Some(0), "{}", show(&again));
