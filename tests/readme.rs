@@ -45,8 +45,7 @@ fn samples_in_block(lines: &[&str], anchor: &str) -> Vec<Sample> {
         .position(|l| l.starts_with("```"))
         .map_or(lines.len(), |i| open + i);
     let mut out: Vec<Sample> = Vec::new();
-    for i in open..close {
-        let l = lines[i];
+    for (i, l) in lines.iter().enumerate().take(close).skip(open) {
         if l.starts_with("$ ") || l.starts_with("==> ") {
             if let Some(last) = out.last_mut().filter(|s| s.end == usize::MAX) {
                 last.end = i;
