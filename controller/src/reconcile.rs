@@ -442,7 +442,7 @@ fn wanted<'a>(
             let mut request = v1::StartInstanceRequest {
                 request_id: key.request_id(),
                 model_id: p.model_id.clone(),
-                options: Some(p.instance_options()),
+                options: Some(p.instance_options().into()),
                 generation: r.generation,
                 leader_revision: 0,
                 kind: v1::InstanceKind::LlamaServer as i32,

@@ -11,7 +11,7 @@ pub mod placement;
 pub use catalog::{CatalogEntry, EditorMode};
 pub use instance::{
     CacheType, Instance, InstanceKind, InstanceOptions, InstanceState, LogLine, MemoryBreakdown,
-    ObservedBuffers, UnknownCacheType,
+    ObservedBuffers, StartRequest, UnknownCacheType,
 };
 pub use memory::{GpuMemory, MemoryReport, ProcessMemory};
 pub use model::{ModelFile, ModelParams, ModelStatus, check_model_id};

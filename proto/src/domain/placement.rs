@@ -4,7 +4,9 @@
 //! from (placement name, replica index, generation), so a retried start is
 //! the same start and the agent deduplicates it.
 
-use super::catalog::{cache_from_name, check_name};
+use super::InstanceOptions;
+use super::catalog::check_name;
+use super::instance::cache_name_from_wire;
 use crate::ConversionError;
 use crate::v1;
 use serde::{Deserialize, Serialize};
@@ -269,24 +271,24 @@ impl Placement {
         }
     }
 
-    /// The options as the agent takes them.
-    pub fn instance_options(&self) -> v1::InstanceOptions {
-        let cache = |n: &str| cache_from_name(n).unwrap_or(v1::CacheType::Unspecified) as i32;
-        v1::InstanceOptions {
+    /// The options its llama-server instances start with (a split's host
+    /// adds `--rpc`, `-ngl` and `-ts` to them).
+    pub fn instance_options(&self) -> InstanceOptions {
+        InstanceOptions {
             context_size: self.options.context_size,
             parallel: self.options.parallel,
-            cache_type_k: cache(&self.options.cache_type_k),
-            cache_type_v: cache(&self.options.cache_type_v),
+            cache_type_k: self.options.cache_type_k.parse().ok(),
+            cache_type_v: self.options.cache_type_v.parse().ok(),
             alias: self.model.clone(),
             extra_flags: self.options.extra_flags.clone(),
-            ..v1::InstanceOptions::default()
+            ..InstanceOptions::default()
         }
     }
 }
 
 impl From<Placement> for v1::Placement {
     fn from(p: Placement) -> Self {
-        let options = Some(p.instance_options());
+        let options = Some(p.instance_options().into());
         v1::Placement {
             replicas: p
                 .replicas
@@ -320,12 +322,10 @@ impl TryFrom<v1::Placement> for Placement {
     fn try_from(p: v1::Placement) -> Result<Self, Self::Error> {
         check_name("name", &p.name)?;
         let o = p.options.ok_or(ConversionError::Missing("options"))?;
+        // An unknown wire value reads as llama.cpp's default, like unspecified.
         let cache = |v: i32| {
-            v1::CacheType::try_from(v)
-                .ok()
-                .and_then(super::catalog::cache_name)
-                .unwrap_or("f16")
-                .to_owned()
+            cache_name_from_wire("cache_type", v)
+                .unwrap_or_else(|_| super::CacheType::default().name().to_owned())
         };
         Ok(Placement {
             name: p.name,
