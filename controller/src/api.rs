@@ -92,13 +92,7 @@ impl ControllerApi {
         let nodes = self.observed.node_states(Instant::now());
         let mut d = placement::place(&nodes, &plain, &catalog, &req);
         if let Some(p) = d.placement.as_mut() {
-            // Agents keep stopped instances, and a start with a request id
-            // they have seen returns that instance: a new placement reusing
-            // an old one's name continues after its generations.
-            let seen = self.observed.max_generation(&p.name);
-            for r in &mut p.replicas {
-                r.generation = r.generation.max(seen.saturating_add(1));
-            }
+            crate::lifecycle::continue_after(p, self.observed.max_generation(&p.name));
         }
         let accepted = d.accepted;
         if accepted
@@ -311,17 +305,20 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
         let placements = placed
             .into_iter()
             .map(|v| {
-                let helpers = v.value.split.as_ref().map_or(0, |s| s.helpers().count());
+                let shares: Vec<u32> = v
+                    .value
+                    .split
+                    .as_ref()
+                    .map(|s| s.helpers().map(|(k, _)| k).collect())
+                    .unwrap_or_default();
                 let mut w = v1::Placement::from(v.value);
                 for r in &mut w.replicas {
                     r.instance = by_rid.get(&r.request_id).map(|(_, i)| i.clone().into());
                     let Some(key) = proto::domain::ReplicaKey::parse(&r.request_id) else {
                         continue;
                     };
-                    for k in 1..=helpers {
-                        let rid = key
-                            .helper(u32::try_from(k).unwrap_or(u32::MAX))
-                            .request_id();
+                    for &k in &shares {
+                        let rid = key.helper(k).request_id();
                         if let Some((_, i)) = by_rid.get(&rid) {
                             r.helpers.push(i.clone().into());
                         }

@@ -453,10 +453,7 @@ pub fn instances_by_request(observed: &Observed) -> HashMap<String, (String, Ins
     let mut out: HashMap<String, (String, Instance)> = HashMap::new();
     for n in observed.read().values() {
         for i in n.instances.values().filter(|i| !i.request_id.is_empty()) {
-            let replace = out
-                .get(&i.request_id)
-                .is_none_or(|(_, old)| old.state == InstanceState::Stopped);
-            if replace {
+            if crate::lifecycle::prefer(out.get(&i.request_id).map(|(_, old)| old)) {
                 out.insert(i.request_id.clone(), (n.config.name.clone(), i.clone()));
             }
         }

@@ -22,10 +22,11 @@
 
 use crate::desired::Desired;
 use crate::events::Events;
+use crate::lifecycle;
 use crate::observe::{Observed, agent_client};
 use crate::placement::{Liveness, relocate};
 use crate::store::{PLACEMENTS, Store, StoreError, Watch};
-use proto::domain::{Instance, InstanceState, Placement, ReplicaKey};
+use proto::domain::{Instance, InstanceState, Placement, ReplicaKey, StartRequest};
 use proto::v1;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -169,7 +170,7 @@ impl Reconciler {
                 .filter(|s| liveness.get(s.node.as_str()) == Some(&Liveness::Lost))
                 .map(|s| s.node.as_str())
                 .collect();
-            let broken = split_failure(p, &observed);
+            let broken = lifecycle::split_failure(p, &observed);
             let why = if !lost.is_empty() {
                 format!("node(s) {} lost", lost.join(", "))
             } else if let Some(f) = broken {
@@ -223,10 +224,8 @@ impl Reconciler {
             for index in lost {
                 match relocate(&nodes, &plain, &next, index) {
                     Ok(to) => {
-                        if let Some(r) = next.replicas.iter_mut().find(|r| r.index == index) {
-                            moved.push(format!("replica {index} {} -> {to}", r.node));
-                            r.node = to;
-                            r.generation += 1;
+                        if let Some(from) = lifecycle::move_replica(&mut next, index, to.clone()) {
+                            moved.push(format!("replica {index} {from} -> {to}"));
                         }
                     }
                     Err(why) => {
@@ -255,11 +254,7 @@ impl Reconciler {
             let mut have: HashMap<String, &Instance> = HashMap::new();
             for (k, i) in n.managed() {
                 let rid = k.request_id();
-                // Prefer a live instance over a stopped one with the same id.
-                if have
-                    .get(&rid)
-                    .is_none_or(|old| old.state == InstanceState::Stopped)
-                {
+                if lifecycle::prefer(have.get(&rid).copied()) {
                     have.insert(rid, i);
                 }
             }
@@ -298,9 +293,7 @@ impl Reconciler {
         }
         failed(backoff, rid);
         let mut next = v.value.clone();
-        if let Some(r) = next.replicas.iter_mut().find(|r| r.index == index) {
-            r.generation += 1;
-        }
+        lifecycle::restart(&mut next, index);
         match self.desired.update_placement(&next, v.revision).await {
             Ok(_) => self.events.emit(
                 "restarted",
@@ -322,7 +315,17 @@ impl Reconciler {
     ) {
         let rid = w.request.request_id.clone();
         let key = format!("{node}/{rid}");
-        if !due(backoff, &rid) || !lock(inflight).insert(key.clone()) {
+        if !due(backoff, &rid) {
+            return;
+        }
+        if let Some(why) = &w.refused {
+            failed(backoff, &rid);
+            let name = &w.v.value.name;
+            self.events
+                .emit("start_failed", name, format!("{rid} on {node}: {why}"));
+            return;
+        }
+        if !lock(inflight).insert(key.clone()) {
             return;
         }
         let mut req = w.request.clone();
@@ -342,7 +345,9 @@ impl Reconciler {
                 }
                 let mut c = agent_client(&address).map_err(|e| e.to_string())?;
                 let i = c
-                    .start_instance(crate::observe::with_deadline(req))
+                    .start_instance(crate::observe::with_deadline(
+                        v1::StartInstanceRequest::from(req),
+                    ))
                     .await
                     .map_err(|s| format!("{}: {}", s.code(), s.message()))?;
                 Instance::try_from(i.into_inner()).map_err(|e| e.to_string())
@@ -420,7 +425,10 @@ impl Reconciler {
 struct Want<'a> {
     v: &'a crate::desired::Versioned<Placement>,
     index: u32,
-    request: v1::StartInstanceRequest,
+    request: StartRequest,
+    /// Why the request cannot be sent as it is (a helper's endpoint that
+    /// is not `IP:port`): reported as a failed start, with back-off.
+    refused: Option<String>,
 }
 
 /// What every node should run, by node and request id. A split's helpers
@@ -432,92 +440,48 @@ fn wanted<'a>(
     observed: &BTreeMap<String, crate::observe::NodeObs>,
 ) -> HashMap<&'a str, HashMap<String, Want<'a>>> {
     let mut out: HashMap<&str, HashMap<String, Want<'_>>> = HashMap::new();
+    let mut want = |node: &'a str, v, index, request: StartRequest, refused| {
+        out.entry(node).or_default().insert(
+            request.request_id.clone(),
+            Want {
+                v,
+                index,
+                request,
+                refused,
+            },
+        );
+    };
     for v in placements {
         let p = &v.value;
         if p.paused {
             continue;
         }
         for r in &p.replicas {
-            let key = p.key(r);
-            let mut request = v1::StartInstanceRequest {
-                request_id: key.request_id(),
-                model_id: p.model_id.clone(),
-                options: Some(p.instance_options().into()),
-                generation: r.generation,
-                leader_revision: 0,
-                kind: v1::InstanceKind::LlamaServer as i32,
-            };
+            let mut request = lifecycle::start_request(p, r);
+            let mut refused = None;
             if let Some(plan) = &p.split {
+                let key = p.key(r);
                 let host_ip = observed
                     .get(&r.node)
                     .and_then(|n| agent_ip(&n.config.address));
                 let mut servers = Vec::new();
                 for (k, share) in plan.helpers() {
-                    let hk = key.helper(k);
                     let Some(ip) = host_ip else { continue };
-                    let rpc = v1::StartInstanceRequest {
-                        request_id: hk.request_id(),
-                        model_id: String::new(),
-                        options: Some(v1::InstanceOptions {
-                            rpc_client: ip.to_string(),
-                            ..v1::InstanceOptions::default()
-                        }),
-                        generation: r.generation,
-                        leader_revision: 0,
-                        kind: v1::InstanceKind::RpcServer as i32,
-                    };
-                    let ready = observed.get(&share.node).and_then(|n| {
-                        n.instances.values().find(|i| {
-                            i.request_id == rpc.request_id && i.state == InstanceState::Ready
-                        })
-                    });
-                    if let Some(i) = ready {
+                    let hk = key.helper(k);
+                    if let Some(i) = lifecycle::ready_helper(observed.get(&share.node), &hk) {
                         servers.push(i.endpoint.clone());
                     }
-                    out.entry(share.node.as_str()).or_default().insert(
-                        rpc.request_id.clone(),
-                        Want {
-                            v,
-                            index: r.index,
-                            request: rpc,
-                        },
-                    );
+                    let rpc = lifecycle::helper_request(&hk, ip);
+                    want(share.node.as_str(), v, r.index, rpc, None);
                 }
                 if servers.len() != plan.helpers().count() {
                     continue;
                 }
-                if let Some(o) = request.options.as_mut() {
-                    let host_gpu = plan.host().is_some_and(|h| h.tensor_split > 0);
-                    let layers = |host: bool| -> u32 {
-                        plan.shares
-                            .iter()
-                            .filter(|s| host || !s.host)
-                            .map(|s| s.layers)
-                            .sum()
-                    };
-                    o.rpc_servers = servers;
-                    if host_gpu {
-                        o.gpu_layers = Some(layers(true) + 1);
-                        o.tensor_split = plan.shares.iter().map(|s| s.tensor_split).collect();
-                    } else {
-                        o.gpu_layers = Some(layers(false) + 1);
-                        o.tensor_split = plan
-                            .shares
-                            .iter()
-                            .filter(|s| !s.host)
-                            .map(|s| s.tensor_split)
-                            .collect();
-                    }
-                }
+                refused = lifecycle::split_host(&mut request.options, plan, &servers)
+                    .err()
+                    .map(|e| e.to_string());
             }
-            out.entry(r.node.as_str()).or_default().insert(
-                request.request_id.clone(),
-                Want {
-                    v,
-                    index: r.index,
-                    request,
-                },
-            );
+            want(r.node.as_str(), v, r.index, request, refused);
         }
     }
     out
@@ -531,40 +495,6 @@ fn agent_ip(address: &str) -> Option<std::net::IpAddr> {
         .or_else(|| address.strip_prefix("https://"))
         .unwrap_or(address);
     a.parse::<std::net::SocketAddr>().ok().map(|s| s.ip())
-}
-
-/// Why a split is broken, if a side of its current generation failed or
-/// was stopped behind the controller's back.
-fn split_failure(
-    p: &Placement,
-    observed: &BTreeMap<String, crate::observe::NodeObs>,
-) -> Option<String> {
-    let plan = p.split.as_ref()?;
-    let r = p.replicas.first()?;
-    let key = p.key(r);
-    let mut sides: Vec<(String, &str)> = vec![(key.request_id(), r.node.as_str())];
-    sides.extend(
-        plan.helpers()
-            .map(|(k, s)| (key.helper(k).request_id(), s.node.as_str())),
-    );
-    for (rid, node) in sides {
-        let Some(i) = observed
-            .get(node)
-            .and_then(|n| n.instances.values().find(|i| i.request_id == rid))
-        else {
-            continue;
-        };
-        if matches!(i.state, InstanceState::Failed | InstanceState::Stopped) {
-            let what = if i.kind == proto::domain::InstanceKind::RpcServer {
-                "ggml-rpc-server"
-            } else {
-                "llama-server"
-            };
-            let reason = i.last_error.lines().next().unwrap_or("stopped").to_owned();
-            return Some(format!("{what} on {node} {}: {reason}", i.state));
-        }
-    }
-    None
 }
 
 fn lock_b(
