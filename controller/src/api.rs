@@ -6,9 +6,7 @@ use crate::desired::{Desired, catalog_key, json, placement_key};
 use crate::error::Error;
 use crate::events::Events;
 use crate::observe::{Observed, instances_by_request};
-use crate::placement::{
-    self, Breakdown, Liveness, NodeFit, PlaceRequest, estimate_options, used_by_node,
-};
+use crate::placement::{self, Breakdown, Liveness, PlaceRequest, estimate_options, used_by_node};
 use crate::store::{Compare, Op, Store};
 use proto::domain::{CatalogEntry, EditorMode, InstanceState, ModelStatus, Placement};
 use proto::tls::{Access, Policy, Role};
@@ -123,7 +121,7 @@ impl ControllerApi {
         Ok(v1::PlaceResponse {
             accepted,
             placement: d.placement.map(Into::into),
-            fits: d.fits.into_iter().map(fit_to_wire).collect(),
+            fits: d.fits.into_iter().map(Into::into).collect(),
             evicted: d.evicted,
             explanation: d.explanation,
             estimate: d.estimate.map(|b| v1::EstimateBreakdown {
@@ -178,24 +176,6 @@ pub fn place_request(r: &v1::PlaceRequest) -> Result<PlaceRequest, Error> {
         )));
     }
     Ok(req)
-}
-
-fn fit_to_wire(f: NodeFit) -> v1::NodeFit {
-    v1::NodeFit {
-        node: f.node,
-        candidate: f.candidate,
-        fits: f.fits,
-        usable_bytes: f.usable_bytes,
-        reserve_bytes: f.reserve_bytes,
-        used_bytes: f.used_bytes,
-        free_bytes: f.free_bytes,
-        needed_bytes: f.needed_bytes,
-        margin_bytes: f.margin_bytes,
-        context_size: f.context_size,
-        cache_type: f.cache_type,
-        reason: f.reason,
-        replicas: f.replicas,
-    }
 }
 
 fn status(l: Liveness) -> v1::NodeStatus {

@@ -16,7 +16,9 @@ pub use instance::{
 pub use memory::{GpuMemory, MemoryReport, ProcessMemory};
 pub use model::{ModelFile, ModelParams, ModelStatus, check_model_id};
 pub use node::{AgentEvent, AgentEventKind, NodeIdentity, Snapshot};
-pub use placement::{Placement, PlacementOptions, Replica, ReplicaKey, SplitPlan, SplitShare};
+pub use placement::{
+    NodeFit, Placement, PlacementOptions, Replica, ReplicaKey, SplitPlan, SplitShare,
+};
 
 /// A wire message that does not describe a valid domain value.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

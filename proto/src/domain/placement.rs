@@ -200,6 +200,93 @@ impl From<v1::SplitPlan> for SplitPlan {
     }
 }
 
+/// The arithmetic on one node behind a placement decision: free = usable −
+/// reserve − used; fits when needed (estimate + margin) ≤ free.
+///
+/// `haloctl place -o json` prints it as it serializes, so its JSON field
+/// names are a script interface: `context_size` is `ctx`, and the margin,
+/// cache type, replica count and source are left out.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct NodeFit {
+    /// Node.
+    pub node: String,
+    /// Whether the node could take the model at all (status, role, file).
+    pub candidate: bool,
+    /// Whether the replica(s) fit.
+    pub fits: bool,
+    /// Usable memory.
+    pub usable_bytes: u64,
+    /// Reserve.
+    pub reserve_bytes: u64,
+    /// What placements use.
+    pub used_bytes: u64,
+    /// `usable − reserve − used`.
+    pub free_bytes: u64,
+    /// Estimate plus margin, per replica.
+    pub needed_bytes: u64,
+    /// The margin in `needed_bytes`.
+    #[serde(skip)]
+    pub margin_bytes: u64,
+    /// Context of the settings shown.
+    #[serde(rename = "ctx")]
+    pub context_size: u32,
+    /// KV cache type of the settings shown.
+    #[serde(skip)]
+    pub cache_type: String,
+    /// Replicas this decision puts here.
+    #[serde(skip)]
+    pub replicas: u32,
+    /// Where the estimate in `needed_bytes` came from: "formula", or
+    /// "observed on <node>" (naming any figure still from the formula).
+    /// Not on the wire (the decision's explanation says it); empty when
+    /// read from there.
+    #[serde(skip)]
+    pub source: String,
+    /// Why, in words.
+    pub reason: String,
+}
+
+impl From<NodeFit> for v1::NodeFit {
+    fn from(f: NodeFit) -> Self {
+        v1::NodeFit {
+            node: f.node,
+            candidate: f.candidate,
+            fits: f.fits,
+            usable_bytes: f.usable_bytes,
+            reserve_bytes: f.reserve_bytes,
+            used_bytes: f.used_bytes,
+            free_bytes: f.free_bytes,
+            needed_bytes: f.needed_bytes,
+            margin_bytes: f.margin_bytes,
+            context_size: f.context_size,
+            cache_type: f.cache_type,
+            reason: f.reason,
+            replicas: f.replicas,
+        }
+    }
+}
+
+impl From<v1::NodeFit> for NodeFit {
+    fn from(f: v1::NodeFit) -> Self {
+        NodeFit {
+            node: f.node,
+            candidate: f.candidate,
+            fits: f.fits,
+            usable_bytes: f.usable_bytes,
+            reserve_bytes: f.reserve_bytes,
+            used_bytes: f.used_bytes,
+            free_bytes: f.free_bytes,
+            needed_bytes: f.needed_bytes,
+            margin_bytes: f.margin_bytes,
+            context_size: f.context_size,
+            cache_type: f.cache_type,
+            replicas: f.replicas,
+            source: String::new(),
+            reason: f.reason,
+        }
+    }
+}
+
 /// A request id split into its parts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicaKey {
@@ -380,6 +467,34 @@ mod tests {
         assert_eq!(ReplicaKey::parse("halo.x.r+1.g1"), None);
         assert_eq!(ReplicaKey::parse("test-1"), None);
         assert_eq!(ReplicaKey::parse("halo.x.r1.gz"), None);
+    }
+
+    #[test]
+    fn node_fits_survive_the_wire_but_their_source() {
+        let f = NodeFit {
+            node: "halo1".into(),
+            candidate: true,
+            fits: true,
+            usable_bytes: 120,
+            reserve_bytes: 4,
+            used_bytes: 14,
+            free_bytes: 102,
+            needed_bytes: 38,
+            margin_bytes: 1,
+            context_size: 16384,
+            cache_type: "q8_0".into(),
+            replicas: 2,
+            source: "formula".into(),
+            reason: "fits".into(),
+        };
+        let back = NodeFit::from(v1::NodeFit::from(f.clone()));
+        assert_eq!(
+            back,
+            NodeFit {
+                source: String::new(),
+                ..f
+            }
+        );
     }
 
     #[test]
