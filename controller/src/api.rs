@@ -6,9 +6,9 @@ use crate::desired::{Desired, catalog_key, json, placement_key};
 use crate::error::Error;
 use crate::events::Events;
 use crate::observe::{Observed, instances_by_request};
-use crate::placement::{self, Breakdown, Liveness, PlaceRequest, estimate_options, used_by_node};
+use crate::placement::{self, Breakdown, PlaceRequest, estimate_options, used_by_node};
 use crate::store::{Compare, Op, Store};
-use proto::domain::{CatalogEntry, EditorMode, InstanceState, ModelStatus, Placement};
+use proto::domain::{CatalogEntry, EditorMode, InstanceState, ModelStatus, NodeStatus, Placement};
 use proto::tls::{Access, Policy, Role};
 use proto::v1;
 use std::pin::Pin;
@@ -178,15 +178,6 @@ pub fn place_request(r: &v1::PlaceRequest) -> Result<PlaceRequest, Error> {
     Ok(req)
 }
 
-fn status(l: Liveness) -> v1::NodeStatus {
-    match l {
-        Liveness::Ready => v1::NodeStatus::Ready,
-        Liveness::Unreachable => v1::NodeStatus::Unreachable,
-        Liveness::Lost => v1::NodeStatus::Lost,
-        Liveness::Unknown => v1::NodeStatus::Unknown,
-    }
-}
-
 type EventStream = Pin<Box<dyn Stream<Item = Result<v1::ClusterEvent, Status>> + Send>>;
 type LogStream = Pin<Box<dyn Stream<Item = Result<v1::LogLine, Status>> + Send>>;
 
@@ -215,7 +206,7 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
                 identity.roles = n.roles();
                 v1::NodeView {
                     node: Some(identity.into()),
-                    status: status(n.liveness(now, &t)) as i32,
+                    status: v1::NodeStatus::from(NodeStatus::from(n.liveness(now, &t))) as i32,
                     memory: n.memory.clone().map(Into::into),
                     reserve_bytes: n.reserve_bytes,
                     placed_bytes: used.get(&n.config.name).copied().unwrap_or(0),

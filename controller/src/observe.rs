@@ -8,7 +8,7 @@ use crate::estimate::ObservedRecord;
 use crate::placement::{Liveness, NodeState, instance_estimate_options};
 use proto::domain::{
     AgentEvent, AgentEventKind, Instance, InstanceState, MemoryReport, ModelFile, ModelParams,
-    ModelStatus, NodeIdentity, ReplicaKey,
+    ModelStatus, NodeIdentity, NodeStatus, ReplicaKey,
 };
 use proto::v1;
 use proto::v1::agent_service_client::AgentServiceClient;
@@ -111,6 +111,17 @@ impl NodeObs {
         self.instances
             .values()
             .filter_map(|i| ReplicaKey::parse(&i.request_id).map(|k| (k, i)))
+    }
+}
+
+impl From<Liveness> for NodeStatus {
+    fn from(l: Liveness) -> Self {
+        match l {
+            Liveness::Ready => NodeStatus::Ready,
+            Liveness::Unreachable => NodeStatus::Unreachable,
+            Liveness::Lost => NodeStatus::Lost,
+            Liveness::Unknown => NodeStatus::Unknown,
+        }
     }
 }
 

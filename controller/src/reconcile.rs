@@ -26,7 +26,7 @@ use crate::lifecycle;
 use crate::observe::{Observed, agent_client};
 use crate::placement::{Liveness, relocate};
 use crate::store::{PLACEMENTS, Store, StoreError, Watch};
-use proto::domain::{Instance, InstanceState, Placement, ReplicaKey, StartRequest};
+use proto::domain::{Instance, InstanceState, NodeStatus, Placement, ReplicaKey, StartRequest};
 use proto::v1;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -123,14 +123,8 @@ impl Reconciler {
             let l = n.liveness(now, &t);
             let before = statuses.insert(name.clone(), l);
             if before != Some(l) && !(before.is_none() && l == Liveness::Unknown) {
-                let kind = match l {
-                    Liveness::Ready => "node_ready",
-                    Liveness::Unreachable => "node_unreachable",
-                    Liveness::Lost => "node_lost",
-                    Liveness::Unknown => "node_unknown",
-                };
                 self.events.emit(
-                    kind,
+                    &format!("node_{}", NodeStatus::from(l)),
                     name,
                     format!("silent for {} ms", n.silent_for(now).as_millis()),
                 );

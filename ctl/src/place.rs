@@ -8,6 +8,7 @@ use crate::cli::PlaceArgs;
 use crate::client::Target;
 use crate::cluster::instance_state;
 use crate::output::{Format, Table, bytes, print, print_json};
+use proto::domain::{HelpersState, InstanceState};
 use proto::v1;
 use serde::Serialize;
 use std::io::{IsTerminal, Write};
@@ -287,21 +288,18 @@ async fn wait_ready(
             .replicas
             .iter()
             .map(|r| {
-                // A split is as ready as its least ready side.
-                let failed_helper = r
+                let sides: Vec<Option<InstanceState>> = r
                     .helpers
                     .iter()
-                    .find(|i| instance_state(i.state) == "failed");
-                let s = if let Some(h) = failed_helper {
-                    instance_state(h.state)
-                } else if r.helpers.len() < helpers
-                    || r.helpers.iter().any(|i| instance_state(i.state) != "ready")
-                {
-                    "starting helpers"
-                } else {
-                    r.instance
+                    .map(|i| InstanceState::from_wire(i.state))
+                    .collect();
+                let s = match HelpersState::of(helpers, &sides) {
+                    HelpersState::Failed => InstanceState::Failed.as_str(),
+                    HelpersState::Starting => "starting helpers",
+                    HelpersState::Ready => r
+                        .instance
                         .as_ref()
-                        .map_or("pending", |i| instance_state(i.state))
+                        .map_or("pending", |i| instance_state(i.state)),
                 };
                 (r.node.clone(), s, r)
             })
@@ -325,7 +323,7 @@ async fn wait_ready(
                 .helpers
                 .iter()
                 .chain(r.instance.as_ref())
-                .find(|i| instance_state(i.state) == "failed")
+                .find(|i| InstanceState::from_wire(i.state) == Some(InstanceState::Failed))
                 .map(|i| i.last_error.clone())
                 .unwrap_or_default();
             return Err(Failure::Refused(format!(

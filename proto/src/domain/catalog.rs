@@ -48,6 +48,14 @@ impl EditorMode {
     }
 }
 
+impl EditorMode {
+    /// The mode a wire value names; `None` for unspecified or a value
+    /// outside the enum.
+    pub fn from_wire(v: i32) -> Option<EditorMode> {
+        v1::EditorMode::try_from(v).ok()?.try_into().ok()
+    }
+}
+
 impl fmt::Display for EditorMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -325,6 +333,18 @@ mod tests {
         e.priority = 5;
         let back = CatalogEntry::try_from(v1::CatalogEntry::from(e.clone()));
         assert_eq!(back, Ok(e));
+    }
+
+    #[test]
+    fn editor_modes_from_the_wire_are_none_when_unspecified_or_unknown() {
+        for m in EditorMode::ALL {
+            assert_eq!(
+                EditorMode::from_wire(v1::EditorMode::from(m) as i32),
+                Some(m)
+            );
+        }
+        assert_eq!(EditorMode::from_wire(0), None);
+        assert_eq!(EditorMode::from_wire(99), None);
     }
 
     #[test]

@@ -115,6 +115,14 @@ impl InstanceState {
     }
 }
 
+impl InstanceState {
+    /// The state a wire value names; `None` for unspecified or a value
+    /// outside the enum.
+    pub fn from_wire(v: i32) -> Option<InstanceState> {
+        v1::InstanceState::try_from(v).ok()?.try_into().ok()
+    }
+}
+
 impl std::fmt::Display for InstanceState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
@@ -878,6 +886,14 @@ mod tests {
         };
         let back = InstanceOptions::try_from(v1::InstanceOptions::from(o.clone()));
         assert_eq!(back, Ok(o));
+    }
+
+    #[test]
+    fn instance_states_from_the_wire_are_none_when_unspecified_or_unknown() {
+        let ready = v1::InstanceState::from(InstanceState::Ready) as i32;
+        assert_eq!(InstanceState::from_wire(ready), Some(InstanceState::Ready));
+        assert_eq!(InstanceState::from_wire(0), None);
+        assert_eq!(InstanceState::from_wire(99), None);
     }
 
     #[test]

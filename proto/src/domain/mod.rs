@@ -15,9 +15,9 @@ pub use instance::{
 };
 pub use memory::{GpuMemory, MemoryReport, ProcessMemory};
 pub use model::{ModelFile, ModelParams, ModelStatus, check_model_id};
-pub use node::{AgentEvent, AgentEventKind, NodeIdentity, Snapshot};
+pub use node::{AgentEvent, AgentEventKind, NodeIdentity, NodeStatus, Snapshot};
 pub use placement::{
-    NodeFit, Placement, PlacementOptions, Replica, ReplicaKey, SplitPlan, SplitShare,
+    HelpersState, NodeFit, Placement, PlacementOptions, Replica, ReplicaKey, SplitPlan, SplitShare,
 };
 
 /// A wire message that does not describe a valid domain value.

@@ -4,9 +4,9 @@
 //! from (placement name, replica index, generation), so a retried start is
 //! the same start and the agent deduplicates it.
 
-use super::InstanceOptions;
 use super::catalog::check_name;
 use super::instance::cache_name_from_wire;
+use super::{InstanceOptions, InstanceState};
 use crate::ConversionError;
 use crate::v1;
 use serde::{Deserialize, Serialize};
@@ -287,6 +287,34 @@ impl From<v1::NodeFit> for NodeFit {
     }
 }
 
+/// How far a replica's split helpers (ggml-rpc-servers) have come: a split
+/// is as ready as its least ready side. A replica that is not split has
+/// no helpers and counts as Ready here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HelpersState {
+    /// Every planned helper is Ready.
+    Ready,
+    /// A helper is missing or not Ready yet.
+    Starting,
+    /// A helper failed.
+    Failed,
+}
+
+impl HelpersState {
+    /// Of `planned` helpers, those whose states are reported in `states`
+    /// (`None`: a state outside the enum).
+    pub fn of(planned: usize, states: &[Option<InstanceState>]) -> HelpersState {
+        if states.contains(&Some(InstanceState::Failed)) {
+            HelpersState::Failed
+        } else if states.len() < planned || states.iter().any(|s| *s != Some(InstanceState::Ready))
+        {
+            HelpersState::Starting
+        } else {
+            HelpersState::Ready
+        }
+    }
+}
+
 /// A request id split into its parts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicaKey {
@@ -467,6 +495,23 @@ mod tests {
         assert_eq!(ReplicaKey::parse("halo.x.r+1.g1"), None);
         assert_eq!(ReplicaKey::parse("test-1"), None);
         assert_eq!(ReplicaKey::parse("halo.x.r1.gz"), None);
+    }
+
+    #[test]
+    fn a_split_is_as_ready_as_its_least_ready_helper() {
+        use InstanceState::{Failed, Loading, Ready};
+        assert_eq!(HelpersState::of(0, &[]), HelpersState::Ready);
+        assert_eq!(
+            HelpersState::of(2, &[Some(Ready), Some(Ready)]),
+            HelpersState::Ready
+        );
+        assert_eq!(HelpersState::of(2, &[Some(Ready)]), HelpersState::Starting);
+        assert_eq!(
+            HelpersState::of(1, &[Some(Loading)]),
+            HelpersState::Starting
+        );
+        assert_eq!(HelpersState::of(1, &[None]), HelpersState::Starting);
+        assert_eq!(HelpersState::of(3, &[Some(Failed)]), HelpersState::Failed);
     }
 
     #[test]
