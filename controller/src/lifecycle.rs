@@ -10,8 +10,9 @@
 //!   ([`helper_request`]) and the split host's `--rpc`, `-ngl` and `-ts`
 //!   ([`split_host`]);
 //! * when a split is whole: its host is wanted once every helper is Ready
-//!   ([`ready_helper`]), and it is broken when one side of its current
-//!   generation failed or was stopped ([`split_failure`]);
+//!   ([`ready_helper`]), and it is broken when a node of it is lost or one
+//!   side of its current generation failed or was stopped
+//!   ([`split_broken`]);
 //! * which of two instances with one request id counts: a live one over a
 //!   stopped one ([`prefer`]).
 //!
@@ -134,6 +135,27 @@ pub fn ready_helper<'a>(node: Option<&'a NodeObs>, key: &ReplicaKey) -> Option<&
         .instances
         .values()
         .find(|i| i.request_id == rid && i.state == InstanceState::Ready)
+}
+
+/// Why a split must be planned again, if it must: a node of it is lost
+/// (`lost`), or a side of its current generation failed or was stopped.
+pub fn split_broken(
+    p: &Placement,
+    lost: impl Fn(&str) -> bool,
+    observed: &BTreeMap<String, NodeObs>,
+) -> Option<String> {
+    let plan = p.split.as_ref()?;
+    let gone: Vec<&str> = plan
+        .shares
+        .iter()
+        .map(|s| s.node.as_str())
+        .filter(|n| lost(n))
+        .collect();
+    if gone.is_empty() {
+        split_failure(p, observed)
+    } else {
+        Some(format!("node(s) {} lost", gone.join(", ")))
+    }
 }
 
 /// Why a split is broken, if a side of its current generation failed or
@@ -407,6 +429,15 @@ mod tests {
             Some("ggml-rpc-server on a failed: exit 1")
         );
         assert!(ready_helper(observed.get("a"), &key).is_none());
+        // A lost node comes first, naming every lost node of the split.
+        assert_eq!(
+            split_broken(&p, |n| n != "x", &observed).as_deref(),
+            Some("node(s) a, h lost")
+        );
+        assert_eq!(
+            split_broken(&p, |_| false, &observed).as_deref(),
+            Some("ggml-rpc-server on a failed: exit 1")
+        );
     }
 
     #[test]

@@ -56,6 +56,22 @@ pub struct Reconciler {
 
 type Inflight = Arc<Mutex<HashSet<String>>>;
 
+/// What one pass reads: placement's view of the nodes, each node's
+/// liveness, the placements as plain values and what agents report.
+struct View {
+    nodes: Vec<crate::placement::NodeState>,
+    liveness: HashMap<String, Liveness>,
+    plain: Vec<Placement>,
+    observed: BTreeMap<String, crate::observe::NodeObs>,
+}
+
+impl View {
+    /// Whether `node` is Lost.
+    fn lost(&self, node: &str) -> bool {
+        self.liveness.get(node) == Some(&Liveness::Lost)
+    }
+}
+
 fn lock(i: &Inflight) -> std::sync::MutexGuard<'_, HashSet<String>> {
     i.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -139,44 +155,49 @@ impl Reconciler {
         backoff: &Arc<Mutex<HashMap<String, Backoff>>>,
     ) -> Result<(), crate::error::Error> {
         let (placements, _) = self.desired.placements().await?;
-        let now = Instant::now();
-        let nodes = self.observed.node_states(now);
-        let liveness: HashMap<&str, Liveness> = nodes
-            .iter()
-            .map(|n| (n.name.as_str(), n.liveness))
-            .collect();
-        let plain: Vec<Placement> = placements.iter().map(|v| v.value.clone()).collect();
-
+        let nodes = self.observed.node_states(Instant::now());
         let observed = self.observed.read().clone();
+        let view = View {
+            liveness: nodes.iter().map(|n| (n.name.clone(), n.liveness)).collect(),
+            plain: placements.iter().map(|v| v.value.clone()).collect(),
+            nodes,
+            observed,
+        };
+        // Each step that writes a placement ends the pass: the next one
+        // acts on what was written.
+        if self.replan_splits(&placements, &view, backoff).await
+            || self.move_off_lost(&placements, &view).await
+        {
+            return Ok(());
+        }
+        self.converge(&placements, &view, term, inflight, backoff)
+            .await;
+        Ok(())
+    }
 
-        // Splits: a lost node or a failed side fails the whole split, which
-        // is planned again (same settings, new generation: every side
-        // restarts with new request ids, the old ones are stopped).
-        for v in &placements {
+    /// Splits: a lost node or a failed side fails the whole split, which is
+    /// planned again (same settings, new generation: every side restarts
+    /// with new request ids, the old ones are stopped). `true` when a new
+    /// plan was written.
+    async fn replan_splits(
+        &self,
+        placements: &[crate::desired::Versioned<Placement>],
+        view: &View,
+        backoff: &Arc<Mutex<HashMap<String, Backoff>>>,
+    ) -> bool {
+        for v in placements {
             let p = &v.value;
-            let Some(plan) = &p.split else { continue };
             if p.paused {
                 continue;
             }
-            let lost: Vec<&str> = plan
-                .shares
-                .iter()
-                .filter(|s| liveness.get(s.node.as_str()) == Some(&Liveness::Lost))
-                .map(|s| s.node.as_str())
-                .collect();
-            let broken = lifecycle::split_failure(p, &observed);
-            let why = if !lost.is_empty() {
-                format!("node(s) {} lost", lost.join(", "))
-            } else if let Some(f) = broken {
-                f
-            } else {
+            let Some(why) = lifecycle::split_broken(p, |n| view.lost(n), &view.observed) else {
                 continue;
             };
             if !due(backoff, &p.name) {
                 continue;
             }
             failed(backoff, &p.name);
-            match crate::split::replan(&nodes, &plain, p) {
+            match crate::split::replan(&view.nodes, &view.plain, p) {
                 Ok(next) => match self.desired.update_placement(&next, v.revision).await {
                     Ok(_) => {
                         let on: Vec<&str> = next
@@ -189,7 +210,7 @@ impl Reconciler {
                             &p.name,
                             format!("{why}: the split is planned again on {}", on.join(" + ")),
                         );
-                        return Ok(());
+                        return true;
                     }
                     Err(e) => tracing::info!(placement = %p.name, "re-plan not written: {e}"),
                 },
@@ -200,23 +221,26 @@ impl Reconciler {
                 ),
             }
         }
+        false
+    }
 
-        // Node loss: move floating replicas off lost nodes.
-        for v in &placements {
+    /// Node loss: moves floating replicas off lost nodes. `true` when a
+    /// move was tried (written or not).
+    async fn move_off_lost(
+        &self,
+        placements: &[crate::desired::Versioned<Placement>],
+        view: &View,
+    ) -> bool {
+        for v in placements {
             let p = &v.value;
             if p.pinned_node.is_some() || p.split.is_some() {
                 continue;
             }
-            let lost: Vec<u32> = p
-                .replicas
-                .iter()
-                .filter(|r| liveness.get(r.node.as_str()) == Some(&Liveness::Lost))
-                .map(|r| r.index)
-                .collect();
             let mut next = p.clone();
             let mut moved = Vec::new();
-            for index in lost {
-                match relocate(&nodes, &plain, &next, index) {
+            for r in p.replicas.iter().filter(|r| view.lost(&r.node)) {
+                let index = r.index;
+                match relocate(&view.nodes, &view.plain, &next, index) {
                     Ok(to) => {
                         if let Some(from) = lifecycle::move_replica(&mut next, index, to.clone()) {
                             moved.push(format!("replica {index} {from} -> {to}"));
@@ -232,15 +256,25 @@ impl Reconciler {
                     Ok(_) => self.events.emit("moved", &p.name, moved.join(", ")),
                     Err(e) => tracing::info!(placement = %p.name, "move not written: {e}"),
                 }
-                // The next pass acts on what was written.
-                return Ok(());
+                return true;
             }
         }
+        false
+    }
 
-        // Per live node: start what is missing, stop what is extra.
-        let wants = wanted(&placements, &observed);
-        for (name, n) in &observed {
-            if liveness.get(name.as_str()) != Some(&Liveness::Ready) {
+    /// Per live node: starts what is missing, restarts what was stopped
+    /// behind the controller's back, stops what is extra.
+    async fn converge(
+        &self,
+        placements: &[crate::desired::Versioned<Placement>],
+        view: &View,
+        term: u64,
+        inflight: &Inflight,
+        backoff: &Arc<Mutex<HashMap<String, Backoff>>>,
+    ) {
+        let wants = wanted(placements, &view.observed);
+        for (name, n) in &view.observed {
+            if view.liveness.get(name) != Some(&Liveness::Ready) {
                 continue;
             }
             let empty = HashMap::new();
@@ -270,7 +304,6 @@ impl Reconciler {
                 }
             }
         }
-        Ok(())
     }
 
     /// Restarts a replica stopped behind the controller's back by bumping
