@@ -124,18 +124,24 @@ impl ControllerApi {
             fits: d.fits.into_iter().map(Into::into).collect(),
             evicted: d.evicted,
             explanation: d.explanation,
-            estimate: d.estimate.map(|b| v1::EstimateBreakdown {
-                weights_bytes: b.weights_bytes,
-                kv_bytes: b.kv_bytes,
-                compute_bytes: b.compute_bytes,
-                output_bytes: b.output_bytes,
-                total_bytes: b.total_bytes,
-                context_size: b.context_size,
-                cache_type_k: b.cache_type_k,
-                cache_type_v: b.cache_type_v,
-            }),
+            estimate: d.estimate.map(Into::into),
             dry_run: r.dry_run,
         })
+    }
+}
+
+impl From<Breakdown> for v1::EstimateBreakdown {
+    fn from(b: Breakdown) -> Self {
+        v1::EstimateBreakdown {
+            weights_bytes: b.weights_bytes,
+            kv_bytes: b.kv_bytes,
+            compute_bytes: b.compute_bytes,
+            output_bytes: b.output_bytes,
+            total_bytes: b.total_bytes,
+            context_size: b.context_size,
+            cache_type_k: b.cache_type_k,
+            cache_type_v: b.cache_type_v,
+        }
     }
 }
 

@@ -8,7 +8,9 @@ use crate::Failure;
 use crate::cli::{EventsArgs, ListArgs, LogsArgs, PlanArgs, UnplaceArgs};
 use crate::client::Target;
 use crate::output::{Format, Table, bytes, print, print_json};
-use proto::domain::{EditorMode, InstanceState, NodeStatus, ReplicaKey, SplitPlan};
+use proto::domain::{
+    EditorMode, InstanceState, NodeStatus, ObservedBuffers, ReplicaKey, SplitPlan,
+};
 use proto::v1;
 use serde::Serialize;
 
@@ -377,21 +379,11 @@ pub fn render_models(models: &[ModelJson]) -> String {
 /// What llama-server reported allocating: its memory breakdown table when
 /// logged, else the sum of the buffer sizes it printed.
 fn real_bytes(i: &v1::Instance) -> Option<u64> {
-    let o = i.observed.as_ref()?;
-    if let Some(b) = &o.breakdown {
-        return Some(b.model_bytes + b.context_bytes + b.compute_bytes);
+    let o = ObservedBuffers::from(i.observed?);
+    match o.breakdown {
+        Some(b) => Some(b.model_bytes + b.context_bytes + b.compute_bytes),
+        None => o.total_bytes(),
     }
-    let parts = [
-        o.model_bytes,
-        o.kv_bytes,
-        o.compute_bytes,
-        o.output_bytes,
-        o.recurrent_bytes,
-    ];
-    parts
-        .iter()
-        .any(Option::is_some)
-        .then(|| parts.iter().flatten().sum())
 }
 
 /// The helpers of a split replica, from the plan's shares and what their
