@@ -282,24 +282,27 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
         let placements = placed
             .into_iter()
             .map(|v| {
-                let shares: Vec<u32> = v
-                    .value
-                    .split
-                    .as_ref()
-                    .map(|s| s.helpers().map(|(k, _)| k).collect())
-                    .unwrap_or_default();
-                let mut w = v1::Placement::from(v.value);
-                for r in &mut w.replicas {
+                let p = v.value;
+                // Each replica's helpers as their agents report them, in
+                // device order.
+                let helpers: Vec<Vec<v1::Instance>> = p
+                    .replicas
+                    .iter()
+                    .map(|r| {
+                        let key = p.key(r);
+                        let Some(plan) = &p.split else {
+                            return Vec::new();
+                        };
+                        plan.helper_keys(&key)
+                            .filter_map(|(k, _)| by_rid.get(&k.request_id()))
+                            .map(|(_, i)| i.clone().into())
+                            .collect()
+                    })
+                    .collect();
+                let mut w = v1::Placement::from(p);
+                for (r, hs) in w.replicas.iter_mut().zip(helpers) {
                     r.instance = by_rid.get(&r.request_id).map(|(_, i)| i.clone().into());
-                    let Some(key) = proto::domain::ReplicaKey::parse(&r.request_id) else {
-                        continue;
-                    };
-                    for &k in &shares {
-                        let rid = key.helper(k).request_id();
-                        if let Some((_, i)) = by_rid.get(&rid) {
-                            r.helpers.push(i.clone().into());
-                        }
-                    }
+                    r.helpers = hs;
                 }
                 w
             })

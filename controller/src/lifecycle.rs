@@ -166,8 +166,8 @@ pub fn split_failure(p: &Placement, observed: &BTreeMap<String, NodeObs>) -> Opt
     let key = p.key(r);
     let mut sides: Vec<(String, &str)> = vec![(key.request_id(), r.node.as_str())];
     sides.extend(
-        plan.helpers()
-            .map(|(k, s)| (key.helper(k).request_id(), s.node.as_str())),
+        plan.helper_keys(&key)
+            .map(|(k, s)| (k.request_id(), s.node.as_str())),
     );
     for (rid, node) in sides {
         let Some(i) = observed

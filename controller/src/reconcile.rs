@@ -492,9 +492,8 @@ fn wanted<'a>(
                     .get(&r.node)
                     .and_then(|n| agent_ip(&n.config.address));
                 let mut servers = Vec::new();
-                for (k, share) in plan.helpers() {
+                for (hk, share) in plan.helper_keys(&key) {
                     let Some(ip) = host_ip else { continue };
-                    let hk = key.helper(k);
                     if let Some(i) = lifecycle::ready_helper(observed.get(&share.node), &hk) {
                         servers.push(i.endpoint.clone());
                     }

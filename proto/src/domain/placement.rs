@@ -133,6 +133,16 @@ impl SplitPlan {
             .map(|(k, s)| (u32::try_from(k + 1).unwrap_or(u32::MAX), s))
     }
 
+    /// The helper shares with the keys of their ggml-rpc-servers for the
+    /// replica `key` (`halo.NAME.rIsK.gG`), in device order.
+    pub fn helper_keys<'a>(
+        &'a self,
+        key: &ReplicaKey,
+    ) -> impl Iterator<Item = (ReplicaKey, &'a SplitShare)> + use<'a> {
+        let key = key.clone();
+        self.helpers().map(move |(k, s)| (key.helper(k), s))
+    }
+
     /// Bytes the plan puts on `node` (total plus margin), saturating.
     pub fn bytes_on(&self, node: &str) -> u64 {
         self.shares
@@ -495,6 +505,32 @@ mod tests {
         assert_eq!(ReplicaKey::parse("halo.x.r+1.g1"), None);
         assert_eq!(ReplicaKey::parse("test-1"), None);
         assert_eq!(ReplicaKey::parse("halo.x.r1.gz"), None);
+    }
+
+    #[test]
+    fn helper_keys_number_the_helpers_in_device_order_skipping_the_host() {
+        let share = |node: &str, host: bool| SplitShare {
+            node: node.into(),
+            host,
+            ..SplitShare::default()
+        };
+        let plan = SplitPlan {
+            shares: vec![share("a", false), share("b", false), share("h", true)],
+            traffic_bytes_per_token: 0,
+            notes: Vec::new(),
+        };
+        let key = ReplicaKey::parse("halo.m.r0.g4").expect("ours");
+        let ids: Vec<(String, &str)> = plan
+            .helper_keys(&key)
+            .map(|(k, s)| (k.request_id(), s.node.as_str()))
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                ("halo.m.r0s1.g4".to_owned(), "a"),
+                ("halo.m.r0s2.g4".to_owned(), "b")
+            ]
+        );
     }
 
     #[test]
