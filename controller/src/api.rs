@@ -6,11 +6,9 @@ use crate::desired::{Desired, catalog_key, json, placement_key};
 use crate::error::Error;
 use crate::events::Events;
 use crate::observe::{Observed, instances_by_request};
-use crate::placement::{
-    self, Breakdown, Liveness, NodeFit, PlaceRequest, estimate_options, used_by_node,
-};
+use crate::placement::{self, Breakdown, PlaceRequest, estimate_options, used_by_node};
 use crate::store::{Compare, Op, Store};
-use proto::domain::{CatalogEntry, EditorMode, InstanceState, ModelStatus, Placement};
+use proto::domain::{CatalogEntry, EditorMode, InstanceState, ModelStatus, NodeStatus, Placement};
 use proto::tls::{Access, Policy, Role};
 use proto::v1;
 use std::pin::Pin;
@@ -92,13 +90,7 @@ impl ControllerApi {
         let nodes = self.observed.node_states(Instant::now());
         let mut d = placement::place(&nodes, &plain, &catalog, &req);
         if let Some(p) = d.placement.as_mut() {
-            // Agents keep stopped instances, and a start with a request id
-            // they have seen returns that instance: a new placement reusing
-            // an old one's name continues after its generations.
-            let seen = self.observed.max_generation(&p.name);
-            for r in &mut p.replicas {
-                r.generation = r.generation.max(seen.saturating_add(1));
-            }
+            crate::lifecycle::continue_after(p, self.observed.max_generation(&p.name));
         }
         let accepted = d.accepted;
         if accepted
@@ -129,21 +121,27 @@ impl ControllerApi {
         Ok(v1::PlaceResponse {
             accepted,
             placement: d.placement.map(Into::into),
-            fits: d.fits.into_iter().map(fit_to_wire).collect(),
+            fits: d.fits.into_iter().map(Into::into).collect(),
             evicted: d.evicted,
             explanation: d.explanation,
-            estimate: d.estimate.map(|b| v1::EstimateBreakdown {
-                weights_bytes: b.weights_bytes,
-                kv_bytes: b.kv_bytes,
-                compute_bytes: b.compute_bytes,
-                output_bytes: b.output_bytes,
-                total_bytes: b.total_bytes,
-                context_size: b.context_size,
-                cache_type_k: b.cache_type_k,
-                cache_type_v: b.cache_type_v,
-            }),
+            estimate: d.estimate.map(Into::into),
             dry_run: r.dry_run,
         })
+    }
+}
+
+impl From<Breakdown> for v1::EstimateBreakdown {
+    fn from(b: Breakdown) -> Self {
+        v1::EstimateBreakdown {
+            weights_bytes: b.weights_bytes,
+            kv_bytes: b.kv_bytes,
+            compute_bytes: b.compute_bytes,
+            output_bytes: b.output_bytes,
+            total_bytes: b.total_bytes,
+            context_size: b.context_size,
+            cache_type_k: b.cache_type_k,
+            cache_type_v: b.cache_type_v,
+        }
     }
 }
 
@@ -186,33 +184,6 @@ pub fn place_request(r: &v1::PlaceRequest) -> Result<PlaceRequest, Error> {
     Ok(req)
 }
 
-fn fit_to_wire(f: NodeFit) -> v1::NodeFit {
-    v1::NodeFit {
-        node: f.node,
-        candidate: f.candidate,
-        fits: f.fits,
-        usable_bytes: f.usable_bytes,
-        reserve_bytes: f.reserve_bytes,
-        used_bytes: f.used_bytes,
-        free_bytes: f.free_bytes,
-        needed_bytes: f.needed_bytes,
-        margin_bytes: f.margin_bytes,
-        context_size: f.context_size,
-        cache_type: f.cache_type,
-        reason: f.reason,
-        replicas: f.replicas,
-    }
-}
-
-fn status(l: Liveness) -> v1::NodeStatus {
-    match l {
-        Liveness::Ready => v1::NodeStatus::Ready,
-        Liveness::Unreachable => v1::NodeStatus::Unreachable,
-        Liveness::Lost => v1::NodeStatus::Lost,
-        Liveness::Unknown => v1::NodeStatus::Unknown,
-    }
-}
-
 type EventStream = Pin<Box<dyn Stream<Item = Result<v1::ClusterEvent, Status>> + Send>>;
 type LogStream = Pin<Box<dyn Stream<Item = Result<v1::LogLine, Status>> + Send>>;
 
@@ -241,7 +212,7 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
                 identity.roles = n.roles();
                 v1::NodeView {
                     node: Some(identity.into()),
-                    status: status(n.liveness(now, &t)) as i32,
+                    status: v1::NodeStatus::from(NodeStatus::from(n.liveness(now, &t))) as i32,
                     memory: n.memory.clone().map(Into::into),
                     reserve_bytes: n.reserve_bytes,
                     placed_bytes: used.get(&n.config.name).copied().unwrap_or(0),
@@ -311,21 +282,27 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
         let placements = placed
             .into_iter()
             .map(|v| {
-                let helpers = v.value.split.as_ref().map_or(0, |s| s.helpers().count());
-                let mut w = v1::Placement::from(v.value);
-                for r in &mut w.replicas {
+                let p = v.value;
+                // Each replica's helpers as their agents report them, in
+                // device order.
+                let helpers: Vec<Vec<v1::Instance>> = p
+                    .replicas
+                    .iter()
+                    .map(|r| {
+                        let key = p.key(r);
+                        let Some(plan) = &p.split else {
+                            return Vec::new();
+                        };
+                        plan.helper_keys(&key)
+                            .filter_map(|(k, _)| by_rid.get(&k.request_id()))
+                            .map(|(_, i)| i.clone().into())
+                            .collect()
+                    })
+                    .collect();
+                let mut w = v1::Placement::from(p);
+                for (r, hs) in w.replicas.iter_mut().zip(helpers) {
                     r.instance = by_rid.get(&r.request_id).map(|(_, i)| i.clone().into());
-                    let Some(key) = proto::domain::ReplicaKey::parse(&r.request_id) else {
-                        continue;
-                    };
-                    for k in 1..=helpers {
-                        let rid = key
-                            .helper(u32::try_from(k).unwrap_or(u32::MAX))
-                            .request_id();
-                        if let Some((_, i)) = by_rid.get(&rid) {
-                            r.helpers.push(i.clone().into());
-                        }
-                    }
+                    r.helpers = hs;
                 }
                 w
             })

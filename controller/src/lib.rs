@@ -1,7 +1,8 @@
 //! halo-controller as a library: the memory estimate ([`estimate`]), the
 //! desired-state store ([`store`]), placement as a pure function
 //! ([`placement`]), the view of agents ([`observe`]), reconcile and node
-//! loss ([`reconcile`]), the gRPC API ([`api`]), configuration ([`config`])
+//! loss ([`reconcile`]), a replica's generations and a split's sides
+//! ([`lifecycle`]), the gRPC API ([`api`]), configuration ([`config`])
 //! and the daemon that ties them together ([`daemon`]).
 
 pub mod api;
@@ -13,6 +14,7 @@ pub mod error;
 pub mod estimate;
 pub mod events;
 pub mod leader;
+pub mod lifecycle;
 pub mod observe;
 pub mod placement;
 pub mod reconcile;

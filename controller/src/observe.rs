@@ -8,7 +8,7 @@ use crate::estimate::ObservedRecord;
 use crate::placement::{Liveness, NodeState, instance_estimate_options};
 use proto::domain::{
     AgentEvent, AgentEventKind, Instance, InstanceState, MemoryReport, ModelFile, ModelParams,
-    ModelStatus, NodeIdentity, ReplicaKey,
+    ModelStatus, NodeIdentity, NodeStatus, ReplicaKey,
 };
 use proto::v1;
 use proto::v1::agent_service_client::AgentServiceClient;
@@ -111,6 +111,17 @@ impl NodeObs {
         self.instances
             .values()
             .filter_map(|i| ReplicaKey::parse(&i.request_id).map(|k| (k, i)))
+    }
+}
+
+impl From<Liveness> for NodeStatus {
+    fn from(l: Liveness) -> Self {
+        match l {
+            Liveness::Ready => NodeStatus::Ready,
+            Liveness::Unreachable => NodeStatus::Unreachable,
+            Liveness::Lost => NodeStatus::Lost,
+            Liveness::Unknown => NodeStatus::Unknown,
+        }
     }
 }
 
@@ -453,10 +464,7 @@ pub fn instances_by_request(observed: &Observed) -> HashMap<String, (String, Ins
     let mut out: HashMap<String, (String, Instance)> = HashMap::new();
     for n in observed.read().values() {
         for i in n.instances.values().filter(|i| !i.request_id.is_empty()) {
-            let replace = out
-                .get(&i.request_id)
-                .is_none_or(|(_, old)| old.state == InstanceState::Stopped);
-            if replace {
+            if crate::lifecycle::prefer(out.get(&i.request_id).map(|(_, old)| old)) {
                 out.insert(i.request_id.clone(), (n.config.name.clone(), i.clone()));
             }
         }

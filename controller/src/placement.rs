@@ -137,39 +137,8 @@ pub struct PlaceRequest {
     pub split_across: Option<u32>,
 }
 
-/// The arithmetic on one node.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodeFit {
-    /// Node.
-    pub node: String,
-    /// Whether the node could take the model at all.
-    pub candidate: bool,
-    /// Whether the replica(s) fit.
-    pub fits: bool,
-    /// Usable memory.
-    pub usable_bytes: u64,
-    /// Reserve.
-    pub reserve_bytes: u64,
-    /// What placements use.
-    pub used_bytes: u64,
-    /// `usable − reserve − used`.
-    pub free_bytes: u64,
-    /// Estimate plus margin, per replica.
-    pub needed_bytes: u64,
-    /// The margin in `needed_bytes`.
-    pub margin_bytes: u64,
-    /// Context of the settings shown.
-    pub context_size: u32,
-    /// KV cache type of the settings shown.
-    pub cache_type: String,
-    /// Replicas this decision puts here.
-    pub replicas: u32,
-    /// Where the estimate in `needed_bytes` came from: "formula", or
-    /// "observed on <node>" (naming any figure still from the formula).
-    pub source: String,
-    /// Why, in words.
-    pub reason: String,
-}
+/// The arithmetic on one node: the domain type, shared with haloctl.
+pub use proto::domain::NodeFit;
 
 /// The estimate of one replica at the settings shown.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -22,10 +22,11 @@
 
 use crate::desired::Desired;
 use crate::events::Events;
+use crate::lifecycle;
 use crate::observe::{Observed, agent_client};
 use crate::placement::{Liveness, relocate};
 use crate::store::{PLACEMENTS, Store, StoreError, Watch};
-use proto::domain::{Instance, InstanceState, Placement, ReplicaKey};
+use proto::domain::{Instance, InstanceState, NodeStatus, Placement, ReplicaKey, StartRequest};
 use proto::v1;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -54,6 +55,22 @@ pub struct Reconciler {
 }
 
 type Inflight = Arc<Mutex<HashSet<String>>>;
+
+/// What one pass reads: placement's view of the nodes, each node's
+/// liveness, the placements as plain values and what agents report.
+struct View {
+    nodes: Vec<crate::placement::NodeState>,
+    liveness: HashMap<String, Liveness>,
+    plain: Vec<Placement>,
+    observed: BTreeMap<String, crate::observe::NodeObs>,
+}
+
+impl View {
+    /// Whether `node` is Lost.
+    fn lost(&self, node: &str) -> bool {
+        self.liveness.get(node) == Some(&Liveness::Lost)
+    }
+}
 
 fn lock(i: &Inflight) -> std::sync::MutexGuard<'_, HashSet<String>> {
     i.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -122,14 +139,8 @@ impl Reconciler {
             let l = n.liveness(now, &t);
             let before = statuses.insert(name.clone(), l);
             if before != Some(l) && !(before.is_none() && l == Liveness::Unknown) {
-                let kind = match l {
-                    Liveness::Ready => "node_ready",
-                    Liveness::Unreachable => "node_unreachable",
-                    Liveness::Lost => "node_lost",
-                    Liveness::Unknown => "node_unknown",
-                };
                 self.events.emit(
-                    kind,
+                    &format!("node_{}", NodeStatus::from(l)),
                     name,
                     format!("silent for {} ms", n.silent_for(now).as_millis()),
                 );
@@ -144,44 +155,49 @@ impl Reconciler {
         backoff: &Arc<Mutex<HashMap<String, Backoff>>>,
     ) -> Result<(), crate::error::Error> {
         let (placements, _) = self.desired.placements().await?;
-        let now = Instant::now();
-        let nodes = self.observed.node_states(now);
-        let liveness: HashMap<&str, Liveness> = nodes
-            .iter()
-            .map(|n| (n.name.as_str(), n.liveness))
-            .collect();
-        let plain: Vec<Placement> = placements.iter().map(|v| v.value.clone()).collect();
-
+        let nodes = self.observed.node_states(Instant::now());
         let observed = self.observed.read().clone();
+        let view = View {
+            liveness: nodes.iter().map(|n| (n.name.clone(), n.liveness)).collect(),
+            plain: placements.iter().map(|v| v.value.clone()).collect(),
+            nodes,
+            observed,
+        };
+        // Each step that writes a placement ends the pass: the next one
+        // acts on what was written.
+        if self.replan_splits(&placements, &view, backoff).await
+            || self.move_off_lost(&placements, &view).await
+        {
+            return Ok(());
+        }
+        self.converge(&placements, &view, term, inflight, backoff)
+            .await;
+        Ok(())
+    }
 
-        // Splits: a lost node or a failed side fails the whole split, which
-        // is planned again (same settings, new generation: every side
-        // restarts with new request ids, the old ones are stopped).
-        for v in &placements {
+    /// Splits: a lost node or a failed side fails the whole split, which is
+    /// planned again (same settings, new generation: every side restarts
+    /// with new request ids, the old ones are stopped). `true` when a new
+    /// plan was written.
+    async fn replan_splits(
+        &self,
+        placements: &[crate::desired::Versioned<Placement>],
+        view: &View,
+        backoff: &Arc<Mutex<HashMap<String, Backoff>>>,
+    ) -> bool {
+        for v in placements {
             let p = &v.value;
-            let Some(plan) = &p.split else { continue };
             if p.paused {
                 continue;
             }
-            let lost: Vec<&str> = plan
-                .shares
-                .iter()
-                .filter(|s| liveness.get(s.node.as_str()) == Some(&Liveness::Lost))
-                .map(|s| s.node.as_str())
-                .collect();
-            let broken = split_failure(p, &observed);
-            let why = if !lost.is_empty() {
-                format!("node(s) {} lost", lost.join(", "))
-            } else if let Some(f) = broken {
-                f
-            } else {
+            let Some(why) = lifecycle::split_broken(p, |n| view.lost(n), &view.observed) else {
                 continue;
             };
             if !due(backoff, &p.name) {
                 continue;
             }
             failed(backoff, &p.name);
-            match crate::split::replan(&nodes, &plain, p) {
+            match crate::split::replan(&view.nodes, &view.plain, p) {
                 Ok(next) => match self.desired.update_placement(&next, v.revision).await {
                     Ok(_) => {
                         let on: Vec<&str> = next
@@ -194,7 +210,7 @@ impl Reconciler {
                             &p.name,
                             format!("{why}: the split is planned again on {}", on.join(" + ")),
                         );
-                        return Ok(());
+                        return true;
                     }
                     Err(e) => tracing::info!(placement = %p.name, "re-plan not written: {e}"),
                 },
@@ -205,28 +221,29 @@ impl Reconciler {
                 ),
             }
         }
+        false
+    }
 
-        // Node loss: move floating replicas off lost nodes.
-        for v in &placements {
+    /// Node loss: moves floating replicas off lost nodes. `true` when a
+    /// move was tried (written or not).
+    async fn move_off_lost(
+        &self,
+        placements: &[crate::desired::Versioned<Placement>],
+        view: &View,
+    ) -> bool {
+        for v in placements {
             let p = &v.value;
             if p.pinned_node.is_some() || p.split.is_some() {
                 continue;
             }
-            let lost: Vec<u32> = p
-                .replicas
-                .iter()
-                .filter(|r| liveness.get(r.node.as_str()) == Some(&Liveness::Lost))
-                .map(|r| r.index)
-                .collect();
             let mut next = p.clone();
             let mut moved = Vec::new();
-            for index in lost {
-                match relocate(&nodes, &plain, &next, index) {
+            for r in p.replicas.iter().filter(|r| view.lost(&r.node)) {
+                let index = r.index;
+                match relocate(&view.nodes, &view.plain, &next, index) {
                     Ok(to) => {
-                        if let Some(r) = next.replicas.iter_mut().find(|r| r.index == index) {
-                            moved.push(format!("replica {index} {} -> {to}", r.node));
-                            r.node = to;
-                            r.generation += 1;
+                        if let Some(from) = lifecycle::move_replica(&mut next, index, to.clone()) {
+                            moved.push(format!("replica {index} {from} -> {to}"));
                         }
                     }
                     Err(why) => {
@@ -239,15 +256,25 @@ impl Reconciler {
                     Ok(_) => self.events.emit("moved", &p.name, moved.join(", ")),
                     Err(e) => tracing::info!(placement = %p.name, "move not written: {e}"),
                 }
-                // The next pass acts on what was written.
-                return Ok(());
+                return true;
             }
         }
+        false
+    }
 
-        // Per live node: start what is missing, stop what is extra.
-        let wants = wanted(&placements, &observed);
-        for (name, n) in &observed {
-            if liveness.get(name.as_str()) != Some(&Liveness::Ready) {
+    /// Per live node: starts what is missing, restarts what was stopped
+    /// behind the controller's back, stops what is extra.
+    async fn converge(
+        &self,
+        placements: &[crate::desired::Versioned<Placement>],
+        view: &View,
+        term: u64,
+        inflight: &Inflight,
+        backoff: &Arc<Mutex<HashMap<String, Backoff>>>,
+    ) {
+        let wants = wanted(placements, &view.observed);
+        for (name, n) in &view.observed {
+            if view.liveness.get(name) != Some(&Liveness::Ready) {
                 continue;
             }
             let empty = HashMap::new();
@@ -255,11 +282,7 @@ impl Reconciler {
             let mut have: HashMap<String, &Instance> = HashMap::new();
             for (k, i) in n.managed() {
                 let rid = k.request_id();
-                // Prefer a live instance over a stopped one with the same id.
-                if have
-                    .get(&rid)
-                    .is_none_or(|old| old.state == InstanceState::Stopped)
-                {
+                if lifecycle::prefer(have.get(&rid).copied()) {
                     have.insert(rid, i);
                 }
             }
@@ -281,7 +304,6 @@ impl Reconciler {
                 }
             }
         }
-        Ok(())
     }
 
     /// Restarts a replica stopped behind the controller's back by bumping
@@ -298,9 +320,7 @@ impl Reconciler {
         }
         failed(backoff, rid);
         let mut next = v.value.clone();
-        if let Some(r) = next.replicas.iter_mut().find(|r| r.index == index) {
-            r.generation += 1;
-        }
+        lifecycle::restart(&mut next, index);
         match self.desired.update_placement(&next, v.revision).await {
             Ok(_) => self.events.emit(
                 "restarted",
@@ -322,7 +342,17 @@ impl Reconciler {
     ) {
         let rid = w.request.request_id.clone();
         let key = format!("{node}/{rid}");
-        if !due(backoff, &rid) || !lock(inflight).insert(key.clone()) {
+        if !due(backoff, &rid) {
+            return;
+        }
+        if let Some(why) = &w.refused {
+            failed(backoff, &rid);
+            let name = &w.v.value.name;
+            self.events
+                .emit("start_failed", name, format!("{rid} on {node}: {why}"));
+            return;
+        }
+        if !lock(inflight).insert(key.clone()) {
             return;
         }
         let mut req = w.request.clone();
@@ -342,7 +372,9 @@ impl Reconciler {
                 }
                 let mut c = agent_client(&address).map_err(|e| e.to_string())?;
                 let i = c
-                    .start_instance(crate::observe::with_deadline(req))
+                    .start_instance(crate::observe::with_deadline(
+                        v1::StartInstanceRequest::from(req),
+                    ))
                     .await
                     .map_err(|s| format!("{}: {}", s.code(), s.message()))?;
                 Instance::try_from(i.into_inner()).map_err(|e| e.to_string())
@@ -420,7 +452,10 @@ impl Reconciler {
 struct Want<'a> {
     v: &'a crate::desired::Versioned<Placement>,
     index: u32,
-    request: v1::StartInstanceRequest,
+    request: StartRequest,
+    /// Why the request cannot be sent as it is (a helper's endpoint that
+    /// is not `IP:port`): reported as a failed start, with back-off.
+    refused: Option<String>,
 }
 
 /// What every node should run, by node and request id. A split's helpers
@@ -432,92 +467,47 @@ fn wanted<'a>(
     observed: &BTreeMap<String, crate::observe::NodeObs>,
 ) -> HashMap<&'a str, HashMap<String, Want<'a>>> {
     let mut out: HashMap<&str, HashMap<String, Want<'_>>> = HashMap::new();
+    let mut want = |node: &'a str, v, index, request: StartRequest, refused| {
+        out.entry(node).or_default().insert(
+            request.request_id.clone(),
+            Want {
+                v,
+                index,
+                request,
+                refused,
+            },
+        );
+    };
     for v in placements {
         let p = &v.value;
         if p.paused {
             continue;
         }
         for r in &p.replicas {
-            let key = p.key(r);
-            let mut request = v1::StartInstanceRequest {
-                request_id: key.request_id(),
-                model_id: p.model_id.clone(),
-                options: Some(p.instance_options()),
-                generation: r.generation,
-                leader_revision: 0,
-                kind: v1::InstanceKind::LlamaServer as i32,
-            };
+            let mut request = lifecycle::start_request(p, r);
+            let mut refused = None;
             if let Some(plan) = &p.split {
+                let key = p.key(r);
                 let host_ip = observed
                     .get(&r.node)
                     .and_then(|n| agent_ip(&n.config.address));
                 let mut servers = Vec::new();
-                for (k, share) in plan.helpers() {
-                    let hk = key.helper(k);
+                for (hk, share) in plan.helper_keys(&key) {
                     let Some(ip) = host_ip else { continue };
-                    let rpc = v1::StartInstanceRequest {
-                        request_id: hk.request_id(),
-                        model_id: String::new(),
-                        options: Some(v1::InstanceOptions {
-                            rpc_client: ip.to_string(),
-                            ..v1::InstanceOptions::default()
-                        }),
-                        generation: r.generation,
-                        leader_revision: 0,
-                        kind: v1::InstanceKind::RpcServer as i32,
-                    };
-                    let ready = observed.get(&share.node).and_then(|n| {
-                        n.instances.values().find(|i| {
-                            i.request_id == rpc.request_id && i.state == InstanceState::Ready
-                        })
-                    });
-                    if let Some(i) = ready {
+                    if let Some(i) = lifecycle::ready_helper(observed.get(&share.node), &hk) {
                         servers.push(i.endpoint.clone());
                     }
-                    out.entry(share.node.as_str()).or_default().insert(
-                        rpc.request_id.clone(),
-                        Want {
-                            v,
-                            index: r.index,
-                            request: rpc,
-                        },
-                    );
+                    let rpc = lifecycle::helper_request(&hk, ip);
+                    want(share.node.as_str(), v, r.index, rpc, None);
                 }
                 if servers.len() != plan.helpers().count() {
                     continue;
                 }
-                if let Some(o) = request.options.as_mut() {
-                    let host_gpu = plan.host().is_some_and(|h| h.tensor_split > 0);
-                    let layers = |host: bool| -> u32 {
-                        plan.shares
-                            .iter()
-                            .filter(|s| host || !s.host)
-                            .map(|s| s.layers)
-                            .sum()
-                    };
-                    o.rpc_servers = servers;
-                    if host_gpu {
-                        o.gpu_layers = Some(layers(true) + 1);
-                        o.tensor_split = plan.shares.iter().map(|s| s.tensor_split).collect();
-                    } else {
-                        o.gpu_layers = Some(layers(false) + 1);
-                        o.tensor_split = plan
-                            .shares
-                            .iter()
-                            .filter(|s| !s.host)
-                            .map(|s| s.tensor_split)
-                            .collect();
-                    }
-                }
+                refused = lifecycle::split_host(&mut request.options, plan, &servers)
+                    .err()
+                    .map(|e| e.to_string());
             }
-            out.entry(r.node.as_str()).or_default().insert(
-                request.request_id.clone(),
-                Want {
-                    v,
-                    index: r.index,
-                    request,
-                },
-            );
+            want(r.node.as_str(), v, r.index, request, refused);
         }
     }
     out
@@ -531,40 +521,6 @@ fn agent_ip(address: &str) -> Option<std::net::IpAddr> {
         .or_else(|| address.strip_prefix("https://"))
         .unwrap_or(address);
     a.parse::<std::net::SocketAddr>().ok().map(|s| s.ip())
-}
-
-/// Why a split is broken, if a side of its current generation failed or
-/// was stopped behind the controller's back.
-fn split_failure(
-    p: &Placement,
-    observed: &BTreeMap<String, crate::observe::NodeObs>,
-) -> Option<String> {
-    let plan = p.split.as_ref()?;
-    let r = p.replicas.first()?;
-    let key = p.key(r);
-    let mut sides: Vec<(String, &str)> = vec![(key.request_id(), r.node.as_str())];
-    sides.extend(
-        plan.helpers()
-            .map(|(k, s)| (key.helper(k).request_id(), s.node.as_str())),
-    );
-    for (rid, node) in sides {
-        let Some(i) = observed
-            .get(node)
-            .and_then(|n| n.instances.values().find(|i| i.request_id == rid))
-        else {
-            continue;
-        };
-        if matches!(i.state, InstanceState::Failed | InstanceState::Stopped) {
-            let what = if i.kind == proto::domain::InstanceKind::RpcServer {
-                "ggml-rpc-server"
-            } else {
-                "llama-server"
-            };
-            let reason = i.last_error.lines().next().unwrap_or("stopped").to_owned();
-            return Some(format!("{what} on {node} {}: {reason}", i.state));
-        }
-    }
-    None
 }
 
 fn lock_b(

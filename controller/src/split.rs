@@ -261,11 +261,10 @@ pub fn replan(
     let mut next = p.clone();
     next.split = Some(c.plan(&params, "planned again after a failure"));
     next.estimate_bytes = c.estimate.total_bytes;
-    let generation = p.replicas.iter().map(|r| r.generation).max().unwrap_or(0) + 1;
     next.replicas = vec![Replica {
         index: 0,
         node: c.host().to_owned(),
-        generation,
+        generation: crate::lifecycle::next_generation(p),
     }];
     Ok(next)
 }

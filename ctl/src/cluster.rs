@@ -8,6 +8,9 @@ use crate::Failure;
 use crate::cli::{EventsArgs, ListArgs, LogsArgs, PlanArgs, UnplaceArgs};
 use crate::client::Target;
 use crate::output::{Format, Table, bytes, print, print_json};
+use proto::domain::{
+    EditorMode, InstanceState, NodeStatus, ObservedBuffers, ReplicaKey, SplitPlan,
+};
 use proto::v1;
 use serde::Serialize;
 
@@ -175,40 +178,19 @@ pub struct EventJson {
     pub message: String,
 }
 
-/// A node status's name.
+/// A wire node status's name (`unknown` for anything unspecified).
 pub fn node_status(s: i32) -> &'static str {
-    match v1::NodeStatus::try_from(s) {
-        Ok(v1::NodeStatus::Ready) => "ready",
-        Ok(v1::NodeStatus::Unreachable) => "unreachable",
-        Ok(v1::NodeStatus::Lost) => "lost",
-        _ => "unknown",
-    }
+    NodeStatus::from_wire(s).as_str()
 }
 
-/// An instance state's name.
+/// A wire instance state's name (`unknown` for anything unspecified).
 pub fn instance_state(s: i32) -> &'static str {
-    match v1::InstanceState::try_from(s) {
-        Ok(v1::InstanceState::Starting) => "starting",
-        Ok(v1::InstanceState::Loading) => "loading",
-        Ok(v1::InstanceState::Ready) => "ready",
-        Ok(v1::InstanceState::Stopping) => "stopping",
-        Ok(v1::InstanceState::Stopped) => "stopped",
-        Ok(v1::InstanceState::Failed) => "failed",
-        Ok(v1::InstanceState::Unmanaged) => "unmanaged",
-        _ => "unknown",
-    }
+    InstanceState::from_wire(s).map_or("unknown", InstanceState::as_str)
 }
 
-/// An editor mode's name.
+/// A wire editor mode's name (`unspecified` when it names none).
 pub fn mode(m: i32) -> &'static str {
-    match v1::EditorMode::try_from(m) {
-        Ok(v1::EditorMode::Ask) => "ask",
-        Ok(v1::EditorMode::Code) => "code",
-        Ok(v1::EditorMode::Autocomplete) => "autocomplete",
-        Ok(v1::EditorMode::Architect) => "architect",
-        Ok(v1::EditorMode::Debug) => "debug",
-        _ => "unspecified",
-    }
+    EditorMode::from_wire(m).map_or("unspecified", EditorMode::as_str)
 }
 
 fn or_dash(v: Option<u64>) -> String {
@@ -397,21 +379,11 @@ pub fn render_models(models: &[ModelJson]) -> String {
 /// What llama-server reported allocating: its memory breakdown table when
 /// logged, else the sum of the buffer sizes it printed.
 fn real_bytes(i: &v1::Instance) -> Option<u64> {
-    let o = i.observed.as_ref()?;
-    if let Some(b) = &o.breakdown {
-        return Some(b.model_bytes + b.context_bytes + b.compute_bytes);
+    let o = ObservedBuffers::from(i.observed?);
+    match o.breakdown {
+        Some(b) => Some(b.model_bytes + b.context_bytes + b.compute_bytes),
+        None => o.total_bytes(),
     }
-    let parts = [
-        o.model_bytes,
-        o.kv_bytes,
-        o.compute_bytes,
-        o.output_bytes,
-        o.recurrent_bytes,
-    ];
-    parts
-        .iter()
-        .any(Option::is_some)
-        .then(|| parts.iter().flatten().sum())
 }
 
 /// The helpers of a split replica, from the plan's shares and what their
@@ -420,16 +392,11 @@ fn helpers(p: &v1::Placement, r: &v1::Replica) -> Vec<HelperJson> {
     let Some(plan) = &p.split else {
         return Vec::new();
     };
-    let key = proto::domain::ReplicaKey::parse(&r.request_id);
-    plan.shares
-        .iter()
-        .filter(|s| !s.host)
-        .enumerate()
+    let key = ReplicaKey::parse(&r.request_id);
+    SplitPlan::from(plan.clone())
+        .helpers()
         .map(|(k, s)| {
-            let rid = key.as_ref().map(|key| {
-                key.helper(u32::try_from(k + 1).unwrap_or(u32::MAX))
-                    .request_id()
-            });
+            let rid = key.as_ref().map(|key| key.helper(k).request_id());
             let i = r
                 .helpers
                 .iter()

@@ -8,6 +8,7 @@ use crate::cli::PlaceArgs;
 use crate::client::Target;
 use crate::cluster::instance_state;
 use crate::output::{Format, Table, bytes, print, print_json};
+use proto::domain::{HelpersState, InstanceState};
 use proto::v1;
 use serde::Serialize;
 use std::io::{IsTerminal, Write};
@@ -66,30 +67,9 @@ pub struct EstimateJson {
 }
 
 /// One node's arithmetic: free = usable − reserve − used; fits when
-/// needed (estimate + margin) ≤ free.
-#[derive(Debug, Serialize, PartialEq)]
-pub struct FitJson {
-    /// Node.
-    pub node: String,
-    /// Could take the model at all (status, role, file).
-    pub candidate: bool,
-    /// Fits.
-    pub fits: bool,
-    /// Usable memory.
-    pub usable_bytes: u64,
-    /// Reserve.
-    pub reserve_bytes: u64,
-    /// Used by placements already there.
-    pub used_bytes: u64,
-    /// usable − reserve − used.
-    pub free_bytes: u64,
-    /// Estimate plus margin.
-    pub needed_bytes: u64,
-    /// Context tried, tokens.
-    pub ctx: u32,
-    /// Why, in words.
-    pub reason: String,
-}
+/// needed (estimate + margin) ≤ free. Its JSON field names are the domain
+/// type's.
+pub use proto::domain::NodeFit as FitJson;
 
 /// The JSON view of a decision.
 pub fn decision_json(r: &v1::PlaceResponse) -> DecisionJson {
@@ -112,22 +92,7 @@ pub fn decision_json(r: &v1::PlaceResponse) -> DecisionJson {
             output_bytes: e.output_bytes,
             total_bytes: e.total_bytes,
         }),
-        fits: r
-            .fits
-            .iter()
-            .map(|f| FitJson {
-                node: f.node.clone(),
-                candidate: f.candidate,
-                fits: f.fits,
-                usable_bytes: f.usable_bytes,
-                reserve_bytes: f.reserve_bytes,
-                used_bytes: f.used_bytes,
-                free_bytes: f.free_bytes,
-                needed_bytes: f.needed_bytes,
-                ctx: f.context_size,
-                reason: f.reason.clone(),
-            })
-            .collect(),
+        fits: r.fits.iter().cloned().map(FitJson::from).collect(),
         evicted: r.evicted.clone(),
         explanation: r.explanation.clone(),
         split: r
@@ -216,8 +181,8 @@ pub fn render_decision(model: &str, d: &DecisionJson) -> String {
                 n(f.used_bytes),
                 n(f.free_bytes),
                 n(f.needed_bytes),
-                if f.ctx > 0 {
-                    f.ctx.to_string()
+                if f.context_size > 0 {
+                    f.context_size.to_string()
                 } else {
                     "-".into()
                 },
@@ -323,21 +288,18 @@ async fn wait_ready(
             .replicas
             .iter()
             .map(|r| {
-                // A split is as ready as its least ready side.
-                let failed_helper = r
+                let sides: Vec<Option<InstanceState>> = r
                     .helpers
                     .iter()
-                    .find(|i| instance_state(i.state) == "failed");
-                let s = if let Some(h) = failed_helper {
-                    instance_state(h.state)
-                } else if r.helpers.len() < helpers
-                    || r.helpers.iter().any(|i| instance_state(i.state) != "ready")
-                {
-                    "starting helpers"
-                } else {
-                    r.instance
+                    .map(|i| InstanceState::from_wire(i.state))
+                    .collect();
+                let s = match HelpersState::of(helpers, &sides) {
+                    HelpersState::Failed => InstanceState::Failed.as_str(),
+                    HelpersState::Starting => "starting helpers",
+                    HelpersState::Ready => r
+                        .instance
                         .as_ref()
-                        .map_or("pending", |i| instance_state(i.state))
+                        .map_or("pending", |i| instance_state(i.state)),
                 };
                 (r.node.clone(), s, r)
             })
@@ -361,7 +323,7 @@ async fn wait_ready(
                 .helpers
                 .iter()
                 .chain(r.instance.as_ref())
-                .find(|i| instance_state(i.state) == "failed")
+                .find(|i| InstanceState::from_wire(i.state) == Some(InstanceState::Failed))
                 .map(|i| i.last_error.clone())
                 .unwrap_or_default();
             return Err(Failure::Refused(format!(
@@ -396,5 +358,38 @@ async fn wait_ready(
 fn finish_line(tty: bool) {
     if tty {
         eprintln!();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn place_json_names_each_fit_field_as_scripts_read_it() {
+        let r = v1::PlaceResponse {
+            fits: vec![v1::NodeFit {
+                node: "halo1".into(),
+                candidate: true,
+                fits: true,
+                usable_bytes: 120,
+                reserve_bytes: 4,
+                used_bytes: 14,
+                free_bytes: 102,
+                needed_bytes: 38,
+                margin_bytes: 1,
+                context_size: 4096,
+                cache_type: "q8_0".into(),
+                reason: "fits".into(),
+                replicas: 1,
+            }],
+            ..Default::default()
+        };
+        let d = decision_json(&r);
+        let json = serde_json::to_string(&d.fits).expect("JSON");
+        assert_eq!(
+            json,
+            r#"[{"node":"halo1","candidate":true,"fits":true,"usable_bytes":120,"reserve_bytes":4,"used_bytes":14,"free_bytes":102,"needed_bytes":38,"ctx":4096,"reason":"fits"}]"#
+        );
     }
 }

@@ -70,7 +70,7 @@ fn use_placement(p: &Placement) {
             let _ = s.bytes_on(&share.node);
         }
     }
-    let _ = InstanceOptions::try_from(p.instance_options());
+    let _ = InstanceOptions::try_from(v1::InstanceOptions::from(p.instance_options()));
     let _ = placement_key(&p.name);
 }
 

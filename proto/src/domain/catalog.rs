@@ -2,6 +2,8 @@
 //! file agents report (`model_id`), with the settings placement starts from
 //! and the editor modes it serves. Stored as JSON under `/halo/v1/catalog/`.
 
+use super::CacheType;
+use super::instance::{cache_name_from_wire, cache_name_to_wire};
 use crate::ConversionError;
 use crate::v1;
 use serde::{Deserialize, Serialize};
@@ -43,6 +45,14 @@ impl EditorMode {
             EditorMode::Architect => "architect",
             EditorMode::Debug => "debug",
         }
+    }
+}
+
+impl EditorMode {
+    /// The mode a wire value names; `None` for unspecified or a value
+    /// outside the enum.
+    pub fn from_wire(v: i32) -> Option<EditorMode> {
+        v1::EditorMode::try_from(v).ok()?.try_into().ok()
     }
 }
 
@@ -93,33 +103,6 @@ impl TryFrom<v1::EditorMode> for EditorMode {
             v1::EditorMode::Unspecified => return Err(ConversionError::Missing("modes")),
         })
     }
-}
-
-/// KV cache type names llama.cpp accepts (`-ctk`/`-ctv`), as the wire enum
-/// orders them.
-const CACHE_NAMES: [(v1::CacheType, &str); 9] = [
-    (v1::CacheType::F16, "f16"),
-    (v1::CacheType::Bf16, "bf16"),
-    (v1::CacheType::Q80, "q8_0"),
-    (v1::CacheType::Q40, "q4_0"),
-    (v1::CacheType::Q41, "q4_1"),
-    (v1::CacheType::Q50, "q5_0"),
-    (v1::CacheType::Q51, "q5_1"),
-    (v1::CacheType::Iq4Nl, "iq4_nl"),
-    (v1::CacheType::F32, "f32"),
-];
-
-/// The llama.cpp name of a wire cache type; `None` for unspecified.
-pub fn cache_name(t: v1::CacheType) -> Option<&'static str> {
-    CACHE_NAMES.iter().find(|(w, _)| *w == t).map(|(_, n)| *n)
-}
-
-/// The wire cache type of a llama.cpp name (case-insensitive).
-pub fn cache_from_name(name: &str) -> Option<v1::CacheType> {
-    CACHE_NAMES
-        .iter()
-        .find(|(_, n)| n.eq_ignore_ascii_case(name))
-        .map(|(w, _)| *w)
 }
 
 /// Default context when an entry names none.
@@ -229,7 +212,7 @@ impl CatalogEntry {
             ("cache_type_k", &self.cache_type_k),
             ("cache_type_v", &self.cache_type_v),
         ] {
-            if cache_from_name(t).is_none() {
+            if t.parse::<CacheType>().is_err() {
                 return Err(ConversionError::Invalid {
                     field,
                     reason: format!("unknown cache type `{t}`"),
@@ -277,10 +260,8 @@ impl From<CatalogEntry> for v1::CatalogEntry {
             name: e.name,
             model_id: e.model_id,
             default_context: e.default_context,
-            cache_type_k: cache_from_name(&e.cache_type_k).unwrap_or(v1::CacheType::Unspecified)
-                as i32,
-            cache_type_v: cache_from_name(&e.cache_type_v).unwrap_or(v1::CacheType::Unspecified)
-                as i32,
+            cache_type_k: cache_name_to_wire(&e.cache_type_k),
+            cache_type_v: cache_name_to_wire(&e.cache_type_v),
             extra_flags: e.extra_flags,
             priority: e.priority,
             modes: e
@@ -302,16 +283,6 @@ impl TryFrom<v1::CatalogEntry> for CatalogEntry {
     type Error = ConversionError;
 
     fn try_from(e: v1::CatalogEntry) -> Result<Self, Self::Error> {
-        let cache = |field: &'static str, v: i32| -> Result<String, ConversionError> {
-            match v1::CacheType::try_from(v) {
-                Ok(v1::CacheType::Unspecified) => Ok(f16()),
-                Ok(t) => Ok(cache_name(t).unwrap_or("f16").to_owned()),
-                Err(_) => Err(ConversionError::Invalid {
-                    field,
-                    reason: format!("unknown cache type {v}"),
-                }),
-            }
-        };
         let modes = e
             .modes
             .iter()
@@ -337,8 +308,8 @@ impl TryFrom<v1::CatalogEntry> for CatalogEntry {
             } else {
                 e.min_context
             },
-            cache_type_k: cache("cache_type_k", e.cache_type_k)?,
-            cache_type_v: cache("cache_type_v", e.cache_type_v)?,
+            cache_type_k: cache_name_from_wire("cache_type_k", e.cache_type_k)?,
+            cache_type_v: cache_name_from_wire("cache_type_v", e.cache_type_v)?,
             extra_flags: e.extra_flags,
             priority: e.priority,
             modes,
@@ -362,6 +333,18 @@ mod tests {
         e.priority = 5;
         let back = CatalogEntry::try_from(v1::CatalogEntry::from(e.clone()));
         assert_eq!(back, Ok(e));
+    }
+
+    #[test]
+    fn editor_modes_from_the_wire_are_none_when_unspecified_or_unknown() {
+        for m in EditorMode::ALL {
+            assert_eq!(
+                EditorMode::from_wire(v1::EditorMode::from(m) as i32),
+                Some(m)
+            );
+        }
+        assert_eq!(EditorMode::from_wire(0), None);
+        assert_eq!(EditorMode::from_wire(99), None);
     }
 
     #[test]

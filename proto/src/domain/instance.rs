@@ -115,6 +115,14 @@ impl InstanceState {
     }
 }
 
+impl InstanceState {
+    /// The state a wire value names; `None` for unspecified or a value
+    /// outside the enum.
+    pub fn from_wire(v: i32) -> Option<InstanceState> {
+        v1::InstanceState::try_from(v).ok()?.try_into().ok()
+    }
+}
+
 impl std::fmt::Display for InstanceState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
@@ -265,24 +273,36 @@ impl std::str::FromStr for CacheType {
     }
 }
 
-/// `None` (unspecified) becomes `CACHE_TYPE_UNSPECIFIED`.
-fn cache_type_to_wire(c: Option<CacheType>) -> i32 {
-    let w = match c {
-        None => v1::CacheType::Unspecified,
-        Some(CacheType::F16) => v1::CacheType::F16,
-        Some(CacheType::Bf16) => v1::CacheType::Bf16,
-        Some(CacheType::Q8_0) => v1::CacheType::Q80,
-        Some(CacheType::Q4_0) => v1::CacheType::Q40,
-        Some(CacheType::Q4_1) => v1::CacheType::Q41,
-        Some(CacheType::Q5_0) => v1::CacheType::Q50,
-        Some(CacheType::Q5_1) => v1::CacheType::Q51,
-        Some(CacheType::Iq4Nl) => v1::CacheType::Iq4Nl,
-        Some(CacheType::F32) => v1::CacheType::F32,
-    };
-    w as i32
+impl From<CacheType> for v1::CacheType {
+    fn from(c: CacheType) -> Self {
+        match c {
+            CacheType::F16 => v1::CacheType::F16,
+            CacheType::Bf16 => v1::CacheType::Bf16,
+            CacheType::Q8_0 => v1::CacheType::Q80,
+            CacheType::Q4_0 => v1::CacheType::Q40,
+            CacheType::Q4_1 => v1::CacheType::Q41,
+            CacheType::Q5_0 => v1::CacheType::Q50,
+            CacheType::Q5_1 => v1::CacheType::Q51,
+            CacheType::Iq4Nl => v1::CacheType::Iq4Nl,
+            CacheType::F32 => v1::CacheType::F32,
+        }
+    }
 }
 
-fn cache_type_from_wire(
+/// `None` (unspecified) becomes `CACHE_TYPE_UNSPECIFIED`.
+pub(super) fn cache_type_to_wire(c: Option<CacheType>) -> i32 {
+    c.map_or(v1::CacheType::Unspecified, v1::CacheType::from) as i32
+}
+
+/// A cache type's llama.cpp name on the wire: an unknown name becomes
+/// `CACHE_TYPE_UNSPECIFIED`.
+pub(super) fn cache_name_to_wire(name: &str) -> i32 {
+    cache_type_to_wire(name.parse().ok())
+}
+
+/// The cache type a wire value names; `None` for unspecified, an error
+/// naming `field` for a value outside the enum.
+pub(super) fn cache_type_from_wire(
     field: &'static str,
     raw: i32,
 ) -> Result<Option<CacheType>, ConversionError> {
@@ -302,6 +322,29 @@ fn cache_type_from_wire(
         v1::CacheType::Iq4Nl => Some(CacheType::Iq4Nl),
         v1::CacheType::F32 => Some(CacheType::F32),
     })
+}
+
+/// The llama.cpp name of a wire cache type, llama.cpp's default (`f16`)
+/// for unspecified; an error naming `field` for a value outside the enum.
+pub(super) fn cache_name_from_wire(
+    field: &'static str,
+    raw: i32,
+) -> Result<String, ConversionError> {
+    Ok(cache_type_from_wire(field, raw)?
+        .unwrap_or_default()
+        .name()
+        .to_owned())
+}
+
+/// One `--rpc` entry: an `IP:port` with a port and a specified address.
+pub fn parse_rpc_server(a: &str) -> Result<std::net::SocketAddr, ConversionError> {
+    a.parse::<std::net::SocketAddr>()
+        .ok()
+        .filter(|s| s.port() != 0 && !s.ip().is_unspecified())
+        .ok_or_else(|| ConversionError::Invalid {
+            field: "rpc_servers",
+            reason: format!("`{}` is not IP:port", a.escape_debug()),
+        })
 }
 
 /// Options for one llama-server instance. Every value has been range
@@ -441,15 +484,7 @@ impl TryFrom<v1::InstanceOptions> for InstanceOptions {
         let rpc_servers = o
             .rpc_servers
             .iter()
-            .map(|a| {
-                a.parse::<std::net::SocketAddr>()
-                    .ok()
-                    .filter(|s| s.port() != 0 && !s.ip().is_unspecified())
-                    .ok_or_else(|| ConversionError::Invalid {
-                        field: "rpc_servers",
-                        reason: format!("`{}` is not IP:port", a.escape_debug()),
-                    })
-            })
+            .map(|a| parse_rpc_server(a))
             .collect::<Result<Vec<_>, _>>()?;
         if !o.tensor_split.is_empty()
             && (o.tensor_split.len() > MAX_TENSOR_SPLIT_LEN
@@ -494,6 +529,52 @@ impl TryFrom<v1::InstanceOptions> for InstanceOptions {
             alias: o.alias,
             extra_flags: o.extra_flags,
             allow_context_over_trained: o.allow_context_over_trained,
+        })
+    }
+}
+
+/// A StartInstance request: what to run, with the request id that makes
+/// retries of the same start one start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartRequest {
+    /// Deterministic id (see [`super::ReplicaKey::request_id`]).
+    pub request_id: String,
+    /// The model file (empty for ggml-rpc-server).
+    pub model_id: String,
+    /// What the instance runs with.
+    pub options: InstanceOptions,
+    /// Generation of the replica.
+    pub generation: u64,
+    /// The sender's leader term (0: not sent yet).
+    pub leader_revision: u64,
+    /// llama-server or ggml-rpc-server.
+    pub kind: InstanceKind,
+}
+
+impl From<StartRequest> for v1::StartInstanceRequest {
+    fn from(r: StartRequest) -> Self {
+        v1::StartInstanceRequest {
+            request_id: r.request_id,
+            model_id: r.model_id,
+            options: Some(r.options.into()),
+            generation: r.generation,
+            leader_revision: r.leader_revision,
+            kind: v1::InstanceKind::from(r.kind) as i32,
+        }
+    }
+}
+
+impl TryFrom<v1::StartInstanceRequest> for StartRequest {
+    type Error = ConversionError;
+
+    fn try_from(r: v1::StartInstanceRequest) -> Result<Self, Self::Error> {
+        Ok(StartRequest {
+            options: r.options.unwrap_or_default().try_into()?,
+            kind: InstanceKind::from_wire(r.kind)?,
+            request_id: r.request_id,
+            model_id: r.model_id,
+            generation: r.generation,
+            leader_revision: r.leader_revision,
         })
     }
 }
@@ -805,6 +886,45 @@ mod tests {
         };
         let back = InstanceOptions::try_from(v1::InstanceOptions::from(o.clone()));
         assert_eq!(back, Ok(o));
+    }
+
+    #[test]
+    fn instance_states_from_the_wire_are_none_when_unspecified_or_unknown() {
+        let ready = v1::InstanceState::from(InstanceState::Ready) as i32;
+        assert_eq!(InstanceState::from_wire(ready), Some(InstanceState::Ready));
+        assert_eq!(InstanceState::from_wire(0), None);
+        assert_eq!(InstanceState::from_wire(99), None);
+    }
+
+    #[test]
+    fn start_requests_round_trip_through_the_wire() {
+        let r = StartRequest {
+            request_id: "halo.m.r0s1.g3".into(),
+            model_id: String::new(),
+            options: InstanceOptions {
+                parallel: 1,
+                rpc_client: Some("10.0.0.1".parse().expect("ip")),
+                ..InstanceOptions::default()
+            },
+            generation: 3,
+            leader_revision: 7,
+            kind: InstanceKind::RpcServer,
+        };
+        let back = StartRequest::try_from(v1::StartInstanceRequest::from(r.clone()));
+        assert_eq!(back, Ok(r));
+    }
+
+    #[test]
+    fn cache_types_cross_the_wire_by_name_and_unknown_names_are_unspecified() {
+        for t in CacheType::ALL {
+            let w = cache_name_to_wire(t.name());
+            assert_eq!(cache_type_from_wire("k", w), Ok(Some(t)));
+            assert_eq!(cache_name_from_wire("k", w).as_deref(), Ok(t.name()));
+        }
+        let unknown = cache_name_to_wire("q3_k");
+        assert_eq!(unknown, v1::CacheType::Unspecified as i32);
+        assert_eq!(cache_name_from_wire("k", unknown).as_deref(), Ok("f16"));
+        assert!(cache_name_from_wire("k", 99).is_err());
     }
 
     #[test]

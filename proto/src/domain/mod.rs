@@ -11,12 +11,14 @@ pub mod placement;
 pub use catalog::{CatalogEntry, EditorMode};
 pub use instance::{
     CacheType, Instance, InstanceKind, InstanceOptions, InstanceState, LogLine, MemoryBreakdown,
-    ObservedBuffers, UnknownCacheType,
+    ObservedBuffers, StartRequest, UnknownCacheType,
 };
 pub use memory::{GpuMemory, MemoryReport, ProcessMemory};
 pub use model::{ModelFile, ModelParams, ModelStatus, check_model_id};
-pub use node::{AgentEvent, AgentEventKind, NodeIdentity, Snapshot};
-pub use placement::{Placement, PlacementOptions, Replica, ReplicaKey, SplitPlan, SplitShare};
+pub use node::{AgentEvent, AgentEventKind, NodeIdentity, NodeStatus, Snapshot};
+pub use placement::{
+    HelpersState, NodeFit, Placement, PlacementOptions, Replica, ReplicaKey, SplitPlan, SplitShare,
+};
 
 /// A wire message that does not describe a valid domain value.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -68,6 +68,63 @@ impl From<v1::NodeIdentity> for NodeIdentity {
     }
 }
 
+/// Whether the controller hears from a node: its agent's stream is live
+/// (Ready), silent past the grace period (Unreachable) or past the move
+/// period (Lost), or never heard from (Unknown).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum NodeStatus {
+    /// The agent's stream is live.
+    Ready,
+    /// Silent for longer than the grace period.
+    Unreachable,
+    /// Silent for longer than the move period.
+    Lost,
+    /// Never heard from.
+    Unknown,
+}
+
+impl NodeStatus {
+    /// Lower-case name for people, events and `-o json`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeStatus::Ready => "ready",
+            NodeStatus::Unreachable => "unreachable",
+            NodeStatus::Lost => "lost",
+            NodeStatus::Unknown => "unknown",
+        }
+    }
+
+    /// The status a wire value names; unspecified or a value outside the
+    /// enum is Unknown.
+    pub fn from_wire(v: i32) -> NodeStatus {
+        match v1::NodeStatus::try_from(v) {
+            Ok(v1::NodeStatus::Ready) => NodeStatus::Ready,
+            Ok(v1::NodeStatus::Unreachable) => NodeStatus::Unreachable,
+            Ok(v1::NodeStatus::Lost) => NodeStatus::Lost,
+            Ok(v1::NodeStatus::Unknown | v1::NodeStatus::Unspecified) | Err(_) => {
+                NodeStatus::Unknown
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for NodeStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<NodeStatus> for v1::NodeStatus {
+    fn from(s: NodeStatus) -> Self {
+        match s {
+            NodeStatus::Ready => v1::NodeStatus::Ready,
+            NodeStatus::Unreachable => v1::NodeStatus::Unreachable,
+            NodeStatus::Lost => v1::NodeStatus::Lost,
+            NodeStatus::Unknown => v1::NodeStatus::Unknown,
+        }
+    }
+}
+
 /// Everything a watcher needs to start from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {
@@ -176,5 +233,25 @@ impl TryFrom<v1::AgentEvent> for AgentEvent {
             at_unix_ms: e.at_unix_ms,
             kind,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_statuses_cross_the_wire_and_anything_else_is_unknown() {
+        for s in [
+            NodeStatus::Ready,
+            NodeStatus::Unreachable,
+            NodeStatus::Lost,
+            NodeStatus::Unknown,
+        ] {
+            assert_eq!(NodeStatus::from_wire(v1::NodeStatus::from(s) as i32), s);
+        }
+        assert_eq!(NodeStatus::from_wire(0), NodeStatus::Unknown);
+        assert_eq!(NodeStatus::from_wire(99).as_str(), "unknown");
+        assert_eq!(NodeStatus::Unreachable.to_string(), "unreachable");
     }
 }

@@ -4,7 +4,9 @@
 //! from (placement name, replica index, generation), so a retried start is
 //! the same start and the agent deduplicates it.
 
-use super::catalog::{cache_from_name, check_name};
+use super::catalog::check_name;
+use super::instance::cache_name_from_wire;
+use super::{InstanceOptions, InstanceState};
 use crate::ConversionError;
 use crate::v1;
 use serde::{Deserialize, Serialize};
@@ -131,6 +133,16 @@ impl SplitPlan {
             .map(|(k, s)| (u32::try_from(k + 1).unwrap_or(u32::MAX), s))
     }
 
+    /// The helper shares with the keys of their ggml-rpc-servers for the
+    /// replica `key` (`halo.NAME.rIsK.gG`), in device order.
+    pub fn helper_keys<'a>(
+        &'a self,
+        key: &ReplicaKey,
+    ) -> impl Iterator<Item = (ReplicaKey, &'a SplitShare)> + use<'a> {
+        let key = key.clone();
+        self.helpers().map(move |(k, s)| (key.helper(k), s))
+    }
+
     /// Bytes the plan puts on `node` (total plus margin), saturating.
     pub fn bytes_on(&self, node: &str) -> u64 {
         self.shares
@@ -194,6 +206,121 @@ impl From<v1::SplitPlan> for SplitPlan {
             shares: p.shares.into_iter().map(Into::into).collect(),
             traffic_bytes_per_token: p.traffic_bytes_per_token,
             notes: p.notes,
+        }
+    }
+}
+
+/// The arithmetic on one node behind a placement decision: free = usable −
+/// reserve − used; fits when needed (estimate + margin) ≤ free.
+///
+/// `haloctl place -o json` prints it as it serializes, so its JSON field
+/// names are a script interface: `context_size` is `ctx`, and the margin,
+/// cache type, replica count and source are left out.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct NodeFit {
+    /// Node.
+    pub node: String,
+    /// Whether the node could take the model at all (status, role, file).
+    pub candidate: bool,
+    /// Whether the replica(s) fit.
+    pub fits: bool,
+    /// Usable memory.
+    pub usable_bytes: u64,
+    /// Reserve.
+    pub reserve_bytes: u64,
+    /// What placements use.
+    pub used_bytes: u64,
+    /// `usable − reserve − used`.
+    pub free_bytes: u64,
+    /// Estimate plus margin, per replica.
+    pub needed_bytes: u64,
+    /// The margin in `needed_bytes`.
+    #[serde(skip)]
+    pub margin_bytes: u64,
+    /// Context of the settings shown.
+    #[serde(rename = "ctx")]
+    pub context_size: u32,
+    /// KV cache type of the settings shown.
+    #[serde(skip)]
+    pub cache_type: String,
+    /// Replicas this decision puts here.
+    #[serde(skip)]
+    pub replicas: u32,
+    /// Where the estimate in `needed_bytes` came from: "formula", or
+    /// "observed on <node>" (naming any figure still from the formula).
+    /// Not on the wire (the decision's explanation says it); empty when
+    /// read from there.
+    #[serde(skip)]
+    pub source: String,
+    /// Why, in words.
+    pub reason: String,
+}
+
+impl From<NodeFit> for v1::NodeFit {
+    fn from(f: NodeFit) -> Self {
+        v1::NodeFit {
+            node: f.node,
+            candidate: f.candidate,
+            fits: f.fits,
+            usable_bytes: f.usable_bytes,
+            reserve_bytes: f.reserve_bytes,
+            used_bytes: f.used_bytes,
+            free_bytes: f.free_bytes,
+            needed_bytes: f.needed_bytes,
+            margin_bytes: f.margin_bytes,
+            context_size: f.context_size,
+            cache_type: f.cache_type,
+            reason: f.reason,
+            replicas: f.replicas,
+        }
+    }
+}
+
+impl From<v1::NodeFit> for NodeFit {
+    fn from(f: v1::NodeFit) -> Self {
+        NodeFit {
+            node: f.node,
+            candidate: f.candidate,
+            fits: f.fits,
+            usable_bytes: f.usable_bytes,
+            reserve_bytes: f.reserve_bytes,
+            used_bytes: f.used_bytes,
+            free_bytes: f.free_bytes,
+            needed_bytes: f.needed_bytes,
+            margin_bytes: f.margin_bytes,
+            context_size: f.context_size,
+            cache_type: f.cache_type,
+            replicas: f.replicas,
+            source: String::new(),
+            reason: f.reason,
+        }
+    }
+}
+
+/// How far a replica's split helpers (ggml-rpc-servers) have come: a split
+/// is as ready as its least ready side. A replica that is not split has
+/// no helpers and counts as Ready here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HelpersState {
+    /// Every planned helper is Ready.
+    Ready,
+    /// A helper is missing or not Ready yet.
+    Starting,
+    /// A helper failed.
+    Failed,
+}
+
+impl HelpersState {
+    /// Of `planned` helpers, those whose states are reported in `states`
+    /// (`None`: a state outside the enum).
+    pub fn of(planned: usize, states: &[Option<InstanceState>]) -> HelpersState {
+        if states.contains(&Some(InstanceState::Failed)) {
+            HelpersState::Failed
+        } else if states.len() < planned || states.iter().any(|s| *s != Some(InstanceState::Ready))
+        {
+            HelpersState::Starting
+        } else {
+            HelpersState::Ready
         }
     }
 }
@@ -269,24 +396,24 @@ impl Placement {
         }
     }
 
-    /// The options as the agent takes them.
-    pub fn instance_options(&self) -> v1::InstanceOptions {
-        let cache = |n: &str| cache_from_name(n).unwrap_or(v1::CacheType::Unspecified) as i32;
-        v1::InstanceOptions {
+    /// The options its llama-server instances start with (a split's host
+    /// adds `--rpc`, `-ngl` and `-ts` to them).
+    pub fn instance_options(&self) -> InstanceOptions {
+        InstanceOptions {
             context_size: self.options.context_size,
             parallel: self.options.parallel,
-            cache_type_k: cache(&self.options.cache_type_k),
-            cache_type_v: cache(&self.options.cache_type_v),
+            cache_type_k: self.options.cache_type_k.parse().ok(),
+            cache_type_v: self.options.cache_type_v.parse().ok(),
             alias: self.model.clone(),
             extra_flags: self.options.extra_flags.clone(),
-            ..v1::InstanceOptions::default()
+            ..InstanceOptions::default()
         }
     }
 }
 
 impl From<Placement> for v1::Placement {
     fn from(p: Placement) -> Self {
-        let options = Some(p.instance_options());
+        let options = Some(p.instance_options().into());
         v1::Placement {
             replicas: p
                 .replicas
@@ -320,12 +447,10 @@ impl TryFrom<v1::Placement> for Placement {
     fn try_from(p: v1::Placement) -> Result<Self, Self::Error> {
         check_name("name", &p.name)?;
         let o = p.options.ok_or(ConversionError::Missing("options"))?;
+        // An unknown wire value reads as llama.cpp's default, like unspecified.
         let cache = |v: i32| {
-            v1::CacheType::try_from(v)
-                .ok()
-                .and_then(super::catalog::cache_name)
-                .unwrap_or("f16")
-                .to_owned()
+            cache_name_from_wire("cache_type", v)
+                .unwrap_or_else(|_| super::CacheType::default().name().to_owned())
         };
         Ok(Placement {
             name: p.name,
@@ -380,6 +505,77 @@ mod tests {
         assert_eq!(ReplicaKey::parse("halo.x.r+1.g1"), None);
         assert_eq!(ReplicaKey::parse("test-1"), None);
         assert_eq!(ReplicaKey::parse("halo.x.r1.gz"), None);
+    }
+
+    #[test]
+    fn helper_keys_number_the_helpers_in_device_order_skipping_the_host() {
+        let share = |node: &str, host: bool| SplitShare {
+            node: node.into(),
+            host,
+            ..SplitShare::default()
+        };
+        let plan = SplitPlan {
+            shares: vec![share("a", false), share("b", false), share("h", true)],
+            traffic_bytes_per_token: 0,
+            notes: Vec::new(),
+        };
+        let key = ReplicaKey::parse("halo.m.r0.g4").expect("ours");
+        let ids: Vec<(String, &str)> = plan
+            .helper_keys(&key)
+            .map(|(k, s)| (k.request_id(), s.node.as_str()))
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                ("halo.m.r0s1.g4".to_owned(), "a"),
+                ("halo.m.r0s2.g4".to_owned(), "b")
+            ]
+        );
+    }
+
+    #[test]
+    fn a_split_is_as_ready_as_its_least_ready_helper() {
+        use InstanceState::{Failed, Loading, Ready};
+        assert_eq!(HelpersState::of(0, &[]), HelpersState::Ready);
+        assert_eq!(
+            HelpersState::of(2, &[Some(Ready), Some(Ready)]),
+            HelpersState::Ready
+        );
+        assert_eq!(HelpersState::of(2, &[Some(Ready)]), HelpersState::Starting);
+        assert_eq!(
+            HelpersState::of(1, &[Some(Loading)]),
+            HelpersState::Starting
+        );
+        assert_eq!(HelpersState::of(1, &[None]), HelpersState::Starting);
+        assert_eq!(HelpersState::of(3, &[Some(Failed)]), HelpersState::Failed);
+    }
+
+    #[test]
+    fn node_fits_survive_the_wire_but_their_source() {
+        let f = NodeFit {
+            node: "halo1".into(),
+            candidate: true,
+            fits: true,
+            usable_bytes: 120,
+            reserve_bytes: 4,
+            used_bytes: 14,
+            free_bytes: 102,
+            needed_bytes: 38,
+            margin_bytes: 1,
+            context_size: 16384,
+            cache_type: "q8_0".into(),
+            replicas: 2,
+            source: "formula".into(),
+            reason: "fits".into(),
+        };
+        let back = NodeFit::from(v1::NodeFit::from(f.clone()));
+        assert_eq!(
+            back,
+            NodeFit {
+                source: String::new(),
+                ..f
+            }
+        );
     }
 
     #[test]
