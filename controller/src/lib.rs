@@ -13,6 +13,7 @@ pub mod error;
 pub mod estimate;
 pub mod events;
 pub mod leader;
+pub mod nodes;
 pub mod observe;
 pub mod placement;
 pub mod reconcile;
