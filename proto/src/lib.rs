@@ -30,6 +30,7 @@ pub mod etcd {
     }
 }
 
+pub mod config;
 pub mod domain;
 pub mod limits;
 pub mod notify;
