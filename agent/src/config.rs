@@ -5,6 +5,8 @@
 //! one line naming the key.
 
 use clap::Parser;
+pub use proto::config::ConfigError;
+use proto::config::{TomlErrors, invalid, read_toml};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -108,37 +110,6 @@ pub const DENIED_FLAGS: &[&str] = &[
     "--webui-config-file",
 ];
 
-/// A configuration that cannot be used. Displays as one line.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The config file could not be read.
-    #[error("{}: {source}", path.display())]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The config file is not valid TOML for this schema.
-    #[error("{}: line {line}: {message}", path.display())]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// 1-based line of the problem (0 when unknown).
-        line: usize,
-        /// What is wrong.
-        message: String,
-    },
-    /// A value is not acceptable.
-    #[error("`{key}`: {reason}")]
-    Invalid {
-        /// The config key (file key; the flag and env var are derived from it).
-        key: &'static str,
-        /// Why.
-        reason: String,
-    },
-}
-
 /// `localhost`, or one origin: http(s)://HOST[:PORT] with no path. llama-server
 /// sends any other value back verbatim as Access-Control-Allow-Origin, so a
 /// list, `*` or `null` (sandboxed frames) would open instances to pages
@@ -166,13 +137,6 @@ fn check_origin(o: &str) -> Result<(), String> {
         Err(format!(
             "`{o}`: one origin, scheme://host[:port] with no path, list or wildcard"
         ))
-    }
-}
-
-fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key,
-        reason: reason.into(),
     }
 }
 
@@ -443,236 +407,54 @@ pub struct Config {
 impl Config {
     /// Reads the file named by `args.config` (if any), lays env and flags
     /// over it, and validates everything. Creates the state directory.
+    ///
+    /// The steps, in the order their errors are reported: the node's name,
+    /// address, roles and labels; the model directories and executables;
+    /// ports and instance addresses; memory sizes; the probe root and state
+    /// directory; timings; allowed flags; TLS.
     pub fn resolve(args: Args) -> Result<Config, ConfigError> {
         let file = match &args.config {
-            Some(path) => read_file(path)?,
+            Some(path) => read_toml(path, TomlErrors::Line)?,
             None => FileConfig::default(),
         };
-        let node_name = match args.node_name.or(file.node_name) {
-            Some(n) => n,
-            None => hostname()
-                .ok_or_else(|| invalid("node_name", "not set and the host name is unreadable"))?,
-        };
-        if node_name.is_empty()
-            || node_name.len() > 63
-            || !node_name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        {
-            return Err(invalid(
-                "node_name",
-                format!("`{node_name}`: use 1-63 characters of A-Z a-z 0-9 - _ ."),
-            ));
-        }
-        let listen_text = args
-            .listen
-            .or(file.listen)
-            .unwrap_or_else(|| DEFAULT_LISTEN.into());
-        let listen: SocketAddr = listen_text.parse().map_err(|_| {
-            invalid(
-                "listen",
-                format!("`{listen_text}` is not an address such as 127.0.0.1:7301"),
-            )
-        })?;
-        let roles = args.roles.or(file.roles).unwrap_or_default();
-        for r in &roles {
-            check_word("roles", r)?;
-        }
-        let labels = match args.labels {
-            Some(pairs) => parse_labels(&pairs)?,
-            None => file.labels.unwrap_or_default(),
-        };
-        for (k, v) in &labels {
-            check_word("labels", k)?;
-            if v.len() > 256 || v.contains('\0') {
-                return Err(invalid(
-                    "labels",
-                    format!("value of `{k}` is too long or has NUL"),
-                ));
-            }
-        }
-        let model_dirs = args.model_dirs.or(file.model_dirs).unwrap_or_default();
-        let model_dirs = check_model_dirs(model_dirs)?;
-        let llama_server = args
-            .llama_server
-            .or(file.llama_server)
-            .unwrap_or_else(|| PathBuf::from("llama-server"));
-        let llama_server = find_executable("llama_server", &llama_server)?;
-        let rpc_server = match args.rpc_server.or(file.rpc_server) {
-            Some(p) => find_executable("rpc_server", &p)?,
-            None => llama_server.with_file_name(DEFAULT_RPC_SERVER),
-        };
-        let range_text = args
-            .port_range
-            .or(file.port_range)
-            .unwrap_or_else(|| DEFAULT_PORT_RANGE.into());
-        let port_range = parse_port_range(&range_text)?;
-        if port_range.contains(listen.port()) {
-            return Err(invalid(
-                "port_range",
-                format!("{port_range} includes the listen port {}", listen.port()),
-            ));
-        }
-        let rpc_port_range = match args.rpc_port_range.or(file.rpc_port_range) {
-            None => port_range,
-            Some(t) => {
-                let r = parse_port_range(&t)
-                    .map_err(|_| invalid("rpc_port_range", format!("`{t}` is not FIRST-LAST")))?;
-                if r.contains(listen.port()) {
-                    return Err(invalid(
-                        "rpc_port_range",
-                        format!("{r} includes the listen port {}", listen.port()),
-                    ));
-                }
-                r
-            }
-        };
-        let instance_host = match args.instance_host.or(file.instance_host) {
-            Some(h) => h
-                .parse()
-                .map_err(|_| invalid("instance_host", format!("`{h}` is not an IP address")))?,
-            None => listen.ip(),
-        };
-        let cors_origin = args
-            .cors_origin
-            .or(file.cors_origin)
-            .unwrap_or_else(|| "localhost".into());
-        check_origin(&cors_origin).map_err(|r| invalid("cors_origin", r))?;
-        let reserve_bytes = match args.reserve.or(file.reserve.map(SizeValue::into_text)) {
-            Some(t) => parse_size(&t).map_err(|r| invalid("reserve", r))?,
-            None => 4 << 30,
-        };
-        let max_log_bytes = match args
-            .max_log_size
-            .or(file.max_log_size.map(SizeValue::into_text))
-        {
-            Some(t) => parse_size(&t).map_err(|r| invalid("max_log_size", r))?,
-            None => 64 << 20,
-        };
-        if max_log_bytes < 64 << 10 {
-            return Err(invalid("max_log_size", "must be at least 64KiB"));
-        }
-        let probe_root = args
-            .probe_root
-            .or(file.probe_root)
-            .unwrap_or_else(|| PathBuf::from("/"));
-        if !probe_root.is_dir() {
-            return Err(invalid(
-                "probe_root",
-                format!("{} is not a directory", probe_root.display()),
-            ));
-        }
-        let state_dir = args
-            .state_dir
-            .or(file.state_dir)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
-        let state_dir = prepare_state_dir(&state_dir)?;
-        for d in &model_dirs {
-            if state_dir.starts_with(d) || d.starts_with(&state_dir) {
-                return Err(invalid(
-                    "state_dir",
-                    format!("{} overlaps model dir {}", state_dir.display(), d.display()),
-                ));
-            }
-        }
-        let secs = |key, v: Option<u64>, default, max| -> Result<Duration, ConfigError> {
-            let v = v.unwrap_or(default);
-            if v == 0 || v > max {
-                return Err(invalid(key, format!("{v} is outside 1..={max}")));
-            }
-            Ok(Duration::from_secs(v))
-        };
-        let millis = |key, v: Option<u64>, default, min, max| -> Result<Duration, ConfigError> {
-            let v = v.unwrap_or(default);
-            if v < min || v > max {
-                return Err(invalid(key, format!("{v} is outside {min}..={max}")));
-            }
-            Ok(Duration::from_millis(v))
-        };
-        let load_timeout = secs(
-            "load_timeout_secs",
-            args.load_timeout_secs.or(file.load_timeout_secs),
-            600,
-            7 * 86_400,
+        let s = Settings::merge(args, file);
+        let node = NodeKeys::check(s.node_name, s.listen, s.roles, s.labels)?;
+        let model_dirs = check_model_dirs(s.model_dirs.unwrap_or_default())?;
+        let (llama_server, rpc_server) = executables(s.llama_server, s.rpc_server)?;
+        let ports = Ports::check(
+            node.listen,
+            s.port_range,
+            s.rpc_port_range,
+            s.instance_host,
+            s.cors_origin,
         )?;
-        let memory_sample_period = millis(
-            "memory_sample_ms",
-            args.memory_sample_ms.or(file.memory_sample_ms),
-            5_000,
-            100,
-            3_600_000,
-        )?;
-        let stop_timeout = secs(
-            "stop_timeout_secs",
-            args.stop_timeout_secs.or(file.stop_timeout_secs),
-            15,
-            3_600,
-        )?;
-        let restart_backoff = millis(
-            "restart_backoff_ms",
-            args.restart_backoff_ms.or(file.restart_backoff_ms),
-            1_000,
-            10,
-            3_600_000,
-        )?;
-        let restart_backoff_max = millis(
-            "restart_backoff_max_ms",
-            args.restart_backoff_max_ms.or(file.restart_backoff_max_ms),
-            60_000,
-            10,
-            86_400_000,
-        )?;
-        if restart_backoff_max < restart_backoff {
-            return Err(invalid(
-                "restart_backoff_max_ms",
-                "is smaller than restart_backoff_ms",
-            ));
-        }
-        let restart_stable = secs(
-            "restart_stable_secs",
-            args.restart_stable_secs.or(file.restart_stable_secs),
-            60,
-            86_400,
-        )?;
-        let allowed_flags = args
-            .allowed_flags
-            .or(file.allowed_flags)
-            .unwrap_or_default();
-        let allowed_flags = check_allowed_flags(allowed_flags)?;
-        let tls = proto::tls::TlsFiles::from_parts(
-            args.tls_cert.or(file.tls_cert),
-            args.tls_key.or(file.tls_key),
-            args.tls_ca.or(file.tls_ca),
-        )
-        .map_err(|e| invalid("tls", e.to_string()))?;
-        if let Some(t) = &tls {
-            t.check().map_err(|e| invalid("tls", e.to_string()))?;
-        }
-        let insecure = args.insecure_loopback_only || file.insecure_loopback_only.unwrap_or(false);
-        proto::transport::check(tls.is_some(), insecure, listen, &[])
-            .map_err(|e| invalid("tls", e))?;
+        let (reserve_bytes, max_log_bytes) = sizes(s.reserve, s.max_log_size)?;
+        let (probe_root, state_dir) = directories(s.probe_root, s.state_dir, &model_dirs)?;
+        let t = Timings::check(&s.timings)?;
+        let allowed_flags = check_allowed_flags(s.allowed_flags.unwrap_or_default())?;
+        let tls = tls(s.tls, s.insecure_loopback_only, node.listen)?;
         Ok(Config {
             tls,
-            node_name,
-            listen,
-            roles,
-            labels,
+            node_name: node.node_name,
+            listen: node.listen,
+            roles: node.roles,
+            labels: node.labels,
             model_dirs,
             llama_server,
             rpc_server,
-            port_range,
-            rpc_port_range,
-            instance_host,
-            cors_origin,
+            port_range: ports.port_range,
+            rpc_port_range: ports.rpc_port_range,
+            instance_host: ports.instance_host,
+            cors_origin: ports.cors_origin,
             reserve_bytes,
             probe_root,
             state_dir,
-            load_timeout,
-            memory_sample_period,
-            stop_timeout,
-            restart_backoff,
-            restart_backoff_max,
-            restart_stable,
+            load_timeout: t.load_timeout,
+            memory_sample_period: t.memory_sample_period,
+            stop_timeout: t.stop_timeout,
+            restart_backoff: t.restart_backoff,
+            restart_backoff_max: t.restart_backoff_max,
+            restart_stable: t.restart_stable,
             max_log_bytes,
             allowed_flags,
         })
@@ -689,21 +471,360 @@ impl Config {
     }
 }
 
-fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    toml::from_str(&text).map_err(|e| {
-        let line = e.span().map_or(0, |s| {
-            text[..s.start.min(text.len())].matches('\n').count() + 1
-        });
-        ConfigError::Parse {
-            path: path.to_owned(),
-            line,
-            message: e.message().replace('\n', " "),
+/// Labels as given: `key=value` pairs from flags or env, or the file's table.
+#[derive(Debug)]
+enum Labels {
+    Pairs(Vec<String>),
+    Table(BTreeMap<String, String>),
+}
+
+/// The timing keys, each from a flag, env or the file.
+#[derive(Debug, Default)]
+struct TimingKeys {
+    load_timeout_secs: Option<u64>,
+    memory_sample_ms: Option<u64>,
+    stop_timeout_secs: Option<u64>,
+    restart_backoff_ms: Option<u64>,
+    restart_backoff_max_ms: Option<u64>,
+    restart_stable_secs: Option<u64>,
+}
+
+/// Every key with the layers merged (file < env < flag; clap already put
+/// env under flag), not yet checked.
+#[derive(Debug)]
+struct Settings {
+    node_name: Option<String>,
+    listen: Option<String>,
+    roles: Option<Vec<String>>,
+    labels: Option<Labels>,
+    model_dirs: Option<Vec<PathBuf>>,
+    llama_server: Option<PathBuf>,
+    rpc_server: Option<PathBuf>,
+    port_range: Option<String>,
+    rpc_port_range: Option<String>,
+    instance_host: Option<String>,
+    cors_origin: Option<String>,
+    reserve: Option<String>,
+    max_log_size: Option<String>,
+    probe_root: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    timings: TimingKeys,
+    allowed_flags: Option<Vec<String>>,
+    /// `tls_cert`, `tls_key`, `tls_ca`.
+    tls: (Option<PathBuf>, Option<PathBuf>, Option<PathBuf>),
+    insecure_loopback_only: bool,
+}
+
+impl Settings {
+    /// `args` (flags over env) laid over `file`.
+    fn merge(args: Args, file: FileConfig) -> Settings {
+        Settings {
+            node_name: args.node_name.or(file.node_name),
+            listen: args.listen.or(file.listen),
+            roles: args.roles.or(file.roles),
+            labels: match args.labels {
+                Some(pairs) => Some(Labels::Pairs(pairs)),
+                None => file.labels.map(Labels::Table),
+            },
+            model_dirs: args.model_dirs.or(file.model_dirs),
+            llama_server: args.llama_server.or(file.llama_server),
+            rpc_server: args.rpc_server.or(file.rpc_server),
+            port_range: args.port_range.or(file.port_range),
+            rpc_port_range: args.rpc_port_range.or(file.rpc_port_range),
+            instance_host: args.instance_host.or(file.instance_host),
+            cors_origin: args.cors_origin.or(file.cors_origin),
+            reserve: args.reserve.or(file.reserve.map(SizeValue::into_text)),
+            max_log_size: args
+                .max_log_size
+                .or(file.max_log_size.map(SizeValue::into_text)),
+            probe_root: args.probe_root.or(file.probe_root),
+            state_dir: args.state_dir.or(file.state_dir),
+            timings: TimingKeys {
+                load_timeout_secs: args.load_timeout_secs.or(file.load_timeout_secs),
+                memory_sample_ms: args.memory_sample_ms.or(file.memory_sample_ms),
+                stop_timeout_secs: args.stop_timeout_secs.or(file.stop_timeout_secs),
+                restart_backoff_ms: args.restart_backoff_ms.or(file.restart_backoff_ms),
+                restart_backoff_max_ms: args.restart_backoff_max_ms.or(file.restart_backoff_max_ms),
+                restart_stable_secs: args.restart_stable_secs.or(file.restart_stable_secs),
+            },
+            allowed_flags: args.allowed_flags.or(file.allowed_flags),
+            tls: (
+                args.tls_cert.or(file.tls_cert),
+                args.tls_key.or(file.tls_key),
+                args.tls_ca.or(file.tls_ca),
+            ),
+            insecure_loopback_only: args.insecure_loopback_only
+                || file.insecure_loopback_only.unwrap_or(false),
         }
-    })
+    }
+}
+
+/// Who the node is and where it listens.
+struct NodeKeys {
+    node_name: String,
+    listen: SocketAddr,
+    roles: Vec<String>,
+    labels: BTreeMap<String, String>,
+}
+
+impl NodeKeys {
+    /// The node name (default: the host name), listen address, roles and
+    /// labels, checked.
+    fn check(
+        node_name: Option<String>,
+        listen: Option<String>,
+        roles: Option<Vec<String>>,
+        labels: Option<Labels>,
+    ) -> Result<NodeKeys, ConfigError> {
+        let node_name = match node_name {
+            Some(n) => n,
+            None => hostname()
+                .ok_or_else(|| invalid("node_name", "not set and the host name is unreadable"))?,
+        };
+        if node_name.is_empty()
+            || node_name.len() > 63
+            || !node_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err(invalid(
+                "node_name",
+                format!("`{node_name}`: use 1-63 characters of A-Z a-z 0-9 - _ ."),
+            ));
+        }
+        let listen_text = listen.unwrap_or_else(|| DEFAULT_LISTEN.into());
+        let listen: SocketAddr = listen_text.parse().map_err(|_| {
+            invalid(
+                "listen",
+                format!("`{listen_text}` is not an address such as 127.0.0.1:7301"),
+            )
+        })?;
+        let roles = roles.unwrap_or_default();
+        for r in &roles {
+            check_word("roles", r)?;
+        }
+        let labels = match labels {
+            Some(Labels::Pairs(pairs)) => parse_labels(&pairs)?,
+            Some(Labels::Table(t)) => t,
+            None => BTreeMap::new(),
+        };
+        for (k, v) in &labels {
+            check_word("labels", k)?;
+            if v.len() > 256 || v.contains('\0') {
+                return Err(invalid(
+                    "labels",
+                    format!("value of `{k}` is too long or has NUL"),
+                ));
+            }
+        }
+        Ok(NodeKeys {
+            node_name,
+            listen,
+            roles,
+            labels,
+        })
+    }
+}
+
+/// llama-server (default: found in PATH) and ggml-rpc-server (default:
+/// beside llama-server, which may be absent).
+fn executables(
+    llama_server: Option<PathBuf>,
+    rpc_server: Option<PathBuf>,
+) -> Result<(PathBuf, PathBuf), ConfigError> {
+    let llama_server = llama_server.unwrap_or_else(|| PathBuf::from("llama-server"));
+    let llama_server = find_executable("llama_server", &llama_server)?;
+    let rpc_server = match rpc_server {
+        Some(p) => find_executable("rpc_server", &p)?,
+        None => llama_server.with_file_name(DEFAULT_RPC_SERVER),
+    };
+    Ok((llama_server, rpc_server))
+}
+
+/// Where instances listen and who may call them.
+struct Ports {
+    port_range: PortRange,
+    rpc_port_range: PortRange,
+    instance_host: IpAddr,
+    cors_origin: String,
+}
+
+impl Ports {
+    /// The port ranges (apart from the `listen` port), the instance host
+    /// (default: the listen address's) and the CORS origin.
+    fn check(
+        listen: SocketAddr,
+        port_range: Option<String>,
+        rpc_port_range: Option<String>,
+        instance_host: Option<String>,
+        cors_origin: Option<String>,
+    ) -> Result<Ports, ConfigError> {
+        let range_text = port_range.unwrap_or_else(|| DEFAULT_PORT_RANGE.into());
+        let port_range = parse_port_range(&range_text)?;
+        if port_range.contains(listen.port()) {
+            return Err(invalid(
+                "port_range",
+                format!("{port_range} includes the listen port {}", listen.port()),
+            ));
+        }
+        let rpc_port_range = match rpc_port_range {
+            None => port_range,
+            Some(t) => {
+                let r = parse_port_range(&t)
+                    .map_err(|_| invalid("rpc_port_range", format!("`{t}` is not FIRST-LAST")))?;
+                if r.contains(listen.port()) {
+                    return Err(invalid(
+                        "rpc_port_range",
+                        format!("{r} includes the listen port {}", listen.port()),
+                    ));
+                }
+                r
+            }
+        };
+        let instance_host = match instance_host {
+            Some(h) => h
+                .parse()
+                .map_err(|_| invalid("instance_host", format!("`{h}` is not an IP address")))?,
+            None => listen.ip(),
+        };
+        let cors_origin = cors_origin.unwrap_or_else(|| "localhost".into());
+        check_origin(&cors_origin).map_err(|r| invalid("cors_origin", r))?;
+        Ok(Ports {
+            port_range,
+            rpc_port_range,
+            instance_host,
+            cors_origin,
+        })
+    }
+}
+
+/// The reserve (default 4 GiB) and the log rotation size (default 64 MiB,
+/// at least 64 KiB), in bytes.
+fn sizes(reserve: Option<String>, max_log_size: Option<String>) -> Result<(u64, u64), ConfigError> {
+    let reserve_bytes = match reserve {
+        Some(t) => parse_size(&t).map_err(|r| invalid("reserve", r))?,
+        None => 4 << 30,
+    };
+    let max_log_bytes = match max_log_size {
+        Some(t) => parse_size(&t).map_err(|r| invalid("max_log_size", r))?,
+        None => 64 << 20,
+    };
+    if max_log_bytes < 64 << 10 {
+        return Err(invalid("max_log_size", "must be at least 64KiB"));
+    }
+    Ok((reserve_bytes, max_log_bytes))
+}
+
+/// The probe root (an existing directory) and the state directory
+/// (created, writable, apart from every model directory).
+fn directories(
+    probe_root: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    model_dirs: &[PathBuf],
+) -> Result<(PathBuf, PathBuf), ConfigError> {
+    let probe_root = probe_root.unwrap_or_else(|| PathBuf::from("/"));
+    if !probe_root.is_dir() {
+        return Err(invalid(
+            "probe_root",
+            format!("{} is not a directory", probe_root.display()),
+        ));
+    }
+    let state_dir = state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+    let state_dir = prepare_state_dir(&state_dir)?;
+    for d in model_dirs {
+        if state_dir.starts_with(d) || d.starts_with(&state_dir) {
+            return Err(invalid(
+                "state_dir",
+                format!("{} overlaps model dir {}", state_dir.display(), d.display()),
+            ));
+        }
+    }
+    Ok((probe_root, state_dir))
+}
+
+/// The instance timings, checked.
+struct Timings {
+    load_timeout: Duration,
+    memory_sample_period: Duration,
+    stop_timeout: Duration,
+    restart_backoff: Duration,
+    restart_backoff_max: Duration,
+    restart_stable: Duration,
+}
+
+impl Timings {
+    /// Each key within its bounds (or its default), and the back-off's
+    /// maximum at least its start.
+    fn check(k: &TimingKeys) -> Result<Timings, ConfigError> {
+        let secs = |key, v: Option<u64>, default, max| -> Result<Duration, ConfigError> {
+            let v = v.unwrap_or(default);
+            if v == 0 || v > max {
+                return Err(invalid(key, format!("{v} is outside 1..={max}")));
+            }
+            Ok(Duration::from_secs(v))
+        };
+        let millis = |key, v: Option<u64>, default, min, max| -> Result<Duration, ConfigError> {
+            let v = v.unwrap_or(default);
+            if v < min || v > max {
+                return Err(invalid(key, format!("{v} is outside {min}..={max}")));
+            }
+            Ok(Duration::from_millis(v))
+        };
+        let load_timeout = secs("load_timeout_secs", k.load_timeout_secs, 600, 7 * 86_400)?;
+        let memory_sample_period = millis(
+            "memory_sample_ms",
+            k.memory_sample_ms,
+            5_000,
+            100,
+            3_600_000,
+        )?;
+        let stop_timeout = secs("stop_timeout_secs", k.stop_timeout_secs, 15, 3_600)?;
+        let restart_backoff = millis(
+            "restart_backoff_ms",
+            k.restart_backoff_ms,
+            1_000,
+            10,
+            3_600_000,
+        )?;
+        let restart_backoff_max = millis(
+            "restart_backoff_max_ms",
+            k.restart_backoff_max_ms,
+            60_000,
+            10,
+            86_400_000,
+        )?;
+        if restart_backoff_max < restart_backoff {
+            return Err(invalid(
+                "restart_backoff_max_ms",
+                "is smaller than restart_backoff_ms",
+            ));
+        }
+        let restart_stable = secs("restart_stable_secs", k.restart_stable_secs, 60, 86_400)?;
+        Ok(Timings {
+            load_timeout,
+            memory_sample_period,
+            stop_timeout,
+            restart_backoff,
+            restart_backoff_max,
+            restart_stable,
+        })
+    }
+}
+
+/// Mutual TLS from its three files (all or none, read and checked), and
+/// plaintext only on a loopback `listen` with `insecure_loopback_only`.
+fn tls(
+    (cert, key, ca): (Option<PathBuf>, Option<PathBuf>, Option<PathBuf>),
+    insecure: bool,
+    listen: SocketAddr,
+) -> Result<Option<proto::tls::TlsFiles>, ConfigError> {
+    let tls = proto::tls::TlsFiles::from_parts(cert, key, ca)
+        .map_err(|e| invalid("tls", e.to_string()))?;
+    if let Some(t) = &tls {
+        t.check().map_err(|e| invalid("tls", e.to_string()))?;
+    }
+    proto::transport::check(tls.is_some(), insecure, listen, &[]).map_err(|e| invalid("tls", e))?;
+    Ok(tls)
 }
 
 fn check_word(key: &'static str, w: &str) -> Result<(), ConfigError> {

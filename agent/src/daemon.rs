@@ -9,6 +9,7 @@ use crate::config::Config;
 use crate::service::AgentApi;
 use crate::state::{StateError, StateStore};
 use crate::supervisor::Supervisor;
+use proto::config::{EXIT_CONFIG, EXIT_UNAVAILABLE};
 use proto::domain::NodeIdentity;
 use proto::tls_reload::ReloadingTls;
 use proto::v1::agent_service_server::AgentServiceServer;
@@ -56,8 +57,8 @@ impl StartupError {
     /// address cannot be bound, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            StartupError::State(StateError::Locked { .. }) => 64,
-            StartupError::Listen { .. } => 69,
+            StartupError::State(StateError::Locked { .. }) => EXIT_CONFIG,
+            StartupError::Listen { .. } => EXIT_UNAVAILABLE,
             _ => 1,
         }
     }

@@ -7,6 +7,8 @@
 use crate::observe::{NodeConfig, Timing};
 use crate::store::etcd::{EtcdIdentity, EtcdTls};
 use clap::Parser;
+pub use proto::config::ConfigError;
+use proto::config::{TomlErrors, invalid, read_toml};
 use proto::domain::CatalogEntry;
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -17,42 +19,6 @@ use std::time::Duration;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7300";
 /// Default embedded store file.
 pub const DEFAULT_STORE_PATH: &str = "/var/lib/halo-controller/state.json";
-
-/// A configuration that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// A file could not be read.
-    #[error("{}: {source}", path.display())]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// A file is not valid TOML for its schema.
-    #[error("{}: {message}", path.display())]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong, with the line when known.
-        message: String,
-    },
-    /// A value is not acceptable.
-    #[error("`{key}`: {reason}")]
-    Invalid {
-        /// The key.
-        key: &'static str,
-        /// Why.
-        reason: String,
-    },
-}
-
-fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key,
-        reason: reason.into(),
-    }
-}
 
 /// Command line of `halo-controller`. Every option is also an environment
 /// variable and a key of the `--config` file (same name, `_` for `-`).
@@ -212,22 +178,6 @@ pub struct Config {
     pub tls: Option<proto::tls::TlsFiles>,
 }
 
-fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse {
-        path: path.to_owned(),
-        message: e
-            .to_string()
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .collect::<Vec<_>>()
-            .join(" "),
-    })
-}
-
 fn parse_node(s: &str) -> Result<NodeConfig, ConfigError> {
     let (name, address) = s
         .split_once('=')
@@ -307,9 +257,13 @@ fn millis(key: &'static str, v: u64, min: u64, max: u64) -> Result<Duration, Con
 
 impl Config {
     /// Merges file, env and flags, reads the catalog file and validates.
+    ///
+    /// The steps, in the order their errors are reported: listen address
+    /// and election id; the store (etcd with its TLS, or the file); the
+    /// nodes; the catalog file; timings; mutual TLS.
     pub fn resolve(args: Args) -> Result<Config, ConfigError> {
         let file: FileConfig = match &args.config {
-            Some(p) => read_toml(p)?,
+            Some(p) => read_toml(p, TomlErrors::Report)?,
             None => FileConfig::default(),
         };
         let listen_text = args
@@ -319,153 +273,38 @@ impl Config {
         let listen: SocketAddr = listen_text
             .parse()
             .map_err(|_| invalid("listen", format!("`{listen_text}` is not host:port")))?;
-        let id = args.id.or(file.id).unwrap_or_else(|| {
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_owned())
-                .unwrap_or_else(|_| "controller".to_owned());
-            format!("{host}-{}", std::process::id())
-        });
-        let etcd = args.etcd.or(file.etcd).unwrap_or_default();
-        let etcd: Vec<String> = etcd.into_iter().filter(|e| !e.trim().is_empty()).collect();
-        for e in &etcd {
-            if !(e.starts_with("http://") || e.starts_with("https://")) {
-                return Err(invalid("etcd", format!("`{e}` is not an http(s):// URL")));
-            }
-        }
-        let etcd_tls = etcd_tls(
-            &etcd,
-            args.etcd_ca.or(file.etcd_ca),
-            args.etcd_cert.or(file.etcd_cert),
-            args.etcd_key.or(file.etcd_key),
+        let id = args.id.or(file.id).unwrap_or_else(default_id);
+        let store = store(
+            args.etcd.or(file.etcd).unwrap_or_default(),
+            (
+                args.etcd_ca.or(file.etcd_ca),
+                args.etcd_cert.or(file.etcd_cert),
+                args.etcd_key.or(file.etcd_key),
+            ),
+            args.store_path.or(file.store_path),
         )?;
-        let store = if etcd.is_empty() {
-            let p = args
-                .store_path
-                .or(file.store_path)
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_STORE_PATH));
-            match p.parent() {
-                Some(d) if !d.as_os_str().is_empty() && !d.is_dir() => {
-                    return Err(invalid(
-                        "store_path",
-                        format!("directory {} does not exist", d.display()),
-                    ));
-                }
-                _ => {}
-            }
-            StoreConfig::File(p)
-        } else {
-            StoreConfig::Etcd {
-                endpoints: etcd,
-                tls: etcd_tls,
-            }
-        };
-        let nodes: Vec<NodeConfig> = match args.nodes {
-            Some(list) => list
-                .iter()
-                .filter(|s| !s.trim().is_empty())
-                .map(|s| parse_node(s))
-                .collect::<Result<_, _>>()?,
-            None => file
-                .nodes
-                .unwrap_or_default()
-                .into_iter()
-                .map(|n| NodeConfig {
-                    name: n.name,
-                    address: n.address,
-                    roles: n.roles,
-                })
-                .collect(),
-        };
-        let mut seen = std::collections::BTreeSet::new();
-        for n in &nodes {
-            proto::domain::catalog::check_name("nodes", &n.name)
-                .map_err(|e| invalid("nodes", e.to_string()))?;
-            if n.address.parse::<SocketAddr>().is_err()
-                && !n
-                    .address
-                    .rsplit_once(':')
-                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
-            {
-                return Err(invalid(
-                    "nodes",
-                    format!("{}: `{}` is not host:port", n.name, n.address),
-                ));
-            }
-            if !seen.insert(n.name.clone()) {
-                return Err(invalid(
-                    "nodes",
-                    format!("node `{}` is listed twice", n.name),
-                ));
-            }
-        }
+        let nodes = nodes(args.nodes, file.nodes)?;
         let catalog = match args.catalog.or(file.catalog) {
-            Some(p) => {
-                let c: CatalogFile = read_toml(&p)?;
-                for e in &c.models {
-                    e.validate().map_err(|err| ConfigError::Parse {
-                        path: p.clone(),
-                        message: format!("model `{}`: {err}", e.name),
-                    })?;
-                }
-                c.models
-            }
+            Some(p) => read_catalog(&p)?,
             None => Vec::new(),
         };
-        let grace = millis(
-            "grace_ms",
-            args.grace_ms.or(file.grace_ms).unwrap_or(2000),
-            100,
-            600_000,
+        let (timing, requeue, lease) = timings(
+            args.grace_ms.or(file.grace_ms),
+            args.heartbeat_ms.or(file.heartbeat_ms),
+            args.move_after_secs.or(file.move_after_secs),
+            args.requeue_ms.or(file.requeue_ms),
+            args.lease_secs.or(file.lease_secs),
         )?;
-        let heartbeat = millis(
-            "heartbeat_ms",
-            args.heartbeat_ms.or(file.heartbeat_ms).unwrap_or(500),
-            100,
-            3_600_000,
+        let tls = tls(
+            (
+                args.tls_cert.or(file.tls_cert),
+                args.tls_key.or(file.tls_key),
+                args.tls_ca.or(file.tls_ca),
+            ),
+            args.insecure_loopback_only || file.insecure_loopback_only.unwrap_or(false),
+            listen,
+            &nodes,
         )?;
-        if heartbeat >= grace {
-            return Err(invalid(
-                "heartbeat_ms",
-                format!("{heartbeat:?} must be shorter than the grace period {grace:?}"),
-            ));
-        }
-        let move_after_secs = args.move_after_secs.or(file.move_after_secs).unwrap_or(30);
-        let move_after = Duration::from_secs(move_after_secs);
-        if move_after <= grace {
-            return Err(invalid(
-                "move_after_secs",
-                format!("{move_after:?} must be longer than the grace period {grace:?}"),
-            ));
-        }
-        let requeue = millis(
-            "requeue_ms",
-            args.requeue_ms.or(file.requeue_ms).unwrap_or(1000),
-            50,
-            600_000,
-        )?;
-        let lease_secs = args.lease_secs.or(file.lease_secs).unwrap_or(5);
-        if !(2..=600).contains(&lease_secs) {
-            return Err(invalid(
-                "lease_secs",
-                format!("{lease_secs} is outside 2-600"),
-            ));
-        }
-        let tls = proto::tls::TlsFiles::from_parts(
-            args.tls_cert.or(file.tls_cert),
-            args.tls_key.or(file.tls_key),
-            args.tls_ca.or(file.tls_ca),
-        )
-        .map_err(|e| invalid("tls", e.to_string()))?;
-        if let Some(t) = &tls {
-            t.check().map_err(|e| invalid("tls", e.to_string()))?;
-        }
-        let insecure = args.insecure_loopback_only || file.insecure_loopback_only.unwrap_or(false);
-        let peers: Vec<(&str, &str)> = nodes
-            .iter()
-            .map(|n| (n.name.as_str(), n.address.as_str()))
-            .collect();
-        proto::transport::check(tls.is_some(), insecure, listen, &peers)
-            .map_err(|e| invalid("tls", e))?;
         Ok(Config {
             tls,
             listen,
@@ -473,13 +312,174 @@ impl Config {
             store,
             nodes,
             catalog,
-            timing: Timing {
-                grace,
-                move_after,
-                heartbeat,
-            },
+            timing,
             requeue,
-            lease: Duration::from_secs(lease_secs),
+            lease,
         })
     }
+}
+
+/// The election id by default: the host name and the pid.
+fn default_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "controller".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+/// etcd when endpoints are given (http(s):// URLs, with the TLS its
+/// `(etcd_ca, etcd_cert, etcd_key)` describe), else the file at
+/// `store_path` (default [`DEFAULT_STORE_PATH`]), whose directory must
+/// exist.
+fn store(
+    etcd: Vec<String>,
+    (ca, cert, key): (Option<PathBuf>, Option<PathBuf>, Option<PathBuf>),
+    store_path: Option<PathBuf>,
+) -> Result<StoreConfig, ConfigError> {
+    let etcd: Vec<String> = etcd.into_iter().filter(|e| !e.trim().is_empty()).collect();
+    for e in &etcd {
+        if !(e.starts_with("http://") || e.starts_with("https://")) {
+            return Err(invalid("etcd", format!("`{e}` is not an http(s):// URL")));
+        }
+    }
+    let etcd_tls = etcd_tls(&etcd, ca, cert, key)?;
+    if !etcd.is_empty() {
+        return Ok(StoreConfig::Etcd {
+            endpoints: etcd,
+            tls: etcd_tls,
+        });
+    }
+    let p = store_path.unwrap_or_else(|| PathBuf::from(DEFAULT_STORE_PATH));
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() && !d.is_dir() => {
+            return Err(invalid(
+                "store_path",
+                format!("directory {} does not exist", d.display()),
+            ));
+        }
+        _ => {}
+    }
+    Ok(StoreConfig::File(p))
+}
+
+/// The nodes from flags or env (`NAME=HOST:PORT`), else the file's; each
+/// with a valid name, a host:port address, listed once.
+fn nodes(
+    flags: Option<Vec<String>>,
+    file: Option<Vec<FileNode>>,
+) -> Result<Vec<NodeConfig>, ConfigError> {
+    let nodes: Vec<NodeConfig> = match flags {
+        Some(list) => list
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| parse_node(s))
+            .collect::<Result<_, _>>()?,
+        None => file
+            .unwrap_or_default()
+            .into_iter()
+            .map(|n| NodeConfig {
+                name: n.name,
+                address: n.address,
+                roles: n.roles,
+            })
+            .collect(),
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for n in &nodes {
+        proto::domain::catalog::check_name("nodes", &n.name)
+            .map_err(|e| invalid("nodes", e.to_string()))?;
+        if n.address.parse::<SocketAddr>().is_err()
+            && !n
+                .address
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+        {
+            return Err(invalid(
+                "nodes",
+                format!("{}: `{}` is not host:port", n.name, n.address),
+            ));
+        }
+        if !seen.insert(n.name.clone()) {
+            return Err(invalid(
+                "nodes",
+                format!("node `{}` is listed twice", n.name),
+            ));
+        }
+    }
+    Ok(nodes)
+}
+
+/// The catalog file's entries, each validated.
+fn read_catalog(p: &Path) -> Result<Vec<CatalogEntry>, ConfigError> {
+    let c: CatalogFile = read_toml(p, TomlErrors::Report)?;
+    for e in &c.models {
+        e.validate().map_err(|err| ConfigError::Parse {
+            path: p.to_owned(),
+            message: format!("model `{}`: {err}", e.name),
+        })?;
+    }
+    Ok(c.models)
+}
+
+/// Liveness timing (heartbeat < grace < move-after), the requeue period
+/// and the leader lease, each within its bounds or at its default.
+fn timings(
+    grace_ms: Option<u64>,
+    heartbeat_ms: Option<u64>,
+    move_after_secs: Option<u64>,
+    requeue_ms: Option<u64>,
+    lease_secs: Option<u64>,
+) -> Result<(Timing, Duration, Duration), ConfigError> {
+    let grace = millis("grace_ms", grace_ms.unwrap_or(2000), 100, 600_000)?;
+    let heartbeat = millis("heartbeat_ms", heartbeat_ms.unwrap_or(500), 100, 3_600_000)?;
+    if heartbeat >= grace {
+        return Err(invalid(
+            "heartbeat_ms",
+            format!("{heartbeat:?} must be shorter than the grace period {grace:?}"),
+        ));
+    }
+    let move_after = Duration::from_secs(move_after_secs.unwrap_or(30));
+    if move_after <= grace {
+        return Err(invalid(
+            "move_after_secs",
+            format!("{move_after:?} must be longer than the grace period {grace:?}"),
+        ));
+    }
+    let requeue = millis("requeue_ms", requeue_ms.unwrap_or(1000), 50, 600_000)?;
+    let lease_secs = lease_secs.unwrap_or(5);
+    if !(2..=600).contains(&lease_secs) {
+        return Err(invalid(
+            "lease_secs",
+            format!("{lease_secs} is outside 2-600"),
+        ));
+    }
+    let timing = Timing {
+        grace,
+        move_after,
+        heartbeat,
+    };
+    Ok((timing, requeue, Duration::from_secs(lease_secs)))
+}
+
+/// Mutual TLS from its three files (all or none, read and checked), and
+/// plaintext only with `insecure_loopback_only` when `listen` and every
+/// node's address are loopback.
+fn tls(
+    (cert, key, ca): (Option<PathBuf>, Option<PathBuf>, Option<PathBuf>),
+    insecure: bool,
+    listen: SocketAddr,
+    nodes: &[NodeConfig],
+) -> Result<Option<proto::tls::TlsFiles>, ConfigError> {
+    let tls = proto::tls::TlsFiles::from_parts(cert, key, ca)
+        .map_err(|e| invalid("tls", e.to_string()))?;
+    if let Some(t) = &tls {
+        t.check().map_err(|e| invalid("tls", e.to_string()))?;
+    }
+    let peers: Vec<(&str, &str)> = nodes
+        .iter()
+        .map(|n| (n.name.as_str(), n.address.as_str()))
+        .collect();
+    proto::transport::check(tls.is_some(), insecure, listen, &peers)
+        .map_err(|e| invalid("tls", e))?;
+    Ok(tls)
 }

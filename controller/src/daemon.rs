@@ -13,6 +13,7 @@ use crate::reconcile::Reconciler;
 use crate::store::etcd::EtcdStore;
 use crate::store::file::FileStore;
 use crate::store::{AnyStore, StoreError};
+use proto::config::{EXIT_CONFIG, EXIT_UNAVAILABLE};
 use proto::tls_reload::ReloadingTls;
 use proto::v1::controller_service_server::ControllerServiceServer;
 use std::net::SocketAddr;
@@ -51,8 +52,10 @@ impl StartupError {
     /// address, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            StartupError::Store(StoreError::Unavailable(_)) | StartupError::Listen { .. } => 69,
-            StartupError::Store(StoreError::Corrupt { .. }) => 64,
+            StartupError::Store(StoreError::Unavailable(_)) | StartupError::Listen { .. } => {
+                EXIT_UNAVAILABLE
+            }
+            StartupError::Store(StoreError::Corrupt { .. }) => EXIT_CONFIG,
             _ => 1,
         }
     }

@@ -15,6 +15,7 @@ pub mod estimate;
 pub mod events;
 pub mod leader;
 pub mod lifecycle;
+pub mod nodes;
 pub mod observe;
 pub mod placement;
 pub mod reconcile;

@@ -14,7 +14,7 @@
 
 use crate::estimate::split::{self, Layout, SplitNode};
 use crate::estimate::{Estimate, estimate};
-use crate::placement::{Liveness, NodeState, estimate_options, margin, used_by_node};
+use crate::nodes::{Liveness, NodeState, estimate_options, margin, used_by_node};
 use proto::domain::instance::MAX_TENSOR_SPLIT_LEN;
 use proto::domain::{ModelParams, Placement, Replica, SplitPlan};
 use proto::units;

@@ -15,6 +15,7 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/halo_v1_descriptor.bin"));
 
 pub mod backoff;
+pub mod config;
 pub mod domain;
 pub mod fsutil;
 #[cfg(feature = "fuzz")]

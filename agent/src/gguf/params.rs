@@ -86,6 +86,11 @@ pub enum ParamsError {
 
 /// Fills [`ModelParams`] from a model's headers (metadata of part 1, tensors
 /// of every part).
+///
+/// The steps follow `load_hparams`: the architecture and what every file
+/// has; then (not for CLIP files) the blocks, the experts, the attention
+/// heads, the optional keys, the keys the architecture requires, the
+/// sliding window and the recurrent layers.
 pub fn model_params(model: &GgufModel) -> Result<ModelParams, ParamsError> {
     let file = model.first();
     let path = file.path.as_path();
@@ -125,7 +130,26 @@ pub fn model_params(model: &GgufModel) -> Result<ModelParams, ParamsError> {
         return Ok(p);
     }
 
-    // Generic keys, load_hparams in src/llama-model.cpp.
+    let (n_layer, n_layer_main) = blocks(&m, model, &mut p)?;
+    experts(&m, &mut p, n_layer)?;
+    let n_ff = attention(&m, &mut p, n_layer)?;
+    optional_keys(&m, &mut p)?;
+    arch_required_keys(&m, &mut p)?;
+
+    // Sliding-window attention.
+    let (window, swa_layers) = sliding_window(&m, n_layer, n_layer_main)?;
+    p.sliding_window = window;
+    p.swa_layers = swa_layers;
+
+    p.recurrent_layers = recurrent_layers(arch, n_layer, n_layer_main, &p.head_count_kv, &n_ff);
+    Ok(p)
+}
+
+/// Generic keys, `load_hparams` in src/llama-model.cpp: context and
+/// embedding length, the block count and the per-block weights, and the
+/// trailing multi-token-prediction blocks. Returns the number of blocks
+/// with and without those.
+fn blocks(m: &Meta, model: &GgufModel, p: &mut ModelParams) -> Result<(usize, usize), ParamsError> {
     p.context_length = m.u32_req("context_length")?.into();
     p.embedding_length = m.u32_req("embedding_length")?.into();
     let block_count = m.u32_req("block_count")?;
@@ -153,8 +177,12 @@ pub fn model_params(model: &GgufModel) -> Result<ModelParams, ParamsError> {
             format!("exceeds block_count {block_count}"),
         ));
     }
-    let n_layer_main = (block_count - nextn) as usize;
+    Ok((n_layer, (block_count - nextn) as usize))
+}
 
+/// The expert count (at most `LLAMA_MAX_EXPERTS`) and the experts used per
+/// token (per layer; llama.cpp validates the maximum).
+fn experts(m: &Meta, p: &mut ModelParams, n_layer: usize) -> Result<(), ParamsError> {
     p.expert_count = m.u32_opt("expert_count")?.unwrap_or(0);
     if u64::from(p.expert_count) > MAX_EXPERTS {
         return Err(m.range(
@@ -163,7 +191,6 @@ pub fn model_params(model: &GgufModel) -> Result<ModelParams, ParamsError> {
             format!("exceeds LLAMA_MAX_EXPERTS {MAX_EXPERTS}"),
         ));
     }
-    // expert_used_count may be per layer; llama.cpp validates the maximum.
     let used = m
         .per_layer("expert_used_count", n_layer)?
         .unwrap_or_default();
@@ -175,7 +202,12 @@ pub fn model_params(model: &GgufModel) -> Result<ModelParams, ParamsError> {
             format!("exceeds expert_count {}", p.expert_count),
         ));
     }
+    Ok(())
+}
 
+/// The feed-forward length and attention heads per layer, and the head
+/// sizes. Returns the per-layer feed-forward lengths.
+fn attention(m: &Meta, p: &mut ModelParams, n_layer: usize) -> Result<Vec<u32>, ParamsError> {
     let n_ff = m
         .per_layer("feed_forward_length", n_layer)?
         .unwrap_or_else(|| vec![0; n_layer]);
@@ -196,7 +228,7 @@ pub fn model_params(model: &GgufModel) -> Result<ModelParams, ParamsError> {
         p.key_length = m.u32_opt("attention.key_length")?.unwrap_or(default);
         p.value_length = m.u32_opt("attention.value_length")?.unwrap_or(default);
         p.rope_dimension_count = m.u32_opt("rope.dimension_count")?.unwrap_or(p.key_length);
-        if matches!(arch, "llama" | "deci" | "falcon" | "llama-embed")
+        if matches!(m.arch.as_str(), "llama" | "deci" | "falcon" | "llama-embed")
             && p.rope_dimension_count != p.key_length
         {
             return Err(m.range(
@@ -209,7 +241,12 @@ pub fn model_params(model: &GgufModel) -> Result<ModelParams, ParamsError> {
             ));
         }
     }
+    Ok(n_ff)
+}
 
+/// Keys some architectures have, 0 when absent: shared experts, expert
+/// width, leading dense blocks, MLA ranks, SSM sizes.
+fn optional_keys(m: &Meta, p: &mut ModelParams) -> Result<(), ParamsError> {
     p.expert_shared_count = m.u32_opt("expert_shared_count")?.unwrap_or(0);
     p.expert_feed_forward_length = m
         .u32_opt("expert_feed_forward_length")?
@@ -223,9 +260,12 @@ pub fn model_params(model: &GgufModel) -> Result<ModelParams, ParamsError> {
     p.ssm_state_size = m.u32_opt("ssm.state_size")?.unwrap_or(0);
     p.ssm_time_step_rank = m.u32_opt("ssm.time_step_rank")?.unwrap_or(0);
     p.ssm_group_count = m.u32_opt("ssm.group_count")?.unwrap_or(0);
+    Ok(())
+}
 
-    // Keys each architecture's load_arch_hparams requires.
-    match arch {
+/// Keys each architecture's `load_arch_hparams` requires.
+fn arch_required_keys(m: &Meta, p: &mut ModelParams) -> Result<(), ParamsError> {
+    match m.arch.as_str() {
         // src/models/deepseek2.cpp
         "deepseek2" => {
             p.kv_lora_rank = m.u32_req("attention.kv_lora_rank")?;
@@ -241,24 +281,27 @@ pub fn model_params(model: &GgufModel) -> Result<ModelParams, ParamsError> {
         }
         _ => {}
     }
+    Ok(())
+}
 
-    // Sliding-window attention.
-    let (window, swa_layers) = sliding_window(&m, n_layer, n_layer_main)?;
-    p.sliding_window = window;
-    p.swa_layers = swa_layers;
-
-    // Recurrent layers. llm_arch_is_recurrent (src/llama-arch.cpp): every
-    // layer; Nemotron-H (src/models/nemotron-h.cpp load_arch_hparams): "A
-    // layer is recurrent IFF the n_head_kv value is set to 0 and the n_ff
-    // value is set to 0. Appended MTP blocks are dense".
-    p.recurrent_layers = match arch {
+/// Recurrent layers. llm_arch_is_recurrent (src/llama-arch.cpp): every
+/// layer; Nemotron-H (src/models/nemotron-h.cpp load_arch_hparams): "A
+/// layer is recurrent IFF the n_head_kv value is set to 0 and the n_ff
+/// value is set to 0. Appended MTP blocks are dense".
+fn recurrent_layers(
+    arch: &str,
+    n_layer: usize,
+    n_layer_main: usize,
+    head_count_kv: &[u32],
+    n_ff: &[u32],
+) -> Vec<bool> {
+    match arch {
         "mamba" | "mamba2" | "rwkv6" | "rwkv6qwen2" | "rwkv7" | "arwkv7" => vec![true; n_layer],
         "nemotron_h" | "nemotron_h_moe" => (0..n_layer)
-            .map(|i| i < n_layer_main && p.head_count_kv[i] == 0 && n_ff[i] == 0)
+            .map(|i| i < n_layer_main && head_count_kv[i] == 0 && n_ff[i] == 0)
             .collect(),
         _ => vec![false; n_layer],
-    };
-    Ok(p)
+    }
 }
 
 /// How an architecture lays out sliding-window layers

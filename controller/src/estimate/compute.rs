@@ -70,222 +70,40 @@ pub struct ComputeMemory {
     pub notes: Vec<String>,
 }
 
-/// Computes the compute bucket.
+/// The sizes every phase is counted in.
+#[derive(Debug, Clone, Copy)]
+struct Rows {
+    /// Tokens in the worst-case batch.
+    t: u64,
+    /// One f32 value per token.
+    f32_row: u64,
+    /// One `n_embd x n_tokens` f32 activation.
+    act: u64,
+}
+
+/// Computes the compute bucket: the graph inputs plus the largest phase of
+/// the worst-case graph (output, attention per layer geometry, dense FFN,
+/// Mamba2, MoE experts).
 pub fn compute_memory(params: &ModelParams, r: &Resolved, ctx: &ContextMemory) -> ComputeMemory {
     let t = r.n_tokens;
-    let f32_row = t * 4; // one f32 value per token
-    let act = params.embedding_length * f32_row;
-    let n_layer = params.block_count as usize;
-    let mut phases = Vec::new();
-
-    // Inputs. build_attn_inp_kq_mask: [n_kv, n_tokens/n_stream, 1, n_stream],
-    // f16 for flash attention else f32; one per cache (iswa has two).
-    let mask_elem = if r.flash_attn { 2 } else { 4 };
-    let full_mask = ctx.kv_size * t * mask_elem;
-    let swa_mask = ctx.swa_size * t * mask_elem;
-    // Token ids, positions, mixed-batch ids and slots, K/V row indices and
-    // output ids: i32/i64 vectors of n_tokens (build_inp_embd,
-    // build_inp_pos, build_input_k_idxs, build_inp_out_ids).
-    let ids = 40 * t;
-    let inputs_bytes = full_mask + swa_mask + ids;
-
-    // Output: the logits are a graph output (never freed) and come last.
-    // Below them sit 5 activations, and in some layouts (seen at 2 to 4
-    // activations' worth of KQ mask) one more hole that best-fit placement
-    // leaves: count the midpoint, 5.5.
-    let logits = params.vocab_size * r.n_outputs * 4;
-    phases.push(Phase {
-        name: "output",
-        bytes: logits + 11 * act / 2,
-        detail: format!(
-            "logits {} vocab x {} outputs x 4 B ({}) + 5.5 x n_embd activations ({} each)",
-            params.vocab_size,
-            r.n_outputs,
-            units::bytes(logits),
-            units::bytes(act)
-        ),
-    });
-
-    // Attention, per layer geometry.
-    let mla = is_mla(params);
-    let mut seen: Vec<(u64, u64, u64, u64)> = Vec::new();
-    for il in 0..n_layer {
-        if !is_attention_layer(params, il) {
-            continue;
+    let f32_row = t * 4;
+    let rows = Rows {
+        t,
+        f32_row,
+        act: params.embedding_length * f32_row,
+    };
+    let (inputs_bytes, mask_elem) = inputs(r, ctx, t);
+    let mut phases = vec![output_phase(params, r, rows)];
+    attention_phases(params, r, ctx, rows, &mut phases);
+    phases.extend(dense_ffn_phase(params, rows));
+    phases.extend(mamba2_phase(params, r, rows));
+    let expert_ff_note = match moe_phase(params, rows) {
+        Ok(p) => {
+            phases.extend(p);
+            None
         }
-        let n_head = u64::from(params.head_count.get(il).copied().unwrap_or(0));
-        let n_head_kv = u64::from(params.head_count_kv[il]);
-        let n_kv = if is_swa_layer(params, il) && ctx.swa_size > 0 {
-            ctx.swa_size
-        } else {
-            ctx.kv_size
-        };
-        let key = (n_head, n_head_kv, n_kv, u64::from(params.key_length));
-        if seen.contains(&key) {
-            continue;
-        }
-        seen.push(key);
-        // kq = mul_mat(k, q): [n_kv, n_tokens/n_stream, n_head, n_stream] f32
-        let kq = if r.flash_attn {
-            0
-        } else {
-            n_kv * n_head * f32_row
-        };
-        if mla {
-            // MLA with absorption: per head kv_lora_rank (q_nope_absorbed),
-            // kv_lora_rank + n_rot (Qcur) and key_length_mla (q) values.
-            let per_head = 2
-                * (u64::from(params.kv_lora_rank) + u64::from(params.rope_dimension_count))
-                + u64::from(params.key_length_mla);
-            let q_terms = per_head * n_head * f32_row;
-            phases.push(Phase {
-                name: if r.flash_attn {
-                    "MLA attention"
-                } else {
-                    "MLA attention (no flash)"
-                },
-                bytes: q_terms + kq + 5 * act,
-                detail: format!(
-                    "{} heads x (2 x ({} latent + {} rope) + {} q) x {t} tokens x 4 B ({}){} + 5 activations",
-                    n_head,
-                    params.kv_lora_rank,
-                    params.rope_dimension_count,
-                    params.key_length_mla,
-                    units::bytes(q_terms),
-                    if kq > 0 {
-                        format!(" + scores {n_kv} x {t} x {n_head} x 4 B ({})", units::bytes(kq))
-                    } else {
-                        String::new()
-                    }
-                ),
-            });
-        } else {
-            let q = n_head * u64::from(params.key_length) * f32_row;
-            let k = n_head_kv * u64::from(params.key_length) * f32_row;
-            let v = n_head_kv * u64::from(params.value_length) * f32_row;
-            // Calibrated: 4 activations next to the scores for llama-style
-            // blocks, one more where Q/K get their own norm or bias ops
-            // (qwen3 q_norm/k_norm, gpt-oss biases and sinks).
-            let acts = if extra_attention_ops(&params.architecture) {
-                5
-            } else {
-                4
-            };
-            phases.push(Phase {
-                name: if r.flash_attn {
-                    "attention"
-                } else {
-                    "attention (no flash)"
-                },
-                bytes: kq + 2 * q + k + v + acts * act,
-                detail: format!(
-                    "{}2 x Q {} + K {} + V {} + {acts} activations",
-                    if kq > 0 {
-                        format!(
-                            "scores {n_kv} x {t} x {n_head} heads x 4 B ({}) + ",
-                            units::bytes(kq)
-                        )
-                    } else {
-                        String::new()
-                    },
-                    units::bytes(q),
-                    units::bytes(k),
-                    units::bytes(v)
-                ),
-            });
-        }
-    }
-
-    // Dense gated FFN (build_ffn with LLM_FFN_SILU/GELU + LLM_FFN_PAR): gate,
-    // up and the GLU product. Dense models, and DeepSeek's leading dense
-    // layers; for MoE models feed_forward_length is not what the experts use.
-    let hybrid = params.recurrent_layers.iter().any(|&x| x);
-    if !hybrid
-        && params.feed_forward_length > 0
-        && (params.expert_count == 0 || params.leading_dense_block_count > 0)
-    {
-        let ff = params.feed_forward_length * f32_row;
-        phases.push(Phase {
-            name: "dense FFN",
-            bytes: 3 * ff + 5 * act,
-            detail: format!(
-                "gate, up, product {} x {t} x 4 B ({} each) + 5 activations",
-                params.feed_forward_length,
-                units::bytes(ff)
-            ),
-        });
-    }
-
-    // Mamba2 (build_mamba2_layer in src/models/mamba-base.cpp):
-    // zxBCdt = ssm_in @ x (2 d_inner + 2 n_group d_state + n_head values per
-    // token), the conv input/output (d_inner + 2 n_group d_state), the scan
-    // output with the final state (d_state x d_inner per sequence).
-    if hybrid && params.ssm_inner_size > 0 {
-        let d_inner = u64::from(params.ssm_inner_size);
-        let ng_ds = 2 * u64::from(params.ssm_group_count) * u64::from(params.ssm_state_size);
-        let in_proj = (2 * d_inner + ng_ds + u64::from(params.ssm_time_step_rank)) * f32_row;
-        let conv = (d_inner + ng_ds) * f32_row;
-        let state = u64::from(params.ssm_state_size) * d_inner * 4 * r.n_seq;
-        // Calibrated: about 6144 f32 per token of scan/gating temporaries.
-        let temps = 6144 * f32_row;
-        phases.push(Phase {
-            name: "Mamba2",
-            bytes: 2 * in_proj + conv + state + 3 * act + temps,
-            detail: format!(
-                "2 x in_proj {} + conv {} + state {} + temporaries {} + 3 activations",
-                units::bytes(in_proj),
-                units::bytes(conv),
-                units::bytes(state),
-                units::bytes(temps)
-            ),
-        });
-    }
-
-    // MoE (build_moe_ffn in src/llama-graph.cpp): up and gate are
-    // [n_ff_exp, n_expert_used, n_tokens] (mid), their GLU product another,
-    // then down gives experts = [n_embd, n_expert_used, n_tokens] (out).
-    // Calibrated on qwen3moe, gpt-oss and Nemotron-H-MoE under llama-server
-    // (one logit row per slot, so nothing else is bigger): gated experts
-    // peak at max(3 mid + 5 act, 2 out + mid + 3 act) (the second when `out`
-    // does not fit the hole up/gate leave and lands above it); ungated
-    // (relu^2, nemotron_h_moe) at max(2 out, out + mid) + 3 act.
-    let mut expert_ff_note = None;
-    if params.expert_count > 0 && params.expert_used_count > 0 {
-        let from_header = params.expert_feed_forward_length;
-        let (ff, how) = match (from_header > 0).then_some(from_header) {
-            Some(ff) => (Some(ff), "header"),
-            None => (infer_expert_ff(params), "inferred from the parameter count"),
-        };
-        if let Some(ff) = ff {
-            let used = u64::from(params.expert_used_count);
-            let mid = ff * used * f32_row;
-            let out = params.embedding_length * used * f32_row;
-            let gated = !ungated_experts(&params.architecture);
-            let bytes = if gated {
-                (3 * mid + 5 * act).max(2 * out + mid + 3 * act)
-            } else {
-                (2 * out).max(out + mid) + 3 * act
-            };
-            phases.push(Phase {
-                name: "MoE experts",
-                bytes,
-                detail: format!(
-                    "{used} experts of {ff} ({how}): mid {} , out {}, {}",
-                    units::bytes(mid),
-                    units::bytes(out),
-                    if gated {
-                        "max(3 mid + 5 act, 2 out + mid + 3 act)"
-                    } else {
-                        "max(2 out, out + mid) + 3 act"
-                    }
-                ),
-            });
-        } else {
-            expert_ff_note = Some(
-                "compute: MoE expert intermediates not modelled (no expert_feed_forward_length)",
-            );
-        }
-    }
+        Err(note) => Some(note),
+    };
 
     let dominant = phases
         .iter()
@@ -297,7 +115,6 @@ pub fn compute_memory(params: &ModelParams, r: &Resolved, ctx: &ContextMemory) -
             detail: String::new(),
         });
     let total_bytes = inputs_bytes + dominant.bytes;
-
     let mut notes = vec![format!(
         "compute inputs: KQ mask {} x {t} + SWA mask {} x {t} at {mask_elem} B, ids = {}",
         ctx.kv_size,
@@ -325,9 +142,8 @@ pub fn compute_memory(params: &ModelParams, r: &Resolved, ctx: &ContextMemory) -
         units::bytes(inputs_bytes),
         dominant.name,
         units::bytes(total_bytes),
-        units::bytes(act.max(MIB))
+        units::bytes(rows.act.max(MIB))
     ));
-
     ComputeMemory {
         phases,
         dominant: dominant.name,
@@ -335,6 +151,280 @@ pub fn compute_memory(params: &ModelParams, r: &Resolved, ctx: &ContextMemory) -
         total_bytes,
         notes,
     }
+}
+
+/// The graph inputs' bytes for `t` tokens, with the KQ mask's bytes per
+/// element.
+fn inputs(r: &Resolved, ctx: &ContextMemory, t: u64) -> (u64, u64) {
+    // Inputs. build_attn_inp_kq_mask: [n_kv, n_tokens/n_stream, 1, n_stream],
+    // f16 for flash attention else f32; one per cache (iswa has two).
+    let mask_elem = if r.flash_attn { 2 } else { 4 };
+    let full_mask = ctx.kv_size * t * mask_elem;
+    let swa_mask = ctx.swa_size * t * mask_elem;
+    // Token ids, positions, mixed-batch ids and slots, K/V row indices and
+    // output ids: i32/i64 vectors of n_tokens (build_inp_embd,
+    // build_inp_pos, build_input_k_idxs, build_inp_out_ids).
+    let ids = 40 * t;
+    (full_mask + swa_mask + ids, mask_elem)
+}
+
+/// The logits and what sits below them.
+fn output_phase(params: &ModelParams, r: &Resolved, rows: Rows) -> Phase {
+    let act = rows.act;
+    // Output: the logits are a graph output (never freed) and come last.
+    // Below them sit 5 activations, and in some layouts (seen at 2 to 4
+    // activations' worth of KQ mask) one more hole that best-fit placement
+    // leaves: count the midpoint, 5.5.
+    let logits = params.vocab_size * r.n_outputs * 4;
+    Phase {
+        name: "output",
+        bytes: logits + 11 * act / 2,
+        detail: format!(
+            "logits {} vocab x {} outputs x 4 B ({}) + 5.5 x n_embd activations ({} each)",
+            params.vocab_size,
+            r.n_outputs,
+            units::bytes(logits),
+            units::bytes(act)
+        ),
+    }
+}
+
+/// One attention phase per distinct layer geometry (heads, KV heads, KV
+/// size, key length), in layer order.
+fn attention_phases(
+    params: &ModelParams,
+    r: &Resolved,
+    ctx: &ContextMemory,
+    rows: Rows,
+    phases: &mut Vec<Phase>,
+) {
+    let mla = is_mla(params);
+    let mut seen: Vec<(u64, u64, u64, u64)> = Vec::new();
+    for il in 0..params.block_count as usize {
+        if !is_attention_layer(params, il) {
+            continue;
+        }
+        let n_head = u64::from(params.head_count.get(il).copied().unwrap_or(0));
+        let n_head_kv = u64::from(params.head_count_kv[il]);
+        let n_kv = if is_swa_layer(params, il) && ctx.swa_size > 0 {
+            ctx.swa_size
+        } else {
+            ctx.kv_size
+        };
+        let key = (n_head, n_head_kv, n_kv, u64::from(params.key_length));
+        if seen.contains(&key) {
+            continue;
+        }
+        seen.push(key);
+        // kq = mul_mat(k, q): [n_kv, n_tokens/n_stream, n_head, n_stream] f32
+        let kq = if r.flash_attn {
+            0
+        } else {
+            n_kv * n_head * rows.f32_row
+        };
+        phases.push(if mla {
+            mla_phase(params, r, rows, n_head, n_kv, kq)
+        } else {
+            mha_phase(params, r, rows, n_head, n_head_kv, n_kv, kq)
+        });
+    }
+}
+
+/// MLA attention with absorption: per head `kv_lora_rank`
+/// (`q_nope_absorbed`), `kv_lora_rank + n_rot` (`Qcur`) and
+/// `key_length_mla` (`q`) values, and the scores `kq` without flash
+/// attention.
+fn mla_phase(
+    params: &ModelParams,
+    r: &Resolved,
+    rows: Rows,
+    n_head: u64,
+    n_kv: u64,
+    kq: u64,
+) -> Phase {
+    let t = rows.t;
+    let per_head = 2 * (u64::from(params.kv_lora_rank) + u64::from(params.rope_dimension_count))
+        + u64::from(params.key_length_mla);
+    let q_terms = per_head * n_head * rows.f32_row;
+    Phase {
+        name: if r.flash_attn {
+            "MLA attention"
+        } else {
+            "MLA attention (no flash)"
+        },
+        bytes: q_terms + kq + 5 * rows.act,
+        detail: format!(
+            "{} heads x (2 x ({} latent + {} rope) + {} q) x {t} tokens x 4 B ({}){} + 5 activations",
+            n_head,
+            params.kv_lora_rank,
+            params.rope_dimension_count,
+            params.key_length_mla,
+            units::bytes(q_terms),
+            if kq > 0 {
+                format!(
+                    " + scores {n_kv} x {t} x {n_head} x 4 B ({})",
+                    units::bytes(kq)
+                )
+            } else {
+                String::new()
+            }
+        ),
+    }
+}
+
+/// Multi-head attention: Q (twice), K, V and the scores `kq` without flash
+/// attention, next to 4 or 5 activations.
+fn mha_phase(
+    params: &ModelParams,
+    r: &Resolved,
+    rows: Rows,
+    n_head: u64,
+    n_head_kv: u64,
+    n_kv: u64,
+    kq: u64,
+) -> Phase {
+    let (t, f32_row) = (rows.t, rows.f32_row);
+    let q = n_head * u64::from(params.key_length) * f32_row;
+    let k = n_head_kv * u64::from(params.key_length) * f32_row;
+    let v = n_head_kv * u64::from(params.value_length) * f32_row;
+    // Calibrated: 4 activations next to the scores for llama-style
+    // blocks, one more where Q/K get their own norm or bias ops
+    // (qwen3 q_norm/k_norm, gpt-oss biases and sinks).
+    let acts = if extra_attention_ops(&params.architecture) {
+        5
+    } else {
+        4
+    };
+    Phase {
+        name: if r.flash_attn {
+            "attention"
+        } else {
+            "attention (no flash)"
+        },
+        bytes: kq + 2 * q + k + v + acts * rows.act,
+        detail: format!(
+            "{}2 x Q {} + K {} + V {} + {acts} activations",
+            if kq > 0 {
+                format!(
+                    "scores {n_kv} x {t} x {n_head} heads x 4 B ({}) + ",
+                    units::bytes(kq)
+                )
+            } else {
+                String::new()
+            },
+            units::bytes(q),
+            units::bytes(k),
+            units::bytes(v)
+        ),
+    }
+}
+
+/// Whether any layer is recurrent (a hybrid model).
+fn is_hybrid(params: &ModelParams) -> bool {
+    params.recurrent_layers.iter().any(|&x| x)
+}
+
+/// Dense gated FFN (build_ffn with LLM_FFN_SILU/GELU + LLM_FFN_PAR): gate,
+/// up and the GLU product. Dense models, and DeepSeek's leading dense
+/// layers; for MoE models feed_forward_length is not what the experts use.
+fn dense_ffn_phase(params: &ModelParams, rows: Rows) -> Option<Phase> {
+    if is_hybrid(params)
+        || params.feed_forward_length == 0
+        || (params.expert_count != 0 && params.leading_dense_block_count == 0)
+    {
+        return None;
+    }
+    let ff = params.feed_forward_length * rows.f32_row;
+    Some(Phase {
+        name: "dense FFN",
+        bytes: 3 * ff + 5 * rows.act,
+        detail: format!(
+            "gate, up, product {} x {} x 4 B ({} each) + 5 activations",
+            params.feed_forward_length,
+            rows.t,
+            units::bytes(ff)
+        ),
+    })
+}
+
+/// Mamba2 (build_mamba2_layer in src/models/mamba-base.cpp):
+/// zxBCdt = ssm_in @ x (2 d_inner + 2 n_group d_state + n_head values per
+/// token), the conv input/output (d_inner + 2 n_group d_state), the scan
+/// output with the final state (d_state x d_inner per sequence).
+fn mamba2_phase(params: &ModelParams, r: &Resolved, rows: Rows) -> Option<Phase> {
+    if !is_hybrid(params) || params.ssm_inner_size == 0 {
+        return None;
+    }
+    let f32_row = rows.f32_row;
+    let d_inner = u64::from(params.ssm_inner_size);
+    let ng_ds = 2 * u64::from(params.ssm_group_count) * u64::from(params.ssm_state_size);
+    let in_proj = (2 * d_inner + ng_ds + u64::from(params.ssm_time_step_rank)) * f32_row;
+    let conv = (d_inner + ng_ds) * f32_row;
+    let state = u64::from(params.ssm_state_size) * d_inner * 4 * r.n_seq;
+    // Calibrated: about 6144 f32 per token of scan/gating temporaries.
+    let temps = 6144 * f32_row;
+    Some(Phase {
+        name: "Mamba2",
+        bytes: 2 * in_proj + conv + state + 3 * rows.act + temps,
+        detail: format!(
+            "2 x in_proj {} + conv {} + state {} + temporaries {} + 3 activations",
+            units::bytes(in_proj),
+            units::bytes(conv),
+            units::bytes(state),
+            units::bytes(temps)
+        ),
+    })
+}
+
+/// MoE (build_moe_ffn in src/llama-graph.cpp): up and gate are
+/// [n_ff_exp, n_expert_used, n_tokens] (mid), their GLU product another,
+/// then down gives experts = [n_embd, n_expert_used, n_tokens] (out).
+/// Calibrated on qwen3moe, gpt-oss and Nemotron-H-MoE under llama-server
+/// (one logit row per slot, so nothing else is bigger): gated experts
+/// peak at max(3 mid + 5 act, 2 out + mid + 3 act) (the second when `out`
+/// does not fit the hole up/gate leave and lands above it); ungated
+/// (relu^2, nemotron_h_moe) at max(2 out, out + mid) + 3 act.
+///
+/// `Ok(None)` for a model without experts; `Err` a note when the experts'
+/// width is unknown.
+fn moe_phase(params: &ModelParams, rows: Rows) -> Result<Option<Phase>, &'static str> {
+    if params.expert_count == 0 || params.expert_used_count == 0 {
+        return Ok(None);
+    }
+    let from_header = params.expert_feed_forward_length;
+    let (ff, how) = match (from_header > 0).then_some(from_header) {
+        Some(ff) => (Some(ff), "header"),
+        None => (infer_expert_ff(params), "inferred from the parameter count"),
+    };
+    let Some(ff) = ff else {
+        return Err(
+            "compute: MoE expert intermediates not modelled (no expert_feed_forward_length)",
+        );
+    };
+    let (f32_row, act) = (rows.f32_row, rows.act);
+    let used = u64::from(params.expert_used_count);
+    let mid = ff * used * f32_row;
+    let out = params.embedding_length * used * f32_row;
+    let gated = !ungated_experts(&params.architecture);
+    let bytes = if gated {
+        (3 * mid + 5 * act).max(2 * out + mid + 3 * act)
+    } else {
+        (2 * out).max(out + mid) + 3 * act
+    };
+    Ok(Some(Phase {
+        name: "MoE experts",
+        bytes,
+        detail: format!(
+            "{used} experts of {ff} ({how}): mid {} , out {}, {}",
+            units::bytes(mid),
+            units::bytes(out),
+            if gated {
+                "max(3 mid + 5 act, 2 out + mid + 3 act)"
+            } else {
+                "max(2 out, out + mid) + 3 act"
+            }
+        ),
+    }))
 }
 
 /// Architectures whose attention block has per-head Q/K norms or Q/K/V

@@ -1,0 +1,97 @@
+//! Which nodes can take a request at all: live, of the role (unless
+//! `any_node`), the pinned one when pinned, with known usable memory and
+//! holding the model file. Every other node gets a row saying why not.
+
+use super::{Decision, NodeFit, PlaceRequest};
+use crate::nodes::{Liveness, NodeState};
+use proto::domain::{CatalogEntry, ModelParams};
+use std::sync::Arc;
+
+/// The nodes that can take the model: indexes into the node list, with
+/// the model's parameters as that node holds them.
+pub(super) type Candidates = Vec<(usize, Arc<ModelParams>)>;
+
+/// The candidates for `entry`, and a row for each other node saying why it
+/// is not one. `Err` is the refusal when the pin names no node or no node
+/// qualifies.
+pub(super) fn candidates(
+    nodes: &[NodeState],
+    entry: &CatalogEntry,
+    req: &PlaceRequest,
+) -> Result<(Candidates, Vec<NodeFit>), Box<Decision>> {
+    let mut fits: Vec<NodeFit> = Vec::with_capacity(nodes.len());
+    let mut candidates: Candidates = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let params = n.models.get(&entry.model_id);
+        let reason = why_not(n, req).or_else(|| {
+            params
+                .is_none()
+                .then(|| format!("does not hold `{}`", entry.model_id))
+        });
+        match (reason, params) {
+            (None, Some(p)) => candidates.push((i, p.clone())),
+            (reason, _) => fits.push(not_a_candidate(n, reason.unwrap_or_default())),
+        }
+    }
+    if let Some(pin) = &req.node
+        && !nodes.iter().any(|n| &n.name == pin)
+    {
+        return Err(Box::new(Decision::refused(vec![format!(
+            "no node named `{pin}`"
+        )])));
+    }
+    if candidates.is_empty() {
+        let mut d = Decision::refused(vec![format!(
+            "no live node {}holds `{}`",
+            if req.any_node {
+                String::new()
+            } else {
+                format!("with role `{}` ", req.role)
+            },
+            entry.model_id
+        )]);
+        d.fits = fits;
+        return Err(Box::new(d));
+    }
+    Ok((candidates, fits))
+}
+
+/// Why `n` cannot take `req` whatever the model: pin, liveness, role,
+/// unknown memory.
+fn why_not(n: &NodeState, req: &PlaceRequest) -> Option<String> {
+    if req.node.as_ref().is_some_and(|p| p != &n.name) {
+        Some("not the pinned node".to_owned())
+    } else if n.liveness != Liveness::Ready {
+        Some(format!("node is {:?}", n.liveness).to_lowercase())
+    } else if !req.any_node && !n.roles.iter().any(|r| r == &req.role) {
+        Some(format!(
+            "no `{}` role (has: {})",
+            req.role,
+            n.roles.join(", ")
+        ))
+    } else if n.usable_bytes.is_none() {
+        Some("usable memory unknown".to_owned())
+    } else {
+        None
+    }
+}
+
+/// The row of a node that is not a candidate.
+fn not_a_candidate(n: &NodeState, reason: String) -> NodeFit {
+    NodeFit {
+        node: n.name.clone(),
+        candidate: false,
+        fits: false,
+        usable_bytes: n.usable_bytes.unwrap_or(0),
+        reserve_bytes: n.reserve_bytes,
+        used_bytes: 0,
+        free_bytes: 0,
+        needed_bytes: 0,
+        margin_bytes: 0,
+        context_size: 0,
+        cache_type: String::new(),
+        replicas: 0,
+        source: String::new(),
+        reason,
+    }
+}
