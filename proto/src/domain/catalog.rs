@@ -232,7 +232,28 @@ impl CatalogEntry {
 /// Checks a name used in keys and request ids: 1-63 of `a-z 0-9 . _ -`,
 /// starting with a letter or digit.
 pub fn check_name(field: &'static str, name: &str) -> Result<(), ConversionError> {
-    let ok = !name.is_empty()
+    if is_name(name) {
+        return Ok(());
+    }
+    // Names are lower case: `Tiny` or `Qwen3 Coder` most likely meant the
+    // lower-case, dashed spelling.
+    let guess = name.trim().to_ascii_lowercase().replace(' ', "-");
+    let hint = if is_name(&guess) {
+        format!("; did you mean `{guess}`?")
+    } else {
+        String::new()
+    };
+    Err(ConversionError::Invalid {
+        field,
+        reason: format!(
+            "`{}` is not 1-63 of a-z 0-9 . _ - starting with a letter or digit{hint}",
+            crate::domain::model::shown_id(name)
+        ),
+    })
+}
+
+fn is_name(name: &str) -> bool {
+    !name.is_empty()
         && name.len() <= 63
         && name
             .bytes()
@@ -240,18 +261,7 @@ pub fn check_name(field: &'static str, name: &str) -> Result<(), ConversionError
             .is_some_and(|b| b.is_ascii_alphanumeric())
         && name
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
-    if ok {
-        Ok(())
-    } else {
-        Err(ConversionError::Invalid {
-            field,
-            reason: format!(
-                "`{}` is not 1-63 of a-z 0-9 . _ - starting with a letter or digit",
-                crate::domain::model::shown_id(name)
-            ),
-        })
-    }
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
 }
 
 impl From<CatalogEntry> for v1::CatalogEntry {
@@ -324,6 +334,24 @@ impl TryFrom<v1::CatalogEntry> for CatalogEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_name_in_capitals_or_with_spaces_is_refused_with_the_spelling_that_works() {
+        let e = check_name("model", "Tiny")
+            .expect_err("capitals")
+            .to_string();
+        assert!(e.contains("did you mean `tiny`?"), "{e}");
+        let e = check_name("model", "Qwen3 Coder")
+            .expect_err("space")
+            .to_string();
+        assert!(e.contains("did you mean `qwen3-coder`?"), "{e}");
+        let e = check_name("model", "../x").expect_err("path").to_string();
+        assert!(
+            !e.contains("did you mean"),
+            "no guess for what cannot be a name: {e}"
+        );
+        assert!(check_name("model", "tiny").is_ok());
+    }
 
     #[test]
     fn catalog_entry_survives_the_wire() {
