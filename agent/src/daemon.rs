@@ -156,17 +156,7 @@ impl Daemon {
         let limits = proto::limits::AGENT;
         let mut builder = proto::limits::server(&limits);
         if let Some(tls) = &tls {
-            // Mutual TLS: every caller shows a certificate from the CA (the
-            // handshake in `incoming` below), and AgentService checks its
-            // role per method. The files are reloaded while serving, and
-            // GetNode reports the certificate's expiry as it is now.
-            api = api.with_access(proto::tls::Access::enforce(crate::service::POLICY));
-            tokio::spawn(tls.clone().run(shutdown.child_token()));
-            let node = supervisor.clone();
-            tokio::spawn(tls.on_reload(shutdown.child_token(), move |l| {
-                node.set_tls_cert_not_after(Some(l.not_after_unix));
-            }));
-            tracing::info!("mutual TLS on: client certificates required");
+            api = with_tls(api, tls, &supervisor, &shutdown);
         }
         let router = builder
             .add_service(
@@ -199,17 +189,7 @@ impl Daemon {
         tracing::info!(%addr, "halo-agent serving");
         let notify = proto::notify::Notifier::from_env();
         notify.ready(&format!("serving on {addr}"));
-        let watchdog = shutdown.child_token();
-        let probe = supervisor.clone();
-        // Healthy = the supervisor answers within the period (state lock,
-        // blocking pool and runtime all alive).
-        tokio::spawn(notify.clone().run_watchdog(watchdog.clone(), move || {
-            let probe = probe.clone();
-            async move {
-                let _ = probe.instances().await;
-                true
-            }
-        }));
+        let watchdog = feed_watchdog(&notify, &supervisor, &shutdown);
         let result = tokio::select! {
             r = &mut server => {
                 // The server ended on its own (or first, on shutdown): take
@@ -238,4 +218,44 @@ impl Daemon {
         tracing::info!("stopped; instances keep running");
         result
     }
+}
+
+/// Mutual TLS on `api`: every caller shows a certificate from the CA (the
+/// handshake in `incoming`), and AgentService checks its role per method.
+/// The files are reloaded while serving, and GetNode reports the
+/// certificate's expiry as it is now.
+fn with_tls(
+    api: AgentApi,
+    tls: &ReloadingTls,
+    supervisor: &Supervisor,
+    shutdown: &CancellationToken,
+) -> AgentApi {
+    let api = api.with_access(proto::tls::Access::enforce(crate::service::POLICY));
+    tokio::spawn(tls.clone().run(shutdown.child_token()));
+    let node = supervisor.clone();
+    tokio::spawn(tls.on_reload(shutdown.child_token(), move |l| {
+        node.set_tls_cert_not_after(Some(l.not_after_unix));
+    }));
+    tracing::info!("mutual TLS on: client certificates required");
+    api
+}
+
+/// Feeds systemd's watchdog while the supervisor answers within the period
+/// (state lock, blocking pool and runtime all alive), until the returned
+/// token (a child of `shutdown`) is cancelled.
+fn feed_watchdog(
+    notify: &proto::notify::Notifier,
+    supervisor: &Supervisor,
+    shutdown: &CancellationToken,
+) -> CancellationToken {
+    let watchdog = shutdown.child_token();
+    let probe = supervisor.clone();
+    tokio::spawn(notify.clone().run_watchdog(watchdog.clone(), move || {
+        let probe = probe.clone();
+        async move {
+            let _ = probe.instances().await;
+            true
+        }
+    }));
+    watchdog
 }

@@ -7,13 +7,14 @@ use crate::api::{ControllerApi, sync_catalog};
 use crate::config::{Config, StoreConfig};
 use crate::desired::Desired;
 use crate::events::Events;
-use crate::leader::{Election, Leadership};
-use crate::observe::{AgentLink, Observed};
+use crate::leader::{Election, Leadership, Term};
+use crate::observe::{AgentLink, NodeConfig, Observed};
 use crate::reconcile::Reconciler;
 use crate::store::etcd::EtcdStore;
 use crate::store::file::FileStore;
 use crate::store::{AnyStore, StoreError};
 use proto::config::{EXIT_CONFIG, EXIT_UNAVAILABLE};
+use proto::domain::CatalogEntry;
 use proto::tls_reload::ReloadingTls;
 use proto::v1::controller_service_server::ControllerServiceServer;
 use std::net::SocketAddr;
@@ -62,26 +63,15 @@ impl StartupError {
 }
 
 /// Runs the controller until `shutdown` is cancelled.
+///
+/// The steps: TLS files, the store, the listener, leadership (claimed on
+/// the file store, elected on etcd), the nodes to watch, one link per
+/// node, catalog and node sync on leadership, the reconciler, then the API
+/// until shutdown, and a bounded drain.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), StartupError> {
-    // Mutual TLS: read the files before anything starts (and reload them
-    // while serving: SIGHUP, or a change of their contents); links to
-    // agents use the same certificate (https), from their next connect on.
-    let tls = match &config.tls {
-        Some(files) => {
-            let tls =
-                ReloadingTls::load(files.clone()).map_err(|e| StartupError::Tls(e.to_string()))?;
-            crate::observe::set_agent_tls(Some(tls.current().client.clone()));
-            Some(tls)
-        }
-        None => None,
-    };
+    let tls = load_tls(&config)?;
     let leadership = Leadership::new(&config.id);
-    let store = match &config.store {
-        StoreConfig::File(p) => AnyStore::File(FileStore::open(p)?),
-        StoreConfig::Etcd { endpoints, tls } => AnyStore::Etcd(Box::new(
-            EtcdStore::connect_with(endpoints, tls.as_ref()).await?,
-        )),
-    };
+    let store = open_store(&config.store).await?;
     let listener =
         TcpListener::bind(config.listen)
             .await
@@ -101,7 +91,77 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
         }
     }
     let desired = Desired::new(store, leadership.clone());
-    // Nodes: the configured ones, plus any another controller registered.
+    let nodes = watched_nodes(&config, &desired).await;
+    let observed = Observed::new(&nodes, config.timing);
+    let events = Events::default();
+    for n in &nodes {
+        tracker.spawn(AgentLink::new(n.clone(), observed.clone()).run(shutdown.clone()));
+    }
+    // Catalog file and nodes -> store whenever this controller becomes leader.
+    tracker.spawn(sync_when_leader(
+        desired.clone(),
+        config.catalog.clone(),
+        config.nodes.clone(),
+        leadership.subscribe(),
+        shutdown.clone(),
+    ));
+    tracker.spawn(
+        Reconciler::new(
+            desired.clone(),
+            observed.clone(),
+            events.clone(),
+            config.requeue,
+        )
+        .run(shutdown.clone()),
+    );
+    let api = ControllerApi::new(desired, observed.clone(), events, shutdown.clone());
+    let result = serve(
+        api,
+        listener,
+        tls.as_ref(),
+        &config.id,
+        &observed,
+        &tracker,
+        &shutdown,
+    )
+    .await;
+    shutdown.cancel();
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("services still running after {SHUTDOWN_GRACE:?}; exiting");
+    }
+    result
+}
+
+/// Mutual TLS: the files are read before anything starts (and reloaded
+/// while serving: SIGHUP, or a change of their contents); links to agents
+/// use the same certificate (https), from their next connect on.
+fn load_tls(config: &Config) -> Result<Option<ReloadingTls>, StartupError> {
+    let Some(files) = &config.tls else {
+        return Ok(None);
+    };
+    let tls = ReloadingTls::load(files.clone()).map_err(|e| StartupError::Tls(e.to_string()))?;
+    crate::observe::set_agent_tls(Some(tls.current().client.clone()));
+    Ok(Some(tls))
+}
+
+/// The store the config names: the embedded file, or etcd (one key read,
+/// so an unreachable or refusing etcd fails here).
+async fn open_store(store: &StoreConfig) -> Result<AnyStore, StartupError> {
+    Ok(match store {
+        StoreConfig::File(p) => AnyStore::File(FileStore::open(p)?),
+        StoreConfig::Etcd { endpoints, tls } => AnyStore::Etcd(Box::new(
+            EtcdStore::connect_with(endpoints, tls.as_ref()).await?,
+        )),
+    })
+}
+
+/// Nodes: the configured ones, plus any another controller registered
+/// (read within 5 s; without TLS only those on loopback).
+async fn watched_nodes(config: &Config, desired: &Desired) -> Vec<NodeConfig> {
     let mut nodes = config.nodes.clone();
     match tokio::time::timeout(Duration::from_secs(5), desired.nodes()).await {
         Ok(Ok(stored)) => {
@@ -128,61 +188,64 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
         Ok(Err(e)) => tracing::warn!("registered nodes not read: {e}"),
         Err(_) => tracing::warn!("registered nodes not read: the store did not answer in 5 s"),
     }
-    let observed = Observed::new(&nodes, config.timing);
-    let events = Events::default();
-    for n in &nodes {
-        tracker.spawn(AgentLink::new(n.clone(), observed.clone()).run(shutdown.clone()));
-    }
-    // Catalog file and nodes -> store whenever this controller becomes leader.
-    {
-        let desired = desired.clone();
-        let entries = config.catalog.clone();
-        let nodes = config.nodes.clone();
-        let mut term = leadership.subscribe();
-        let token = shutdown.clone();
-        tracker.spawn(async move {
-            loop {
-                if desired.leadership().term().is_some() {
-                    let mut delay = Duration::from_millis(100);
-                    while let Err(e) = async {
-                        sync_catalog(&desired, &entries).await?;
-                        desired.register_nodes(&nodes).await
-                    }
-                    .await
-                    {
-                        tracing::warn!("catalog and node sync: {e}");
-                        if desired.leadership().term().is_none() {
-                            break;
-                        }
-                        tokio::select! {
-                            () = token.cancelled() => return,
-                            () = tokio::time::sleep(delay) => {}
-                        }
-                        delay = (delay * 2).min(Duration::from_secs(5));
-                    }
+    nodes
+}
+
+/// Writes the catalog file's `entries` and the configured `nodes` to the
+/// store each time this controller becomes leader (watching `term`),
+/// retrying with back-off while it stays leader, until `token` is
+/// cancelled.
+async fn sync_when_leader(
+    desired: Desired,
+    entries: Vec<CatalogEntry>,
+    nodes: Vec<NodeConfig>,
+    mut term: tokio::sync::watch::Receiver<Option<Term>>,
+    token: CancellationToken,
+) {
+    loop {
+        if desired.leadership().term().is_some() {
+            let mut delay = Duration::from_millis(100);
+            while let Err(e) = async {
+                sync_catalog(&desired, &entries).await?;
+                desired.register_nodes(&nodes).await
+            }
+            .await
+            {
+                tracing::warn!("catalog and node sync: {e}");
+                if desired.leadership().term().is_none() {
+                    break;
                 }
                 tokio::select! {
                     () = token.cancelled() => return,
-                    r = term.changed() => if r.is_err() { return },
+                    () = tokio::time::sleep(delay) => {}
                 }
+                delay = (delay * 2).min(Duration::from_secs(5));
             }
-        });
+        }
+        tokio::select! {
+            () = token.cancelled() => return,
+            r = term.changed() => if r.is_err() { return },
+        }
     }
-    tracker.spawn(
-        Reconciler::new(
-            desired.clone(),
-            observed.clone(),
-            events.clone(),
-            config.requeue,
-        )
-        .run(shutdown.clone()),
-    );
-    let mut api = ControllerApi::new(desired, observed.clone(), events, shutdown.clone());
+}
+
+/// Serves `api` on `listener` (over `tls` when set) until `shutdown` or a
+/// server failure, telling systemd it is ready and feeding its watchdog
+/// while `observed` answers.
+async fn serve(
+    mut api: ControllerApi,
+    listener: TcpListener,
+    tls: Option<&ReloadingTls>,
+    id: &str,
+    observed: &Observed,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<(), StartupError> {
     // Deadline, per-connection concurrency and keep-alive shared with the
     // agent; message sizes on the service below.
     let limits = proto::limits::CONTROLLER;
     let mut builder = proto::limits::server(&limits);
-    if let Some(tls) = &tls {
+    if let Some(tls) = tls {
         api = api.with_access(proto::tls::Access::enforce(crate::api::POLICY));
         tracker.spawn(tls.clone().run(shutdown.clone()));
         tracker.spawn(tls.on_reload(shutdown.clone(), |l| {
@@ -193,7 +256,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
     let addr = listener
         .local_addr()
         .map_or_else(|e| e.to_string(), |a| a.to_string());
-    tracing::info!(%addr, id = %config.id, "halo-controller serving");
+    tracing::info!(%addr, id = %id, "halo-controller serving");
     let router = builder.add_service(
         ControllerServiceServer::new(api)
             .max_decoding_message_size(limits.max_request_bytes)
@@ -202,7 +265,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
     // Without TCP_NODELAY a small response waits for the client's delayed
     // ACK: ~40 ms per `haloctl` call instead of ~3 ms.
     let stop = shutdown.clone().cancelled_owned();
-    let mut server = match &tls {
+    let mut server = match tls {
         // The TLS handshake happens before tonic sees the connection,
         // against the config current at that moment.
         Some(tls) => {
@@ -232,13 +295,5 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
     };
     notify.stopping("shutting down");
     watchdog.cancel();
-    shutdown.cancel();
-    tracker.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("services still running after {SHUTDOWN_GRACE:?}; exiting");
-    }
     result
 }

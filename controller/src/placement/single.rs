@@ -3,7 +3,7 @@
 //! lower-priority placements), and the decision with its per-node rows and
 //! explanation.
 
-use super::ladder::{Estimates, Ladder};
+use super::ladder::{Attempt, Estimates, Ladder};
 use super::{Breakdown, Decision, NodeFit, Request};
 use crate::nodes::{NodeState, margin, replica_use, used_without};
 use proto::domain::{Placement, PlacementOptions, Replica};
@@ -247,15 +247,6 @@ pub(super) fn decide(
     chosen: Chosen,
 ) -> Decision {
     let (a, chosen_nodes, evicted) = chosen;
-    let entry = r.entry;
-    let at = &ladder.attempts[a];
-    let mut explanation = Vec::new();
-    if a > 0 {
-        explanation.push(format!(
-            "context {} with {} KV did not fit; chose context {} with {}/{} KV (the largest setting that fits)",
-            ladder.ctx0, entry.cache_type_k, at.ctx, at.ctk, at.ctv
-        ));
-    }
     let used_after = if evicted.is_empty() {
         r.used.clone()
     } else {
@@ -266,7 +257,47 @@ pub(super) fn decide(
     d.fits = chosen_rows(r, est, a, &chosen_nodes, &used_after);
     let b = est.get(a, &r.candidates[0].1);
     d.estimate = Some(b.clone());
-    let placement = Placement {
+    let placement = new_placement(r, &ladder.attempts[a], &b, &chosen_nodes);
+    let mut explanation = explain(r, ladder, a, &b, &placement);
+    if !evicted.is_empty() {
+        if r.req.evict {
+            explanation.push(format!(
+                "evicts lower-priority placement(s): {} (priority below {})",
+                evicted.join(", "),
+                r.entry.priority
+            ));
+        } else {
+            d.explanation = vec![
+                format!(
+                    "refused: `{}` fits only after evicting lower-priority placement(s) {}; \
+                     allow eviction to proceed",
+                    r.entry.name,
+                    evicted.join(", ")
+                ),
+                explanation.remove(0).replacen("placed", "would place", 1),
+            ];
+            d.explanation.extend(explanation);
+            d.evicted = evicted;
+            return d;
+        }
+    }
+    d.accepted = true;
+    d.placement = Some(placement);
+    d.evicted = evicted;
+    d.explanation = explanation;
+    d
+}
+
+/// The placement of `r` at setting `at` with estimate `b`, a replica on
+/// each of `chosen_nodes`.
+fn new_placement(
+    r: &Request<'_>,
+    at: &Attempt,
+    b: &Breakdown,
+    chosen_nodes: &[usize],
+) -> Placement {
+    let entry = r.entry;
+    Placement {
         name: r.name.clone(),
         role: r.req.role.clone(),
         model: entry.name.clone(),
@@ -292,22 +323,39 @@ pub(super) fn decide(
             .collect(),
         paused: r.req.paused,
         split: None,
-    };
+    }
+}
+
+/// Where `placement` goes and at what size; then, when they apply, that
+/// the asked-for setting did not fit (attempt `a` > 0) and that a real load
+/// sized it.
+fn explain(
+    r: &Request<'_>,
+    ladder: &Ladder,
+    a: usize,
+    b: &Breakdown,
+    placement: &Placement,
+) -> Vec<String> {
+    let entry = r.entry;
+    let at = &ladder.attempts[a];
     let where_: Vec<String> = placement.replicas.iter().map(|r| r.node.clone()).collect();
-    explanation.insert(
-        0,
-        format!(
-            "placed `{}` as `{}` on {}: {} per replica ({}) at context {}, {}/{} KV",
-            entry.name,
-            r.name,
-            where_.join(", "),
-            units::bytes(b.total_bytes),
-            b.sourced_terms(),
-            at.ctx,
-            at.ctk,
-            at.ctv
-        ),
-    );
+    let mut explanation = vec![format!(
+        "placed `{}` as `{}` on {}: {} per replica ({}) at context {}, {}/{} KV",
+        entry.name,
+        r.name,
+        where_.join(", "),
+        units::bytes(b.total_bytes),
+        b.sourced_terms(),
+        at.ctx,
+        at.ctk,
+        at.ctv
+    )];
+    if a > 0 {
+        explanation.push(format!(
+            "context {} with {} KV did not fit; chose context {} with {}/{} KV (the largest setting that fits)",
+            ladder.ctx0, entry.cache_type_k, at.ctx, at.ctk, at.ctv
+        ));
+    }
     if b.observed() {
         explanation.push(format!(
             "sized by a real load of `{}` at these settings, {}: {} per replica where the formula gives {}",
@@ -317,33 +365,7 @@ pub(super) fn decide(
             units::bytes(b.formula_total_bytes)
         ));
     }
-    if !evicted.is_empty() {
-        if r.req.evict {
-            explanation.push(format!(
-                "evicts lower-priority placement(s): {} (priority below {})",
-                evicted.join(", "),
-                entry.priority
-            ));
-        } else {
-            d.explanation = vec![
-                format!(
-                    "refused: `{}` fits only after evicting lower-priority placement(s) {}; \
-                     allow eviction to proceed",
-                    entry.name,
-                    evicted.join(", ")
-                ),
-                explanation.remove(0).replacen("placed", "would place", 1),
-            ];
-            d.explanation.extend(explanation);
-            d.evicted = evicted;
-            return d;
-        }
-    }
-    d.accepted = true;
-    d.placement = Some(placement);
-    d.evicted = evicted;
-    d.explanation = explanation;
-    d
+    explanation
 }
 
 /// The rows of the candidates at attempt `a` with replicas on
