@@ -460,3 +460,61 @@ fn relocation_needs_what_a_real_load_of_the_replica_took() {
     let to = controller::placement::relocate(&nodes, std::slice::from_ref(&p), &p, 0);
     assert_eq!(to.as_deref(), Ok("big"));
 }
+
+#[test]
+fn a_pin_to_a_node_without_the_role_says_so_not_that_no_node_holds_the_file() {
+    let g = params(SparseModel::GptOss20B);
+    let nodes = vec![
+        node("halo1", "speed", &[(SparseModel::GptOss20B, &g)]),
+        node("halo2", "reasoning", &[(SparseModel::GptOss20B, &g)]),
+    ];
+    let cat = catalog(vec![entry(SparseModel::GptOss20B, 4096, 1)]);
+    let mut r = req("speed", "gpt-oss-20b");
+    r.node = Some("halo2".into());
+    let d = place(&nodes, &[], &cat, &r);
+    assert!(!d.accepted);
+    assert!(
+        d.explanation[0].contains("the pinned node `halo2` cannot take `gpt-oss-20b`")
+            && d.explanation[0].contains("no `speed` role (has: reasoning)"),
+        "{:?}",
+        d.explanation
+    );
+}
+
+#[test]
+fn with_one_node_of_the_role_a_split_is_neither_offered_nor_said_not_to_fit() {
+    let ds = params(SparseModel::DeepSeekV31);
+    let nodes = vec![
+        node("halo1", "speed", &[]),
+        node("halo2", "reasoning", &[(SparseModel::DeepSeekV31, &ds)]),
+    ];
+    let cat = catalog(vec![entry(SparseModel::DeepSeekV31, 16384, 10)]);
+    let d = place(&nodes, &[], &cat, &req("reasoning", "deepseek-v3.1-1bit"));
+    assert!(!d.accepted);
+    let options = d
+        .explanation
+        .iter()
+        .find(|l| l.starts_with("options:"))
+        .expect("options line");
+    assert!(
+        options.contains("or a second live node of role `reasoning` holding"),
+        "{options}"
+    );
+
+    let mut across = req("reasoning", "deepseek-v3.1-1bit");
+    across.split_across = Some(2);
+    let d = place(&nodes, &[], &cat, &across);
+    assert!(!d.accepted);
+    assert!(
+        d.explanation[0].contains("cannot be split across 2 nodes: 1 live node(s) of the role"),
+        "{:?}",
+        d.explanation
+    );
+    assert!(
+        !d.explanation
+            .iter()
+            .any(|l| l.contains("does not fit either")),
+        "{:?}",
+        d.explanation
+    );
+}

@@ -352,10 +352,19 @@ pub fn place(
     let mut est = Estimates::new(nodes, &entry.model_id, r.parallel, &ladder.attempts);
 
     if let Some(k) = req.split_across {
-        let d = Decision::refused(vec![format!(
-            "refused: `{}` does not fit split across {k} nodes",
-            entry.name
-        )]);
+        let d = Decision::refused(vec![if r.candidates.len() < 2 {
+            format!(
+                "refused: `{}` cannot be split across {k} nodes: {} live node(s) of the role hold `{}`",
+                entry.name,
+                r.candidates.len(),
+                entry.model_id
+            )
+        } else {
+            format!(
+                "refused: `{}` does not fit split across {k} nodes",
+                entry.name
+            )
+        }]);
         return with_split(d, &r, &ladder, &format!("{k} nodes were asked for"));
     }
     if let Some(d) = single::larger_than_any(&r, &ladder, &mut est) {

@@ -41,6 +41,19 @@ pub(super) fn candidates(
         )])));
     }
     if candidates.is_empty() {
+        // Pinned: the one node that counts says why, not "no node holds it".
+        if let Some(pinned) = req
+            .node
+            .as_ref()
+            .and_then(|pin| fits.iter().find(|f| &f.node == pin))
+        {
+            let mut d = Decision::refused(vec![format!(
+                "the pinned node `{}` cannot take `{}`: {}",
+                pinned.node, entry.name, pinned.reason
+            )]);
+            d.fits = fits;
+            return Err(Box::new(d));
+        }
         let mut d = Decision::refused(vec![format!(
             "no live node {}holds `{}`",
             if req.any_node {

@@ -34,15 +34,19 @@ pub(super) fn with_split(mut d: Decision, r: &Request<'_>, ladder: &Ladder, why:
         (Ok(c), true) => c,
         (Ok(c), false) => {
             d.explanation.push(format!(
-                "it fits split across {} with llama.cpp RPC at context {}: place it with --split                  (or set allow_split in the catalog); --dry-run shows the per-node plan",
+                "it fits split across {} with llama.cpp RPC at context {}: place it with --split \
+                 (or set allow_split in the catalog); --dry-run shows the per-node plan",
                 c.nodes().join(" + "),
                 c.ctx
             ));
             return d;
         }
         (Err(lines), true) => {
-            d.explanation
-                .push("a split across nodes does not fit either:".to_owned());
+            d.explanation.push(if r.candidates.len() < 2 {
+                "and it cannot be split across nodes:".to_owned()
+            } else {
+                "a split across nodes does not fit either:".to_owned()
+            });
             d.explanation.extend(lines);
             return d;
         }

@@ -52,9 +52,7 @@ pub(super) fn larger_than_any(
             "the largest candidate node has {} usable after its reserve: the model is larger than any node",
             units::bytes(cap_max)
         ),
-        "options: a smaller quantization of the model whose weights fit one node, \
-         or splitting it across nodes (llama.cpp RPC: `--split`)"
-            .to_owned(),
+        split_option(r),
     ]);
     d.estimate = Some(b);
     for (i, p) in &r.candidates {
@@ -450,5 +448,27 @@ fn fit_row(
         replicas,
         source,
         reason,
+    }
+}
+
+/// The options line of a model larger than any node: `--split` is offered
+/// as it stands only when a second node could take part.
+fn split_option(r: &Request<'_>) -> String {
+    if r.candidates.len() >= 2 {
+        "options: a smaller quantization of the model whose weights fit one node, \
+         or splitting it across nodes (llama.cpp RPC: `--split`)"
+            .to_owned()
+    } else {
+        format!(
+            "options: a smaller quantization of the model whose weights fit one node, \
+             or a second live node {}holding `{}`, to split it across nodes (llama.cpp RPC: \
+             `--split`)",
+            if r.req.any_node {
+                String::new()
+            } else {
+                format!("of role `{}` ", r.req.role)
+            },
+            r.entry.model_id
+        )
     }
 }
