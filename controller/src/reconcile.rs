@@ -19,6 +19,10 @@
 //! replica on it moves to a node that fits ([`crate::placement::relocate`])
 //! with its generation bumped; pinned replicas wait. Only the leader
 //! reconciles, and every agent command carries its term.
+//!
+//! What a replica's generation becomes, what each node is asked to start
+//! and when a split is whole or broken are [`crate::lifecycle`]'s; this
+//! module decides when, and talks to the store and the agents.
 
 use crate::desired::Desired;
 use crate::events::Events;
