@@ -145,6 +145,17 @@ impl From<Breakdown> for v1::EstimateBreakdown {
     }
 }
 
+impl From<crate::events::ClusterEvent> for v1::ClusterEvent {
+    fn from(e: crate::events::ClusterEvent) -> Self {
+        v1::ClusterEvent {
+            at_unix_ms: e.at_unix_ms,
+            kind: e.kind,
+            subject: e.subject,
+            message: e.message,
+        }
+    }
+}
+
 /// A wire place request as placement takes it, with the checks made before
 /// anything is read or decided (name, `split_across`). Pure, so it can be
 /// exercised without a running controller (the fuzz targets do).
@@ -539,15 +550,9 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
             .recent_and_subscribe(r.recent.map(|n| n as usize));
         let (tx, out) = mpsc::channel(64);
         let shutdown = self.shutdown.clone();
-        let wire = |e: crate::events::ClusterEvent| v1::ClusterEvent {
-            at_unix_ms: e.at_unix_ms,
-            kind: e.kind,
-            subject: e.subject,
-            message: e.message,
-        };
         tokio::spawn(async move {
             for e in recent {
-                if tx.send(Ok(wire(e))).await.is_err() {
+                if tx.send(Ok(e.into())).await.is_err() {
                     return;
                 }
             }
@@ -570,7 +575,7 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
                     },
                     Err(broadcast::error::RecvError::Closed) => return,
                 };
-                if tx.send(Ok(wire(e))).await.is_err() {
+                if tx.send(Ok(e.into())).await.is_err() {
                     return;
                 }
             }

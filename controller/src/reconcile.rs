@@ -19,20 +19,27 @@
 //! replica on it moves to a node that fits ([`crate::placement::relocate`])
 //! with its generation bumped; pinned replicas wait. Only the leader
 //! reconciles, and every agent command carries its term.
+//!
+//! What a replica's generation becomes, what each node is asked to start
+//! and when a split is whole or broken are [`crate::lifecycle`]'s; this
+//! module decides when, and talks to the store and the agents.
 
 use crate::desired::Desired;
 use crate::events::Events;
+use crate::leader::Leadership;
 use crate::lifecycle;
-use crate::observe::{Observed, agent_client};
+use crate::observe::{Observed, agent_client, with_deadline};
 use crate::placement::{Liveness, relocate};
 use crate::store::{PLACEMENTS, Store, StoreError, Watch};
 use proto::domain::{Instance, InstanceState, NodeStatus, Placement, ReplicaKey, StartRequest};
 use proto::v1;
+use proto::v1::agent_service_client::AgentServiceClient;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
 
 /// First retry delay after a failed start.
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
@@ -366,19 +373,10 @@ impl Reconciler {
         );
         let leadership = self.desired.leadership().clone();
         tokio::spawn(async move {
-            let r = async {
-                if leadership.term() != Some(term) {
-                    return Err("term ended".to_owned());
-                }
-                let mut c = agent_client(&address).map_err(|e| e.to_string())?;
-                let i = c
-                    .start_instance(crate::observe::with_deadline(
-                        v1::StartInstanceRequest::from(req),
-                    ))
-                    .await
-                    .map_err(|s| format!("{}: {}", s.code(), s.message()))?;
-                Instance::try_from(i.into_inner()).map_err(|e| e.to_string())
-            }
+            let req = v1::StartInstanceRequest::from(req);
+            let r = agent_call(&leadership, term, &address, |mut c| async move {
+                c.start_instance(with_deadline(req)).await
+            })
             .await;
             match r {
                 Ok(i) => {
@@ -422,17 +420,9 @@ impl Reconciler {
             (self.observed.clone(), self.events.clone(), inflight.clone());
         let leadership = self.desired.leadership().clone();
         tokio::spawn(async move {
-            let r = async {
-                if leadership.term() != Some(term) {
-                    return Err("term ended".to_owned());
-                }
-                let mut c = agent_client(&address).map_err(|e| e.to_string())?;
-                let i = c
-                    .stop_instance(crate::observe::with_deadline(req))
-                    .await
-                    .map_err(|s| format!("{}: {}", s.code(), s.message()))?;
-                Instance::try_from(i.into_inner()).map_err(|e| e.to_string())
-            }
+            let r = agent_call(&leadership, term, &address, |mut c| async move {
+                c.stop_instance(with_deadline(req)).await
+            })
             .await;
             match r {
                 Ok(i) => {
@@ -444,6 +434,29 @@ impl Reconciler {
             lock(&inflight).remove(&key);
         });
     }
+}
+
+/// One StartInstance or StopInstance call to the agent at `address` under
+/// `term`: refused once the term has ended; the agent's status, or an
+/// answer that is no valid instance, becomes one line.
+async fn agent_call<F, Fut>(
+    leadership: &Leadership,
+    term: u64,
+    address: &str,
+    call: F,
+) -> Result<Instance, String>
+where
+    F: FnOnce(AgentServiceClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<v1::Instance>, tonic::Status>>,
+{
+    if leadership.term() != Some(term) {
+        return Err("term ended".to_owned());
+    }
+    let c = agent_client(address).map_err(|e| e.to_string())?;
+    let i = call(c)
+        .await
+        .map_err(|s| format!("{}: {}", s.code(), s.message()))?;
+    Instance::try_from(i.into_inner()).map_err(|e| e.to_string())
 }
 
 /// One instance a node should run: for the placement `v`, replica
