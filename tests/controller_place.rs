@@ -197,6 +197,7 @@ modes = ["architect"]
             model: "gpt-oss-20b".into(),
             contexts: vec![8192, 32768],
             node: String::new(),
+            ..Default::default()
         })
         .await
         .expect("plan")

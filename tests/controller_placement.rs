@@ -518,3 +518,87 @@ fn with_one_node_of_the_role_a_split_is_neither_offered_nor_said_not_to_fit() {
         d.explanation
     );
 }
+
+#[test]
+fn a_context_the_agent_would_refuse_is_refused_at_decision_time_with_the_way_out() {
+    let g = params(SparseModel::GptOss20B);
+    let trained = u32::try_from(g.context_length).expect("trained context");
+    let nodes = vec![node("halo1", "speed", &[(SparseModel::GptOss20B, &g)])];
+    let mut e = entry(SparseModel::GptOss20B, 4096, 1);
+    e.min_context = 1024;
+    let cat = catalog(vec![e.clone()]);
+
+    let mut over = req("speed", "gpt-oss-20b");
+    over.context = Some(trained * 2);
+    let d = place(&nodes, &[], &cat, &over);
+    assert!(!d.accepted);
+    assert!(
+        d.explanation[0].contains(&format!(
+            "above `{}`'s trained context {trained}",
+            e.model_id
+        )),
+        "{:?}",
+        d.explanation
+    );
+    assert!(
+        d.explanation
+            .iter()
+            .any(|l| l.contains("--allow-context-over-trained")),
+        "{:?}",
+        d.explanation
+    );
+
+    // Allowed by the request, or by the catalog: placed, and the start
+    // carries the permission to the agent.
+    over.allow_context_over_trained = true;
+    let d = place(&nodes, &[], &cat, &over);
+    assert!(d.accepted, "{:?}", d.explanation);
+    let p = d.placement.expect("placement");
+    assert_eq!(p.options.context_size, trained * 2);
+    assert!(p.instance_options().allow_context_over_trained);
+    let mut allowed = e.clone();
+    allowed.allow_context_over_trained = true;
+    over.allow_context_over_trained = false;
+    let d = place(&nodes, &[], &catalog(vec![allowed]), &over);
+    assert!(d.accepted, "{:?}", d.explanation);
+
+    // Below the entry's floor: refused, naming it.
+    let mut under = req("speed", "gpt-oss-20b");
+    under.context = Some(100);
+    let d = place(&nodes, &[], &cat, &under);
+    assert!(!d.accepted);
+    assert!(
+        d.explanation[0].contains("context 100 is below `gpt-oss-20b`'s min_context 1024"),
+        "{:?}",
+        d.explanation
+    );
+}
+
+#[test]
+fn a_node_whose_agent_does_not_allow_the_entrys_flags_is_not_a_candidate() {
+    let g = params(SparseModel::GptOss20B);
+    let mut strict = node("halo1", "speed", &[(SparseModel::GptOss20B, &g)]);
+    strict.allowed_flags = Some(Vec::new());
+    let mut open = node("halo2", "speed", &[(SparseModel::GptOss20B, &g)]);
+    open.allowed_flags = Some(vec!["--jinja".into()]);
+    let mut e = entry(SparseModel::GptOss20B, 4096, 1);
+    e.extra_flags = vec!["--jinja".into()];
+    let cat = catalog(vec![e]);
+    let d = place(
+        &[strict.clone(), open],
+        &[],
+        &cat,
+        &req("speed", "gpt-oss-20b"),
+    );
+    assert!(d.accepted, "{:?}", d.explanation);
+    assert_eq!(d.placement.expect("placement").replicas[0].node, "halo2");
+    let d = place(&[strict], &[], &cat, &req("speed", "gpt-oss-20b"));
+    assert!(!d.accepted);
+    assert!(
+        d.fits.iter().any(|f| f.node == "halo1"
+            && f.reason
+                .contains("does not allow `--jinja` (allowed_flags: none)")),
+        "{:?}",
+        d.fits
+    );
+}

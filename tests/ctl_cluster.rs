@@ -532,3 +532,154 @@ fn quickstart_answers_runs_twice_and_down_leaves_no_process() {
     assert!(left.is_some(), "left behind: {:?}", qs.processes());
     assert!(!qs.dir.path().join("local").exists());
 }
+
+/// A cluster of one agent (`speed`) with `ports` instance ports and the
+/// tiny model, its controller, and haloctl for it.
+fn one_node(dir: &std::path::Path, ports: u16) -> (AgentNode, ControllerProc, Ctl) {
+    let mut a = AgentNode::new(dir, "halo1", &["speed"], ports);
+    write_tiny_llama(&a.models.join("tiny.gguf"), 7).expect("tiny model");
+    a.start();
+    let catalog = dir.join("catalog.toml");
+    write_catalog(&catalog, CATALOG);
+    let mut controller = ControllerProc::new(
+        dir,
+        "controller",
+        &[
+            "--store-path".into(),
+            dir.join("state.json").display().to_string(),
+            "--node".into(),
+            format!("halo1={}", a.address()),
+            "--catalog".into(),
+            catalog.display().to_string(),
+            "--heartbeat-ms".into(),
+            "250".into(),
+            "--requeue-ms".into(),
+            "300".into(),
+        ],
+    );
+    controller.start();
+    let ctl = Ctl {
+        url: controller.url(),
+        home: tempfile::tempdir().expect("home"),
+        tls: controller
+            .haloctl_env()
+            .into_iter()
+            .filter(|(k, _)| *k != "HALO_CONTROLLER")
+            .collect(),
+    };
+    let ready = wait_for(Duration::from_secs(20), || {
+        let v = json(&ctl.run(&["nodes", "-o", "json"]));
+        (v[0]["status"] == "ready").then_some(())
+    });
+    assert!(ready.is_some(), "halo1 not ready\n{}", controller.logs());
+    (a, controller, ctl)
+}
+
+#[test]
+fn refusals_that_would_repeat_end_place_at_once_with_the_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_a, controller, ctl) = one_node(dir.path(), 1);
+
+    // Above the trained context (2048): refused when decided, not retried.
+    let t0 = std::time::Instant::now();
+    let o = ctl.run(&["place", "speed", "tiny", "--ctx", "65536"]);
+    eprintln!(
+        "TIMING place over the trained context answered in {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert!(
+        text(&o.stdout).contains("above `tiny.gguf`'s trained context 2048"),
+        "{}",
+        show(&o)
+    );
+    let st = json(&ctl.run(&["status", "-o", "json"]));
+    assert_eq!(st.as_array().map(Vec::len), Some(0), "nothing placed: {st}");
+
+    // The agent's one port taken: a second start is refused by the agent
+    // itself, and place says so at once instead of waiting for its timeout.
+    let o = ctl.run(&["place", "speed", "tiny", "--timeout", "120"]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}\n{}",
+        show(&o),
+        controller.logs()
+    );
+    let o = ctl.run(&[
+        "place",
+        "speed",
+        "tiny",
+        "--name",
+        "tiny-b",
+        "--timeout",
+        "120",
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}\n{}",
+        show(&o),
+        controller.logs()
+    );
+    assert!(
+        text(&o.stderr).contains("`tiny-b` failed on halo1: no free port"),
+        "{}",
+        show(&o)
+    );
+    let st = json(&ctl.run(&["status", "-o", "json"]));
+    let b = st
+        .as_array()
+        .and_then(|v| v.iter().find(|p| p["name"] == "tiny-b"))
+        .unwrap_or_else(|| panic!("tiny-b in {st}"));
+    assert_eq!(b["replicas"][0]["state"], "failed", "{st}");
+    assert!(
+        b["replicas"][0]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("no free port")),
+        "{st}"
+    );
+    let table = text(&ctl.run(&["status"]).stdout);
+    assert!(table.contains("failed"), "{table}");
+}
+
+#[test]
+fn plan_of_a_catalog_name_honours_cache_types_names_a_missing_node_and_fits_no_lost_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut a, _controller, ctl) = one_node(dir.path(), 2);
+    let kv = |extra: &[&str]| {
+        let mut args = vec!["plan", "tiny", "--ctx", "2048", "-o", "json"];
+        args.extend(extra);
+        let o = ctl.run(&args);
+        assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+        json(&o)[0]["kv_bytes"].as_u64().expect("kv_bytes")
+    };
+    let f16 = kv(&[]);
+    let q8 = kv(&["--cache-type-k", "q8_0", "--cache-type-v", "q8_0"]);
+    assert!(
+        q8 * 3 < f16 * 2,
+        "q8_0 KV {q8} is not smaller than f16 {f16}"
+    );
+
+    let o = ctl.run(&["plan", "tiny", "--node", "halo3"]);
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert!(
+        text(&o.stderr).contains("no node named `halo3`"),
+        "{}",
+        show(&o)
+    );
+
+    // A node the controller no longer hears from fits nothing.
+    a.kill9();
+    let lost = wait_for(Duration::from_secs(20), || {
+        let v = json(&ctl.run(&["plan", "tiny", "-o", "json"]));
+        (v[0]["fits"] == false).then_some(v)
+    });
+    let v = lost.expect("plan still says the unreachable node fits");
+    assert!(
+        v[0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("unreachable")),
+        "{v}"
+    );
+}

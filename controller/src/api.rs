@@ -173,6 +173,7 @@ pub fn place_request(r: &v1::PlaceRequest) -> Result<PlaceRequest, Error> {
         paused: r.paused,
         split: r.split,
         split_across: (r.split_across > 0).then_some(r.split_across),
+        allow_context_over_trained: r.allow_context_over_trained,
     };
     // Catalog and node names obey `check_name`; anything else (a path, a
     // URL-encoded `..`, NUL…) can never match one and is refused as such
@@ -313,6 +314,12 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
                 let mut w = v1::Placement::from(p);
                 for (r, hs) in w.replicas.iter_mut().zip(helpers) {
                     r.instance = by_rid.get(&r.request_id).map(|(_, i)| i.clone().into());
+                    if r.instance.is_none() {
+                        r.start_refused = self
+                            .observed
+                            .start_refused(&r.request_id)
+                            .unwrap_or_default();
+                    }
                     r.helpers = hs;
                 }
                 w
@@ -343,9 +350,20 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
         } else {
             r.contexts
         };
+        // The request's cache types, else the catalog's.
+        let cache = |field: &'static str, raw: i32, catalog: &str| {
+            proto::domain::CacheType::from_wire(field, raw)
+                .map(|c| c.map_or_else(|| catalog.to_owned(), |c| c.name().to_owned()))
+                .map_err(Error::from)
+        };
+        let ctk = cache("cache_type_k", r.cache_type_k, &e.cache_type_k)?;
+        let ctv = cache("cache_type_v", r.cache_type_v, &e.cache_type_v)?;
         let (placed, _) = self.desired.placements().await?;
         let plain: Vec<Placement> = placed.into_iter().map(|v| v.value).collect();
         let states = self.observed.node_states(Instant::now());
+        if !r.node.is_empty() && !states.iter().any(|n| n.name == r.node) {
+            return Err(Error::NotFound(format!("no node named `{}`", r.node)).into());
+        }
         let used = used_by_node(&states, &plain, &[]);
         let mut rows = Vec::new();
         for n in states
@@ -359,10 +377,12 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
             for &ctx in &contexts {
                 // Sized like a placement: a real load at these settings
                 // anywhere in the cluster beats the formula.
-                let opts = estimate_options(ctx, e.parallel, &e.cache_type_k, &e.cache_type_v);
+                let opts = estimate_options(ctx, e.parallel, &ctk, &ctv);
                 let (s, on) = placement::sized_estimate(&states, &e.model_id, p, &opts);
-                let est = Breakdown::from_sourced(&s, on, ctx, &e.cache_type_k, &e.cache_type_v);
+                let est = Breakdown::from_sourced(&s, on, ctx, &ctk, &ctv);
                 let need = est.total_bytes + placement::margin(est.total_bytes);
+                // A node the controller does not hear from fits nothing now.
+                let live = n.liveness == crate::nodes::Liveness::Ready;
                 rows.push(v1::PlanRow {
                     node: n.name.clone(),
                     context_size: ctx,
@@ -372,13 +392,20 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
                     output_bytes: est.output_bytes,
                     total_bytes: est.total_bytes,
                     available_bytes: avail,
-                    fits: need <= avail,
-                    reason: format!(
-                        "needs {} with margin, {} available (estimate: {})",
-                        proto::units::bytes(need),
-                        proto::units::bytes(avail),
-                        est.source()
-                    ),
+                    fits: live && need <= avail,
+                    reason: if live {
+                        format!(
+                            "needs {} with margin, {} available (estimate: {})",
+                            proto::units::bytes(need),
+                            proto::units::bytes(avail),
+                            est.source()
+                        )
+                    } else {
+                        format!(
+                            "node is {}: nothing is placed on it until it is back",
+                            format!("{:?}", n.liveness).to_lowercase()
+                        )
+                    },
                 });
             }
         }

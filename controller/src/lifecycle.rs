@@ -226,6 +226,7 @@ mod tests {
                 cache_type_k: "q8_0".into(),
                 cache_type_v: "f16".into(),
                 extra_flags: Vec::new(),
+                allow_context_over_trained: false,
             },
             estimate_bytes: 0,
             priority: 0,
@@ -290,6 +291,7 @@ mod tests {
             last_heard: None,
             watching_since: tokio::time::Instant::now(),
             connected: true,
+            allowed_flags: None,
         }
     }
 

@@ -55,6 +55,9 @@ pub struct NodeState {
     pub loads: Vec<ObservedRecord>,
     /// What splitting a model across nodes needs to know of it.
     pub split: SplitCaps,
+    /// The extra llama-server flags its agent allows (`allowed_flags`);
+    /// `None` until the agent said.
+    pub allowed_flags: Option<Vec<String>>,
 }
 
 impl NodeState {
@@ -205,6 +208,7 @@ mod tests {
                 .collect(),
             loads: Vec::new(),
             split: SplitCaps::default(),
+            allowed_flags: None,
         }
     }
 
@@ -221,6 +225,7 @@ mod tests {
                 cache_type_k: "f16".into(),
                 cache_type_v: "f16".into(),
                 extra_flags: Vec::new(),
+                allow_context_over_trained: false,
             },
             estimate_bytes: bytes,
             priority: 0,

@@ -73,6 +73,8 @@ pub struct NodeObs {
     pub watching_since: Instant,
     /// Whether a stream is open.
     pub connected: bool,
+    /// The extra llama-server flags the agent allows (from GetNode).
+    pub allowed_flags: Option<Vec<String>>,
 }
 
 impl NodeObs {
@@ -131,6 +133,9 @@ pub struct Observed {
     nodes: Arc<RwLock<BTreeMap<String, NodeObs>>>,
     changed: Arc<Notify>,
     timing: Timing,
+    /// Why the last start of a request id was refused (by its agent, or by
+    /// this controller before sending it), while it has no instance.
+    start_refusals: Arc<std::sync::Mutex<BTreeMap<String, String>>>,
 }
 
 impl Observed {
@@ -152,6 +157,7 @@ impl Observed {
                         last_heard: None,
                         watching_since: now,
                         connected: false,
+                        allowed_flags: None,
                     },
                 )
             })
@@ -160,7 +166,31 @@ impl Observed {
             nodes: Arc::new(RwLock::new(map)),
             changed: Arc::new(Notify::new()),
             timing,
+            start_refusals: Arc::default(),
         }
+    }
+
+    fn refusals(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
+        self.start_refusals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records that starting request `rid` was refused, and why (a refusal
+    /// that will repeat: the start is retried with back-off, and people see
+    /// the replica as failed with this reason).
+    pub fn record_start_refused(&self, rid: &str, why: &str) {
+        self.refusals().insert(rid.to_owned(), why.to_owned());
+    }
+
+    /// Forgets a refusal: the start went through, or it is no longer wanted.
+    pub fn clear_start_refused(&self, rid: &str) {
+        self.refusals().remove(rid);
+    }
+
+    /// Why starting `rid` was last refused, if it was.
+    pub fn start_refused(&self, rid: &str) -> Option<String> {
+        self.refusals().get(rid).cloned()
     }
 
     /// The timing.
@@ -257,6 +287,7 @@ impl Observed {
                             gpu: !id.gpu_devices.is_empty(),
                         })
                         .unwrap_or_default(),
+                    allowed_flags: n.allowed_flags.clone(),
                     models,
                 }
             })
@@ -404,11 +435,13 @@ impl AgentLink {
             tracing::warn!(node = %self.node.name, agent = %id.name, "agent reports another node name");
         }
         let reserve = node.reserve_bytes;
+        let allowed_flags = node.allowed_flags;
         // Heard from (Ready) only once the snapshot arrives: before it,
         // models and instances are unknown.
         self.observed.update(&self.node.name, |n| {
             n.identity = identity;
             n.reserve_bytes = reserve;
+            n.allowed_flags = Some(allowed_flags);
         });
         let mut refresh =
             tokio::time::interval_at(Instant::now() + IDENTITY_REFRESH, IDENTITY_REFRESH);

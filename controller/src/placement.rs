@@ -75,6 +75,9 @@ pub struct PlaceRequest {
     pub split: bool,
     /// Split across exactly this many nodes (≥ 2) even when one fits.
     pub split_across: Option<u32>,
+    /// Allow a context above the model's trained context (also the
+    /// catalog entry's `allow_context_over_trained`).
+    pub allow_context_over_trained: bool,
 }
 
 /// The arithmetic on one node: the domain type, shared with haloctl.
@@ -289,6 +292,13 @@ struct Request<'a> {
     used: HashMap<String, u64>,
 }
 
+impl Request<'_> {
+    /// Whether the placement may run above the model's trained context.
+    fn over_trained_allowed(&self) -> bool {
+        self.req.allow_context_over_trained || self.entry.allow_context_over_trained
+    }
+}
+
 /// The catalog entry `req` names and the placement's name; `Err` the
 /// refusal when either is wrong.
 fn entry_and_name<'a>(
@@ -336,6 +346,9 @@ pub fn place(
         Ok(v) => v,
         Err(d) => return *d,
     };
+    if let Err(d) = candidates::context_bounds(entry, req, &candidates) {
+        return *d;
+    }
     let ladder = Ladder::new(entry, req);
     let r = Request {
         nodes,

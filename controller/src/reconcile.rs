@@ -354,6 +354,7 @@ impl Reconciler {
         }
         if let Some(why) = &w.refused {
             failed(backoff, &rid);
+            self.observed.record_start_refused(&rid, why);
             let name = &w.v.value.name;
             self.events
                 .emit("start_failed", name, format!("{rid} on {node}: {why}"));
@@ -381,6 +382,7 @@ impl Reconciler {
             match r {
                 Ok(i) => {
                     lock_b(&backoff).remove(&rid);
+                    observed.clear_start_refused(&rid);
                     events.emit(
                         "started",
                         &name,
@@ -390,6 +392,9 @@ impl Reconciler {
                 }
                 Err(e) => {
                     failed(&backoff, &rid);
+                    if e.refused {
+                        observed.record_start_refused(&rid, &e.reason);
+                    }
                     events.emit("start_failed", &name, format!("{rid} on {node}: {e}"));
                 }
             }
@@ -444,19 +449,60 @@ async fn agent_call<F, Fut>(
     term: u64,
     address: &str,
     call: F,
-) -> Result<Instance, String>
+) -> Result<Instance, CallError>
 where
     F: FnOnce(AgentServiceClient<Channel>) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<v1::Instance>, tonic::Status>>,
 {
     if leadership.term() != Some(term) {
-        return Err("term ended".to_owned());
+        return Err(CallError::other("term ended"));
     }
-    let c = agent_client(address).map_err(|e| e.to_string())?;
-    let i = call(c)
-        .await
-        .map_err(|s| format!("{}: {}", s.code(), s.message()))?;
-    Instance::try_from(i.into_inner()).map_err(|e| e.to_string())
+    let c = agent_client(address).map_err(|e| CallError::other(e.to_string()))?;
+    let i = call(c).await.map_err(|s| {
+        use tonic::Code;
+        CallError {
+            // The agent understood and said no about this request: it will
+            // refuse it again (unlike an unreachable or rate-limited agent,
+            // or one that fenced off a stale leader).
+            refused: match s.code() {
+                Code::InvalidArgument | Code::NotFound => true,
+                Code::FailedPrecondition => !s.message().contains("leader revision"),
+                Code::ResourceExhausted => s.message().starts_with("no free port"),
+                _ => false,
+            },
+            text: format!("{}: {}", s.code(), s.message()),
+            reason: s.message().to_owned(),
+        }
+    })?;
+    Instance::try_from(i.into_inner()).map_err(|e| CallError::other(e.to_string()))
+}
+
+/// Why a call to an agent failed.
+#[derive(Debug)]
+struct CallError {
+    /// The agent refused the request itself (it will refuse it again).
+    refused: bool,
+    /// In words, one line, with the gRPC code.
+    text: String,
+    /// What the agent said, without the code.
+    reason: String,
+}
+
+impl CallError {
+    fn other(text: impl Into<String>) -> CallError {
+        let text = text.into();
+        CallError {
+            refused: false,
+            reason: text.clone(),
+            text,
+        }
+    }
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
 }
 
 /// One instance a node should run: for the placement `v`, replica

@@ -166,9 +166,14 @@ pub struct PlaceArgs {
     pub role: String,
     /// Catalog name (see `haloctl models`).
     pub model: String,
-    /// Context in tokens (default: the catalog's default context).
+    /// Context in tokens (default: the catalog's default context); from the
+    /// entry's min_context up to the model's trained context.
     #[arg(long = "ctx", value_name = "TOKENS", value_parser = clap::value_parser!(u32).range(1..))]
     pub ctx: Option<u32>,
+    /// Allow a context above the model's trained context (llama.cpp runs it
+    /// with RoPE scaling, often at a cost in quality).
+    #[arg(long)]
+    pub allow_context_over_trained: bool,
     /// Pin to this node (pinned placements never move).
     #[arg(long, value_name = "NODE")]
     pub node: Option<String>,
@@ -262,12 +267,13 @@ pub struct PlanArgs {
     /// context in powers of two (a catalog model: its default and halvings).
     #[arg(long = "ctx", value_name = "TOKENS", value_parser = clap::value_parser!(u32).range(1..))]
     pub ctx: Vec<u32>,
-    /// KV cache type for K: f16, bf16, f32, q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl.
-    #[arg(long, default_value = "f16", value_parser = parse_cache)]
-    pub cache_type_k: CacheType,
-    /// KV cache type for V (same choices as --cache-type-k).
-    #[arg(long, default_value = "f16", value_parser = parse_cache)]
-    pub cache_type_v: CacheType,
+    /// KV cache type for K: f16, bf16, f32, q8_0, q4_0, q4_1, q5_0, q5_1,
+    /// iq4_nl (default: f16 for a file, the catalog entry's for a name).
+    #[arg(long, value_parser = parse_cache)]
+    pub cache_type_k: Option<CacheType>,
+    /// KV cache type for V (same choices and defaults as --cache-type-k).
+    #[arg(long, value_parser = parse_cache)]
+    pub cache_type_v: Option<CacheType>,
     /// Parallel sequences (llama-server --parallel).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub parallel: u32,

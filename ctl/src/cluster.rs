@@ -411,6 +411,16 @@ fn helpers(p: &v1::Placement, r: &v1::Replica) -> Vec<HelperJson> {
         .collect()
 }
 
+/// A replica's state as people read it: its instance's, else `failed`
+/// when its start was refused (retried with back-off), else `pending`.
+pub fn replica_state(r: &v1::Replica) -> &'static str {
+    match &r.instance {
+        Some(i) => instance_state(i.state),
+        None if !r.start_refused.is_empty() => InstanceState::Failed.as_str(),
+        None => "pending",
+    }
+}
+
 /// The JSON view of placements.
 pub fn status_json(placements: &[v1::Placement]) -> Vec<PlacementJson> {
     placements
@@ -431,11 +441,12 @@ pub fn status_json(placements: &[v1::Placement]) -> Vec<PlacementJson> {
                     ReplicaJson {
                         index: r.index,
                         node: r.node.clone(),
-                        state: i.map_or("pending", |i| instance_state(i.state)).into(),
+                        state: replica_state(r).into(),
                         real_bytes: i.and_then(real_bytes),
                         endpoint: i.map(|i| i.endpoint.clone()).unwrap_or_default(),
                         restarts: i.map_or(0, |i| i.restart_count),
-                        last_error: i.map(|i| i.last_error.clone()).unwrap_or_default(),
+                        last_error: i
+                            .map_or_else(|| r.start_refused.clone(), |i| i.last_error.clone()),
                         helpers: helpers(p, r),
                     }
                 })
@@ -666,10 +677,15 @@ pub fn plan(t: &Target, a: &PlanArgs) -> Result<(), Failure> {
              name (no such file), planned against the nodes' real memory"
         )));
     }
+    let wire = |c: Option<proto::domain::CacheType>| {
+        c.map_or(v1::CacheType::Unspecified, v1::CacheType::from) as i32
+    };
     let req = v1::PlanRequest {
         model: model.clone(),
         contexts: a.ctx.clone(),
         node: a.node.clone().unwrap_or_default(),
+        cache_type_k: wire(a.cache_type_k),
+        cache_type_v: wire(a.cache_type_v),
     };
     let resp = client_call(t, |mut c| async move { c.plan(req).await })?;
     let v = plan_json(&resp.rows);

@@ -6,7 +6,6 @@
 use crate::Failure;
 use crate::cli::PlaceArgs;
 use crate::client::Target;
-use crate::cluster::instance_state;
 use crate::output::{Format, Table, bytes, print, print_json};
 use proto::domain::{HelpersState, InstanceState};
 use proto::v1;
@@ -226,6 +225,7 @@ pub fn run(t: &Target, a: &PlaceArgs) -> Result<(), Failure> {
         name: a.name.clone().unwrap_or_default(),
         split: a.split || a.split_across.is_some(),
         split_across: a.split_across.unwrap_or(0),
+        allow_context_over_trained: a.allow_context_over_trained,
         ..Default::default()
     };
     let rt = crate::client::runtime()?;
@@ -296,10 +296,7 @@ async fn wait_ready(
                 let s = match HelpersState::of(helpers, &sides) {
                     HelpersState::Failed => InstanceState::Failed.as_str(),
                     HelpersState::Starting => "starting helpers",
-                    HelpersState::Ready => r
-                        .instance
-                        .as_ref()
-                        .map_or("pending", |i| instance_state(i.state)),
+                    HelpersState::Ready => crate::cluster::replica_state(r),
                 };
                 (r.node.clone(), s, r)
             })
@@ -324,8 +321,7 @@ async fn wait_ready(
                 .iter()
                 .chain(r.instance.as_ref())
                 .find(|i| InstanceState::from_wire(i.state) == Some(InstanceState::Failed))
-                .map(|i| i.last_error.clone())
-                .unwrap_or_default();
+                .map_or_else(|| r.start_refused.clone(), |i| i.last_error.clone());
             return Err(Failure::Refused(format!(
                 "`{name}` failed on {n}: {why}\nhint: `haloctl status` and the agent's log on {n}"
             )));

@@ -117,7 +117,10 @@ fn default_contexts(trained: u64) -> Vec<u32> {
 
 /// Builds the plan (no printing).
 pub fn make_plan(args: &PlanArgs) -> Result<Plan, Failure> {
-    let (k, v) = (args.cache_type_k, args.cache_type_v);
+    let (k, v) = (
+        args.cache_type_k.unwrap_or_default(),
+        args.cache_type_v.unwrap_or_default(),
+    );
     let (_, params) = load(&args.model)?;
     let (budget_bytes, budget_source) = match args.memory {
         Some(g) => ((g * GIB) as u64, "--memory".to_owned()),

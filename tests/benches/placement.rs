@@ -96,6 +96,7 @@ fn main() {
                 cache_type_k: "f16".into(),
                 cache_type_v: "f16".into(),
                 extra_flags: Vec::new(),
+                allow_context_over_trained: false,
             },
             estimate_bytes: 5 * GIB,
             priority: 1,

@@ -23,11 +23,13 @@ pub(super) fn candidates(
     let mut candidates: Candidates = Vec::new();
     for (i, n) in nodes.iter().enumerate() {
         let params = n.models.get(&entry.model_id);
-        let reason = why_not(n, req).or_else(|| {
-            params
-                .is_none()
-                .then(|| format!("does not hold `{}`", entry.model_id))
-        });
+        let reason = why_not(n, req)
+            .or_else(|| {
+                params
+                    .is_none()
+                    .then(|| format!("does not hold `{}`", entry.model_id))
+            })
+            .or_else(|| flags_refused(n, entry));
         match (reason, params) {
             (None, Some(p)) => candidates.push((i, p.clone())),
             (reason, _) => fits.push(not_a_candidate(n, reason.unwrap_or_default())),
@@ -69,6 +71,56 @@ pub(super) fn candidates(
     Ok((candidates, fits))
 }
 
+/// Refuses a context the agents would refuse, or that the catalog does not
+/// allow: below the entry's `min_context`, or above the model's trained
+/// context (`context_length` in its GGUF header) unless the request or the
+/// entry allows that. Checked at decision time so that a person is told at
+/// once, not by a start that fails on every retry.
+pub(super) fn context_bounds(
+    entry: &CatalogEntry,
+    req: &PlaceRequest,
+    candidates: &Candidates,
+) -> Result<(), Box<Decision>> {
+    let (ctx, whose) = match req.context {
+        Some(c) => (c, "asked for".to_owned()),
+        None => (
+            entry.default_context,
+            format!("`{}`'s default_context", entry.name),
+        ),
+    };
+    if req.context.is_some() && ctx < entry.min_context {
+        return Err(Box::new(Decision::refused(vec![format!(
+            "context {ctx} is below `{}`'s min_context {}: ask for {} tokens or more \
+             (min_context in the catalog sets the floor)",
+            entry.name, entry.min_context, entry.min_context
+        )])));
+    }
+    let trained = candidates
+        .iter()
+        .map(|(_, p)| p.context_length)
+        .filter(|&t| t > 0)
+        .min();
+    let allowed = req.allow_context_over_trained || entry.allow_context_over_trained;
+    if let Some(trained) = trained
+        && u64::from(ctx) > trained
+        && !allowed
+    {
+        return Err(Box::new(Decision::refused(vec![
+            format!(
+                "context {ctx} ({whose}) is above `{}`'s trained context {trained}: \
+                 the agent would refuse to start it",
+                entry.model_id
+            ),
+            format!(
+                "options: --ctx {trained} or less; or --allow-context-over-trained \
+                 (allow_context_over_trained = true in the catalog) to run it anyway, \
+                 which llama.cpp does with RoPE scaling, often at a cost in quality"
+            ),
+        ])));
+    }
+    Ok(())
+}
+
 /// Why `n` cannot take `req` whatever the model: pin, liveness, role,
 /// unknown memory.
 fn why_not(n: &NodeState, req: &PlaceRequest) -> Option<String> {
@@ -87,6 +139,29 @@ fn why_not(n: &NodeState, req: &PlaceRequest) -> Option<String> {
     } else {
         None
     }
+}
+
+/// Why `n`'s agent would refuse `entry`'s extra flags: one it does not
+/// allow (`allowed_flags` in its config).
+fn flags_refused(n: &NodeState, entry: &CatalogEntry) -> Option<String> {
+    let allowed = n.allowed_flags.as_ref()?;
+    let missing: Vec<&str> = entry
+        .extra_flags
+        .iter()
+        .map(|f| f.trim())
+        .filter(|f| !allowed.iter().any(|a| a == f))
+        .collect();
+    (!missing.is_empty()).then(|| {
+        format!(
+            "its agent does not allow `{}` (allowed_flags: {})",
+            missing.join("`, `"),
+            if allowed.is_empty() {
+                "none".to_owned()
+            } else {
+                allowed.join(", ")
+            }
+        )
+    })
 }
 
 /// The row of a node that is not a candidate.

@@ -92,6 +92,7 @@ fn split_decision(r: &Request<'_>, c: &Choice, plan: SplitPlan) -> Decision {
             cache_type_k: c.ctk.clone(),
             cache_type_v: c.ctv.clone(),
             extra_flags: entry.extra_flags.clone(),
+            allow_context_over_trained: r.over_trained_allowed(),
         },
         estimate_bytes: e.total_bytes,
         priority: entry.priority,

@@ -307,6 +307,7 @@ fn new_placement(
             cache_type_k: at.ctk.clone(),
             cache_type_v: at.ctv.clone(),
             extra_flags: entry.extra_flags.clone(),
+            allow_context_over_trained: r.over_trained_allowed(),
         },
         estimate_bytes: b.total_bytes,
         priority: entry.priority,

@@ -146,6 +146,10 @@ pub struct CatalogEntry {
     /// single node fits it.
     #[serde(default)]
     pub allow_split: bool,
+    /// Contexts above the model's trained context are allowed (llama.cpp
+    /// extends it with RoPE scaling, often at a cost in quality).
+    #[serde(default)]
+    pub allow_context_over_trained: bool,
 }
 
 fn default_context() -> u32 {
@@ -176,6 +180,7 @@ impl CatalogEntry {
             modes: Vec::new(),
             parallel: 1,
             allow_split: false,
+            allow_context_over_trained: false,
         }
     }
 
@@ -285,6 +290,7 @@ impl From<CatalogEntry> for v1::CatalogEntry {
             min_context: e.min_context,
             parallel: e.parallel,
             allow_split: e.allow_split,
+            allow_context_over_trained: e.allow_context_over_trained,
         }
     }
 }
@@ -325,6 +331,7 @@ impl TryFrom<v1::CatalogEntry> for CatalogEntry {
             modes,
             parallel: e.parallel.max(1),
             allow_split: e.allow_split,
+            allow_context_over_trained: e.allow_context_over_trained,
         };
         entry.validate()?;
         Ok(entry)

@@ -187,6 +187,12 @@ pub enum CacheType {
 }
 
 impl CacheType {
+    /// The cache type a wire value names; `None` for unspecified, an error
+    /// naming `field` for a value outside the enum.
+    pub fn from_wire(field: &'static str, raw: i32) -> Result<Option<CacheType>, ConversionError> {
+        cache_type_from_wire(field, raw)
+    }
+
     /// Every cache type llama.cpp accepts.
     pub const ALL: [CacheType; 9] = [
         CacheType::F32,

@@ -28,6 +28,9 @@ pub struct PlacementOptions {
     pub cache_type_v: String,
     /// Names from the agents' allow-list.
     pub extra_flags: Vec<String>,
+    /// A context above the model's trained one was allowed.
+    #[serde(default)]
+    pub allow_context_over_trained: bool,
 }
 
 /// One instance of a placement.
@@ -406,6 +409,7 @@ impl Placement {
             cache_type_v: self.options.cache_type_v.parse().ok(),
             alias: self.model.clone(),
             extra_flags: self.options.extra_flags.clone(),
+            allow_context_over_trained: self.options.allow_context_over_trained,
             ..InstanceOptions::default()
         }
     }
@@ -425,6 +429,7 @@ impl From<Placement> for v1::Placement {
                     request_id: p.key(r).request_id(),
                     instance: None,
                     helpers: Vec::new(),
+                    start_refused: String::new(),
                 })
                 .collect(),
             name: p.name,
@@ -464,6 +469,7 @@ impl TryFrom<v1::Placement> for Placement {
                 cache_type_k: cache(o.cache_type_k),
                 cache_type_v: cache(o.cache_type_v),
                 extra_flags: o.extra_flags,
+                allow_context_over_trained: o.allow_context_over_trained,
             },
             estimate_bytes: p.estimate_bytes,
             priority: p.priority,
