@@ -183,6 +183,16 @@ fn haloctl_drives_a_local_cluster_from_nodes_to_a_completion_and_back() {
         (true.into(), true.into())
     );
     assert_eq!(d["nodes"], serde_json::json!(["halo1"]));
+    // A dry run places nothing, and its words say so.
+    let lines: Vec<&str> = d["explanation"]
+        .as_array()
+        .map(|v| v.iter().filter_map(|l| l.as_str()).collect())
+        .unwrap_or_default();
+    assert!(
+        lines.iter().any(|l| l.starts_with("would place `tiny`"))
+            && !lines.iter().any(|l| l.starts_with("placed ")),
+        "{lines:?}"
+    );
 
     // events: a follower started before the placement sees it.
     let mut follower = ctl
@@ -641,6 +651,12 @@ fn refusals_that_would_repeat_end_place_at_once_with_the_reason() {
     );
     let table = text(&ctl.run(&["status"]).stdout);
     assert!(table.contains("failed"), "{table}");
+
+    // Events were kept: -n 0 does not claim there are none.
+    let o = ctl.run(&["events", "-n", "0"]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(!text(&o.stderr).contains("no events yet"), "{}", show(&o));
+    assert!(text(&o.stderr).contains("-f -n 0"), "{}", show(&o));
 }
 
 #[test]

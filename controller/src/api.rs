@@ -118,6 +118,15 @@ impl ControllerApi {
             self.events
                 .emit("placed", &p.name, d.explanation.join("; "));
         }
+        if r.dry_run {
+            // Nothing was placed: the decision's "placed `x` as `y`" reads
+            // as what would be.
+            for l in &mut d.explanation {
+                if let Some(rest) = l.strip_prefix("placed `") {
+                    *l = format!("would place `{rest}");
+                }
+            }
+        }
         Ok(v1::PlaceResponse {
             accepted,
             placement: d.placement.map(Into::into),

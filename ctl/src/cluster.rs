@@ -760,7 +760,13 @@ pub fn events(t: &Target, a: &EventsArgs) -> Result<(), Failure> {
                     return Err(t.unreachable("the event stream ended"));
                 }
                 if n == 0 && a.output == Format::Table {
-                    eprintln!("haloctl: no events yet");
+                    if a.recent == Some(0) {
+                        eprintln!(
+                            "haloctl: -n 0 shows none of the recent events; -f -n 0 follows only new ones"
+                        );
+                    } else {
+                        eprintln!("haloctl: no events yet");
+                    }
                 }
                 return Ok(());
             };

@@ -194,10 +194,10 @@ pub fn render_decision(model: &str, d: &DecisionJson) -> String {
     if !d.evicted.is_empty() {
         s.push_str(&format!(
             "{}: {}\n",
-            if d.accepted {
-                "evicted"
-            } else {
-                "would have to evict"
+            match (d.accepted, d.dry_run) {
+                (true, false) => "evicted",
+                (true, true) => "would evict",
+                (false, _) => "would have to evict",
             },
             d.evicted.join(", ")
         ));
