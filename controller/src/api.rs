@@ -479,9 +479,19 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
                 if i.state != InstanceState::Ready || node != &r.node {
                     continue;
                 }
-                for m in &modes {
+                // An entry with no modes still has a ready endpoint: listed
+                // once, mode unspecified, rather than hidden.
+                let wire: Vec<i32> = if modes.is_empty() {
+                    vec![v1::EditorMode::Unspecified as i32]
+                } else {
+                    modes
+                        .iter()
+                        .map(|m| v1::EditorMode::from(*m) as i32)
+                        .collect()
+                };
+                for m in wire {
                     endpoints.push(v1::Endpoint {
-                        mode: v1::EditorMode::from(*m) as i32,
+                        mode: m,
                         base_url: i.endpoint.clone(),
                         model: p.model.clone(),
                         placement: p.name.clone(),

@@ -546,12 +546,29 @@ pub fn render_endpoints(endpoints: &[EndpointJson]) -> String {
     if endpoints.is_empty() {
         return "No ready endpoints. `haloctl status` shows what is placed and loading.\n".into();
     }
-    let mut t = Table::new(["MODE", "BASE URL", "MODEL", "NODE", "API KEY"]);
+    // A placement named apart from its model (e.g. a second placement of
+    // it): which is which.
+    let by_placement = endpoints.iter().any(|e| e.placement != e.model);
+    let mut header = vec!["MODE", "BASE URL", "MODEL"];
+    if by_placement {
+        header.push("PLACEMENT");
+    }
+    header.extend(["NODE", "API KEY"]);
+    let mut t = Table::new(header);
     for e in endpoints {
-        t.row([
-            e.mode.clone(),
+        let mut row = vec![
+            if e.mode == "unspecified" {
+                "-".to_owned()
+            } else {
+                e.mode.clone()
+            },
             e.base_url.clone(),
             e.model.clone(),
+        ];
+        if by_placement {
+            row.push(e.placement.clone());
+        }
+        row.extend([
             e.node.clone(),
             if e.api_key.is_empty() {
                 "(hidden)".into()
@@ -559,8 +576,20 @@ pub fn render_endpoints(endpoints: &[EndpointJson]) -> String {
                 e.api_key.clone()
             },
         ]);
+        t.row(row);
     }
     let mut s = t.render();
+    let modeless: std::collections::BTreeSet<&str> = endpoints
+        .iter()
+        .filter(|e| e.mode == "unspecified")
+        .map(|e| e.model.as_str())
+        .collect();
+    for m in modeless {
+        s.push_str(&format!(
+            "MODE -: `{m}` serves no editor mode; give its catalog entry `modes` (ask, code, \
+             autocomplete, architect, debug)\n"
+        ));
+    }
     s.push_str(
         "\nIn an editor's OpenAI-compatible provider: base URL, model and API key as above.\n\
          With curl: -H \"Authorization: Bearer API_KEY\" BASE_URL/chat/completions\n",

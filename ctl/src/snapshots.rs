@@ -294,6 +294,19 @@ fn endpoints_table_matches_its_snapshot() {
         "endpoints-read-only",
         &render_endpoints(&endpoints_json(&hidden)),
     );
+    // Two placements of one model, and an entry that serves no mode.
+    let two = [
+        e(v1::EditorMode::Code, 8081, "qwen3-coder-30b"),
+        v1::Endpoint {
+            placement: "qwen3-coder-30b-2".into(),
+            ..e(v1::EditorMode::Code, 8082, "qwen3-coder-30b")
+        },
+        e(v1::EditorMode::Unspecified, 8084, "embed"),
+    ];
+    check(
+        "endpoints-placements",
+        &render_endpoints(&endpoints_json(&two)),
+    );
 }
 
 #[test]
