@@ -277,7 +277,7 @@ async fn agent_follows_changed_certificate_files_without_a_signal_and_haloctl_no
     let na1 = not_after(&ca1);
     let o = nodes(&c1, &ca1, false);
     let table = String::from_utf8_lossy(&o.stdout);
-    let want = ctl::cluster::cert_expiry(na1, proto::units::now_unix());
+    let want = ctl::output::cert_expiry(na1, proto::units::now_unix());
     assert!(table.contains("CERT"), "{table}");
     assert!(table.contains(&want), "no `{want}` in:\n{table}");
     assert!(!table.contains("warning:"), "{table}");

@@ -12,9 +12,11 @@
 //! * when a split is whole: its host is wanted once every helper is Ready
 //!   ([`ready_helper`]), and it is broken when a node of it is lost or one
 //!   side of its current generation failed or was stopped
-//!   ([`split_broken`]);
-//! * which of two instances with one request id counts: a live one over a
-//!   stopped one ([`prefer`]).
+//!   ([`split_broken`]).
+//!
+//! Which of two instances with one request id counts (a live one over a
+//! stopped one) is `proto::domain::instance::replaces`: the agents' view
+//! (`observe`) needs it too, and it needs nothing of a placement.
 //!
 //! Reconcile, the API and split re-planning call these; none of them works
 //! out a generation or a split's state on its own.
@@ -199,13 +201,6 @@ fn program(kind: InstanceKind) -> &'static str {
         InstanceKind::RpcServer => "ggml-rpc-server",
         InstanceKind::LlamaServer => "llama-server",
     }
-}
-
-/// Whether an instance reported with the same request id as `old` takes
-/// its place: agents keep stopped instances, and a live one is preferred
-/// over a stopped one.
-pub fn prefer(old: Option<&Instance>) -> bool {
-    old.is_none_or(|o| o.state == InstanceState::Stopped)
 }
 
 #[cfg(test)]
@@ -440,14 +435,5 @@ mod tests {
             split_broken(&p, |_| false, &observed).as_deref(),
             Some("ggml-rpc-server on a failed: exit 1")
         );
-    }
-
-    #[test]
-    fn a_live_instance_is_preferred_over_a_stopped_one_with_the_same_id() {
-        let stopped = instance("r", InstanceState::Stopped, InstanceKind::LlamaServer);
-        let ready = instance("r", InstanceState::Ready, InstanceKind::LlamaServer);
-        assert!(prefer(None));
-        assert!(prefer(Some(&stopped)));
-        assert!(!prefer(Some(&ready)));
     }
 }

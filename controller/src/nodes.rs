@@ -9,8 +9,8 @@
 //! agent reported them, else the placement's estimate; a split's shares
 //! count on each of their nodes.
 
-use crate::estimate::{CacheType, EstimateOptions, ObservedRecord};
-use proto::domain::{ModelParams, Placement, Replica};
+use crate::estimate::{CacheType, EstimateOptions, FlashAttn, ObservedRecord};
+use proto::domain::{InstanceOptions, ModelParams, Placement, Replica};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -187,6 +187,26 @@ pub(crate) fn used_without(
         }
     }
     after
+}
+
+/// The estimate options of an instance started with `o` (as the agent
+/// reported them): llama-server with `-np` slots, `-kvu` only when an extra
+/// flag asks for it, unspecified cache types f16, unspecified flash
+/// attention `auto`.
+pub fn instance_estimate_options(o: &InstanceOptions) -> EstimateOptions {
+    let kvu = o
+        .extra_flags
+        .iter()
+        .any(|f| matches!(f.split_whitespace().next(), Some("-kvu" | "--kv-unified")));
+    let mut e = EstimateOptions::llama_server_slots(o.context_size, o.parallel, kvu);
+    e.cache_type_k = o.cache_type_k.unwrap_or_default();
+    e.cache_type_v = o.cache_type_v.unwrap_or_default();
+    e.flash_attn = match o.flash_attention {
+        Some(true) => FlashAttn::On,
+        Some(false) => FlashAttn::Off,
+        None => FlashAttn::Auto,
+    };
+    e
 }
 
 #[cfg(test)]

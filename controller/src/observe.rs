@@ -5,7 +5,7 @@
 //! [`Observed::liveness`] turns "last heard" into Ready / Unreachable / Lost.
 
 use crate::estimate::ObservedRecord;
-use crate::placement::{Liveness, NodeState, instance_estimate_options};
+use crate::nodes::{Liveness, NodeState, SplitCaps, instance_estimate_options};
 use proto::domain::{
     AgentEvent, AgentEventKind, Instance, InstanceState, MemoryReport, ModelFile, ModelParams,
     ModelStatus, NodeIdentity, NodeStatus, ReplicaKey,
@@ -281,7 +281,7 @@ impl Observed {
                     split: n
                         .identity
                         .as_ref()
-                        .map(|id| crate::placement::SplitCaps {
+                        .map(|id| SplitCaps {
                             llama_version: id.llama_version.clone(),
                             rpc_server: id.rpc_server_available,
                             gpu: !id.gpu_devices.is_empty(),
@@ -497,7 +497,7 @@ pub fn instances_by_request(observed: &Observed) -> HashMap<String, (String, Ins
     let mut out: HashMap<String, (String, Instance)> = HashMap::new();
     for n in observed.read().values() {
         for i in n.instances.values().filter(|i| !i.request_id.is_empty()) {
-            if crate::lifecycle::prefer(out.get(&i.request_id).map(|(_, old)| old)) {
+            if proto::domain::instance::replaces(out.get(&i.request_id).map(|(_, old)| old)) {
                 out.insert(i.request_id.clone(), (n.config.name.clone(), i.clone()));
             }
         }

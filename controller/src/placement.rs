@@ -30,18 +30,17 @@ mod ladder;
 mod single;
 
 pub use crate::nodes::{
-    Liveness, MARGIN_MIN, MARGIN_PERCENT, NodeState, SplitCaps, estimate_options, margin,
-    used_by_node,
+    Liveness, MARGIN_MIN, MARGIN_PERCENT, NodeState, SplitCaps, estimate_options,
+    instance_estimate_options, margin, used_by_node,
 };
 
 use crate::estimate::{
-    EstimateOptions, EstimateSource, FlashAttn, SourcedEstimate, estimate_with_observed,
-    observed::Sources,
+    EstimateOptions, EstimateSource, SourcedEstimate, estimate_with_observed, observed::Sources,
 };
 use candidates::Candidates;
 use fallback::with_split;
 use ladder::{Estimates, Ladder};
-use proto::domain::{CatalogEntry, InstanceOptions, ModelParams, Placement};
+use proto::domain::{CatalogEntry, ModelParams, Placement};
 use proto::units;
 use std::collections::{BTreeMap, HashMap};
 
@@ -218,26 +217,6 @@ impl Decision {
             estimate: None,
         }
     }
-}
-
-/// The estimate options of an instance started with `o` (as the agent
-/// reported them): llama-server with `-np` slots, `-kvu` only when an extra
-/// flag asks for it, unspecified cache types f16, unspecified flash
-/// attention `auto`.
-pub fn instance_estimate_options(o: &InstanceOptions) -> EstimateOptions {
-    let kvu = o
-        .extra_flags
-        .iter()
-        .any(|f| matches!(f.split_whitespace().next(), Some("-kvu" | "--kv-unified")));
-    let mut e = EstimateOptions::llama_server_slots(o.context_size, o.parallel, kvu);
-    e.cache_type_k = o.cache_type_k.unwrap_or_default();
-    e.cache_type_v = o.cache_type_v.unwrap_or_default();
-    e.flash_attn = match o.flash_attention {
-        Some(true) => FlashAttn::On,
-        Some(false) => FlashAttn::Off,
-        None => FlashAttn::Auto,
-    };
-    e
 }
 
 /// The estimate of `model_id` under `opts`, from the first node (in

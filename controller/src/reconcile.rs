@@ -289,7 +289,7 @@ impl Reconciler {
             let mut have: HashMap<String, &Instance> = HashMap::new();
             for (k, i) in n.managed() {
                 let rid = k.request_id();
-                if lifecycle::prefer(have.get(&rid).copied()) {
+                if proto::domain::instance::replaces(have.get(&rid).copied()) {
                     have.insert(rid, i);
                 }
             }

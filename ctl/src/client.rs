@@ -142,7 +142,7 @@ impl Target {
             let now = proto::units::now_unix();
             let not_after = proto::tls::cert_not_after_unix(material.cert_pem());
             if let Some(w) = not_after.and_then(|na| {
-                crate::cluster::cert_warning(
+                crate::output::cert_warning(
                     &format!("haloctl's certificate {}", files.cert.display()),
                     na,
                     now,

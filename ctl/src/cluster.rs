@@ -7,7 +7,7 @@
 use crate::Failure;
 use crate::cli::{EventsArgs, ListArgs, LogsArgs, PlanArgs, UnplaceArgs};
 use crate::client::Target;
-use crate::output::{Format, Table, bytes, print, print_json};
+use crate::output::{Format, Table, bytes, cert_expiry, cert_warning, print, print_json};
 use proto::domain::{
     EditorMode, InstanceState, NodeStatus, ObservedBuffers, ReplicaKey, SplitPlan,
 };
@@ -247,37 +247,6 @@ pub fn nodes_json(nodes: &[v1::NodeView]) -> Vec<NodeJson> {
             }
         })
         .collect()
-}
-
-/// A certificate's expiry in words at `now_unix`: `expires in 312d` (hours
-/// in its last day), or `EXPIRED`.
-pub fn cert_expiry(not_after_unix: i64, now_unix: i64) -> String {
-    let left = not_after_unix.saturating_sub(now_unix);
-    if left <= 0 {
-        "EXPIRED".into()
-    } else if left < 86_400 {
-        format!("expires in {}h", (left + 3599) / 3600)
-    } else {
-        format!("expires in {}d", left / 86_400)
-    }
-}
-
-/// The warning for a certificate (`subject`: which, e.g. `node halo1's
-/// certificate`) that is expired or expires within 30 days at `now_unix`;
-/// `None` otherwise.
-pub fn cert_warning(subject: &str, not_after_unix: i64, now_unix: i64) -> Option<String> {
-    if !proto::tls::expires_soon(not_after_unix, now_unix) {
-        return None;
-    }
-    let when = cert_expiry(not_after_unix, now_unix);
-    let when = if when == "EXPIRED" {
-        "has EXPIRED".to_owned()
-    } else {
-        when
-    };
-    Some(format!(
-        "warning: {subject} {when}; renew it with `haloctl certs issue`"
-    ))
 }
 
 /// The `haloctl nodes` table, expiries counted from now.

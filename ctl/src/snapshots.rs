@@ -138,7 +138,7 @@ const DAY: i64 = 86_400;
 
 #[test]
 fn certificate_expiry_reads_in_days_then_hours_then_expired_and_warns_within_30_days() {
-    use crate::cluster::{cert_expiry, cert_warning};
+    use crate::output::{cert_expiry, cert_warning};
     assert_eq!(cert_expiry(NOW + 312 * DAY + 5, NOW), "expires in 312d");
     assert_eq!(cert_expiry(NOW + DAY, NOW), "expires in 1d");
     assert_eq!(cert_expiry(NOW + 2 * 3600 - 1, NOW), "expires in 2h");

@@ -782,6 +782,13 @@ pub struct Instance {
     pub kind: InstanceKind,
 }
 
+/// Whether an instance reported with the same request id as `old` takes
+/// its place: agents keep stopped instances, and a live one is preferred
+/// over a stopped one.
+pub fn replaces(old: Option<&Instance>) -> bool {
+    old.is_none_or(|o| o.state == InstanceState::Stopped)
+}
+
 impl From<Instance> for v1::Instance {
     fn from(i: Instance) -> Self {
         v1::Instance {
@@ -870,6 +877,32 @@ impl From<v1::LogLine> for LogLine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_live_instance_is_preferred_over_a_stopped_one_with_the_same_id() {
+        let at = |state| Instance {
+            id: "i-1".into(),
+            model_id: "tiny.gguf".into(),
+            state,
+            options: InstanceOptions::default(),
+            pid: None,
+            port: 8100,
+            endpoint: String::new(),
+            restart_count: 0,
+            last_error: String::new(),
+            state_since_unix_ms: 1,
+            observed: None,
+            memory: None,
+            generation: 1,
+            api_key: String::new(),
+            request_id: "halo.tiny.r0.g1".into(),
+            command_line: String::new(),
+            kind: InstanceKind::LlamaServer,
+        };
+        assert!(replaces(None));
+        assert!(replaces(Some(&at(InstanceState::Stopped))));
+        assert!(!replaces(Some(&at(InstanceState::Ready))));
+    }
 
     #[test]
     fn options_round_trip_through_the_wire() {
