@@ -2,7 +2,7 @@
 //! its agent (snapshot, then changes and periodic memory samples that double
 //! as heartbeats) and folds it into [`Observed`]. A stream that ends, errors
 //! or stays silent longer than the grace period is dropped and redialled;
-//! [`Observed::liveness`] turns "last heard" into Ready / Unreachable / Lost.
+//! [`NodeObs::liveness`] turns "last heard" into Ready / Unreachable / Lost.
 
 use crate::estimate::ObservedRecord;
 use crate::nodes::{Liveness, NodeState, SplitCaps, instance_estimate_options};

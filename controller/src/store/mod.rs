@@ -4,10 +4,12 @@
 //! write a revision, make every write conditional ([`Compare`]) and let a
 //! reader list a prefix at a revision and watch from the next one; a watcher
 //! that falls behind a compaction gets [`StoreError::Compacted`] and re-lists
-//! ([`conformance`] checks both backends behave the same).
+//! (`conformance`, behind the `conformance` feature the tests enable,
+//! checks both backends behave the same).
 //!
 //! Keys live under [`ROOT`]: `nodes/`, `catalog/`, `placements/`, `leader`.
 
+#[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod etcd;
 pub mod file;
