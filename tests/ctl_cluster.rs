@@ -87,34 +87,7 @@ fn haloctl_drives_a_local_cluster_from_nodes_to_a_completion_and_back() {
     .expect("sparse deepseek");
     a.start();
     b.start();
-    let catalog = dir.path().join("catalog.toml");
-    write_catalog(&catalog, CATALOG);
-    let mut controller = ControllerProc::new(
-        dir.path(),
-        "controller",
-        &[
-            "--store-path".into(),
-            dir.path().join("state.json").display().to_string(),
-            "--node".into(),
-            format!("halo1={},halo2={}", a.address(), b.address()),
-            "--catalog".into(),
-            catalog.display().to_string(),
-            "--heartbeat-ms".into(),
-            "250".into(),
-            "--requeue-ms".into(),
-            "300".into(),
-        ],
-    );
-    controller.start();
-    let ctl = Ctl {
-        url: controller.url(),
-        home: tempfile::tempdir().expect("home"),
-        tls: controller
-            .haloctl_env()
-            .into_iter()
-            .filter(|(k, _)| *k != "HALO_CONTROLLER")
-            .collect(),
-    };
+    let (controller, ctl) = controller_for(dir.path(), &[&a, &b]);
     let logs = || format!("{}\n", controller.logs());
 
     // nodes: both ready, with roles and memory.
@@ -543,14 +516,15 @@ fn quickstart_answers_runs_twice_and_down_leaves_no_process() {
     assert!(!qs.dir.path().join("local").exists());
 }
 
-/// A cluster of one agent (`speed`) with `ports` instance ports and the
-/// tiny model, its controller, and haloctl for it.
-fn one_node(dir: &std::path::Path, ports: u16) -> (AgentNode, ControllerProc, Ctl) {
-    let mut a = AgentNode::new(dir, "halo1", &["speed"], ports);
-    write_tiny_llama(&a.models.join("tiny.gguf"), 7).expect("tiny model");
-    a.start();
+/// A controller (embedded store, [`CATALOG`], quick heartbeats) for
+/// `agents` (named as they are), started, and haloctl for it.
+fn controller_for(dir: &std::path::Path, agents: &[&AgentNode]) -> (ControllerProc, Ctl) {
     let catalog = dir.join("catalog.toml");
     write_catalog(&catalog, CATALOG);
+    let nodes: Vec<String> = agents
+        .iter()
+        .map(|a| format!("{}={}", a.name, a.address()))
+        .collect();
     let mut controller = ControllerProc::new(
         dir,
         "controller",
@@ -558,7 +532,7 @@ fn one_node(dir: &std::path::Path, ports: u16) -> (AgentNode, ControllerProc, Ct
             "--store-path".into(),
             dir.join("state.json").display().to_string(),
             "--node".into(),
-            format!("halo1={}", a.address()),
+            nodes.join(","),
             "--catalog".into(),
             catalog.display().to_string(),
             "--heartbeat-ms".into(),
@@ -577,6 +551,16 @@ fn one_node(dir: &std::path::Path, ports: u16) -> (AgentNode, ControllerProc, Ct
             .filter(|(k, _)| *k != "HALO_CONTROLLER")
             .collect(),
     };
+    (controller, ctl)
+}
+
+/// A cluster of one agent (`speed`) with `ports` instance ports and the
+/// tiny model, its controller, and haloctl for it.
+fn one_node(dir: &std::path::Path, ports: u16) -> (AgentNode, ControllerProc, Ctl) {
+    let mut a = AgentNode::new(dir, "halo1", &["speed"], ports);
+    write_tiny_llama(&a.models.join("tiny.gguf"), 7).expect("tiny model");
+    a.start();
+    let (controller, ctl) = controller_for(dir, &[&a]);
     let ready = wait_for(Duration::from_secs(20), || {
         let v = json(&ctl.run(&["nodes", "-o", "json"]));
         (v[0]["status"] == "ready").then_some(())
