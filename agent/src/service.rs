@@ -7,7 +7,7 @@
 
 use crate::error::Error;
 use crate::supervisor::{StartRequest, Supervisor};
-use proto::domain::{AgentEvent, AgentEventKind, InstanceKind, InstanceOptions, LogLine};
+use proto::domain::{AgentEvent, AgentEventKind, LogLine};
 use proto::tls::{Access, Policy, Role};
 use proto::v1;
 use std::pin::Pin;
@@ -241,29 +241,16 @@ impl v1::agent_service_server::AgentService for AgentApi {
     ) -> Result<Response<v1::Instance>, Status> {
         self.access.check("StartInstance", &req)?;
         self.admit("StartInstance")?;
-        let r = req.into_inner();
-        let options =
-            InstanceOptions::try_from(r.options.unwrap_or_default()).map_err(Error::from)?;
-        let kind = InstanceKind::from_wire(r.kind).map_err(Error::from)?;
+        let start = StartRequest::try_from(req.into_inner()).map_err(Error::from)?;
         // In its own task: a caller that goes away (a controller killed
         // mid-call) must not cancel a start halfway, leaving a recorded
         // instance that never runs while retries of the same request id
         // return it.
         let sup = self.supervisor.clone();
-        let instance = tokio::spawn(async move {
-            sup.start(StartRequest {
-                request_id: r.request_id,
-                model_id: r.model_id,
-                options,
-                generation: r.generation,
-                leader_revision: r.leader_revision,
-                kind,
-            })
+        let instance = tokio::spawn(async move { sup.start(start).await })
             .await
-        })
-        .await
-        .map_err(|e| Status::internal(format!("start task failed: {e}")))?
-        .inspect_err(|e| tracing::info!("start refused: {e}"))?;
+            .map_err(|e| Status::internal(format!("start task failed: {e}")))?
+            .inspect_err(|e| tracing::info!("start refused: {e}"))?;
         Ok(Response::new(instance.into()))
     }
 

@@ -75,22 +75,9 @@ const MAX_REQUEST_ID_LEN: usize = 128;
 /// Longest command line reported for an unmanaged server.
 const MAX_COMMAND_LINE: usize = 1024;
 
-/// A start request, checked at the wire boundary.
-#[derive(Debug, Clone)]
-pub struct StartRequest {
-    /// Client-chosen idempotency key.
-    pub request_id: String,
-    /// Model id from a scan.
-    pub model_id: String,
-    /// Range-checked options.
-    pub options: InstanceOptions,
-    /// Placement generation.
-    pub generation: u64,
-    /// Fencing token.
-    pub leader_revision: u64,
-    /// llama-server or ggml-rpc-server.
-    pub kind: InstanceKind,
-}
+/// A start request, checked at the wire boundary: the domain type the
+/// controller builds, converted once in `service.rs`.
+pub use proto::domain::StartRequest;
 
 /// What a start decided before its record exists.
 #[derive(Debug)]
