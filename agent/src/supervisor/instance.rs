@@ -160,6 +160,18 @@ impl InstanceTask {
         let mut next = match self.begin {
             Begin::Spawn => None,
             Begin::Failed => {
+                // A failed RPC server's proxy exits by itself once it sees
+                // its server gone; make sure of it, so no stray process
+                // keeps the public port.
+                let proxy = self
+                    .inner
+                    .table()
+                    .instances
+                    .get(&self.id)
+                    .and_then(|s| s.record.proxy);
+                if let Some(p) = proxy.filter(|p| procfs::is_alive(*p)) {
+                    end_adopted_proxy(p).await;
+                }
                 self.wait_for_stop(&shutdown).await;
                 return;
             }
