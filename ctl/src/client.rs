@@ -277,9 +277,13 @@ impl Target {
             Code::Unavailable => self.unreachable(s.message()),
             Code::Unimplemented => self.not_a_controller(),
             // A connection that broke under the call (e.g. the controller
-            // refused this client's certificate after the handshake): the
-            // cause is in the status's source, not its message.
-            Code::Unknown if std::error::Error::source(&s).is_some() => {
+            // refused this client's certificate after the handshake, which
+            // reaches the client as a transport error or a cancelled
+            // stream): the cause is in the status's source, not its
+            // message; with an expired own certificate, that is the cause.
+            Code::Unknown | Code::Cancelled
+                if std::error::Error::source(&s).is_some() || self.expired_cert.is_some() =>
+            {
                 let mut why = s.message().to_owned();
                 if let Some(src) = std::error::Error::source(&s) {
                     let chain = proto::error_chain(src);
