@@ -457,9 +457,9 @@ fn quickstart_answers_runs_twice_and_down_leaves_no_process() {
 
     // README's samples are what this cluster prints: the quick start's
     // own, and the tour's commands after it.
-    let checked = crate::readme::check_or_update(
+    let checked = tests::readme::check_or_update(
         "$ bash deploy/quickstart.sh",
-        &crate::readme::sections(&qs.as_default_ports(&out)),
+        &tests::readme::sections(&qs.as_default_ports(&out)),
     );
     assert_eq!(
         checked,
@@ -484,14 +484,14 @@ fn quickstart_answers_runs_twice_and_down_leaves_no_process() {
         ((*c).to_owned(), qs.as_default_ports(&qs.haloctl(&args)))
     })
     .collect();
-    let checked = crate::readme::check_or_update("The rest of the tour", &tour);
+    let checked = tests::readme::check_or_update("The rest of the tour", &tour);
     assert_eq!(
         checked.len(),
         5,
         "the tour's samples in README.md: {checked:?}"
     );
     let checked =
-        crate::readme::check_or_update("$ haloctl place reasoning deepseek-v3.1-1bit", &tour);
+        tests::readme::check_or_update("$ haloctl place reasoning deepseek-v3.1-1bit", &tour);
     assert_eq!(checked, ["haloctl place reasoning deepseek-v3.1-1bit"]);
 
     let again = qs.run("up");

@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod parity;
 pub mod pki;
 pub mod placing;
+pub mod readme;
 pub mod tls_client;
 
 use std::io::Read;

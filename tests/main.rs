@@ -19,7 +19,6 @@ mod estimate;
 mod fitparams;
 mod hostile;
 mod llama;
-mod readme;
 mod split;
 mod tls;
 mod tls_reload;

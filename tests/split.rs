@@ -605,7 +605,7 @@ fn haloctl_offers_and_dry_runs_the_deepseek_split_on_two_simulated_strix_halos()
     // README.md shows this dry run: it must be what haloctl prints.
     let cmd = "haloctl place reasoning deepseek-v3.1-1bit --split --dry-run";
     let shown = String::from_utf8_lossy(&o.stdout).trim_end().to_owned();
-    let checked = crate::readme::check_or_update(&format!("$ {cmd}"), &[(cmd.to_owned(), shown)]);
+    let checked = tests::readme::check_or_update(&format!("$ {cmd}"), &[(cmd.to_owned(), shown)]);
     assert_eq!(checked, [cmd]);
 
     let o = run(&[
