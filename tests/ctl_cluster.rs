@@ -635,6 +635,14 @@ fn refusals_that_would_repeat_end_place_at_once_with_the_reason() {
     );
     let table = text(&ctl.run(&["status"]).stdout);
     assert!(table.contains("failed"), "{table}");
+    // Its logs: there are none, and haloctl says why.
+    let o = ctl.run(&["logs", "tiny-b"]);
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert!(
+        text(&o.stderr).contains("its start was refused on halo1: no free port"),
+        "{}",
+        show(&o)
+    );
 
     // Events were kept: -n 0 does not claim there are none.
     let o = ctl.run(&["events", "-n", "0"]);

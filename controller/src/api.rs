@@ -535,8 +535,21 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
         let (node, instance) = instances_by_request(&self.observed)
             .remove(&replica.request_id)
             .ok_or_else(|| {
+                // A start its agent refused has no log: say why instead.
+                let why = self
+                    .observed
+                    .start_refused(&replica.request_id)
+                    .map_or_else(
+                        || "has no instance yet".to_owned(),
+                        |e| {
+                            format!(
+                                "has no instance: its start was refused on {}: {e}",
+                                replica.node
+                            )
+                        },
+                    );
                 Error::FailedPrecondition(format!(
-                    "placement `{}` replica {} has no instance yet",
+                    "placement `{}` replica {} {why}",
                     p.name, r.replica
                 ))
             })?;
