@@ -190,22 +190,7 @@ impl Node {
     /// dir (llama-servers) or that run in one of its instance dirs
     /// (ggml-rpc-servers).
     pub fn own_servers(&self) -> Vec<u32> {
-        // Instances' argv names their key file under state/instances/; the
-        // agent's own argv names only the state dir.
-        let mark = self.state.join("instances").display().to_string();
-        let Ok(entries) = std::fs::read_dir("/proc") else {
-            return Vec::new();
-        };
-        entries
-            .filter_map(Result::ok)
-            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|&pid| {
-                let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"));
-                (procfs::cmdline(pid).is_some_and(|a| a.iter().any(|w| w.contains(&mark)))
-                    || cwd.is_ok_and(|d| d.starts_with(&mark)))
-                    && procfs::identify(pid).is_some_and(procfs::is_alive)
-            })
-            .collect()
+        crate::live_processes_under(&self.state.join("instances"))
     }
 }
 

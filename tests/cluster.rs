@@ -231,22 +231,7 @@ impl AgentNode {
     /// line names the instance directory) and a split's ggml-rpc-server and
     /// its proxy (they run in it).
     pub fn servers(&self) -> Vec<u32> {
-        let dir = self.state.join("instances");
-        let mark = dir.display().to_string();
-        let Ok(entries) = std::fs::read_dir("/proc") else {
-            return Vec::new();
-        };
-        entries
-            .filter_map(Result::ok)
-            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|&pid| {
-                let ours = agent::procfs::cmdline(pid)
-                    .is_some_and(|a| a.iter().any(|w| w.contains(&mark)))
-                    || std::fs::read_link(format!("/proc/{pid}/cwd"))
-                        .is_ok_and(|cwd| cwd.starts_with(&dir));
-                ours && agent::procfs::identify(pid).is_some_and(agent::procfs::is_alive)
-            })
-            .collect()
+        crate::live_processes_under(&self.state.join("instances"))
     }
 }
 

@@ -202,6 +202,27 @@ impl Drop for Proc {
     }
 }
 
+/// Live processes of `dir`: their command line names a path under it, or
+/// they run in it (pid, start time and liveness checked, so a recycled pid
+/// does not count).
+pub fn live_processes_under(dir: &Path) -> Vec<u32> {
+    let mark = dir.display().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            let ours = agent::procfs::cmdline(pid)
+                .is_some_and(|a| a.iter().any(|w| w.contains(&mark)))
+                || std::fs::read_link(format!("/proc/{pid}/cwd"))
+                    .is_ok_and(|cwd| cwd.starts_with(dir));
+            ours && agent::procfs::identify(pid).is_some_and(agent::procfs::is_alive)
+        })
+        .collect()
+}
+
 /// Polls `f` every 50 ms until it returns `Some` or `timeout` passes.
 pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;
