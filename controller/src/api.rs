@@ -412,7 +412,7 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
                     } else {
                         format!(
                             "node is {}: nothing is placed on it until it is back",
-                            format!("{:?}", n.liveness).to_lowercase()
+                            proto::domain::NodeStatus::from(n.liveness).as_str()
                         )
                     },
                 });

@@ -127,7 +127,10 @@ fn why_not(n: &NodeState, req: &PlaceRequest) -> Option<String> {
     if req.node.as_ref().is_some_and(|p| p != &n.name) {
         Some("not the pinned node".to_owned())
     } else if n.liveness != Liveness::Ready {
-        Some(format!("node is {:?}", n.liveness).to_lowercase())
+        Some(format!(
+            "node is {}",
+            proto::domain::NodeStatus::from(n.liveness).as_str()
+        ))
     } else if !req.any_node && !n.roles.iter().any(|r| r == &req.role) {
         Some(format!(
             "no `{}` role (has: {})",
