@@ -342,34 +342,31 @@ struct Quickstart {
 }
 
 impl Quickstart {
-    fn run(&self, arg: &str) -> Output {
+    /// `deploy/quickstart.sh ARG` on this run's directory and ports.
+    fn command(&self, arg: &str) -> Command {
         let script =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/quickstart.sh");
         let llama = tests::llama_bin("llama-server");
-        Command::new("bash")
-            .arg(script)
+        let mut c = Command::new("bash");
+        c.arg(script)
             .arg(arg)
             .env("HALO_LOCAL_DIR", self.dir.path().join("local"))
             .env("HALO_LOCAL_PORT", self.port.to_string())
-            .env("HALO_LLAMA_BIN", llama.parent().expect("llama bin dir"))
-            .output()
-            .expect("run quickstart.sh")
+            .env("HALO_LLAMA_BIN", llama.parent().expect("llama bin dir"));
+        c
+    }
+
+    fn run(&self, arg: &str) -> Output {
+        self.command(arg).output().expect("run quickstart.sh")
     }
 
     /// Runs the quick start with stdout and stderr in one transcript, as a
     /// terminal shows them (haloctl's progress goes to stderr).
     fn run_merged(&self, arg: &str) -> (std::process::ExitStatus, String) {
-        let script =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/quickstart.sh");
-        let llama = tests::llama_bin("llama-server");
         let log = self.dir.path().join(format!("quickstart-{arg}.out"));
         let file = std::fs::File::create(&log).expect("transcript");
-        let status = Command::new("bash")
-            .arg(script)
-            .arg(arg)
-            .env("HALO_LOCAL_DIR", self.dir.path().join("local"))
-            .env("HALO_LOCAL_PORT", self.port.to_string())
-            .env("HALO_LLAMA_BIN", llama.parent().expect("llama bin dir"))
+        let status = self
+            .command(arg)
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("transcript"))
             .stderr(file)

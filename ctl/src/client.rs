@@ -310,7 +310,7 @@ impl Target {
 /// Whether a transport failure is TLS's (a certificate refused, an alert).
 fn is_tls_failure(why: &str) -> bool {
     let w = why.to_ascii_lowercase();
-    ["certificate", "alert", "tls handshake", "handshake"]
+    ["certificate", "alert", "handshake"]
         .iter()
         .any(|k| w.contains(k))
 }
