@@ -111,13 +111,14 @@ up() {
   command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs), 1.88 or newer"
   command -v curl >/dev/null || die "curl not found (apt-get install curl)"
   # protoc: the etcd-client crate's build script runs it.
-  if ! command -v protoc >/dev/null; then
+  # It imports protoc's well-known types (libprotobuf-dev on Debian).
+  if ! command -v protoc >/dev/null || [ ! -e /usr/include/google/protobuf/descriptor.proto ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-      say "installing protobuf-compiler (protoc, for building halo)"
+      say "installing protobuf-compiler and libprotobuf-dev (protoc, for building halo)"
       apt-get update -qq >&2
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq protobuf-compiler >&2
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq protobuf-compiler libprotobuf-dev >&2
     else
-      die "protoc not found (apt-get install protobuf-compiler): building halo needs it"
+      die "protoc or its google/protobuf/*.proto not found (apt-get install protobuf-compiler libprotobuf-dev): building halo needs them"
     fi
   fi
   say "building halo (cargo build)"
