@@ -117,6 +117,7 @@ impl Daemon {
             rpc_server_available: build.rpc_server_available,
             gpu_devices: build.gpu_devices,
             tls_cert_not_after_unix: tls.as_ref().map(|t| t.current().not_after_unix),
+            gateway_url: String::new(),
         };
         let supervisor = Supervisor::new(Arc::new(config), store, node, shutdown.clone())?;
         Ok(Daemon {

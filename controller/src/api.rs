@@ -508,6 +508,34 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
         Ok(Response::new(v1::EndpointsResponse { endpoints }))
     }
 
+    async fn routes(
+        &self,
+        _r: Request<v1::RoutesRequest>,
+    ) -> Result<Response<v1::RoutesResponse>, Status> {
+        Err(Status::unimplemented("Routes: not yet"))
+    }
+
+    async fn create_key(
+        &self,
+        _r: Request<v1::CreateKeyRequest>,
+    ) -> Result<Response<v1::CreateKeyResponse>, Status> {
+        Err(Status::unimplemented("CreateKey: not yet"))
+    }
+
+    async fn list_keys(
+        &self,
+        _r: Request<v1::ListKeysRequest>,
+    ) -> Result<Response<v1::ListKeysResponse>, Status> {
+        Err(Status::unimplemented("ListKeys: not yet"))
+    }
+
+    async fn revoke_key(
+        &self,
+        _r: Request<v1::RevokeKeyRequest>,
+    ) -> Result<Response<v1::RevokeKeyResponse>, Status> {
+        Err(Status::unimplemented("RevokeKey: not yet"))
+    }
+
     type WatchEventsStream = EventStream;
     type PlacementLogsStream = LogStream;
 

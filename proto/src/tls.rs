@@ -26,11 +26,21 @@ pub enum Role {
     Admin,
     /// A person or tool allowed to look only.
     ReadOnly,
+    /// An OpenAI-compatible gateway (`haloctl gateway`): reads the routing
+    /// table from the controller and watches agents; serves HTTPS to
+    /// editors with the same certificate.
+    Gateway,
 }
 
 impl Role {
     /// Every role, in the order `haloctl certs issue` lists them.
-    pub const ALL: [Role; 4] = [Role::Agent, Role::Controller, Role::Admin, Role::ReadOnly];
+    pub const ALL: [Role; 5] = [
+        Role::Agent,
+        Role::Controller,
+        Role::Admin,
+        Role::ReadOnly,
+        Role::Gateway,
+    ];
 
     /// The name used on the command line and in the SAN URI.
     pub fn as_str(self) -> &'static str {
@@ -39,6 +49,7 @@ impl Role {
             Role::Controller => "controller",
             Role::Admin => "admin",
             Role::ReadOnly => "read-only",
+            Role::Gateway => "gateway",
         }
     }
 

@@ -34,6 +34,9 @@ pub struct NodeIdentity {
     /// when it serves plaintext.
     #[serde(default)]
     pub tls_cert_not_after_unix: Option<i64>,
+    /// Base URL of the gateway the agent serves; empty when none.
+    #[serde(default)]
+    pub gateway_url: String,
 }
 
 impl From<NodeIdentity> for v1::NodeIdentity {
@@ -48,6 +51,7 @@ impl From<NodeIdentity> for v1::NodeIdentity {
             rpc_server_available: n.rpc_server_available,
             gpu_devices: n.gpu_devices,
             tls_cert_not_after_unix: n.tls_cert_not_after_unix,
+            gateway_url: n.gateway_url,
         }
     }
 }
@@ -64,6 +68,7 @@ impl From<v1::NodeIdentity> for NodeIdentity {
             rpc_server_available: n.rpc_server_available,
             gpu_devices: n.gpu_devices,
             tls_cert_not_after_unix: n.tls_cert_not_after_unix,
+            gateway_url: n.gateway_url,
         }
     }
 }
