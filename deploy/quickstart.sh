@@ -9,7 +9,8 @@
 # (deploy/build-llama.sh, cached in ~/.cache/halo), writes the tiny demo
 # model, starts a controller (embedded store) and two agents named halo1
 # (role speed) and halo2 (role reasoning), places the demo model, shows
-# `haloctl status` and sends one chat completion through the endpoint.
+# `haloctl status`, makes a user key and sends one chat completion with
+# model "code" through the gateway halo1's agent serves.
 # Running `up` again while the cluster runs reuses it. Every link speaks
 # mutual TLS, as in a deployment: `haloctl certs` makes a CA and the
 # certificates in $HALO_LOCAL_DIR/tls, and $HALO_LOCAL_DIR/env exports what
@@ -18,8 +19,8 @@
 # $HALO_LLAMA_BIN, when it holds llama-server, is used instead of building.
 # Everything lives under $HALO_LOCAL_DIR (default ./.halo-local, git-ignored):
 # logs in logs/, pids in run/. Ports: $HALO_LOCAL_PORT (default 7300, the
-# controller; haloctl's default) and the next 29 above it for the agents and
-# their llama-server instances.
+# controller; haloctl's default) and the next 29 above it for the agents,
+# their gateways (PORT+3, PORT+4) and their llama-server instances.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -140,7 +141,7 @@ up() {
       down
     fi
     local p
-    for p in "$PORT" $((PORT + 1)) $((PORT + 2)); do
+    for p in "$PORT" $((PORT + 1)) $((PORT + 2)) $((PORT + 3)) $((PORT + 4)); do
       port_free "$p" || die "port $p is in use: set HALO_LOCAL_PORT to another base port"
     done
     mkdir -p "$DIR/controller"
@@ -169,11 +170,14 @@ EOF
       [ "$role" = reasoning ] && "$HALOCTL" fixture write deepseek-v3.1-1bit \
         "$DIR/$node/models/deepseek-v3.1-1bit.gguf" --size-only-vocab >/dev/null
       say "starting agent $node (role $role) on 127.0.0.1:$((PORT + i))"
+      # Each agent also serves the gateway (HTTPS with its certificate):
+      # one front door per node, on PORT+3 and PORT+4.
       start "$node" "$BIN/halo-agent" --node-name "$node" --role "$role" \
         --listen "127.0.0.1:$((PORT + i))" --model-dir "$DIR/$node/models" \
         --state-dir "$DIR/$node/state" --llama-server "$llama/llama-server" \
         --port-range "$((PORT + 10 * i))-$((PORT + 10 * i + 9))" --stop-timeout-secs 5 \
-        --tls-cert "$TLS/agent-$node.pem" --tls-key "$TLS/agent-$node.key" --tls-ca "$TLS/ca.pem"
+        --tls-cert "$TLS/agent-$node.pem" --tls-key "$TLS/agent-$node.key" --tls-ca "$TLS/ca.pem" \
+        --gateway-listen "127.0.0.1:$((PORT + 2 + i))" --gateway-controller "https://127.0.0.1:$PORT"
       wait_port "$node" $((PORT + i))
     done
     cat >"$DIR/catalog.toml" <<'EOF'
@@ -216,22 +220,34 @@ EOF
   fi
   echo "\$ haloctl status"; "$HALOCTL" status; echo
 
-  local json url key
-  for _ in $(seq 1 300); do
-    json=$("$HALOCTL" endpoints -o json 2>/dev/null || true)
-    url=$(printf '%s\n' "$json" | sed -n 's/.*"base_url": "\([^"]*\)".*/\1/p' | head -n 1)
-    [ -n "$url" ] && break
+  # One user key for the gateways, made once and kept with the cluster.
+  local key gw answer
+  if [ ! -s "$DIR/gateway-key" ]; then
+    "$HALOCTL" keys create quickstart | sed -n 's/^\(halo-[A-Za-z0-9_-]*\)$/\1/p' >"$DIR/gateway-key"
+    chmod 600 "$DIR/gateway-key"
+  fi
+  key=$(cat "$DIR/gateway-key")
+  [ -n "$key" ] || die "haloctl keys create made no key"
+  gw=https://127.0.0.1:$((PORT + 3))
+  echo "\$ curl $gw/v1/chat/completions --cacert $TLS/ca.pem -H \"Authorization: Bearer \$(cat $DIR/gateway-key)\" -d '{\"model\":\"code\",\"messages\":[{\"role\":\"user\",\"content\":\"Hello\"}]}'"
+  # The gateway learns of a new placement within a second of the controller.
+  for _ in $(seq 1 50); do
+    answer=$(curl -sS --max-time 130 --cacert "$TLS/ca.pem" "$gw/v1/chat/completions" \
+      -H "Authorization: Bearer $key" -H 'Content-Type: application/json' \
+      -d '{"model":"code","messages":[{"role":"user","content":"Hello"}],"max_tokens":16}' || true)
+    printf '%s\n' "$answer" | grep -q '"choices"' && break
     sleep 0.2
   done
-  [ -n "$url" ] || die "no ready endpoint; see \`$HALOCTL status\` and $DIR/logs/"
-  key=$(printf '%s\n' "$json" | sed -n 's/.*"api_key": "\([^"]*\)".*/\1/p' | head -n 1)
-  echo "\$ curl $url/chat/completions -H 'Authorization: Bearer …' -d '{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"Hello\"}]}'"
-  local answer
-  answer=$(curl -sS --max-time 60 "$url/chat/completions" \
-    -H "Authorization: Bearer $key" -H 'Content-Type: application/json' \
-    -d '{"model":"tiny","messages":[{"role":"user","content":"Hello"}],"max_tokens":16}')
-  printf '%s\n' "$answer" | grep -q '"choices"' || die "the completion failed: $answer"
+  printf '%s\n' "$answer" | grep -q '"choices"' || die "the completion through the gateway failed: $answer"
   printf 'answer: %s\n' "$(printf '%s' "$answer" | sed -nE 's/.*"content":"(([^"\\]|\\.)*)".*/\1/p' | head -n 1)"
+  cat <<EOF
+
+Gateway (OpenAI-compatible; one base URL and one key for every model and mode):
+  base URL  $gw/v1   (halo2 serves one too: https://127.0.0.1:$((PORT + 4))/v1)
+  API key   $key   (kept in $DIR/gateway-key)
+  model     a mode (ask, code, autocomplete, architect, debug) or a model name
+  CA        $TLS/ca.pem   (VS Code-based editors: NODE_EXTRA_CA_CERTS=$TLS/ca.pem)
+EOF
   cat <<EOF
 
 The local cluster is running (state and logs in $DIR), with mutual TLS.

@@ -17,6 +17,7 @@ mod ctl_cluster;
 mod deploy;
 mod estimate;
 mod fitparams;
+mod gateway;
 mod hostile;
 mod llama;
 mod split;

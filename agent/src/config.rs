@@ -253,6 +253,35 @@ pub struct Args {
     /// tls_cert/key/ca.
     #[arg(long, env = "HALO_AGENT_INSECURE_LOOPBACK_ONLY")]
     pub insecure_loopback_only: bool,
+    /// Serve halo's OpenAI-compatible gateway on this address (one URL for
+    /// every model and editor mode in the cluster); off when unset.
+    #[arg(long, env = "HALO_AGENT_GATEWAY_LISTEN", value_name = "ADDR")]
+    pub gateway_listen: Option<String>,
+    /// Controllers the gateway reads its routing table from (URLs); needed
+    /// with gateway_listen. Repeat or comma-separate.
+    #[arg(
+        long = "gateway-controller",
+        env = "HALO_AGENT_GATEWAY_CONTROLLERS",
+        value_delimiter = ',',
+        value_name = "URL"
+    )]
+    pub gateway_controllers: Option<Vec<String>>,
+    /// HTTPS certificate of the gateway (PEM) [default: tls_cert, when set].
+    #[arg(long, env = "HALO_AGENT_GATEWAY_TLS_CERT", value_name = "PEM")]
+    pub gateway_tls_cert: Option<PathBuf>,
+    /// Its key (PEM) [default: tls_key, when set].
+    #[arg(long, env = "HALO_AGENT_GATEWAY_TLS_KEY", value_name = "PEM")]
+    pub gateway_tls_key: Option<PathBuf>,
+    /// Interfaces (the WireGuard mesh, e.g. tailscale0) on whose addresses
+    /// the gateway may serve plain HTTP; otherwise plain HTTP only on
+    /// loopback. Repeat or comma-separate.
+    #[arg(
+        long = "gateway-plain-http-on",
+        env = "HALO_AGENT_GATEWAY_PLAIN_HTTP_ON",
+        value_delimiter = ',',
+        value_name = "IFACE"
+    )]
+    pub gateway_plain_http_on: Option<Vec<String>>,
 }
 
 /// A byte size in a config file: an integer, or a string such as `8GiB`.
@@ -302,6 +331,11 @@ struct FileConfig {
     tls_key: Option<PathBuf>,
     tls_ca: Option<PathBuf>,
     insecure_loopback_only: Option<bool>,
+    gateway_listen: Option<String>,
+    gateway_controllers: Option<Vec<String>>,
+    gateway_tls_cert: Option<PathBuf>,
+    gateway_tls_key: Option<PathBuf>,
+    gateway_plain_http_on: Option<Vec<String>>,
 }
 
 /// An inclusive range of TCP ports.
@@ -402,6 +436,8 @@ pub struct Config {
     pub allowed_flags: Vec<AllowedFlag>,
     /// Mutual TLS files, when configured (all three were set).
     pub tls: Option<proto::tls::TlsFiles>,
+    /// The gateway, when `gateway_listen` is set.
+    pub gateway: Option<GatewayConfig>,
 }
 
 impl Config {
@@ -433,8 +469,10 @@ impl Config {
         let t = Timings::check(&s.timings)?;
         let allowed_flags = check_allowed_flags(s.allowed_flags.unwrap_or_default())?;
         let tls = tls(s.tls, s.insecure_loopback_only, node.listen)?;
+        let gateway = gateway(s.gateway, tls.as_ref())?;
         Ok(Config {
             tls,
+            gateway,
             node_name: node.node_name,
             listen: node.listen,
             roles: node.roles,
@@ -513,6 +551,96 @@ struct Settings {
     /// `tls_cert`, `tls_key`, `tls_ca`.
     tls: (Option<PathBuf>, Option<PathBuf>, Option<PathBuf>),
     insecure_loopback_only: bool,
+    gateway: GatewayKeys,
+}
+
+/// The `gateway_*` keys as given.
+#[derive(Debug, Default)]
+struct GatewayKeys {
+    listen: Option<String>,
+    controllers: Option<Vec<String>>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    plain_http_on: Option<Vec<String>>,
+}
+
+/// The gateway an agent serves.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// Controllers it reads routes from.
+    pub controllers: Vec<String>,
+    /// HTTPS certificate and key; `None` = plain HTTP (loopback or a named
+    /// mesh interface only).
+    pub https: Option<(PathBuf, PathBuf)>,
+}
+
+impl GatewayConfig {
+    /// The URL editors use.
+    pub fn url(&self) -> String {
+        let scheme = if self.https.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.listen)
+    }
+}
+
+/// Checks the `gateway_*` keys: an address, at least one controller URL,
+/// and HTTPS (its own certificate, else the agent's) or plain HTTP where
+/// that is allowed.
+fn gateway(
+    k: GatewayKeys,
+    tls: Option<&proto::tls::TlsFiles>,
+) -> Result<Option<GatewayConfig>, ConfigError> {
+    let Some(text) = k.listen.filter(|l| !l.trim().is_empty()) else {
+        return Ok(None);
+    };
+    let listen: SocketAddr = text.parse().map_err(|_| {
+        invalid(
+            "gateway_listen",
+            format!("`{text}` is not an address such as 127.0.0.1:8080"),
+        )
+    })?;
+    let controllers: Vec<String> = k
+        .controllers
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.trim().to_owned())
+        .filter(|c| !c.is_empty())
+        .collect();
+    if controllers.is_empty() {
+        return Err(invalid(
+            "gateway_controllers",
+            "gateway_listen needs the controllers to read routes from, e.g. \"http://127.0.0.1:7300\"",
+        ));
+    }
+    if let Some(c) = controllers
+        .iter()
+        .find(|c| !(c.starts_with("http://") || c.starts_with("https://")))
+    {
+        return Err(invalid(
+            "gateway_controllers",
+            format!("`{c}` is not a URL such as http://127.0.0.1:7300"),
+        ));
+    }
+    let https = match (k.tls_cert, k.tls_key) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => tls.map(|t| (t.cert.clone(), t.key.clone())),
+        _ => {
+            return Err(invalid(
+                "gateway_tls_cert",
+                "set gateway_tls_cert and gateway_tls_key together",
+            ));
+        }
+    };
+    if https.is_none() {
+        gateway::check_plain_listen(listen, &k.plain_http_on.unwrap_or_default())
+            .map_err(|e| invalid("gateway_listen", e))?;
+    }
+    Ok(Some(GatewayConfig {
+        listen,
+        controllers,
+        https,
+    }))
 }
 
 impl Settings {
@@ -555,6 +683,13 @@ impl Settings {
             ),
             insecure_loopback_only: args.insecure_loopback_only
                 || file.insecure_loopback_only.unwrap_or(false),
+            gateway: GatewayKeys {
+                listen: args.gateway_listen.or(file.gateway_listen),
+                controllers: args.gateway_controllers.or(file.gateway_controllers),
+                tls_cert: args.gateway_tls_cert.or(file.gateway_tls_cert),
+                tls_key: args.gateway_tls_key.or(file.gateway_tls_key),
+                plain_http_on: args.gateway_plain_http_on.or(file.gateway_plain_http_on),
+            },
         }
     }
 }

@@ -71,6 +71,18 @@ pub struct Daemon {
     supervisor: Supervisor,
     shutdown: CancellationToken,
     tls: Option<ReloadingTls>,
+    gateway: Option<GatewayRun>,
+}
+
+/// The gateway an agent serves: bound before anything else starts, so a
+/// port in use fails the start.
+#[derive(Debug)]
+struct GatewayRun {
+    listener: TcpListener,
+    https: Option<tokio_rustls::TlsAcceptor>,
+    controllers: Vec<String>,
+    /// Mutual TLS to controllers and agents (the agent's own certificate).
+    client_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Daemon {
@@ -119,12 +131,21 @@ impl Daemon {
             tls_cert_not_after_unix: tls.as_ref().map(|t| t.current().not_after_unix),
             gateway_url: String::new(),
         };
+        let gateway = match &config.gateway {
+            Some(g) => Some(bind_gateway(g, config.tls.as_ref()).await?),
+            None => None,
+        };
+        let mut node = node;
+        if let Some(g) = &config.gateway {
+            node.gateway_url = g.url();
+        }
         let supervisor = Supervisor::new(Arc::new(config), store, node, shutdown.clone())?;
         Ok(Daemon {
             listener,
             supervisor,
             shutdown,
             tls,
+            gateway,
         })
     }
 
@@ -140,8 +161,19 @@ impl Daemon {
             supervisor,
             shutdown,
             tls,
+            gateway,
         } = self;
         supervisor.boot().await?;
+        if let Some(g) = gateway {
+            let table = gateway::feed::spawn(
+                gateway::feed::FeedConfig::new(g.controllers, g.client_tls),
+                shutdown.child_token(),
+            );
+            let addr = g.listener.local_addr().ok();
+            let gw = gateway::server::Gateway::new(gateway::config::GatewayConfig::default(), table);
+            tokio::spawn(gw.serve(g.listener, g.https, shutdown.child_token()));
+            tracing::info!(addr = ?addr, "gateway serving");
+        }
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<AgentServiceServer<AgentApi>>().await;
         let reflection = tonic_reflection::server::Builder::configure()
@@ -259,4 +291,34 @@ fn feed_watchdog(
         }
     }));
     watchdog
+}
+
+/// Binds the gateway's address and reads its HTTPS certificate.
+async fn bind_gateway(
+    g: &crate::config::GatewayConfig,
+    tls: Option<&proto::tls::TlsFiles>,
+) -> Result<GatewayRun, StartupError> {
+    let listener = TcpListener::bind(g.listen)
+        .await
+        .map_err(|source| StartupError::Listen {
+            addr: g.listen,
+            source,
+        })?;
+    let https = match &g.https {
+        Some((cert, key)) => Some(
+            gateway::server::tls_acceptor(cert, key)
+                .map_err(|e| StartupError::Tls(format!("gateway: {e}")))?,
+        ),
+        None => None,
+    };
+    let client_tls = tls
+        .map(proto::tls::TlsFiles::client_config)
+        .transpose()
+        .map_err(|e| StartupError::Tls(e.to_string()))?;
+    Ok(GatewayRun {
+        listener,
+        https,
+        controllers: g.controllers.clone(),
+        client_tls,
+    })
 }

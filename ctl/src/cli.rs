@@ -96,11 +96,21 @@ pub enum Command {
     /// Placements: node, state, context, estimated vs real memory, endpoint.
     #[command(after_help = "Examples:\n  haloctl status\n  haloctl status -o json")]
     Status(ListArgs),
-    /// What to put in an editor per mode: base URL, model name, API key.
+    /// What to put in an editor per mode: the gateway's base URL and the
+    /// model name to send (`--direct`: each instance's URL and API key).
     #[command(
-        after_help = "Examples:\n  haloctl endpoints\n  haloctl endpoints -o json | jq -r '.[] | select(.mode==\"code\") | .base_url'"
+        after_help = "Examples:\n  haloctl endpoints\n  haloctl endpoints --direct\n  haloctl endpoints -o json | jq -r '.[] | select(.mode==\"code\") | .base_url'"
     )]
-    Endpoints(ListArgs),
+    Endpoints(EndpointsArgs),
+    /// Serve halo's OpenAI-compatible gateway here: one base URL and one
+    /// user key for every model and editor mode, routed to the cluster.
+    #[command(after_help = "Examples:\n  \
+        haloctl gateway\n  \
+        haloctl gateway --listen 127.0.0.1:8080 --controllers http://10.0.0.1:7300,http://10.0.0.2:7300\n  \
+        haloctl gateway --listen 100.64.0.5:8443 --https-cert gw.pem --https-key gw-key.pem\n\n\
+        Editors then use base URL http://127.0.0.1:8080/v1, a key from `haloctl keys create`,\n\
+        and a model name, a catalog name or a mode (ask, code, autocomplete, architect, debug).")]
+    Gateway(GatewayArgs),
     /// The log of a placement's llama-server, read through its agent.
     #[command(
         after_help = "Examples:\n  haloctl logs gpt-oss-20b\n  haloctl logs qwen3-coder-30b --replica 1 -n 200 -f"
@@ -157,6 +167,18 @@ pub struct ListArgs {
     /// Output format.
     #[arg(short, long, value_enum, default_value_t)]
     pub output: Format,
+}
+
+/// Arguments of `haloctl endpoints`.
+#[derive(Debug, Args)]
+pub struct EndpointsArgs {
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t)]
+    pub output: Format,
+    /// Each ready instance's own URL and API key, which change whenever
+    /// halo moves the model, instead of the gateways'.
+    #[arg(long)]
+    pub direct: bool,
 }
 
 /// Arguments of `haloctl place`.
@@ -415,4 +437,30 @@ fn parse_gib(s: &str) -> Result<f64, String> {
         Ok(g) if g.is_finite() && g > 0.0 => Ok(g),
         _ => Err("a positive number of GiB, e.g. 128 or 120.5".into()),
     }
+}
+
+/// Arguments of `haloctl gateway`.
+#[derive(Debug, Args)]
+pub struct GatewayArgs {
+    /// Address to serve on.
+    #[arg(long, env = "HALO_GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+    /// Every controller to read routes from, tried in turn (default: the
+    /// one --controller names).
+    #[arg(long, value_delimiter = ',', value_name = "URL")]
+    pub controllers: Vec<String>,
+    /// HTTPS certificate (PEM), e.g. from `haloctl certs issue gateway`.
+    #[arg(long, value_name = "PEM", requires = "https_key")]
+    pub https_cert: Option<PathBuf>,
+    /// The HTTPS certificate's key (PEM).
+    #[arg(long, value_name = "PEM", requires = "https_cert")]
+    pub https_key: Option<PathBuf>,
+    /// Interfaces (the WireGuard mesh, e.g. tailscale0) on whose addresses
+    /// plain HTTP is allowed; otherwise plain HTTP only on loopback.
+    #[arg(long = "plain-http-on", value_delimiter = ',', value_name = "IFACE")]
+    pub plain_http_on: Vec<String>,
+    /// How long a request waits for a model with no ready replica (loading,
+    /// moving, restarting) before a 503.
+    #[arg(long, value_name = "SECS", default_value_t = 120)]
+    pub queue_timeout: u64,
 }

@@ -5,7 +5,7 @@
 //! are snapshot-tested from fixed inputs.
 
 use crate::Failure;
-use crate::cli::{EventsArgs, ListArgs, LogsArgs, PlanArgs, UnplaceArgs};
+use crate::cli::{EndpointsArgs, EventsArgs, ListArgs, LogsArgs, PlanArgs, UnplaceArgs};
 use crate::client::Target;
 use crate::output::{Format, Table, bytes, cert_expiry, cert_warning, print, print_json};
 use proto::domain::{
@@ -140,6 +140,11 @@ pub struct EndpointJson {
     pub node: String,
     /// API key, sent as `Authorization: Bearer KEY`.
     pub api_key: String,
+    /// Base URLs (ending in `/v1`) of the gateways the nodes serve, which
+    /// stay the same when halo moves the model: send `mode` as the model
+    /// with a user key (`haloctl keys create`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<String>,
 }
 
 /// `haloctl plan CATALOG-NAME -o json`: one object per node and context.
@@ -506,8 +511,72 @@ pub fn endpoints_json(endpoints: &[v1::Endpoint]) -> Vec<EndpointJson> {
             placement: e.placement.clone(),
             node: e.node.clone(),
             api_key: e.api_key.clone(),
+            gateways: Vec::new(),
         })
         .collect()
+}
+
+/// The gateways the nodes serve, `(node, base URL ending in /v1)`, ready
+/// nodes only.
+pub fn gateways(nodes: &[v1::NodeView]) -> Vec<(String, String)> {
+    nodes
+        .iter()
+        .filter(|n| n.status() == v1::NodeStatus::Ready)
+        .filter_map(|n| n.node.as_ref())
+        .filter(|n| !n.gateway_url.is_empty())
+        .map(|n| {
+            (
+                n.name.clone(),
+                format!("{}/v1", n.gateway_url.trim_end_matches('/')),
+            )
+        })
+        .collect()
+}
+
+/// The `haloctl endpoints` table when nodes serve gateways: one base URL
+/// for every mode, the mode as the model name, what serves it now.
+pub fn render_gateway_endpoints(gateways: &[(String, String)], endpoints: &[EndpointJson]) -> String {
+    let mut s = String::new();
+    let first = gateways.first().map(|g| g.1.as_str()).unwrap_or_default();
+    if endpoints.is_empty() {
+        s.push_str("No ready models yet. `haloctl status` shows what is placed and loading.\n");
+    } else {
+        let mut t = Table::new(["MODE", "BASE URL", "MODEL", "SERVED BY"]);
+        let mut seen = std::collections::BTreeMap::<&str, Vec<String>>::new();
+        for e in endpoints {
+            let name = if e.mode == "unspecified" { e.model.as_str() } else { e.mode.as_str() };
+            let by = format!("{} ({})", e.model, e.node);
+            let v = seen.entry(name).or_default();
+            if !v.contains(&by) {
+                v.push(by);
+            }
+        }
+        for (name, by) in seen {
+            let mode = if is_mode(name) { name } else { "-" };
+            t.row([mode.to_owned(), first.to_owned(), name.to_owned(), by.join(", ")]);
+        }
+        s.push_str(&t.render());
+    }
+    s.push_str("\nGateways (each routes every mode to any node): ");
+    s.push_str(
+        &gateways
+            .iter()
+            .map(|(n, u)| format!("{u} ({n})"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    s.push_str(
+        "\nIn an editor's OpenAI-compatible provider: the base URL above, model = the mode \
+         (or a model name),\nAPI key from `haloctl keys create NAME`. The URL and key stay \
+         the same when halo moves a model.\nA gateway on this machine survives any one node: \
+         `haloctl gateway`. Each instance's own URL: --direct.\n",
+    );
+    s
+}
+
+/// Whether `name` is an editor mode.
+pub fn is_mode(name: &str) -> bool {
+    proto::domain::EditorMode::ALL.iter().any(|m| m.as_str() == name)
 }
 
 /// The `haloctl endpoints` table with how to use it.
@@ -658,12 +727,24 @@ pub fn status(t: &Target, a: &ListArgs) -> Result<(), Failure> {
 }
 
 /// `haloctl endpoints`.
-pub fn endpoints(t: &Target, a: &ListArgs) -> Result<(), Failure> {
+pub fn endpoints(t: &Target, a: &EndpointsArgs) -> Result<(), Failure> {
     let resp = client_call(t, |mut c| async move {
         c.endpoints(v1::EndpointsRequest {}).await
     })?;
-    let v = endpoints_json(&resp.endpoints);
-    emit(a.output, &v, render_endpoints)
+    let nodes = client_call(t, |mut c| async move {
+        c.list_nodes(v1::ListNodesRequest {}).await
+    })?;
+    let gws = gateways(&nodes.nodes);
+    let mut v = endpoints_json(&resp.endpoints);
+    for e in &mut v {
+        e.gateways = gws.iter().map(|g| g.1.clone()).collect();
+    }
+    if a.direct || gws.is_empty() || a.output == Format::Json {
+        emit(a.output, &v, render_endpoints)
+    } else {
+        crate::output::print(&render_gateway_endpoints(&gws, &v));
+        Ok(())
+    }
 }
 
 /// `haloctl plan CATALOG-NAME`: exit 1 when no row fits.

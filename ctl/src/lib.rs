@@ -9,6 +9,7 @@ pub mod cli;
 pub mod client;
 pub mod cluster;
 pub mod fixture;
+pub mod gateway;
 pub mod inspect;
 pub mod memory;
 pub mod output;
@@ -65,6 +66,7 @@ where
         cli::Command::Models(a) => target().and_then(|t| cluster::models(&t, &a)),
         cli::Command::Status(a) => target().and_then(|t| cluster::status(&t, &a)),
         cli::Command::Endpoints(a) => target().and_then(|t| cluster::endpoints(&t, &a)),
+        cli::Command::Gateway(a) => target().and_then(|t| gateway::run(&t, &a)),
         cli::Command::Events(a) => target().and_then(|t| cluster::events(&t, &a)),
         cli::Command::Logs(a) => target().and_then(|t| cluster::logs(&t, &a)),
         cli::Command::Unplace(a) => target().and_then(|t| cluster::unplace(&t, &a)),

@@ -8,3 +8,4 @@
 //! (`gateway_listen`) and by `haloctl gateway` on a workstation.
 
 pub mod table;
+pub mod feed;
