@@ -7,5 +7,14 @@
 //! One implementation, served in two places: by `halo-agent`
 //! (`gateway_listen`) and by `haloctl gateway` on a workstation.
 
-pub mod table;
+pub mod balance;
+pub mod config;
 pub mod feed;
+pub mod listen;
+pub mod metrics;
+pub mod proxy;
+pub mod server;
+pub mod table;
+
+pub use config::GatewayConfig;
+pub use server::{Gateway, check_plain_listen, tls_acceptor};

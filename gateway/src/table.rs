@@ -151,6 +151,20 @@ impl Table {
         }
     }
 
+    /// The stored key `key` was read from, as this table has it, unexpired
+    /// at `now`: a key checked earlier and revoked or expired since fails.
+    pub fn authenticate_hash(&self, key: &UserKey, now_unix_ms: u64) -> Result<&UserKey, KeyError> {
+        let k = self
+            .keys
+            .iter()
+            .find(|k| k.sha256 == key.sha256)
+            .ok_or(KeyError::Invalid)?;
+        match k.expires_unix_ms {
+            Some(e) if e <= now_unix_ms => Err(KeyError::Expired(k.name.clone())),
+            _ => Ok(k),
+        }
+    }
+
     /// Resolves `asked` (a placement name, a catalog name, or an editor
     /// mode, in that order) to its placements, keeping those `key` may use.
     pub fn resolve<'a>(
