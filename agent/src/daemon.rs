@@ -76,13 +76,22 @@ pub struct Daemon {
 
 /// The gateway an agent serves: bound before anything else starts, so a
 /// port in use fails the start.
-#[derive(Debug)]
 struct GatewayRun {
     listener: TcpListener,
     https: Option<tokio_rustls::TlsAcceptor>,
     controllers: Vec<String>,
     /// Mutual TLS to controllers and agents (the agent's own certificate).
     client_tls: Option<tonic::transport::ClientTlsConfig>,
+}
+
+impl std::fmt::Debug for GatewayRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayRun")
+            .field("listener", &self.listener)
+            .field("https", &self.https.is_some())
+            .field("controllers", &self.controllers)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Daemon {
