@@ -747,7 +747,31 @@ impl Gateway {
             .await;
         match first {
             Ok((resp, inflight)) => self.pass(resp, inflight, fin, stream),
-            Err(Stop::MustWait) => self.wait_streaming(job, deadline, excluded, fin),
+            Err(Stop::MustWait) => {
+                // A full queue is refused before the stream starts, while
+                // a status can still say so.
+                let waiting = self
+                    .queues
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&job.model)
+                    .copied()
+                    .unwrap_or(0);
+                if waiting >= self.config.queue_limit {
+                    let e = ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "server_error",
+                        "queue_full",
+                        format!(
+                            "{waiting} requests already wait for {:?}; try again shortly",
+                            job.asked
+                        ),
+                    )
+                    .retry_after(1);
+                    return self.error(fin, e);
+                }
+                self.wait_streaming(job, deadline, excluded, fin)
+            }
             Err(Stop::Gone) => self.error(fin, client_closed()),
             Err(Stop::Error(e)) => self.error(fin, e),
         }

@@ -746,3 +746,87 @@ async fn a_conversation_returns_to_its_replica_while_loads_are_even() {
         "both replicas serve"
     );
 }
+
+#[tokio::test]
+async fn a_full_queue_is_refused_at_once_with_retry_after() {
+    let cfg = GatewayConfig {
+        queue_limit: 1,
+        ..quick()
+    };
+    let gw = start(cfg, table(vec![replica("http://127.0.0.1:9", false)])).await;
+    let addr = gw.addr;
+    let waiting = tokio::spawn(async move { post(addr, Some("alice-secret"), CHAT).await });
+    within("request queued", async {
+        while !gw
+            .gw
+            .metrics()
+            .render()
+            .contains("halo_gateway_queue_depth{model=\"tiny-q4\"} 1")
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    for body in [
+        CHAT.to_owned(),
+        CHAT.replace("\"messages\"", "\"stream\": true, \"messages\""),
+    ] {
+        let got = post(gw.addr, Some("alice-secret"), &body).await;
+        assert_eq!(got.status, 503, "{}", got.body);
+        assert_eq!(got.headers[header::RETRY_AFTER], "1");
+        assert!(got.body.contains("already wait"), "{}", got.body);
+    }
+    waiting.abort();
+}
+
+#[tokio::test]
+async fn https_serves_with_a_pem_certificate_and_no_client_certificate() {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("gw.crt"), dir.path().join("gw.key"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let acceptor = tls_acceptor(&cert, &key).unwrap();
+    let (_feed, rx) = watch::channel(Arc::new(table(vec![])));
+    let gw = Gateway::new(quick(), rx);
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    tokio::spawn(gw.serve(l, Some(acceptor), stop.clone()));
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ck.cert.der().clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = within("handshake", connector.connect(name, tcp))
+        .await
+        .unwrap();
+    tls.write_all(b"GET /health HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = within("answer", tls.read_to_end(&mut out)).await;
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains("\"status\":\"ok\""), "{out}");
+    // Plain HTTP on the TLS port gets no answer.
+    let mut plain = TcpStream::connect(addr).await.unwrap();
+    plain
+        .write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = within("plain refused", plain.read(&mut buf))
+        .await
+        .unwrap_or(0);
+    assert!(!String::from_utf8_lossy(&buf[..n]).contains("200"));
+    stop.cancel();
+}
