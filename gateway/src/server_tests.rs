@@ -830,3 +830,39 @@ async fn https_serves_with_a_pem_certificate_and_no_client_certificate() {
     assert!(!String::from_utf8_lossy(&buf[..n]).contains("200"));
     stop.cancel();
 }
+
+#[tokio::test]
+async fn a_client_leaving_before_the_answer_ends_the_upstream_request() {
+    struct Dropped(mpsc::Sender<()>);
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            let _ = self.0.try_send(());
+        }
+    }
+    let (gone_tx, mut gone) = mpsc::channel::<()>(1);
+    let h = handler(move |_, _| {
+        let guard = Dropped(gone_tx.clone());
+        async move {
+            // A long generation: answers only when dropped.
+            let _guard = guard;
+            std::future::pending::<()>().await;
+            full(200, "{}")
+        }
+    });
+    let (url, seen) = upstream(h).await;
+    let gw = start(quick(), table(vec![replica(&url, true)])).await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer alice-secret\r\ncontent-length: {}\r\n\r\n{CHAT}",
+        CHAT.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    within("request upstream", async {
+        while seen.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    drop(s);
+    within("upstream request dropped", gone.recv()).await;
+}
