@@ -26,6 +26,9 @@ const AFFINITY_GENERATION: usize = 8192;
 const SLOTS_EVERY: Duration = Duration::from_secs(1);
 /// A replica unused for this long is no longer polled.
 const POLL_WHILE_USED: Duration = Duration::from_secs(10);
+/// A replica that refused a connection is passed over this long (unless
+/// every candidate is).
+const COOL_DOWN_MS: u64 = 2000;
 /// Deadline of one `/slots` read.
 const SLOTS_DEADLINE: Duration = Duration::from_secs(2);
 
@@ -90,6 +93,8 @@ struct ReplicaLoad {
     total_slots: AtomicI64,
     last_used_ms: AtomicU64,
     polling: AtomicBool,
+    /// Passed over until then (ms since the balancer's epoch).
+    down_until_ms: AtomicU64,
 }
 
 impl ReplicaLoad {
@@ -199,22 +204,20 @@ impl Balancer {
             }
             candidates
                 .iter()
-                .map(|r| {
-                    let l = match loads.get(r.base_url.as_str()) {
-                        Some(l) => l.clone(),
-                        None => {
-                            let l = Arc::new(ReplicaLoad {
-                                in_flight: AtomicUsize::new(0),
-                                idle_slots: AtomicI64::new(-1),
-                                total_slots: AtomicI64::new(-1),
-                                last_used_ms: AtomicU64::new(now),
-                                polling: AtomicBool::new(false),
-                            });
-                            loads.insert(Arc::from(r.base_url.as_str()), l.clone());
-                            l
-                        }
-                    };
-                    l
+                .map(|r| match loads.get(r.base_url.as_str()) {
+                    Some(l) => l.clone(),
+                    None => {
+                        let l = Arc::new(ReplicaLoad {
+                            in_flight: AtomicUsize::new(0),
+                            idle_slots: AtomicI64::new(-1),
+                            total_slots: AtomicI64::new(-1),
+                            last_used_ms: AtomicU64::new(now),
+                            polling: AtomicBool::new(false),
+                            down_until_ms: AtomicU64::new(0),
+                        });
+                        loads.insert(Arc::from(r.base_url.as_str()), l.clone());
+                        l
+                    }
                 })
                 .collect()
         };
@@ -228,7 +231,16 @@ impl Balancer {
         });
         let loads: Vec<Load> = entries.iter().map(|l| l.load()).collect();
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
-        let i = pick(&loads, preferred, turn);
+        let up: Vec<usize> = (0..entries.len())
+            .filter(|&i| entries[i].down_until_ms.load(Ordering::Relaxed) <= now)
+            .collect();
+        let i = if up.is_empty() || up.len() == entries.len() {
+            pick(&loads, preferred, turn)
+        } else {
+            let up_loads: Vec<Load> = up.iter().map(|&i| loads[i]).collect();
+            let pref = preferred.and_then(|p| up.iter().position(|&i| i == p));
+            up[pick(&up_loads, pref, turn)]
+        };
         let chosen = &entries[i];
         chosen.in_flight.fetch_add(1, Ordering::Relaxed);
         let _ = chosen
@@ -257,6 +269,16 @@ impl Balancer {
                 load: chosen.clone(),
             },
         ))
+    }
+
+    /// Notes that `base_url` refused a connection: new requests pass it
+    /// over for a moment (the table may not know yet that it is gone).
+    pub fn failed(&self, base_url: &str) {
+        let loads = self.loads.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = loads.get(base_url) {
+            l.down_until_ms
+                .store(self.now_ms() + COOL_DOWN_MS, Ordering::Relaxed);
+        }
     }
 
     /// Reads `/slots` about once a second while the replica stays ready
@@ -337,6 +359,7 @@ pub fn parse_slots(body: &[u8]) -> Option<(usize, usize)> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests unwrap what they built themselves.
 mod tests {
     use super::*;
 

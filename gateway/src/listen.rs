@@ -125,6 +125,7 @@ pub fn interface_addresses() -> std::io::Result<Vec<(String, IpAddr)>> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests unwrap what they built themselves.
 mod tests {
     use super::*;
 
@@ -168,9 +169,11 @@ mod tests {
         let key = dir.path().join("gw.key");
         std::fs::write(&cert, "not a certificate").unwrap();
         std::fs::write(&key, "not a key").unwrap();
-        let e = tls_acceptor(&cert, &key).unwrap_err();
+        let e = tls_acceptor(&cert, &key).err().unwrap();
         assert!(e.contains("gw.crt"), "{e}");
-        let e = tls_acceptor(&dir.path().join("missing.crt"), &key).unwrap_err();
+        let e = tls_acceptor(&dir.path().join("missing.crt"), &key)
+            .err()
+            .unwrap();
         assert!(e.contains("missing.crt"), "{e}");
     }
 }

@@ -239,6 +239,7 @@ fn esc(s: &str) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests unwrap what they built themselves.
 mod tests {
     use super::*;
 

@@ -372,6 +372,9 @@ impl Tracked {
     }
 
     fn ended(&mut self) {
+        if self.fin.completed {
+            return;
+        }
         self.fin.completed = true;
         if let Scan::Json { chunks, .. } = &mut self.scan {
             let t = if chunks.len() == 1 {
@@ -400,6 +403,10 @@ impl http_body::Body for Tracked {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
                     this.saw(d);
+                }
+                // hyper stops polling a body that says it has ended.
+                if this.inner.is_end_stream() {
+                    this.ended();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -468,6 +475,7 @@ pub fn json_usage(body: &[u8]) -> Option<(u64, u64)> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests unwrap what they built themselves.
 mod tests {
     use super::*;
 

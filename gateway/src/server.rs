@@ -40,7 +40,7 @@ use crate::balance::{Balancer, InFlight, conversation_hash};
 use crate::config::GatewayConfig;
 use crate::metrics::Metrics;
 use crate::proxy::{
-    BoxError, Finish, Tracked, Upstream, UsageFrom, client_headers, upstream_headers,
+    BoxError, Failure, Finish, Tracked, Upstream, UsageFrom, client_headers, upstream_headers,
 };
 use crate::table::{KeyError, RouteError, Table, Target, UserKey};
 
@@ -747,7 +747,31 @@ impl Gateway {
             .await;
         match first {
             Ok((resp, inflight)) => self.pass(resp, inflight, fin, stream),
-            Err(Stop::MustWait) => self.wait_streaming(job, deadline, excluded, fin),
+            Err(Stop::MustWait) => {
+                // A full queue is refused before the stream starts, while
+                // a status can still say so.
+                let waiting = self
+                    .queues
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&job.model)
+                    .copied()
+                    .unwrap_or(0);
+                if waiting >= self.config.queue_limit {
+                    let e = ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "server_error",
+                        "queue_full",
+                        format!(
+                            "{waiting} requests already wait for {:?}; try again shortly",
+                            job.asked
+                        ),
+                    )
+                    .retry_after(1);
+                    return self.error(fin, e);
+                }
+                self.wait_streaming(job, deadline, excluded, fin)
+            }
             Err(Stop::Gone) => self.error(fin, client_closed()),
             Err(Stop::Error(e)) => self.error(fin, e),
         }
@@ -838,7 +862,7 @@ impl Gateway {
             }
             let candidates: Vec<&crate::table::Replica> = target
                 .ready()
-                .filter(|r| !excluded.iter().any(|x| *x == r.base_url))
+                .filter(|r| !excluded.contains(&r.base_url))
                 .collect();
             if let Some((i, inflight)) = self.balancer.choose(&candidates, job.conv) {
                 let r = candidates[i];
@@ -865,6 +889,9 @@ impl Gateway {
                             "upstream {}; trying elsewhere", f.kind()
                         );
                         self.metrics.upstream_error(&job.model, f.kind());
+                        if f == Failure::Connect {
+                            self.balancer.failed(&r.base_url);
+                        }
                         self.metrics.retry();
                         excluded.push(r.base_url.clone());
                         continue;
@@ -1185,3 +1212,8 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
         self.inner.is_write_vectored()
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests unwrap what they built themselves.
+#[path = "server_tests.rs"]
+mod tests;

@@ -361,6 +361,7 @@ pub fn state_word(s: v1::InstanceState) -> &'static str {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests unwrap what they built themselves.
 mod tests {
     use super::*;
 
