@@ -882,7 +882,14 @@ impl Gateway {
                     _ => send.await,
                 };
                 match sent {
-                    Ok(resp) => return Ok((resp, inflight)),
+                    Ok(mut resp) => {
+                        // Which node answered, for people and tests
+                        // (never the instance's address or key).
+                        if let Ok(v) = http::HeaderValue::from_str(&r.node) {
+                            resp.headers_mut().insert("x-halo-node", v);
+                        }
+                        return Ok((resp, inflight));
+                    }
                     Err(f) => {
                         tracing::warn!(
                             replica = %r.base_url, node = %r.node, model = %job.model,
