@@ -79,13 +79,19 @@ impl TokenBucket {
 
 /// Who may call what when the agent serves mutual TLS: the one place that
 /// lists the methods that change something. Only the controller starts and
-/// stops instances; the controller and people (admin, read-only) may look;
-/// another agent may do nothing.
+/// stops instances; the controller, people (admin, read-only) and gateways
+/// (`gateway`, or another node's agent serving one) may look.
 pub const POLICY: Policy = Policy {
     service: "AgentService",
     mutating: &["StartInstance", "StopInstance"],
     writers: &[Role::Controller],
-    readers: &[Role::Controller, Role::Admin, Role::ReadOnly],
+    readers: &[
+        Role::Controller,
+        Role::Admin,
+        Role::ReadOnly,
+        Role::Gateway,
+        Role::Agent,
+    ],
 };
 
 /// The gRPC service over a supervisor.

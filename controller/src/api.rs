@@ -38,12 +38,20 @@ pub struct ControllerApi {
 
 /// Who may call what when the controller serves mutual TLS: the one place
 /// that lists the methods that change desired state. Admins change it;
-/// admins and read-only clients look; agents and controllers do neither.
+/// admins and read-only clients look; gateways (and agents, which serve
+/// gateways too) look in order to route (`Routes`, which carries secrets,
+/// is refused to read-only); controllers do neither.
 pub const POLICY: Policy = Policy {
     service: "ControllerService",
-    mutating: &["Place", "Unplace", "PutCatalogEntry"],
+    mutating: &[
+        "Place",
+        "Unplace",
+        "PutCatalogEntry",
+        "CreateKey",
+        "RevokeKey",
+    ],
     writers: &[Role::Admin],
-    readers: &[Role::Admin, Role::ReadOnly],
+    readers: &[Role::Admin, Role::ReadOnly, Role::Gateway, Role::Agent],
 };
 
 impl ControllerApi {
@@ -508,32 +516,96 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
         Ok(Response::new(v1::EndpointsResponse { endpoints }))
     }
 
+    #[tracing::instrument(skip_all)]
     async fn routes(
         &self,
-        _r: Request<v1::RoutesRequest>,
+        r: Request<v1::RoutesRequest>,
     ) -> Result<Response<v1::RoutesResponse>, Status> {
-        Err(Status::unimplemented("Routes: not yet"))
+        // Instance API keys and key hashes: never for a read-only caller.
+        if !self.access.check_secrets("Routes", &r)? {
+            return Err(Status::permission_denied(
+                "ControllerService.Routes carries instance API keys and user-key hashes: it \
+                 needs role admin, gateway or agent; the client certificate's role is read-only",
+            ));
+        }
+        let catalog = self.desired.catalog().await?;
+        let (placed, _) = self.desired.placements().await?;
+        let placements: Vec<Placement> = placed.into_iter().map(|v| v.value).collect();
+        let keys = crate::keys::list(&self.desired).await?;
+        let by_request = instances_by_request(&self.observed);
+        let refused = placements
+            .iter()
+            .flat_map(|p| p.replicas.iter().map(|r| p.key(r).request_id()))
+            .filter(|rid| self.observed.start_refused(rid).is_some())
+            .collect();
+        let nodes = self.observed.read().clone();
+        let resp = crate::routes::build(&crate::routes::Snapshot {
+            placements: &placements,
+            catalog: &catalog,
+            nodes: &nodes,
+            by_request: &by_request,
+            refused: &refused,
+            keys: &keys,
+            timing: self.observed.timing(),
+            now: Instant::now(),
+            now_unix_ms: proto::units::now_unix_ms(),
+        });
+        Ok(Response::new(resp))
     }
 
+    #[tracing::instrument(skip_all, fields(name = %r.get_ref().name.escape_debug()))]
     async fn create_key(
         &self,
-        _r: Request<v1::CreateKeyRequest>,
+        r: Request<v1::CreateKeyRequest>,
     ) -> Result<Response<v1::CreateKeyResponse>, Status> {
-        Err(Status::unimplemented("CreateKey: not yet"))
+        self.access.check("CreateKey", &r)?;
+        let (rec, secret) = crate::keys::create(&self.desired, r.get_ref()).await?;
+        let scope = |v: Vec<String>| {
+            if v.is_empty() {
+                "all".to_owned()
+            } else {
+                v.join(",")
+            }
+        };
+        self.events.emit(
+            "key_created",
+            &rec.name,
+            format!(
+                "modes {}, models {}",
+                scope(rec.modes.iter().map(ToString::to_string).collect()),
+                scope(rec.models.clone())
+            ),
+        );
+        Ok(Response::new(v1::CreateKeyResponse {
+            key: Some(rec.to_wire(false)),
+            secret,
+        }))
     }
 
+    #[tracing::instrument(skip_all)]
     async fn list_keys(
         &self,
-        _r: Request<v1::ListKeysRequest>,
+        r: Request<v1::ListKeysRequest>,
     ) -> Result<Response<v1::ListKeysResponse>, Status> {
-        Err(Status::unimplemented("ListKeys: not yet"))
+        self.access.check("ListKeys", &r)?;
+        let keys = crate::keys::list(&self.desired)
+            .await?
+            .iter()
+            .map(|k| k.to_wire(false))
+            .collect();
+        Ok(Response::new(v1::ListKeysResponse { keys }))
     }
 
+    #[tracing::instrument(skip_all, fields(name = %r.get_ref().name.escape_debug()))]
     async fn revoke_key(
         &self,
-        _r: Request<v1::RevokeKeyRequest>,
+        r: Request<v1::RevokeKeyRequest>,
     ) -> Result<Response<v1::RevokeKeyResponse>, Status> {
-        Err(Status::unimplemented("RevokeKey: not yet"))
+        self.access.check("RevokeKey", &r)?;
+        let name = r.into_inner().name;
+        crate::keys::revoke(&self.desired, &name).await?;
+        self.events.emit("key_revoked", &name, "revoked");
+        Ok(Response::new(v1::RevokeKeyResponse {}))
     }
 
     type WatchEventsStream = EventStream;

@@ -14,6 +14,9 @@ pub enum Error {
     /// The named thing does not exist.
     #[error("not found: {0}")]
     NotFound(String),
+    /// What the request would make already exists (e.g. a user key's name).
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
     /// The request is valid but cannot be served in the current state
     /// (e.g. a placement with no instance yet).
     #[error("{0}")]
@@ -56,6 +59,7 @@ impl From<Error> for tonic::Status {
             Error::NotLeader => Code::FailedPrecondition,
             Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::NotFound(_) => Code::NotFound,
+            Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Conflict(_) => Code::Aborted,
             Error::Store(StoreError::Unavailable(_)) => Code::Unavailable,

@@ -2,8 +2,9 @@
 //! desired-state store ([`store`]), placement as a pure function
 //! ([`placement`]), the view of agents ([`observe`]), reconcile and node
 //! loss ([`reconcile`]), a replica's generations and a split's sides
-//! ([`lifecycle`]), the gRPC API ([`api`]), configuration ([`config`])
-//! and the daemon that ties them together ([`daemon`]).
+//! ([`lifecycle`]), the gRPC API ([`api`]) with the gateways' routing
+//! table ([`routes`]) and user keys ([`keys`]), configuration
+//! ([`config`]) and the daemon that ties them together ([`daemon`]).
 
 pub mod api;
 pub mod cli;
@@ -13,11 +14,13 @@ pub mod desired;
 pub mod error;
 pub mod estimate;
 pub mod events;
+pub mod keys;
 pub mod leader;
 pub mod lifecycle;
 pub mod nodes;
 pub mod observe;
 pub mod placement;
 pub mod reconcile;
+pub mod routes;
 pub mod split;
 pub mod store;

@@ -228,7 +228,7 @@ fn issue(a: &IssueArgs) -> Result<(), Failure> {
     if a.hosts.is_empty()
         && matches!(
             kind,
-            Kind::Role(Role::Agent | Role::Controller) | Kind::Etcd
+            Kind::Role(Role::Agent | Role::Controller | Role::Gateway) | Kind::Etcd
         )
     {
         eprintln!(
@@ -308,10 +308,23 @@ mod tests {
             proto::tls::roles_of_cert(&pem_to_der(&pem)),
             vec![Role::Admin]
         );
+        // A gateway's certificate names its role.
+        let g = CertsArgs {
+            command: CertsCommand::Issue(issue_args(d.path(), "gateway", "laptop")),
+        };
+        assert!(run(&g).is_ok());
+        let pem = std::fs::read_to_string(d.path().join("gateway-laptop.pem")).expect("pem");
+        assert_eq!(
+            proto::tls::roles_of_cert(&pem_to_der(&pem)),
+            vec![Role::Gateway]
+        );
         let bad = CertsArgs {
             command: CertsCommand::Issue(issue_args(d.path(), "root", "x")),
         };
-        assert!(matches!(run(&bad), Err(Failure::Usage(_))));
+        match run(&bad) {
+            Err(Failure::Usage(m)) => assert!(m.contains("gateway"), "{m}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -111,6 +111,12 @@ pub enum Command {
         Editors then use base URL http://127.0.0.1:8080/v1, a key from `haloctl keys create`,\n\
         and a model name, a catalog name or a mode (ask, code, autocomplete, architect, debug).")]
     Gateway(GatewayArgs),
+    /// User keys for the gateways: create (the key is shown once), list, revoke.
+    #[command(after_help = "Examples:\n  \
+        haloctl keys create alice --modes ask,code --expires 90\n  \
+        haloctl keys list\n  \
+        haloctl keys revoke alice")]
+    Keys(crate::keys::KeysArgs),
     /// The log of a placement's llama-server, read through its agent.
     #[command(
         after_help = "Examples:\n  haloctl logs gpt-oss-20b\n  haloctl logs qwen3-coder-30b --replica 1 -n 200 -f"
@@ -152,7 +158,7 @@ pub enum Command {
         haloctl fixture write tiny /tmp/tiny.gguf")]
     Fixture(FixtureArgs),
     /// Mutual TLS material: a small CA, and certificates it signs for
-    /// agents, controllers and people (admin or read-only).
+    /// agents, controllers, gateways and people (admin or read-only).
     #[command(after_help = "Examples:\n  \
         haloctl certs init --dir /etc/halo/tls\n  \
         haloctl certs issue controller halo-ctl --dir /etc/halo/tls --host halo1\n  \
@@ -387,8 +393,9 @@ pub enum CertsCommand {
     /// urn:halo:role:ROLE.
     #[command(
         after_help = "Roles: agent (a node's halo-agent), controller (halo-controller; the only \
-        role that may start\nor stop instances on agents), admin (may change placements and the \
-        catalog), read-only (may look).\n\
+        role that may start\nor stop instances on agents), admin (may change placements, the \
+        catalog and user keys),\nread-only (may look), gateway (`haloctl gateway`: reads the \
+        routes with the instances' API keys,\nserves HTTPS to editors).\n\
         etcd is no role: etcd's own server and peer certificate (serverAuth and clientAuth), \
         without a\nrole URI, so no halo service accepts it.\n\n\
         Examples:\n  \
@@ -402,8 +409,8 @@ pub enum CertsCommand {
 /// Arguments of `haloctl certs issue`.
 #[derive(Debug, Args)]
 pub struct IssueArgs {
-    /// agent, controller, admin (`client` is the same) or read-only; or
-    /// etcd, for etcd itself.
+    /// agent, controller, admin (`client` is the same), read-only or
+    /// gateway; or etcd, for etcd itself.
     pub role: String,
     /// Who the certificate is for (its common name), e.g. a node or a person.
     pub name: String,

@@ -295,9 +295,10 @@ impl Target {
                 }
                 self.unreachable(&why)
             }
-            Code::NotFound | Code::InvalidArgument | Code::FailedPrecondition => {
-                Failure::Refused(s.message().to_owned())
-            }
+            Code::NotFound
+            | Code::InvalidArgument
+            | Code::FailedPrecondition
+            | Code::AlreadyExists => Failure::Refused(s.message().to_owned()),
             _ => Failure::Other(anyhow::anyhow!(
                 "controller answered {:?}: {}",
                 s.code(),

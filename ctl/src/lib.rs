@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod fixture;
 pub mod gateway;
 pub mod inspect;
+pub mod keys;
 pub mod memory;
 pub mod output;
 pub mod place;
@@ -71,6 +72,7 @@ where
         cli::Command::Logs(a) => target().and_then(|t| cluster::logs(&t, &a)),
         cli::Command::Unplace(a) => target().and_then(|t| cluster::unplace(&t, &a)),
         cli::Command::Place(a) => target().and_then(|t| place::run(&t, &a)),
+        cli::Command::Keys(a) => target().and_then(|t| keys::run(&t, &a)),
         cli::Command::Completions(a) => {
             let mut out = Vec::new();
             clap_complete::generate(a.shell, &mut cli::command(), "haloctl", &mut out);

@@ -61,6 +61,14 @@ fn help_of_every_command_matches_its_snapshot() {
         let h = help(&["haloctl", "certs", sub, "--help"]);
         check(&format!("help-certs-{sub}"), &h);
     }
+    for sub in ["create", "list", "revoke"] {
+        let h = help(&["haloctl", "keys", sub, "--help"]);
+        assert!(
+            h.contains("Example"),
+            "`keys {sub} --help` has no example:\n{h}"
+        );
+        check(&format!("help-keys-{sub}"), &h);
+    }
 }
 
 #[test]
@@ -404,6 +412,40 @@ fn place_decisions_match_their_snapshots() {
 }
 
 #[test]
+fn keys_table_and_created_key_match_their_snapshots() {
+    use crate::keys::{CreatedJson, keys_json, render_created, render_keys_at};
+    // 2026-03-01 12:00 UTC.
+    let t0 = 1_772_366_400_000;
+    const DAY: u64 = 86_400_000;
+    let key =
+        |name: &str, modes: &[v1::EditorMode], models: &[&str], expires: Option<u64>| v1::UserKey {
+            name: name.into(),
+            sha256: String::new(),
+            modes: modes.iter().map(|m| *m as i32).collect(),
+            models: models.iter().map(|m| (*m).to_owned()).collect(),
+            created_unix_ms: t0,
+            expires_unix_ms: expires,
+        };
+    let keys = [
+        key("alice", &[], &[], None),
+        key(
+            "laptop",
+            &[v1::EditorMode::Ask, v1::EditorMode::Code],
+            &[],
+            Some(t0 + 90 * DAY),
+        ),
+        key("ci", &[], &["tiny"], Some(t0 + DAY)),
+    ];
+    check("keys", &render_keys_at(&keys_json(&keys), t0 + 2 * DAY));
+    check("keys-empty", &render_keys_at(&[], t0));
+    let created = CreatedJson {
+        key: keys_json(&keys[1..2]).remove(0),
+        secret: format!("halo-{}", "A".repeat(43)),
+    };
+    check("keys-created", &render_created(&created));
+}
+
+#[test]
 fn completions_name_every_command() {
     use clap::CommandFactory;
     for shell in [
@@ -414,7 +456,14 @@ fn completions_name_every_command() {
         let mut out = Vec::new();
         clap_complete::generate(shell, &mut crate::cli::Cli::command(), "haloctl", &mut out);
         let s = String::from_utf8_lossy(&out);
-        for cmd in ["nodes", "place", "unplace", "endpoints", "completions"] {
+        for cmd in [
+            "nodes",
+            "place",
+            "unplace",
+            "endpoints",
+            "keys",
+            "completions",
+        ] {
             assert!(s.contains(cmd), "{shell:?} completions lack `{cmd}`");
         }
     }

@@ -7,7 +7,8 @@
 //! (`conformance`, behind the `conformance` feature the tests enable,
 //! checks both backends behave the same).
 //!
-//! Keys live under [`ROOT`]: `nodes/`, `catalog/`, `placements/`, `leader`.
+//! Keys live under [`ROOT`]: `nodes/`, `catalog/`, `placements/`, `keys/`
+//! (user keys of the gateways, hashed), `leader`.
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
@@ -25,6 +26,8 @@ pub const NODES: &str = "/halo/v1/nodes/";
 pub const CATALOG: &str = "/halo/v1/catalog/";
 /// Placements.
 pub const PLACEMENTS: &str = "/halo/v1/placements/";
+/// User keys of the gateways (their SHA-256, never their text).
+pub const KEYS: &str = "/halo/v1/keys/";
 /// The leader record (embedded store) / election prefix (etcd).
 pub const LEADER: &str = "/halo/v1/leader";
 
