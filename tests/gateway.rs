@@ -136,7 +136,7 @@ async fn place(c: &ControllerProc, node: Option<&str>, replicas: u32) {
         .place(v1::PlaceRequest {
             role: "speed".into(),
             model: "tiny".into(),
-            node: node.map(str::to_owned),
+            node: node.unwrap_or_default().to_owned(),
             replicas,
             ..v1::PlaceRequest::default()
         })
@@ -363,12 +363,14 @@ async fn under_load_a_node_loss_fails_only_requests_in_flight_and_a_replace_fail
         &nodes,
         &["--grace-ms", "1000", "--heartbeat-ms", "250", "--move-after-secs", "3", "--requeue-ms", "300"],
     );
-    let [mut a, b] = nodes;
     ctl.start();
     let mut c = connect(&ctl.url()).await;
     assert!(wait_nodes(&mut c, &["halo1", "halo2"], v1::NodeStatus::Ready, Duration::from_secs(20)).await);
-    place(&ctl, Some("halo1"), 1).await;
-    let _ = tests::cluster::endpoint(&c, "tiny", Duration::from_secs(60)).await.expect("ready");
+    // Floating (not pinned): a node loss moves it.
+    place(&ctl, None, 1).await;
+    let ep = tests::cluster::endpoint(&c, "tiny", Duration::from_secs(60)).await.expect("ready");
+    let [x, y] = nodes;
+    let (mut a, b) = if ep.node == x.name { (x, y) } else { (y, x) };
     let front = workstation_gateway(dir.path(), &ctl, &[]);
     let key = create_key(&ctl, dir.path(), "load", &[]);
     let secs = load_secs();
@@ -399,7 +401,8 @@ async fn under_load_a_node_loss_fails_only_requests_in_flight_and_a_replace_fail
     std::thread::sleep(Duration::from_secs(secs / 3));
     let o = haloctl(&ctl, dir.path()).args(["unplace", "tiny"]).output().expect("unplace");
     assert!(o.status.success(), "{}", text(&o.stderr));
-    place(&ctl, Some("halo1"), 1).await;
+    let back = a.name.clone();
+    place(&ctl, Some(&back), 1).await;
     std::thread::sleep(Duration::from_secs(secs));
     let v = load.finish();
     eprintln!("MEASURE unplace + place under load: {}", summary(&v));

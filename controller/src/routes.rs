@@ -149,7 +149,26 @@ pub fn build(s: &Snapshot<'_>) -> v1::RoutesResponse {
                 state: placement_state(p, words),
             }
         })
-        .collect();
+        .collect::<Vec<v1::Route>>();
+    // Catalog models with no placement: a gateway knows their names and
+    // modes, so a request during an unplace-then-place waits instead of
+    // hearing "no such model".
+    let mut routes = routes;
+    for (name, e) in s.catalog {
+        if !s.placements.iter().any(|p| &p.model == name) {
+            routes.push(v1::Route {
+                placement: String::new(),
+                model: name.clone(),
+                modes: e
+                    .modes
+                    .iter()
+                    .map(|m| v1::EditorMode::from(*m) as i32)
+                    .collect(),
+                replicas: Vec::new(),
+                state: "not placed".into(),
+            });
+        }
+    }
     let nodes = s
         .nodes
         .values()

@@ -50,8 +50,9 @@ impl Load {
 
 /// The candidate to use: the least loaded (a free slot first, then fewest
 /// in flight; ties taken in turn from `turn`), or `preferred` (the
-/// conversation's replica) unless it is clearly busier: no idle slot while
-/// the least loaded has one, or two or more requests more in flight.
+/// conversation's replica) unless it is clearly busier: two or more
+/// requests more in flight, or no idle slot while the least loaded has two
+/// or more.
 pub fn pick(loads: &[Load], preferred: Option<usize>, turn: usize) -> usize {
     let n = loads.len();
     if n == 0 {
@@ -68,7 +69,11 @@ pub fn pick(loads: &[Load], preferred: Option<usize>, turn: usize) -> usize {
     match preferred {
         Some(p) if p < n => {
             let (a, b) = (&loads[p], &loads[best]);
-            let busier = (a.saturated() && !b.saturated()) || a.in_flight >= b.in_flight + 2;
+            // One request queued behind another costs less than
+            // re-reading a long conversation's prompt elsewhere: stay
+            // unless the other is clearly freer.
+            let busier = a.in_flight >= b.in_flight + 2
+                || (a.saturated() && b.idle_slots.is_some_and(|i| i >= 2));
             if busier { best } else { p }
         }
         _ => best,
@@ -392,8 +397,11 @@ mod tests {
 
     #[test]
     fn picker_yields_affinity_when_the_replica_is_saturated() {
-        // No idle slot while another has one.
-        assert_eq!(pick(&[l(1, Some(1)), l(4, Some(0))], Some(1), 0), 0);
+        // No idle slot while another has two or more.
+        assert_eq!(pick(&[l(1, Some(2)), l(1, Some(0))], Some(1), 0), 0);
+        // One request behind another on a one-slot replica: stays (a
+        // prompt re-read elsewhere costs more).
+        assert_eq!(pick(&[l(0, Some(1)), l(1, Some(0))], Some(1), 0), 1);
         // Two more in flight than the least loaded.
         assert_eq!(pick(&[l(0, None), l(2, None)], Some(1), 0), 0);
         // Both saturated and even: stays.

@@ -37,12 +37,12 @@ pub struct FeedConfig {
 }
 
 impl FeedConfig {
-    /// Reads the controllers every second.
+    /// Reads the controllers twice a second.
     pub fn new(controllers: Vec<String>, tls: Option<ClientTlsConfig>) -> FeedConfig {
         FeedConfig {
             controllers,
             tls,
-            poll: Duration::from_secs(1),
+            poll: Duration::from_millis(500),
         }
     }
 }

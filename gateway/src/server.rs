@@ -52,6 +52,11 @@ const INFERENCE: [&str; 5] = [
     "/infill",
     "/completion",
 ];
+/// How long a request for a catalog model with no placement waits (for an
+/// unplace-then-place to finish) before a 503.
+const UNPLACED_WAIT: Duration = Duration::from_secs(15);
+/// Longest wait for a fresh table when a key is not (yet) known.
+const KEY_REFRESH_WAIT: Duration = Duration::from_secs(2);
 /// How often a waiting stream hears that it is still waiting.
 const KEEPALIVE_EVERY: Duration = Duration::from_secs(5);
 /// After every ready replica failed for a request, how long before they
@@ -574,7 +579,7 @@ impl Gateway {
                 );
                 r
             }
-            ("/v1/models", &Method::GET) => self.models(&req, fin),
+            ("/v1/models", &Method::GET) => self.models(&req, fin).await,
             ("/health" | "/metrics" | "/v1/models", _) => self.error(fin, method_not_allowed("GET")),
             _ => self.error(
                 fin,
@@ -606,6 +611,44 @@ impl Gateway {
         r
     }
 
+    /// The caller's key, from the current table; a key the table does not
+    /// know yet is looked up once more in the next table read after the
+    /// request arrived (a key made a moment ago works at once), waiting at
+    /// most [`KEY_REFRESH_WAIT`].
+    async fn authenticate_fresh(&self, headers: &HeaderMap) -> (Arc<Table>, Result<UserKey, ApiError>) {
+        let table = self.table.borrow().clone();
+        let first = self.authenticate(&table, headers);
+        // Only a table the controller refreshes can learn a new key.
+        let unknown = matches!(&first, Err(e) if e.code == "invalid_api_key")
+            && table.controller_at_unix_ms > 0;
+        if !unknown {
+            return (table, first);
+        }
+        let asked_at = proto::units::now_unix_ms();
+        let mut rx = self.table.clone();
+        let fresh = tokio::time::timeout(KEY_REFRESH_WAIT, async {
+            loop {
+                if rx.changed().await.is_err() {
+                    return None;
+                }
+                let t = rx.borrow_and_update().clone();
+                if t.controller_at_unix_ms >= asked_at {
+                    return Some(t);
+                }
+            }
+        })
+        .await
+        .ok()
+        .flatten();
+        match fresh {
+            Some(t) => {
+                let r = self.authenticate(&t, headers);
+                (t, r)
+            }
+            None => (table, first),
+        }
+    }
+
     fn authenticate(&self, table: &Table, headers: &HeaderMap) -> Result<UserKey, ApiError> {
         let secret = headers
             .get(header::AUTHORIZATION)
@@ -622,9 +665,9 @@ impl Gateway {
 
     /// `GET /v1/models`: placements, catalog names and modes the key may
     /// use, with their state.
-    fn models(&self, req: &Request<Incoming>, mut fin: Finish) -> Response<Tracked> {
-        let table = self.table.borrow().clone();
-        let key = match self.authenticate(&table, req.headers()) {
+    async fn models(&self, req: &Request<Incoming>, mut fin: Finish) -> Response<Tracked> {
+        let (table, key) = self.authenticate_fresh(req.headers()).await;
+        let key = match key {
             Ok(k) => k,
             Err(e) => return self.error(fin, e),
         };
@@ -652,7 +695,7 @@ impl Gateway {
                         "kind": kind,
                         "state": state,
                         "ready_replicas": ready,
-                        "placements": t.routes.iter().map(|r| r.placement.as_str()).collect::<Vec<_>>(),
+                        "placements": t.routes.iter().map(|r| r.placement.as_str()).filter(|p| !p.is_empty()).collect::<Vec<_>>(),
                     }
                 }))
             })
@@ -666,8 +709,8 @@ impl Gateway {
 
     /// An inference request: see the module's header for the steps.
     async fn infer(self: Arc<Self>, req: Request<Incoming>, mut fin: Finish) -> Response<Tracked> {
-        let table = self.table.borrow().clone();
-        let key = match self.authenticate(&table, req.headers()) {
+        let (table, key) = self.authenticate_fresh(req.headers()).await;
+        let key = match key {
             Ok(k) => k,
             Err(e) => return self.error(fin, e),
         };
@@ -911,7 +954,30 @@ impl Gateway {
                 retry_at = Some(Instant::now() + RETRY_PAUSE);
             }
             let now = Instant::now();
+            // A model with no placement at all waits only as long as a
+            // re-placement takes, not a load.
+            let deadline = if target.unplaced() {
+                let began = deadline.checked_sub(self.config.queue_timeout).unwrap_or(now);
+                deadline.min(began + UNPLACED_WAIT.min(self.config.queue_timeout))
+            } else {
+                deadline
+            };
             if now >= deadline {
+                if target.unplaced() {
+                    return Err(Stop::Error(
+                        ApiError::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "server_error",
+                            "model_not_placed",
+                            format!(
+                                "{:?} is in the catalog but not placed: {} (haloctl place ROLE MODEL)",
+                                job.asked,
+                                target.states()
+                            ),
+                        )
+                        .retry_after(10),
+                    ));
+                }
                 return Err(Stop::Error(
                     ApiError::new(
                         StatusCode::SERVICE_UNAVAILABLE,

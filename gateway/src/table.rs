@@ -233,7 +233,9 @@ impl Table {
     pub fn names(&self) -> Vec<String> {
         let mut s = BTreeSet::new();
         for r in &self.routes {
-            s.insert(r.placement.clone());
+            if !r.placement.is_empty() {
+                s.insert(r.placement.clone());
+            }
             s.insert(r.model.clone());
             for m in &r.modes {
                 s.insert(m.as_str().to_owned());
@@ -262,6 +264,13 @@ impl UserKey {
 }
 
 impl Target<'_> {
+    /// Whether no matching catalog model is placed at all (a request then
+    /// waits only briefly: a re-placement, not a load, is what it can
+    /// expect).
+    pub fn unplaced(&self) -> bool {
+        self.routes.iter().all(|r| r.placement.is_empty())
+    }
+
     /// Ready replicas of every matching placement.
     pub fn ready(&self) -> impl Iterator<Item = &Replica> {
         self.routes
@@ -274,7 +283,10 @@ impl Target<'_> {
     pub fn states(&self) -> String {
         self.routes
             .iter()
-            .map(|r| format!("{} is {}", r.placement, r.state))
+            .map(|r| {
+                let name = if r.placement.is_empty() { &r.model } else { &r.placement };
+                format!("{name} is {}", r.state)
+            })
             .collect::<Vec<_>>()
             .join("; ")
     }
