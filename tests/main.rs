@@ -18,6 +18,7 @@ mod deploy;
 mod estimate;
 mod fitparams;
 mod hostile;
+mod keys;
 mod llama;
 mod split;
 mod tls;
