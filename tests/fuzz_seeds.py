@@ -163,7 +163,16 @@ def controller():
     write(t, "placement-split", 10, placement(True))
     write(t, "stored-placement", 11, stored_placement(False))
     write(t, "stored-placement-split", 11, stored_placement(True))
-    write(t, "stored-catalog-entry", 12, json.dumps({
+    write(t, "routes", 12, b"")
+    write(t, "create-key", 13, msg((1, "laptop"), (2, [1, 2]), (3, "qwen3-coder-30b"),
+                                   (4, 90)))
+    write(t, "list-keys", 14, b"")
+    write(t, "revoke-key", 15, msg((1, "laptop")))
+    write(t, "stored-key", 16, json.dumps({
+        "name": "laptop", "sha256": "ab" * 32, "modes": ["ask", "code"],
+        "models": ["qwen3-coder-30b"], "created_unix_ms": 1772366400000,
+        "expires_unix_ms": 1780142400000}).encode())
+    write(t, "stored-catalog-entry", 17, json.dumps({
         "name": "qwen3-coder-30b", "model_id": "qwen3/coder.gguf",
         "default_context": 32768, "min_context": 4096, "cache_type_k": "q8_0",
         "cache_type_v": "f16", "extra_flags": ["--jinja"], "priority": 5,

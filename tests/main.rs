@@ -19,6 +19,7 @@ mod estimate;
 mod fitparams;
 mod gateway;
 mod hostile;
+mod keys;
 mod llama;
 mod split;
 mod tls;

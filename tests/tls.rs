@@ -32,6 +32,7 @@ impl Pki {
             ("controller", "ctl"),
             ("admin", "alice"),
             ("read-only", "bob"),
+            ("gateway", "gw"),
         ] {
             let mut a = vec!["certs", "issue", role, name, "--dir", &d];
             a.extend(host);
@@ -242,11 +243,46 @@ async fn controller_matrix(ch: Channel) -> Vec<(&'static str, Code)> {
                 .map(drop),
             ),
         ),
+        (
+            "Routes",
+            code(c.routes(v1::RoutesRequest {}).await.map(drop)),
+        ),
+        (
+            "CreateKey",
+            code(
+                c.create_key(v1::CreateKeyRequest {
+                    name: "intruder".into(),
+                    ..v1::CreateKeyRequest::default()
+                })
+                .await
+                .map(drop),
+            ),
+        ),
+        (
+            "ListKeys",
+            code(c.list_keys(v1::ListKeysRequest {}).await.map(drop)),
+        ),
+        (
+            "RevokeKey",
+            code(
+                c.revoke_key(v1::RevokeKeyRequest {
+                    name: "intruder".into(),
+                })
+                .await
+                .map(drop),
+            ),
+        ),
     ]
 }
 
 const AGENT_MUTATING: &[&str] = &["StartInstance", "StopInstance"];
-const CONTROLLER_MUTATING: &[&str] = &["Place", "Unplace", "PutCatalogEntry"];
+const CONTROLLER_MUTATING: &[&str] = &[
+    "Place",
+    "Unplace",
+    "PutCatalogEntry",
+    "CreateKey",
+    "RevokeKey",
+];
 
 /// Every outcome in `got` is `want` (for the methods `only` names, or all).
 fn expect_all(what: &str, got: &[(&str, Code)], want: &[Code], only: Option<&[&str]>) {
@@ -339,9 +375,9 @@ async fn mutual_tls_refuses_every_wrong_caller_on_every_method_and_places_with_t
 
     // Valid certificates with the wrong role.
     let me = |base: &'static str| pki.client(Some((tls_dir.as_path(), base)));
-    let got = agent_matrix(channel(ap, me("agent-halo1"))).await;
-    expect_all("agent → agent", &got, &[Code::PermissionDenied], None);
-    for base in ["read-only-bob", "admin-alice"] {
+    // People look; gateways (a gateway's own certificate, or another
+    // node's agent serving one) watch; only the controller starts.
+    for base in ["read-only-bob", "admin-alice", "agent-halo1", "gateway-gw"] {
         let got = agent_matrix(channel(ap, me(base))).await;
         expect_all(
             &format!("{base} → agent"),
@@ -362,33 +398,48 @@ async fn mutual_tls_refuses_every_wrong_caller_on_every_method_and_places_with_t
             None,
         );
     }
-    let got = controller_matrix(channel(cp, me("read-only-bob"))).await;
-    expect_all(
-        "read-only → controller",
-        &got,
-        &[Code::PermissionDenied],
-        Some(CONTROLLER_MUTATING),
-    );
-    let reads: Vec<_> = got
-        .iter()
-        .filter(|(m, _)| !CONTROLLER_MUTATING.contains(m))
-        .copied()
-        .collect();
-    expect_all(
-        "read-only reads controller",
-        &reads,
-        &[Code::Ok, Code::NotFound],
-        None,
-    );
-    for base in ["agent-halo1", "controller-ctl"] {
+    // Read-only, gateways and agents read the controller, and change
+    // nothing; Routes (instance API keys, user-key hashes) is not
+    // read-only's.
+    for base in ["read-only-bob", "agent-halo1", "gateway-gw"] {
         let got = controller_matrix(channel(cp, me(base))).await;
+        let refused: &[&str] = if base == "read-only-bob" {
+            &[
+                "Place",
+                "Unplace",
+                "PutCatalogEntry",
+                "CreateKey",
+                "RevokeKey",
+                "Routes",
+            ]
+        } else {
+            CONTROLLER_MUTATING
+        };
         expect_all(
             &format!("{base} → controller"),
             &got,
             &[Code::PermissionDenied],
+            Some(refused),
+        );
+        let reads: Vec<_> = got
+            .iter()
+            .filter(|(m, _)| !refused.contains(m))
+            .copied()
+            .collect();
+        expect_all(
+            &format!("{base} reads controller"),
+            &reads,
+            &[Code::Ok, Code::NotFound],
             None,
         );
     }
+    let got = controller_matrix(channel(cp, me("controller-ctl"))).await;
+    expect_all(
+        "controller-ctl → controller",
+        &got,
+        &[Code::PermissionDenied],
+        None,
+    );
 
     // Nothing changed: no instance, no placement, no catalog entry.
     let mut agent_admin = AgentServiceClient::new(channel(ap, me("admin-alice")));
@@ -421,6 +472,13 @@ async fn mutual_tls_refuses_every_wrong_caller_on_every_method_and_places_with_t
         !format!("{catalog:?}").contains("intruder"),
         "catalog entry written: {catalog:?}"
     );
+    let keys = c
+        .list_keys(v1::ListKeysRequest {})
+        .await
+        .expect("keys")
+        .into_inner()
+        .keys;
+    assert!(keys.is_empty(), "a user key made: {keys:?}");
 
     // haloctl with a read-only certificate: refused, exit 1, says why.
     let url = format!("https://127.0.0.1:{cp}");
