@@ -179,12 +179,19 @@ impl Load {
                 std::thread::spawn(move || {
                     let mut n = 0u32;
                     while !stop.load(Ordering::Relaxed) {
-                        let stream = (n + t) % 2 == 0;
+                        let stream = (n + t).is_multiple_of(2);
                         let begin = Instant::now();
                         let body = chat_body(&model, &format!("client {t}"), stream);
                         let r = post(&url, Some(&key), &body);
                         let (ok, what) = match &r {
-                            Ok(a) => (complete(a, stream), format!("{} {}", a.status, a.body.chars().take(200).collect::<String>())),
+                            Ok(a) => (
+                                complete(a, stream),
+                                format!(
+                                    "{} {}",
+                                    a.status,
+                                    a.body.chars().take(200).collect::<String>()
+                                ),
+                            ),
                             Err(e) => (false, e.clone()),
                         };
                         results.lock().expect("results").push(Outcome {
@@ -219,8 +226,7 @@ impl Load {
         for t in self.threads {
             let _ = t.join();
         }
-        let v = self.results.lock().expect("results").clone();
-        v
+        self.results.lock().expect("results").clone()
     }
 }
 
@@ -231,7 +237,14 @@ fn summary(v: &[Outcome]) -> String {
         v.len(),
         v.iter().filter(|o| o.stream).count(),
         failed.len(),
-        failed.iter().take(5).collect::<Vec<_>>()
+        failed
+            .iter()
+            .take(5)
+            .map(|o| format!(
+                "[{:?}..{:?} stream={}] {}",
+                o.start, o.end, o.stream, o.what
+            ))
+            .collect::<Vec<_>>()
     )
 }
 
@@ -251,7 +264,15 @@ async fn a_mode_answers_through_one_url_and_key_and_bad_keys_reach_nothing() {
     let mut ctl = tiny_controller(dir.path(), &nodes, &["--heartbeat-ms", "250"]);
     ctl.start();
     let mut c = connect(&ctl.url()).await;
-    assert!(wait_nodes(&mut c, &["halo1", "halo2"], v1::NodeStatus::Ready, Duration::from_secs(20)).await);
+    assert!(
+        wait_nodes(
+            &mut c,
+            &["halo1", "halo2"],
+            v1::NodeStatus::Ready,
+            Duration::from_secs(20)
+        )
+        .await
+    );
     let front = workstation_gateway(dir.path(), &ctl, &[]);
     let home = dir.path();
     let key = create_key(&ctl, home, "editor", &[]);
@@ -297,7 +318,11 @@ async fn a_mode_answers_through_one_url_and_key_and_bad_keys_reach_nothing() {
     // Unknown model: 404 naming what exists.
     let u = post(&url, Some(&key), &chat_body("nope/../x", "s", false)).expect("post");
     assert_eq!(u.status, 404, "{u:?}");
-    assert!(u.body.contains("\"error\"") && u.body.contains("code"), "{}", u.body);
+    assert!(
+        u.body.contains("\"error\"") && u.body.contains("code"),
+        "{}",
+        u.body
+    );
     // No key, a wrong key: 401. A key for `ask` asking for `code`: 403.
     let none = post(&url, None, &chat_body("code", "s", false)).expect("post");
     assert_eq!(none.status, 401, "{none:?}");
@@ -361,14 +386,33 @@ async fn under_load_a_node_loss_fails_only_requests_in_flight_and_a_replace_fail
     let mut ctl = tiny_controller(
         dir.path(),
         &nodes,
-        &["--grace-ms", "1000", "--heartbeat-ms", "250", "--move-after-secs", "3", "--requeue-ms", "300"],
+        &[
+            "--grace-ms",
+            "1000",
+            "--heartbeat-ms",
+            "250",
+            "--move-after-secs",
+            "3",
+            "--requeue-ms",
+            "300",
+        ],
     );
     ctl.start();
     let mut c = connect(&ctl.url()).await;
-    assert!(wait_nodes(&mut c, &["halo1", "halo2"], v1::NodeStatus::Ready, Duration::from_secs(20)).await);
+    assert!(
+        wait_nodes(
+            &mut c,
+            &["halo1", "halo2"],
+            v1::NodeStatus::Ready,
+            Duration::from_secs(20)
+        )
+        .await
+    );
     // Floating (not pinned): a node loss moves it.
     place(&ctl, None, 1).await;
-    let ep = tests::cluster::endpoint(&c, "tiny", Duration::from_secs(60)).await.expect("ready");
+    let ep = tests::cluster::endpoint(&c, "tiny", Duration::from_secs(60))
+        .await
+        .expect("ready");
     let [x, y] = nodes;
     let (mut a, b) = if ep.node == x.name { (x, y) } else { (y, x) };
     let front = workstation_gateway(dir.path(), &ctl, &[]);
@@ -388,18 +432,37 @@ async fn under_load_a_node_loss_fails_only_requests_in_flight_and_a_replace_fail
     let v = load.finish();
     eprintln!("MEASURE node loss under load: {}", summary(&v));
     let after: Vec<&Outcome> = v.iter().filter(|o| o.start > kill_at).collect();
-    let in_flight = v.iter().filter(|o| o.start <= kill_at && o.end > kill_at).count();
+    let in_flight = v
+        .iter()
+        .filter(|o| o.start <= kill_at && o.end > kill_at)
+        .count();
     let failed_in_flight = v.iter().filter(|o| !o.ok && o.start <= kill_at).count();
     assert!(failed_in_flight <= in_flight, "{}", summary(&v));
-    assert!(after.iter().all(|o| o.ok), "requests sent after the kill failed: {}\n{}", summary(&v), ctl.logs());
+    assert!(
+        after.iter().all(|o| o.ok),
+        "requests sent after the kill failed: {}\n{}",
+        summary(&v),
+        ctl.logs()
+    );
     assert!(after.len() > 20, "{}", summary(&v));
 
     // Unplace, then place on the other node, under load: nothing fails.
     a.start();
-    assert!(wait_nodes(&mut c, &["halo1", "halo2"], v1::NodeStatus::Ready, Duration::from_secs(20)).await);
+    assert!(
+        wait_nodes(
+            &mut c,
+            &["halo1", "halo2"],
+            v1::NodeStatus::Ready,
+            Duration::from_secs(20)
+        )
+        .await
+    );
     let load = Load::start(&front.url, &key, "code", 20, 8);
     std::thread::sleep(Duration::from_secs(secs / 3));
-    let o = haloctl(&ctl, dir.path()).args(["unplace", "tiny"]).output().expect("unplace");
+    let o = haloctl(&ctl, dir.path())
+        .args(["unplace", "tiny"])
+        .output()
+        .expect("unplace");
     assert!(o.status.success(), "{}", text(&o.stderr));
     let back = a.name.clone();
     place(&ctl, Some(&back), 1).await;
@@ -417,16 +480,31 @@ async fn with_every_controller_down_running_models_keep_answering() {
     let mut ctl = tiny_controller(dir.path(), &nodes, &["--heartbeat-ms", "250"]);
     ctl.start();
     let mut c = connect(&ctl.url()).await;
-    assert!(wait_nodes(&mut c, &["halo1", "halo2"], v1::NodeStatus::Ready, Duration::from_secs(20)).await);
+    assert!(
+        wait_nodes(
+            &mut c,
+            &["halo1", "halo2"],
+            v1::NodeStatus::Ready,
+            Duration::from_secs(20)
+        )
+        .await
+    );
     place(&ctl, None, 1).await;
-    let _ = tests::cluster::endpoint(&c, "tiny", Duration::from_secs(60)).await.expect("ready");
+    let _ = tests::cluster::endpoint(&c, "tiny", Duration::from_secs(60))
+        .await
+        .expect("ready");
     let front = workstation_gateway(dir.path(), &ctl, &[]);
     let key = create_key(&ctl, dir.path(), "load", &[]);
     // The gateway has read the table at least once.
     let warm = eventually(Duration::from_secs(10), || {
         let (u, k) = (front.url.clone(), key.clone());
         async move {
-            let a = post(&format!("{u}/v1/chat/completions"), Some(&k), &chat_body("code", "w", false)).ok()?;
+            let a = post(
+                &format!("{u}/v1/chat/completions"),
+                Some(&k),
+                &chat_body("code", "w", false),
+            )
+            .ok()?;
             complete(&a, false).then_some(())
         }
     })
@@ -449,7 +527,15 @@ async fn two_replicas_both_serve_and_a_conversation_stays_on_its_replica() {
     let mut ctl = tiny_controller(dir.path(), &nodes, &["--heartbeat-ms", "250"]);
     ctl.start();
     let mut c = connect(&ctl.url()).await;
-    assert!(wait_nodes(&mut c, &["halo1", "halo2"], v1::NodeStatus::Ready, Duration::from_secs(20)).await);
+    assert!(
+        wait_nodes(
+            &mut c,
+            &["halo1", "halo2"],
+            v1::NodeStatus::Ready,
+            Duration::from_secs(20)
+        )
+        .await
+    );
     place(&ctl, None, 2).await;
     let front = workstation_gateway(dir.path(), &ctl, &[]);
     let key = create_key(&ctl, dir.path(), "pair", &[]);
@@ -458,7 +544,12 @@ async fn two_replicas_both_serve_and_a_conversation_stays_on_its_replica() {
     let both = wait_for(Duration::from_secs(90), || {
         let mut seen = std::collections::BTreeSet::new();
         for i in 0..8 {
-            let a = post(&url, Some(&key), &chat_body("tiny", &format!("probe {i}"), false)).ok()?;
+            let a = post(
+                &url,
+                Some(&key),
+                &chat_body("tiny", &format!("probe {i}"), false),
+            )
+            .ok()?;
             if complete(&a, false) {
                 seen.insert(a.node);
             }
@@ -474,7 +565,18 @@ async fn two_replicas_both_serve_and_a_conversation_stays_on_its_replica() {
                 let (url, key) = (&url, &key);
                 s.spawn(move || {
                     (0..6)
-                        .filter_map(|_| post(url, Some(key), &chat_body("tiny", &format!("conversation {i}: you are a helpful assistant"), false)).ok())
+                        .filter_map(|_| {
+                            post(
+                                url,
+                                Some(key),
+                                &chat_body(
+                                    "tiny",
+                                    &format!("conversation {i}: you are a helpful assistant"),
+                                    false,
+                                ),
+                            )
+                            .ok()
+                        })
                         .filter(|a| complete(a, false))
                         .map(|a| a.node)
                         .collect::<Vec<String>>()
@@ -499,6 +601,9 @@ async fn two_replicas_both_serve_and_a_conversation_stays_on_its_replica() {
     eprintln!("MEASURE 8 clients x 6 turns: split {by_node:?}, same replica {same}/{total}");
     assert_eq!(total, 48, "{per_client:?}");
     assert_eq!(by_node.len(), 2, "{by_node:?}");
-    assert!(same * 10 >= total * 9, "{same}/{total} on their first replica");
+    assert!(
+        same * 10 >= total * 9,
+        "{same}/{total} on their first replica"
+    );
     drop(nodes);
 }

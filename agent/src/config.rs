@@ -579,7 +579,11 @@ pub struct GatewayConfig {
 impl GatewayConfig {
     /// The URL editors use.
     pub fn url(&self) -> String {
-        let scheme = if self.https.is_some() { "https" } else { "http" };
+        let scheme = if self.https.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         format!("{scheme}://{}", self.listen)
     }
 }

@@ -179,7 +179,8 @@ impl Daemon {
                 shutdown.child_token(),
             );
             let addr = g.listener.local_addr().ok();
-            let gw = gateway::server::Gateway::new(gateway::config::GatewayConfig::default(), table);
+            let gw =
+                gateway::server::Gateway::new(gateway::config::GatewayConfig::default(), table);
             tokio::spawn(gw.serve(g.listener, g.https, shutdown.child_token()));
             tracing::info!(addr = ?addr, "gateway serving");
         }

@@ -535,7 +535,10 @@ pub fn gateways(nodes: &[v1::NodeView]) -> Vec<(String, String)> {
 
 /// The `haloctl endpoints` table when nodes serve gateways: one base URL
 /// for every mode, the mode as the model name, what serves it now.
-pub fn render_gateway_endpoints(gateways: &[(String, String)], endpoints: &[EndpointJson]) -> String {
+pub fn render_gateway_endpoints(
+    gateways: &[(String, String)],
+    endpoints: &[EndpointJson],
+) -> String {
     let mut s = String::new();
     let first = gateways.first().map(|g| g.1.as_str()).unwrap_or_default();
     if endpoints.is_empty() {
@@ -544,7 +547,11 @@ pub fn render_gateway_endpoints(gateways: &[(String, String)], endpoints: &[Endp
         let mut t = Table::new(["MODE", "BASE URL", "MODEL", "SERVED BY"]);
         let mut seen = std::collections::BTreeMap::<&str, Vec<String>>::new();
         for e in endpoints {
-            let name = if e.mode == "unspecified" { e.model.as_str() } else { e.mode.as_str() };
+            let name = if e.mode == "unspecified" {
+                e.model.as_str()
+            } else {
+                e.mode.as_str()
+            };
             let by = format!("{} ({})", e.model, e.node);
             let v = seen.entry(name).or_default();
             if !v.contains(&by) {
@@ -553,7 +560,12 @@ pub fn render_gateway_endpoints(gateways: &[(String, String)], endpoints: &[Endp
         }
         for (name, by) in seen {
             let mode = if is_mode(name) { name } else { "-" };
-            t.row([mode.to_owned(), first.to_owned(), name.to_owned(), by.join(", ")]);
+            t.row([
+                mode.to_owned(),
+                first.to_owned(),
+                name.to_owned(),
+                by.join(", "),
+            ]);
         }
         s.push_str(&t.render());
     }
@@ -576,7 +588,9 @@ pub fn render_gateway_endpoints(gateways: &[(String, String)], endpoints: &[Endp
 
 /// Whether `name` is an editor mode.
 pub fn is_mode(name: &str) -> bool {
-    proto::domain::EditorMode::ALL.iter().any(|m| m.as_str() == name)
+    proto::domain::EditorMode::ALL
+        .iter()
+        .any(|m| m.as_str() == name)
 }
 
 /// The `haloctl endpoints` table with how to use it.

@@ -13,10 +13,12 @@ use tokio_util::sync::CancellationToken;
 pub fn run(t: &Target, a: &GatewayArgs) -> Result<(), Failure> {
     let https = match (&a.https_cert, &a.https_key) {
         (Some(c), Some(k)) => Some(
-            gateway::server::tls_acceptor(c, k).map_err(|e| Failure::Usage(format!("HTTPS: {e}")))?,
+            gateway::server::tls_acceptor(c, k)
+                .map_err(|e| Failure::Usage(format!("HTTPS: {e}")))?,
         ),
         _ => {
-            gateway::server::check_plain_listen(a.listen, &a.plain_http_on).map_err(Failure::Usage)?;
+            gateway::server::check_plain_listen(a.listen, &a.plain_http_on)
+                .map_err(Failure::Usage)?;
             None
         }
     };
@@ -39,9 +41,9 @@ pub fn run(t: &Target, a: &GatewayArgs) -> Result<(), Failure> {
         .build()
         .map_err(|e| Failure::Other(anyhow::anyhow!("starting the async runtime: {e}")))?;
     rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind(a.listen).await.map_err(|e| {
-            Failure::Usage(format!("cannot listen on {}: {e}", a.listen))
-        })?;
+        let listener = tokio::net::TcpListener::bind(a.listen)
+            .await
+            .map_err(|e| Failure::Usage(format!("cannot listen on {}: {e}", a.listen)))?;
         let shutdown = CancellationToken::new();
         let table = gateway::feed::spawn(
             gateway::feed::FeedConfig::new(controllers.clone(), t.tls.clone()),

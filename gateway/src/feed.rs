@@ -132,7 +132,9 @@ impl Feed {
                         break;
                     }
                     Ok(Err(s)) => {
-                        if s.code() == tonic::Code::PermissionDenied || s.code() == tonic::Code::Unimplemented {
+                        if s.code() == tonic::Code::PermissionDenied
+                            || s.code() == tonic::Code::Unimplemented
+                        {
                             tracing::error!(controller = %self.config.controllers[i], "Routes refused: {}", s.message());
                         }
                         clients[i] = None;
@@ -175,8 +177,9 @@ impl Feed {
                         .timeout(CONTROLLER_TIMEOUT)
                         .tcp_nodelay(true);
                     *slot = Some(
-                        ControllerServiceClient::new(ep.connect_lazy())
-                            .max_decoding_message_size(proto::limits::CONTROLLER.max_response_bytes),
+                        ControllerServiceClient::new(ep.connect_lazy()).max_decoding_message_size(
+                            proto::limits::CONTROLLER.max_response_bytes,
+                        ),
                     );
                 }
                 Err(e) => {
@@ -261,7 +264,8 @@ impl Feed {
     async fn agent_stream(&self, addr: &str) -> Result<tonic::Streaming<v1::AgentEvent>, String> {
         let ep = match &self.config.tls {
             None => Endpoint::from_shared(format!("http://{addr}")),
-            Some(c) => Endpoint::from_shared(format!("https://{addr}")).and_then(|e| e.tls_config(c.clone())),
+            Some(c) => Endpoint::from_shared(format!("https://{addr}"))
+                .and_then(|e| e.tls_config(c.clone())),
         }
         .map_err(|e| proto::error_chain(&e))?
         .connect_timeout(AGENT_CONNECT_TIMEOUT)

@@ -615,7 +615,10 @@ impl Gateway {
     /// know yet is looked up once more in the next table read after the
     /// request arrived (a key made a moment ago works at once), waiting at
     /// most [`KEY_REFRESH_WAIT`].
-    async fn authenticate_fresh(&self, headers: &HeaderMap) -> (Arc<Table>, Result<UserKey, ApiError>) {
+    async fn authenticate_fresh(
+        &self,
+        headers: &HeaderMap,
+    ) -> (Arc<Table>, Result<UserKey, ApiError>) {
         let table = self.table.borrow().clone();
         let first = self.authenticate(&table, headers);
         // Only a table the controller refreshes can learn a new key.
@@ -957,7 +960,9 @@ impl Gateway {
             // A model with no placement at all waits only as long as a
             // re-placement takes, not a load.
             let deadline = if target.unplaced() {
-                let began = deadline.checked_sub(self.config.queue_timeout).unwrap_or(now);
+                let began = deadline
+                    .checked_sub(self.config.queue_timeout)
+                    .unwrap_or(now);
                 deadline.min(began + UNPLACED_WAIT.min(self.config.queue_timeout))
             } else {
                 deadline

@@ -284,7 +284,11 @@ impl Target<'_> {
         self.routes
             .iter()
             .map(|r| {
-                let name = if r.placement.is_empty() { &r.model } else { &r.placement };
+                let name = if r.placement.is_empty() {
+                    &r.model
+                } else {
+                    &r.placement
+                };
                 format!("{name} is {}", r.state)
             })
             .collect::<Vec<_>>()
