@@ -1226,6 +1226,32 @@ mod tests {
     }
 
     #[test]
+    fn the_gateway_needs_an_address_controllers_and_https_off_loopback() {
+        let d = dirs();
+        assert!(Config::resolve(args(&d)).expect("valid").gateway.is_none());
+        let with = |listen: &str, controllers: &[&str]| {
+            let mut a = args(&d);
+            a.gateway_listen = Some(listen.into());
+            a.gateway_controllers = Some(controllers.iter().map(|c| (*c).to_owned()).collect());
+            Config::resolve(a)
+        };
+        let c = with("127.0.0.1:8080", &["http://127.0.0.1:7300"]).expect("valid");
+        let g = c.gateway.expect("gateway");
+        assert_eq!(g.url(), "http://127.0.0.1:8080");
+        assert!(g.https.is_none());
+        for (listen, controllers, key, says) in [
+            ("nowhere", &["http://127.0.0.1:7300"][..], "gateway_listen", "not an address"),
+            ("127.0.0.1:8080", &[][..], "gateway_controllers", "needs the controllers"),
+            ("127.0.0.1:8080", &["127.0.0.1:7300"][..], "gateway_controllers", "not a URL"),
+            ("10.1.2.3:8080", &["http://127.0.0.1:7300"][..], "gateway_listen", "clear text"),
+        ] {
+            let e = with(listen, controllers).expect_err(listen).to_string();
+            assert!(e.contains(key) && e.contains(says), "{listen}: {e}");
+            assert_eq!(e.lines().count(), 1, "{e}");
+        }
+    }
+
+    #[test]
     fn defaults_fill_every_unset_key() {
         let d = dirs();
         let c = Config::resolve(args(&d)).expect("valid");

@@ -39,9 +39,9 @@ pub fn check_plain_listen(addr: SocketAddr, mesh_interfaces: &[String]) -> Resul
     if ip.is_loopback() {
         return Ok(());
     }
-    let fix = "give the gateway a certificate (haloctl certs issue --role gateway, then the \
-               TLS cert and key options), listen on 127.0.0.1, or name the WireGuard mesh \
-               interface that carries this address";
+    let fix = "serve HTTPS with a certificate (`haloctl certs issue gateway NAME --host \
+               HOST`, then the gateway's certificate and key options), listen on 127.0.0.1, \
+               or name the WireGuard mesh interface that carries this address";
     if ip.is_unspecified() {
         return Err(format!(
             "plain HTTP on {addr} would listen on every interface, including ones outside the \
