@@ -315,6 +315,15 @@ fn endpoints_table_matches_its_snapshot() {
         "endpoints-placements",
         &render_endpoints(&endpoints_json(&two)),
     );
+    // With gateways on the nodes: one base URL, the mode as the model.
+    let gateways = [
+        ("halo1".to_owned(), "https://100.64.0.1:8443/v1".to_owned()),
+        ("halo2".to_owned(), "https://100.64.0.2:8443/v1".to_owned()),
+    ];
+    check(
+        "endpoints-gateway",
+        &crate::cluster::render_gateway_endpoints(&gateways, &endpoints_json(&two)),
+    );
 }
 
 #[test]
