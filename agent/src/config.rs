@@ -1240,10 +1240,30 @@ mod tests {
         assert_eq!(g.url(), "http://127.0.0.1:8080");
         assert!(g.https.is_none());
         for (listen, controllers, key, says) in [
-            ("nowhere", &["http://127.0.0.1:7300"][..], "gateway_listen", "not an address"),
-            ("127.0.0.1:8080", &[][..], "gateway_controllers", "needs the controllers"),
-            ("127.0.0.1:8080", &["127.0.0.1:7300"][..], "gateway_controllers", "not a URL"),
-            ("10.1.2.3:8080", &["http://127.0.0.1:7300"][..], "gateway_listen", "clear text"),
+            (
+                "nowhere",
+                &["http://127.0.0.1:7300"][..],
+                "gateway_listen",
+                "not an address",
+            ),
+            (
+                "127.0.0.1:8080",
+                &[][..],
+                "gateway_controllers",
+                "needs the controllers",
+            ),
+            (
+                "127.0.0.1:8080",
+                &["127.0.0.1:7300"][..],
+                "gateway_controllers",
+                "not a URL",
+            ),
+            (
+                "10.1.2.3:8080",
+                &["http://127.0.0.1:7300"][..],
+                "gateway_listen",
+                "clear text",
+            ),
         ] {
             let e = with(listen, controllers).expect_err(listen).to_string();
             assert!(e.contains(key) && e.contains(says), "{listen}: {e}");

@@ -50,8 +50,8 @@ impl Load {
 
 /// The candidate to use: the least loaded (a free slot first, then fewest
 /// in flight; ties taken in turn from `turn`), or `preferred` (the
-/// conversation's replica) unless it is clearly busier: more than twice
-/// the least loaded's requests in flight plus one (2 against 0, 4 against
+/// conversation's replica) unless it is clearly busier: at least twice the
+/// least loaded's requests in flight plus three (3 against 0, 5 against
 /// 1), or no idle slot while the least loaded has two or more.
 pub fn pick(loads: &[Load], preferred: Option<usize>, turn: usize) -> usize {
     let n = loads.len();
@@ -72,7 +72,7 @@ pub fn pick(loads: &[Load], preferred: Option<usize>, turn: usize) -> usize {
             // One request queued behind another costs less than
             // re-reading a long conversation's prompt elsewhere: stay
             // unless the other is clearly freer.
-            let busier = a.in_flight > 2 * b.in_flight + 1
+            let busier = a.in_flight >= 2 * b.in_flight + 3
                 || (a.saturated() && b.idle_slots.is_some_and(|i| i >= 2));
             if busier { best } else { p }
         }
@@ -402,11 +402,13 @@ mod tests {
         // One request behind another on a one-slot replica: stays (a
         // prompt re-read elsewhere costs more).
         assert_eq!(pick(&[l(0, Some(1)), l(1, Some(0))], Some(1), 0), 1);
-        // Two waiting on it while the other is idle, four against one.
-        assert_eq!(pick(&[l(0, None), l(2, None)], Some(1), 0), 0);
-        assert_eq!(pick(&[l(1, None), l(4, None)], Some(1), 0), 0);
-        // Four against two: the prompt cache is worth the wait.
-        assert_eq!(pick(&[l(2, None), l(4, None)], Some(1), 0), 1);
+        // Three on it while the other is idle, five against one.
+        assert_eq!(pick(&[l(0, None), l(3, None)], Some(1), 0), 0);
+        assert_eq!(pick(&[l(1, None), l(5, None)], Some(1), 0), 0);
+        // Two against none, four against one: the prompt cache is worth
+        // the wait.
+        assert_eq!(pick(&[l(0, None), l(2, None)], Some(1), 0), 1);
+        assert_eq!(pick(&[l(1, None), l(4, None)], Some(1), 0), 1);
         // Both saturated and even: stays.
         assert_eq!(pick(&[l(4, Some(0)), l(4, Some(0))], Some(1), 0), 1);
     }
