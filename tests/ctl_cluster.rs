@@ -441,6 +441,13 @@ fn quickstart_answers_runs_twice_and_down_leaves_no_process() {
     assert!(out.contains("$ haloctl place speed tiny"), "{out}");
     assert!(out.contains("tiny  tiny   halo1  ready"), "{out}");
     assert!(out.contains("\nanswer: "), "{out}");
+    // The answer came through halo1's gateway, with a user key, model "code".
+    assert!(out.contains("\"model\":\"code\""), "{out}");
+    assert!(
+        out.contains(&format!("base URL  https://127.0.0.1:{}/v1", qs.port + 3)),
+        "{out}"
+    );
+    assert!(out.contains("API key   halo-"), "{out}");
     assert!(out.contains("bash deploy/quickstart.sh down"), "{out}");
     let servers = qs
         .processes()

@@ -334,7 +334,7 @@ async fn wait_ready(
                     .filter_map(|(_, _, r)| r.instance.as_ref().map(|i| i.endpoint.clone()))
                     .collect();
                 print(&format!(
-                    "ready: {name} after {elapsed:.1}s at {}\n(`haloctl endpoints` shows the API key and editor settings)\n",
+                    "ready: {name} after {elapsed:.1}s at {}\n(`haloctl endpoints` shows the editor settings: gateway URL and model names)\n",
                     urls.join(", ")
                 ));
             }
