@@ -278,4 +278,18 @@ async fn a_model_file_replaced_under_a_running_instance_is_reported_and_its_rest
     assert_eq!(refused.pid, None);
     assert!(!refused.model_file_changed.is_empty());
     assert!(node.own_servers().is_empty(), "{:?}", node.own_servers());
+
+    // The name gone altogether: the next attempt (after its back-off) says so.
+    std::fs::remove_file(node.models.join("tiny.gguf")).expect("rm");
+    let (gone, _) = wait_instance(&mut events, &ready.id, |i| {
+        state_of(i) == v1::InstanceState::Failed && i.last_error.contains("was deleted")
+    })
+    .await;
+    assert!(
+        gone.model_file_changed
+            .ends_with("tiny.gguf was deleted since the instance started"),
+        "{}",
+        gone.model_file_changed
+    );
+    assert!(node.own_servers().is_empty(), "{:?}", node.own_servers());
 }
