@@ -616,3 +616,140 @@ async fn two_replicas_both_serve_and_a_conversation_stays_on_its_replica() {
     );
     drop(nodes);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_replica_turns_unhealthy_and_the_gateway_serves_from_the_other() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Probes every second, 500 ms each, 3 misses; a long restart back-off
+    // keeps the hung replica's node out while the test looks.
+    let mut nodes = [
+        AgentNode::new(dir.path(), "halo1", &["speed"], 2),
+        AgentNode::new(dir.path(), "halo2", &["speed"], 2),
+    ];
+    for n in &mut nodes {
+        agent::gguf::fixtures::write_tiny_llama(&n.models.join("tiny.gguf"), 7)
+            .expect("tiny model");
+        n.extra_args = [
+            "--health-period-ms",
+            "1000",
+            "--health-timeout-ms",
+            "500",
+            "--health-failures",
+            "3",
+            "--restart-backoff-ms",
+            "60000",
+            "--restart-backoff-max-ms",
+            "60000",
+        ]
+        .map(String::from)
+        .to_vec();
+        n.start();
+    }
+    let mut ctl = tiny_controller(dir.path(), &nodes, &["--heartbeat-ms", "250"]);
+    ctl.start();
+    let mut c = connect(&ctl.url()).await;
+    assert!(
+        wait_nodes(
+            &mut c,
+            &["halo1", "halo2"],
+            v1::NodeStatus::Ready,
+            Duration::from_secs(20)
+        )
+        .await
+    );
+    place(&ctl, None, 2).await;
+    let front = workstation_gateway(dir.path(), &ctl, &[]);
+    let key = create_key(&ctl, dir.path(), "hang", &[]);
+    let url = format!("{}/v1/chat/completions", front.url);
+    let both = wait_for(Duration::from_secs(90), || {
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 0..8 {
+            let a = post(
+                &url,
+                Some(&key),
+                &chat_body("tiny", &format!("p {i}"), false),
+            )
+            .ok()?;
+            if complete(&a, false) {
+                seen.insert(a.node);
+            }
+        }
+        (seen.len() == 2).then_some(())
+    });
+    assert!(both.is_some(), "one replica never served");
+
+    let mut agent1 = tests::cluster::agent_client(&nodes[0]).await;
+    let mut events = agent1
+        .watch(v1::WatchRequest {
+            memory_period_ms: 60_000,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let servers = nodes[0].servers();
+    assert_eq!(servers.len(), 1, "{servers:?}");
+    let hung = servers[0];
+
+    // Requests keep coming while halo1's llama-server hangs.
+    let load = Load::start(&front.url, &key, "tiny", 4, 2);
+    tests::agent_node::signal_pid(hung, rustix::process::Signal::STOP);
+    let stopped_at = Instant::now();
+    let unhealthy = loop {
+        let e = tokio::time::timeout(Duration::from_secs(30), events.message())
+            .await
+            .expect("no event within 30 s")
+            .expect("watch")
+            .expect("watch ended");
+        if let Some(v1::agent_event::Event::Instance(i)) = e.event
+            && i.state() == v1::InstanceState::Unhealthy
+        {
+            break i;
+        }
+    };
+    eprintln!(
+        "MEASURE SIGSTOP → unhealthy after {:?}: {}",
+        stopped_at.elapsed(),
+        unhealthy.last_error
+    );
+    assert!(
+        unhealthy.last_error.contains("/health probes in a row"),
+        "{}",
+        unhealthy.last_error
+    );
+    // From now on the gateway knows: every request is answered by halo2.
+    let after: Vec<Answer> = (0..6)
+        .map(|i| {
+            post(
+                &url,
+                Some(&key),
+                &chat_body("tiny", &format!("after {i}"), false),
+            )
+        })
+        .collect::<Result<_, _>>()
+        .expect("post");
+    std::thread::sleep(Duration::from_secs(2));
+    let outcomes = load.finish();
+    let slowest = outcomes.iter().map(|o| o.end - o.start).max();
+    eprintln!(
+        "MEASURE while hung: {}; slowest {slowest:?}",
+        summary(&outcomes)
+    );
+    for a in &after {
+        assert!(complete(a, false), "{a:?}");
+        assert_eq!(a.node, "halo2", "{a:?}");
+    }
+    assert!(
+        outcomes.iter().all(|o| o.ok),
+        "requests failed while a replica hung: {}",
+        summary(&outcomes)
+    );
+    // The hung process was killed (not merely routed around).
+    assert!(
+        wait_for(Duration::from_secs(10), || (!tests::agent_node::alive(
+            hung
+        ))
+        .then_some(()))
+        .is_some(),
+        "the hung llama-server is still there"
+    );
+}

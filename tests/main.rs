@@ -20,6 +20,7 @@ mod fitparams;
 mod gateway;
 mod hostile;
 mod keys;
+mod liveness;
 mod llama;
 mod split;
 mod tls;

@@ -224,6 +224,17 @@ pub struct Args {
     /// Seconds ready after which the back-off starts over [default: 60].
     #[arg(long, env = "HALO_AGENT_RESTART_STABLE_SECS", value_name = "SECS")]
     pub restart_stable_secs: Option<u64>,
+    /// How often a ready llama-server's /health is probed [default: 5000].
+    #[arg(long, env = "HALO_AGENT_HEALTH_PERIOD_MS", value_name = "MS")]
+    pub health_period_ms: Option<u64>,
+    /// How long one /health probe waits for an answer; at most the period
+    /// [default: 2000].
+    #[arg(long, env = "HALO_AGENT_HEALTH_TIMEOUT_MS", value_name = "MS")]
+    pub health_timeout_ms: Option<u64>,
+    /// Failed /health probes in a row after which a ready llama-server is
+    /// unhealthy, killed and restarted [default: 3].
+    #[arg(long, env = "HALO_AGENT_HEALTH_FAILURES", value_name = "N")]
+    pub health_failures: Option<u32>,
     /// Size at which an instance's log file is rotated [default: 64MiB].
     #[arg(long, env = "HALO_AGENT_MAX_LOG_SIZE", value_name = "SIZE")]
     pub max_log_size: Option<String>,
@@ -325,6 +336,9 @@ struct FileConfig {
     restart_backoff_ms: Option<u64>,
     restart_backoff_max_ms: Option<u64>,
     restart_stable_secs: Option<u64>,
+    health_period_ms: Option<u64>,
+    health_timeout_ms: Option<u64>,
+    health_failures: Option<u32>,
     max_log_size: Option<SizeValue>,
     allowed_flags: Option<Vec<String>>,
     tls_cert: Option<PathBuf>,
@@ -430,6 +444,12 @@ pub struct Config {
     pub restart_backoff_max: Duration,
     /// Ready time after which the back-off resets.
     pub restart_stable: Duration,
+    /// Period of the liveness probe of a ready llama-server.
+    pub health_period: Duration,
+    /// Deadline of one liveness probe.
+    pub health_timeout: Duration,
+    /// Failed probes in a row that make a ready instance unhealthy.
+    pub health_failures: u32,
     /// Log rotation size.
     pub max_log_bytes: u64,
     /// Extra flags requests may name.
@@ -493,6 +513,9 @@ impl Config {
             restart_backoff: t.restart_backoff,
             restart_backoff_max: t.restart_backoff_max,
             restart_stable: t.restart_stable,
+            health_period: t.health_period,
+            health_timeout: t.health_timeout,
+            health_failures: t.health_failures,
             max_log_bytes,
             allowed_flags,
         })
@@ -525,6 +548,9 @@ struct TimingKeys {
     restart_backoff_ms: Option<u64>,
     restart_backoff_max_ms: Option<u64>,
     restart_stable_secs: Option<u64>,
+    health_period_ms: Option<u64>,
+    health_timeout_ms: Option<u64>,
+    health_failures: Option<u32>,
 }
 
 /// Every key with the layers merged (file < env < flag; clap already put
@@ -678,6 +704,9 @@ impl Settings {
                 restart_backoff_ms: args.restart_backoff_ms.or(file.restart_backoff_ms),
                 restart_backoff_max_ms: args.restart_backoff_max_ms.or(file.restart_backoff_max_ms),
                 restart_stable_secs: args.restart_stable_secs.or(file.restart_stable_secs),
+                health_period_ms: args.health_period_ms.or(file.health_period_ms),
+                health_timeout_ms: args.health_timeout_ms.or(file.health_timeout_ms),
+                health_failures: args.health_failures.or(file.health_failures),
             },
             allowed_flags: args.allowed_flags.or(file.allowed_flags),
             tls: (
@@ -889,11 +918,14 @@ struct Timings {
     restart_backoff: Duration,
     restart_backoff_max: Duration,
     restart_stable: Duration,
+    health_period: Duration,
+    health_timeout: Duration,
+    health_failures: u32,
 }
 
 impl Timings {
-    /// Each key within its bounds (or its default), and the back-off's
-    /// maximum at least its start.
+    /// Each key within its bounds (or its default), the back-off's maximum
+    /// at least its start, and a health probe's timeout at most its period.
     fn check(k: &TimingKeys) -> Result<Timings, ConfigError> {
         let secs = |key, v: Option<u64>, default, max| -> Result<Duration, ConfigError> {
             let v = v.unwrap_or(default);
@@ -939,6 +971,27 @@ impl Timings {
             ));
         }
         let restart_stable = secs("restart_stable_secs", k.restart_stable_secs, 60, 86_400)?;
+        let health_period = millis(
+            "health_period_ms",
+            k.health_period_ms,
+            5_000,
+            100,
+            3_600_000,
+        )?;
+        let health_timeout = millis("health_timeout_ms", k.health_timeout_ms, 2_000, 10, 600_000)?;
+        if health_timeout > health_period {
+            return Err(invalid(
+                "health_timeout_ms",
+                "is longer than health_period_ms (one probe must end before the next)",
+            ));
+        }
+        let health_failures = k.health_failures.unwrap_or(3);
+        if !(1..=100).contains(&health_failures) {
+            return Err(invalid(
+                "health_failures",
+                format!("{health_failures} is outside 1..=100"),
+            ));
+        }
         Ok(Timings {
             load_timeout,
             memory_sample_period,
@@ -946,6 +999,9 @@ impl Timings {
             restart_backoff,
             restart_backoff_max,
             restart_stable,
+            health_period,
+            health_timeout,
+            health_failures,
         })
     }
 }
@@ -1331,6 +1387,59 @@ mod tests {
         })
         .expect_err("reversed");
         assert!(e.to_string().contains("`rpc_port_range`"), "{e}");
+    }
+
+    #[test]
+    fn health_probe_keys_default_merge_and_are_bounded() {
+        let d = dirs();
+        let c = Config::resolve(args(&d)).expect("valid");
+        assert_eq!(c.health_period, Duration::from_secs(5));
+        assert_eq!(c.health_timeout, Duration::from_secs(2));
+        assert_eq!(c.health_failures, 3);
+        let file = d.state.with_file_name("agent.toml");
+        std::fs::write(
+            &file,
+            "health_period_ms = 1000\nhealth_timeout_ms = 400\nhealth_failures = 5\n",
+        )
+        .expect("write");
+        let c = Config::resolve(Args {
+            config: Some(file),
+            health_failures: Some(2),
+            ..args(&d)
+        })
+        .expect("valid");
+        assert_eq!(c.health_period, Duration::from_millis(1000));
+        assert_eq!(c.health_timeout, Duration::from_millis(400));
+        assert_eq!(c.health_failures, 2);
+        for (a, key, says) in [
+            (
+                Args {
+                    health_timeout_ms: Some(6_000),
+                    ..args(&d)
+                },
+                "`health_timeout_ms`",
+                "longer than health_period_ms",
+            ),
+            (
+                Args {
+                    health_period_ms: Some(10),
+                    ..args(&d)
+                },
+                "`health_period_ms`",
+                "outside 100..=3600000",
+            ),
+            (
+                Args {
+                    health_failures: Some(0),
+                    ..args(&d)
+                },
+                "`health_failures`",
+                "outside 1..=100",
+            ),
+        ] {
+            let e = Config::resolve(a).expect_err(key).to_string();
+            assert!(e.starts_with(key) && e.contains(says), "{e}");
+        }
     }
 
     #[test]

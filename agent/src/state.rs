@@ -7,6 +7,7 @@
 //! never share a state directory.
 
 use crate::procfs::ProcessId;
+use crate::supervisor::FileIdentity;
 use proto::domain::{InstanceKind, InstanceOptions, ObservedBuffers};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
@@ -101,6 +102,11 @@ pub struct InstanceRecord {
     pub observed: Option<ObservedBuffers>,
     /// When it was stopped (Unix ms), for pruning.
     pub stopped_at_unix_ms: Option<u64>,
+    /// llama-server only: the model file it was started with, which every
+    /// restart must find again under the same name (records written before
+    /// this was kept take the file found at their next start).
+    #[serde(default)]
+    pub model_file: Option<FileIdentity>,
 }
 
 /// The whole state file.
@@ -241,6 +247,7 @@ mod tests {
             last_error: String::new(),
             observed: None,
             stopped_at_unix_ms: None,
+            model_file: None,
         }
     }
 

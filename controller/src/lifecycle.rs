@@ -267,6 +267,7 @@ mod tests {
             api_key: String::new(),
             request_id: rid.into(),
             command_line: String::new(),
+            model_file_changed: String::new(),
             kind,
         }
     }

@@ -535,6 +535,7 @@ mod tests {
             api_key: String::new(),
             request_id: "p/0/1".into(),
             command_line: String::new(),
+            model_file_changed: String::new(),
         }
     }
 

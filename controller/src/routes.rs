@@ -60,13 +60,14 @@ fn replica_word(
 }
 
 /// How far along a state is: the placement is as far as its best replica.
-const ORDER: [&str; 9] = [
+const ORDER: [&str; 10] = [
     "ready",
     "loading",
     "starting",
     "moving",
     "pending",
     "unreachable",
+    "unhealthy",
     "stopping",
     "stopped",
     "failed",
@@ -254,6 +255,7 @@ mod tests {
             api_key: "instance-key".into(),
             request_id: rid.into(),
             command_line: String::new(),
+            model_file_changed: String::new(),
         }
     }
 

@@ -96,7 +96,8 @@ pub struct ReplicaJson {
     /// Node it is placed on.
     pub node: String,
     /// `pending` (no instance reported yet), `starting`, `loading`,
-    /// `ready`, `stopping`, `stopped`, `failed`.
+    /// `ready`, `unhealthy` (stopped answering; being restarted),
+    /// `stopping`, `stopped`, `failed`.
     pub state: String,
     /// What llama-server reported allocating at load (absent before).
     pub real_bytes: Option<u64>,
@@ -106,6 +107,10 @@ pub struct ReplicaJson {
     pub restarts: u32,
     /// Why it last failed, if it did.
     pub last_error: String,
+    /// Set when the model file it loaded was deleted or replaced while it
+    /// runs: what changed (a restart is refused until it is started anew).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub model_file_changed: String,
     /// For a model split across nodes (llama.cpp RPC): the helpers'
     /// ggml-rpc-servers, in device order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -421,6 +426,9 @@ pub fn status_json(placements: &[v1::Placement]) -> Vec<PlacementJson> {
                         restarts: i.map_or(0, |i| i.restart_count),
                         last_error: i
                             .map_or_else(|| r.start_refused.clone(), |i| i.last_error.clone()),
+                        model_file_changed: i
+                            .map(|i| i.model_file_changed.clone())
+                            .unwrap_or_default(),
                         helpers: helpers(p, r),
                     }
                 })
@@ -439,7 +447,7 @@ pub fn render_status(placements: &[PlacementJson]) -> String {
     ]);
     for p in placements {
         let state = |r: &ReplicaJson| {
-            if p.paused {
+            let s = if p.paused {
                 "paused".to_owned()
             } else if r.restarts > 0 {
                 format!(
@@ -450,6 +458,11 @@ pub fn render_status(placements: &[PlacementJson]) -> String {
                 )
             } else {
                 r.state.clone()
+            };
+            if r.model_file_changed.is_empty() {
+                s
+            } else {
+                format!("{s}, model file changed")
             }
         };
         for r in &p.replicas {

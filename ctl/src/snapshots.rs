@@ -269,6 +269,25 @@ fn status_table_matches_its_snapshot() {
             14 * GIB,
             vec![replica(0, "halo1", None, 0)],
         ),
+        placement(
+            "llama-8b",
+            "llama-8b",
+            8192,
+            9 * GIB,
+            vec![
+                replica(0, "halo1", Some(v1::InstanceState::Unhealthy), 8083),
+                {
+                    let mut r = replica(1, "halo2", Some(v1::InstanceState::Ready), 8084);
+                    if let Some(i) = &mut r.instance {
+                        i.model_file_changed =
+                            "the model file /srv/models/llama-8b.gguf was replaced since the \
+                             instance started (another file: inode 12 → 13)"
+                                .into();
+                    }
+                    r
+                },
+            ],
+        ),
     ];
     check("status", &render_status(&status_json(&p)));
     check("status-empty", &render_status(&[]));

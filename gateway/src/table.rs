@@ -372,6 +372,7 @@ pub fn state_word(s: v1::InstanceState) -> &'static str {
         v1::InstanceState::Stopping => "stopping",
         v1::InstanceState::Stopped => "stopped",
         v1::InstanceState::Failed => "failed",
+        v1::InstanceState::Unhealthy => "unhealthy",
         _ => "not started",
     }
 }

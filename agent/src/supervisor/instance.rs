@@ -9,6 +9,22 @@
 //! A process this run spawned is watched through its child handle (exit
 //! status known); an adopted one by polling pid + start time.
 //!
+//! Liveness: a ready llama-server's `/health` is probed every
+//! `health_period` with a `health_timeout` deadline. llama-server answers it
+//! from its HTTP threads, not the thread that generates, so a busy server
+//! answers at once (milliseconds under a long generation); a probe that
+//! gets no answer, or anything but 200, fails. `health_failures` failures
+//! in a row make the instance `Unhealthy` (published, so the gateway stops
+//! routing to it), then its process group is killed with SIGKILL (a hung
+//! or stopped process acts on nothing else) → `Failed` → back-off →
+//! restart. One answer resets the count.
+//!
+//! Model file: at each probe period the file after `-m` is compared with
+//! the identity recorded when the instance was created
+//! ([`super::modelfile`]); a deleted or replaced file is reported on the
+//! instance (the process keeps what it mapped), and a spawn is refused
+//! while the name holds another file.
+//!
 //! A ggml-rpc-server is `Loading` until its loopback port accepts a TCP
 //! connection, then `Ready`. Its proxy ([`super::rpcproxy`]) is a second
 //! process in its group, watched with it: either one exiting fails the
@@ -17,6 +33,7 @@
 
 use super::health::health;
 use super::logs::LogTail;
+use super::modelfile::{self, FileIdentity};
 use super::rpcproxy::{PROXY_ARG, ProxyArgs};
 use super::{Inner, argv};
 use crate::loadlog::LoadLog;
@@ -38,7 +55,7 @@ use tokio_util::sync::CancellationToken;
 const LOADING_POLL: Duration = Duration::from_millis(25);
 /// Poll period once ready (log tail, liveness of adopted processes).
 const READY_POLL: Duration = Duration::from_millis(500);
-/// Deadline of one `/health` request.
+/// Deadline of one `/health` request while the model loads.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Grace after SIGKILL before a process counts as stuck.
 const KILL_WAIT: Duration = Duration::from_secs(5);
@@ -76,6 +93,9 @@ enum Outcome {
     Exited { reason: String, ready_for: Duration },
     /// The model did not become ready in time; the process still runs.
     Stalled { reason: String },
+    /// A ready llama-server failed its liveness probes; the process still
+    /// runs (hung or stopped).
+    Unhealthy { reason: String, ready_for: Duration },
 }
 
 /// How an instance task begins.
@@ -259,6 +279,20 @@ impl InstanceTask {
                     failures = failures.saturating_add(1);
                     self.failed(reason).await;
                 }
+                Outcome::Unhealthy { reason, ready_for } => {
+                    tracing::warn!(instance = %self.id, "unhealthy: {reason}; killing it");
+                    self.inner
+                        .set_state(&self.id, InstanceState::Unhealthy, Some(reason.clone()));
+                    self.kill(running).await;
+                    failures = if ready_for >= self.inner.config.restart_stable {
+                        1
+                    } else {
+                        failures.saturating_add(1)
+                    };
+                    let reason = format!("{reason}; killed with SIGKILL");
+                    let reason = self.with_last_lines(reason);
+                    self.failed(reason).await;
+                }
             }
             if self.kind == InstanceKind::RpcServer {
                 self.wait_for_stop(&shutdown).await;
@@ -289,18 +323,8 @@ impl InstanceTask {
         let Some((program, args)) = argv.split_first() else {
             return Err("empty argv".into());
         };
-        // The model path (after `-m`) must still resolve inside the model
-        // directories: a symlink may have been swapped since the start.
-        let model_ok = self.kind == InstanceKind::RpcServer
-            || argv
-                .windows(2)
-                .find(|w| w[0] == "-m")
-                .and_then(|w| std::path::Path::new(&w[1]).canonicalize().ok())
-                .is_some_and(|p| crate::scan::is_inside(&inner.config.model_dirs, &p));
-        if !model_ok {
-            return Err(
-                "the model file is gone or now resolves outside the model directories".into(),
-            );
+        if self.kind == InstanceKind::LlamaServer {
+            self.check_model_before_spawn(&argv).await?;
         }
         // An RPC server's public port is its proxy's: bound before the
         // server exists, so a port in use fails the start cleanly.
@@ -390,6 +414,91 @@ impl InstanceTask {
         Ok(Running::Owned { child, id, proxy })
     }
 
+    /// A llama-server's model file must be the one the instance was created
+    /// with, and still resolve inside the model directories (a symlink may
+    /// have been swapped since). A record without an identity (written
+    /// before identities were kept) takes the file found now.
+    async fn check_model_before_spawn(&self, argv: &[String]) -> Result<(), String> {
+        let Some(path) = modelfile::model_path(argv).map(std::path::Path::to_owned) else {
+            return Err("the recorded command line names no model file (-m)".into());
+        };
+        let recorded = self
+            .inner
+            .table()
+            .instances
+            .get(&self.id)
+            .and_then(|s| s.record.model_file);
+        let stat_path = path.clone();
+        let now = tokio::task::spawn_blocking(move || FileIdentity::of(&stat_path))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        let change = match &recorded {
+            Some(loaded) => modelfile::change(&path, loaded, &now),
+            None => now
+                .as_ref()
+                .err()
+                .map(|e| format!("the model file {} cannot be read: {e}", path.display())),
+        };
+        self.inner.update(&self.id, |s| {
+            s.model_file_changed = change.clone().unwrap_or_default();
+        });
+        if let Some(change) = change {
+            return Err(format!(
+                "{change}; not restarted: it would load a different file under the same \
+                 name (stop the instance and start the model again to load the file there now)"
+            ));
+        }
+        if recorded.is_none()
+            && let Ok(id) = now
+        {
+            self.inner
+                .update(&self.id, |s| s.record.model_file = Some(id));
+        }
+        let inside = path
+            .canonicalize()
+            .is_ok_and(|p| crate::scan::is_inside(&self.inner.config.model_dirs, &p));
+        if !inside {
+            return Err(format!(
+                "the model file {} now resolves outside the model directories",
+                path.display()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Compares a running llama-server's model file with the one it was
+    /// started with and publishes a change (once per change).
+    async fn watch_model_file(&self) {
+        let found = self.inner.table().instances.get(&self.id).and_then(|s| {
+            let path = modelfile::model_path(&s.record.argv)?.to_owned();
+            Some((path, s.record.model_file?))
+        });
+        let Some((path, loaded)) = found else {
+            return;
+        };
+        let stat_path = path.clone();
+        let Ok(now) = tokio::task::spawn_blocking(move || FileIdentity::of(&stat_path)).await
+        else {
+            return;
+        };
+        let change = modelfile::change(&path, &loaded, &now).unwrap_or_default();
+        let mut changed = false;
+        self.inner.update(&self.id, |s| {
+            if s.model_file_changed != change {
+                s.model_file_changed.clone_from(&change);
+                changed = true;
+            }
+        });
+        if changed {
+            if change.is_empty() {
+                tracing::info!(instance = %self.id, "the model file is the one loaded again");
+            } else {
+                tracing::warn!(instance = %self.id, "{change}; the instance keeps running from what it loaded, a restart will be refused");
+            }
+            self.inner.emit_instance(&self.id);
+        }
+    }
+
     /// Watches a process until it exits, stalls, or a stop or shutdown.
     async fn watch(
         &mut self,
@@ -413,6 +522,18 @@ impl InstanceTask {
         } else {
             LOADING_POLL
         });
+        let c = &inner.config;
+        let (period, timeout, threshold) = (c.health_period, c.health_timeout, c.health_failures);
+        // Liveness probes and model file checks (llama-server only: an RPC
+        // server's port accepts at the kernel's backlog whatever the process
+        // does, so connecting proves nothing once it is up).
+        let mut live = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        live.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let watch_live = self.kind == InstanceKind::LlamaServer;
+        let mut probe: std::pin::Pin<Box<dyn Future<Output = Option<u16>> + Send>> =
+            Box::pin(std::future::pending());
+        let mut probing = false;
+        let mut failed_probes: u32 = 0;
         loop {
             let program = self.program();
             let exited = async {
@@ -444,6 +565,41 @@ impl InstanceTask {
                         reason: self.with_last_lines(reason),
                         ready_for: ready_at.map_or(Duration::ZERO, |t| t.elapsed()),
                     };
+                }
+                code = &mut probe, if probing => {
+                    probing = false;
+                    if code == Some(200) {
+                        if failed_probes > 0 {
+                            tracing::info!(instance = %self.id, "/health answered again after {failed_probes} failed probe(s)");
+                        }
+                        failed_probes = 0;
+                        continue;
+                    }
+                    failed_probes += 1;
+                    let what = match code {
+                        None => format!("no answer within {} ms", timeout.as_millis()),
+                        Some(code) => format!("HTTP {code}"),
+                    };
+                    tracing::info!(instance = %self.id, "/health probe failed ({failed_probes} of {threshold} in a row): {what}");
+                    if failed_probes >= threshold {
+                        return Outcome::Unhealthy {
+                            reason: format!(
+                                "{} failed {failed_probes} /health probes in a row (every {} ms, last: {what})",
+                                self.program(),
+                                period.as_millis()
+                            ),
+                            ready_for: ready_at.map_or(Duration::ZERO, |t| t.elapsed()),
+                        };
+                    }
+                    continue;
+                }
+                _ = live.tick(), if watch_live => {
+                    self.watch_model_file().await;
+                    if ready_at.is_some() && !probing {
+                        probe = Box::pin(health(addr, timeout));
+                        probing = true;
+                    }
+                    continue;
                 }
                 _ = tick.tick() => {}
             }
@@ -705,6 +861,29 @@ impl InstanceTask {
             () = self.stop.cancelled() => Wake::Stop,
             () = shutdown.cancelled() => Wake::Shutdown,
         }
+    }
+
+    /// SIGKILL to the process group at once, then a bounded wait: for a
+    /// process that stopped answering, which would act on nothing gentler.
+    async fn kill(&mut self, running: Running) {
+        match running {
+            Running::Owned { mut child, id, .. } => {
+                // Not reaped yet, so the pid and group are still ours.
+                signal(id.pid, Signal::KILL);
+                if tokio::time::timeout(KILL_WAIT, child.wait()).await.is_err() {
+                    tracing::error!(instance = %self.id, pid = id.pid, "still running after SIGKILL");
+                }
+            }
+            Running::Adopted { id, .. } => {
+                if procfs::is_alive(id) {
+                    signal(id.pid, Signal::KILL);
+                }
+                if !wait_gone(id, KILL_WAIT).await {
+                    tracing::error!(instance = %self.id, pid = id.pid, "still running after SIGKILL");
+                }
+            }
+        }
+        self.drain_log();
     }
 
     /// SIGTERM to the process group, a bounded wait, then SIGKILL.

@@ -31,11 +31,13 @@ mod argv;
 mod health;
 mod instance;
 mod logs;
+mod modelfile;
 pub(crate) mod rpcproxy;
 
 pub use argv::LOG_VERBOSITY;
 pub(crate) use argv::environment as instance_environment;
 pub use logs::{LogRing, LogTail, RING_LINES};
+pub use modelfile::FileIdentity;
 
 use crate::config::{AllowedFlag, Config};
 use crate::error::Error;
@@ -88,6 +90,7 @@ struct Planned {
     internal_port: Option<u16>,
     argv: Vec<String>,
     api_key: String,
+    model_file: Option<FileIdentity>,
 }
 
 /// The supervisor's handle; cheap to clone.
@@ -133,6 +136,9 @@ struct Slot {
     stop: CancellationToken,
     /// Cancelled when the instance reached `Stopped` (or its task ended).
     finished: CancellationToken,
+    /// What happened to the model file since the instance started (empty
+    /// while it is the same file).
+    model_file_changed: String,
 }
 
 impl Slot {
@@ -146,6 +152,7 @@ impl Slot {
             log_tx: broadcast::channel(LOG_BUFFER).0,
             stop: CancellationToken::new(),
             finished: CancellationToken::new(),
+            model_file_changed: String::new(),
         }
     }
 
@@ -173,6 +180,7 @@ impl Slot {
             api_key: self.api_key.clone(),
             request_id: r.request_id.clone(),
             command_line: String::new(),
+            model_file_changed: self.model_file_changed.clone(),
         }
     }
 }
@@ -441,6 +449,7 @@ impl Supervisor {
             internal_port,
             argv,
             api_key,
+            model_file,
         } = planned;
         let record = InstanceRecord {
             id: id.clone(),
@@ -460,6 +469,7 @@ impl Supervisor {
             last_error: String::new(),
             observed: None,
             stopped_at_unix_ms: None,
+            model_file,
         };
         tracing::info!(instance = %id, kind = req.kind.as_str(), model = %record.model_id, port, "starting instance");
         let view = {
@@ -517,6 +527,8 @@ impl Supervisor {
             .ok_or_else(|| Error::ModelEscapes {
                 id: req.model_id.clone(),
             })?;
+        // What every restart must find again under this name.
+        let model_file = FileIdentity::of(&path).ok();
         let o = &req.options;
         if params.context_length > 0
             && u64::from(o.context_size) > params.context_length
@@ -552,6 +564,7 @@ impl Supervisor {
             internal_port: None,
             argv,
             api_key,
+            model_file,
         })
     }
 
@@ -828,6 +841,7 @@ impl Inner {
             internal_port: Some(internal),
             argv,
             api_key: String::new(),
+            model_file: None,
         })
     }
 
@@ -996,6 +1010,7 @@ fn unmanaged_view(pid: u32, memory: Option<proto::domain::ProcessMemory>) -> Ins
         api_key: String::new(),
         request_id: String::new(),
         command_line,
+        model_file_changed: String::new(),
     }
 }
 

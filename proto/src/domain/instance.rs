@@ -98,6 +98,9 @@ pub enum InstanceState {
     Failed,
     /// A llama-server this agent found running but did not start.
     Unmanaged,
+    /// A ready llama-server stopped answering `/health`; the agent kills it
+    /// and restarts it after a back-off.
+    Unhealthy,
 }
 
 impl InstanceState {
@@ -111,6 +114,7 @@ impl InstanceState {
             InstanceState::Stopped => "stopped",
             InstanceState::Failed => "failed",
             InstanceState::Unmanaged => "unmanaged",
+            InstanceState::Unhealthy => "unhealthy",
         }
     }
 }
@@ -139,6 +143,7 @@ impl From<InstanceState> for v1::InstanceState {
             InstanceState::Stopped => v1::InstanceState::Stopped,
             InstanceState::Failed => v1::InstanceState::Failed,
             InstanceState::Unmanaged => v1::InstanceState::Unmanaged,
+            InstanceState::Unhealthy => v1::InstanceState::Unhealthy,
         }
     }
 }
@@ -156,6 +161,7 @@ impl TryFrom<v1::InstanceState> for InstanceState {
             v1::InstanceState::Stopped => InstanceState::Stopped,
             v1::InstanceState::Failed => InstanceState::Failed,
             v1::InstanceState::Unmanaged => InstanceState::Unmanaged,
+            v1::InstanceState::Unhealthy => InstanceState::Unhealthy,
         })
     }
 }
@@ -780,6 +786,10 @@ pub struct Instance {
     /// llama-server or ggml-rpc-server.
     #[serde(default)]
     pub kind: InstanceKind,
+    /// What changed, when the model file it loaded was deleted or replaced
+    /// while it runs (a restart is then refused); empty otherwise.
+    #[serde(default)]
+    pub model_file_changed: String,
 }
 
 /// Whether an instance reported with the same request id as `old` takes
@@ -809,6 +819,7 @@ impl From<Instance> for v1::Instance {
             request_id: i.request_id,
             command_line: i.command_line,
             kind: v1::InstanceKind::from(i.kind) as i32,
+            model_file_changed: i.model_file_changed,
         }
     }
 }
@@ -843,6 +854,7 @@ impl TryFrom<v1::Instance> for Instance {
             request_id: i.request_id,
             command_line: i.command_line,
             kind: InstanceKind::from_wire(i.kind)?,
+            model_file_changed: i.model_file_changed,
         })
     }
 }
@@ -897,6 +909,7 @@ mod tests {
             api_key: String::new(),
             request_id: "halo.tiny.r0.g1".into(),
             command_line: String::new(),
+            model_file_changed: String::new(),
             kind: InstanceKind::LlamaServer,
         };
         assert!(replaces(None));
