@@ -1006,6 +1006,7 @@ fn gateway_chat(
 /// which gateway took it, and the serving node or the error.
 struct ViaGateway {
     at: Instant,
+    took: Duration,
     stream: bool,
     gateway: &'static str,
     served: Result<String, String>,
@@ -1039,6 +1040,7 @@ fn gateway_load(
                     let served = gateway_chat(&http, &url, &key, &model, stream);
                     out.push(ViaGateway {
                         at,
+                        took: at.elapsed(),
                         stream,
                         gateway,
                         served,
@@ -1195,16 +1197,26 @@ async fn compose_controllers_and_etcd_down_a_minute_fail_no_request_direct_or_vi
         .filter(|v| v.at >= up_at && v.served.is_ok())
         .count();
     let by_gateway = |g: &str| via.iter().filter(|v| v.gateway == g).count();
+    let mut via_lat: Vec<Duration> = via
+        .iter()
+        .filter(|v| v.served.is_ok())
+        .map(|v| v.took)
+        .collect();
+    via_lat.sort();
+    let via_p50 = via_lat.get(via_lat.len() / 2).copied().unwrap_or_default();
+    let via_max = via_lat.last().copied().unwrap_or_default();
     eprintln!(
         "TIMING compose outage: controllers and etcd down {:.1?}; direct: {} chat completions \
          in all, {} during the outage, {} failed, latency p50 {p50:.1?} max {max:.1?}; through \
-         the gateways (model `code`, a user key, HTTPS): {} in all ({} streaming; via halo1 {}, \
-         via halo2 {}), {} during the outage, {} after it, {} failed; after the restart a \
-         leader in {led:.1?}, both nodes ready in {nodes_ready:.1?}",
+         the gateways (model `code`, a user key, HTTPS; the instance on {}): {} in all ({} \
+         streaming; via halo1 {}, via halo2 {}), {} during the outage, {} after it, {} failed, \
+         latency p50 {via_p50:.1?} max {via_max:.1?}; after the restart a leader in {led:.1?}, \
+         both nodes ready in {nodes_ready:.1?}",
         up_at.duration_since(down_at),
         results.len(),
         during.len(),
         failures.len(),
+        e.node,
         via.len(),
         via.iter().filter(|v| v.stream).count(),
         by_gateway("halo1"),
