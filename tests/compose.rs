@@ -1,13 +1,14 @@
 //! Fault tests on the docker-compose cluster (`deploy/compose/`): etcd, two
 //! controllers and two agents (halo1 `speed`, halo2 `reasoning`, each with
 //! the simulated 128 GB Strix Halo memory tree, the tiny real model and
-//! sparse big models) in containers built `FROM scratch`, with real
-//! llama-server instances inside the agent containers. Each test starts its
-//! own cluster (its own compose project and subnet), breaks it the way a
-//! user's cluster breaks (`docker kill`, `pause`, `network disconnect`,
-//! `restart`), asserts what a user would see, and prints the measured
-//! times. Every gRPC link speaks mutual TLS with certificates for the
-//! containers' addresses from the test process's CA ([`tests::pki`]).
+//! sparse big models, and each serving the gateway over HTTPS) in
+//! containers built `FROM scratch`, with real llama-server instances inside
+//! the agent containers. Each test starts its own cluster (its own compose
+//! project and subnet), breaks it the way a user's cluster breaks (`docker
+//! kill`, `pause`, `network disconnect`, `restart`), asserts what a user
+//! would see, and prints the measured times. Every gRPC link speaks mutual
+//! TLS with certificates for the containers' addresses from the test
+//! process's CA ([`tests::pki`]).
 //!
 //! They need images built from this build: run them with
 //! `bash tests/compose.sh` (which sets `HALO_COMPOSE_TAG`); the normal run
