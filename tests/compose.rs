@@ -1,13 +1,14 @@
 //! Fault tests on the docker-compose cluster (`deploy/compose/`): etcd, two
 //! controllers and two agents (halo1 `speed`, halo2 `reasoning`, each with
 //! the simulated 128 GB Strix Halo memory tree, the tiny real model and
-//! sparse big models) in containers built `FROM scratch`, with real
-//! llama-server instances inside the agent containers. Each test starts its
-//! own cluster (its own compose project and subnet), breaks it the way a
-//! user's cluster breaks (`docker kill`, `pause`, `network disconnect`,
-//! `restart`), asserts what a user would see, and prints the measured
-//! times. Every gRPC link speaks mutual TLS with certificates for the
-//! containers' addresses from the test process's CA ([`tests::pki`]).
+//! sparse big models, and each serving the gateway over HTTPS) in
+//! containers built `FROM scratch`, with real llama-server instances inside
+//! the agent containers. Each test starts its own cluster (its own compose
+//! project and subnet), breaks it the way a user's cluster breaks (`docker
+//! kill`, `pause`, `network disconnect`, `restart`), asserts what a user
+//! would see, and prints the measured times. Every gRPC link speaks mutual
+//! TLS with certificates for the containers' addresses from the test
+//! process's CA ([`tests::pki`]).
 //!
 //! They need images built from this build: run them with
 //! `bash tests/compose.sh` (which sets `HALO_COMPOSE_TAG`); the normal run
@@ -190,6 +191,11 @@ impl Cluster {
 
     fn controller_url(&self, service: &str) -> String {
         format!("https://{}:7300", self.ip(service))
+    }
+
+    /// The gateway agent `service` serves (HTTPS, its own certificate).
+    fn gateway_url(&self, service: &str) -> String {
+        format!("https://{}:8443", self.ip(service))
     }
 
     async fn client(&self, service: &str) -> Client {
@@ -932,9 +938,171 @@ fn load_loop(
     })
 }
 
+/// An HTTPS client for the gateways that trusts only the test CA (the
+/// agents serve the gateway with their own certificates, issued by it).
+fn gateway_http() -> ureq::Agent {
+    use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
+    let pem = std::fs::read(tests::pki::pki().ca()).expect("CA certificate");
+    let ca = Certificate::from_pem(&pem).expect("CA PEM").to_owned();
+    let tls = TlsConfig::builder()
+        .provider(TlsProvider::Rustls)
+        .root_certs(RootCerts::Specific(Arc::new(vec![ca])))
+        .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .build();
+    ureq::Agent::config_builder()
+        .tls_config(tls)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+/// One chat completion through a gateway: the node that served it (the
+/// gateway's `x-halo-node`), or what went wrong. A stream counts only when
+/// it ends with `data: [DONE]`.
+fn gateway_chat(
+    http: &ureq::Agent,
+    url: &str,
+    key: &str,
+    model: &str,
+    stream: bool,
+) -> Result<String, String> {
+    use std::io::Read;
+    let body = serde_json::json!({
+        "model": model,
+        "stream": stream,
+        "max_tokens": 4,
+        "messages": [{"role": "user", "content": "Hello"}],
+    });
+    let mut resp = http
+        .post(&format!("{url}/v1/chat/completions"))
+        .header("Authorization", &format!("Bearer {key}"))
+        .header("Content-Type", "application/json")
+        .send(body.to_string())
+        .map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let node = resp
+        .headers()
+        .get("x-halo-node")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let mut text = String::new();
+    resp.body_mut()
+        .as_reader()
+        .read_to_string(&mut text)
+        .map_err(|e| format!("{status}, body cut: {e}"))?;
+    let complete = text.contains("\"choices\"") && (!stream || text.contains("data: [DONE]"));
+    if status == 200 && complete {
+        Ok(node)
+    } else {
+        Err(format!(
+            "{status} {}",
+            text.chars().take(300).collect::<String>()
+        ))
+    }
+}
+
+/// A request through a gateway: when it started, whether it streamed,
+/// which gateway took it, and the serving node or the error.
+struct ViaGateway {
+    at: Instant,
+    took: Duration,
+    stream: bool,
+    gateway: &'static str,
+    served: Result<String, String>,
+}
+
+/// `threads` clients per gateway of `nodes`, each alternating streaming
+/// and non-streaming chat completions for `model` with `key`, about
+/// `per_second` a second each, until `stop`.
+fn gateway_load(
+    cl: &Cluster,
+    nodes: &[&'static str],
+    threads: u32,
+    per_second: u32,
+    key: &str,
+    model: &str,
+    stop: &Arc<AtomicBool>,
+) -> Vec<std::thread::JoinHandle<Vec<ViaGateway>>> {
+    let period = Duration::from_secs(1) / per_second;
+    let mut handles = Vec::new();
+    for &gateway in nodes {
+        for t in 0..threads {
+            let (url, key, model) = (cl.gateway_url(gateway), key.to_owned(), model.to_owned());
+            let stop = stop.clone();
+            handles.push(std::thread::spawn(move || {
+                let http = gateway_http();
+                let mut out = Vec::new();
+                let mut n = t;
+                while !stop.load(Ordering::Relaxed) {
+                    let at = Instant::now();
+                    let stream = n % 2 == 0;
+                    let served = gateway_chat(&http, &url, &key, &model, stream);
+                    out.push(ViaGateway {
+                        at,
+                        took: at.elapsed(),
+                        stream,
+                        gateway,
+                        served,
+                    });
+                    n += 1;
+                    if let Some(rest) = period.checked_sub(at.elapsed()) {
+                        std::thread::sleep(rest);
+                    }
+                }
+                out
+            }));
+        }
+    }
+    handles
+}
+
+/// A user key from the leader's `CreateKey` (as `haloctl keys create`).
+async fn create_key(c: &Client, name: &str) -> String {
+    let secret = c
+        .clone()
+        .create_key(v1::CreateKeyRequest {
+            name: name.into(),
+            ..v1::CreateKeyRequest::default()
+        })
+        .await
+        .expect("CreateKey")
+        .into_inner()
+        .secret;
+    assert!(secret.starts_with("halo-"), "{secret}");
+    secret
+}
+
+/// Waits until `node`'s gateway answers `model` with `key` (it has read
+/// the routes and the key): the node that served.
+async fn gateway_answers(
+    cl: &Cluster,
+    node: &str,
+    key: &str,
+    model: &str,
+    timeout: Duration,
+) -> Result<String, String> {
+    let url = cl.gateway_url(node);
+    let (key, model) = (key.to_owned(), model.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let http = gateway_http();
+        let deadline = Instant::now() + timeout;
+        loop {
+            match gateway_chat(&http, &url, &key, &model, false) {
+                Ok(served) => return Ok(served),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    })
+    .await
+    .expect("gateway probe")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the compose images: bash tests/compose.sh"]
-async fn compose_models_answer_every_request_while_controllers_and_etcd_are_down_a_minute() {
+async fn compose_controllers_and_etcd_down_a_minute_fail_no_request_direct_or_via_gateways() {
     let outage = Duration::from_secs(60);
     let cl = Cluster::up("outage").await;
     let leader = cl.wait_leader(None, LEASE * 10).await.expect("a leader");
@@ -946,10 +1114,23 @@ async fn compose_models_answer_every_request_while_controllers_and_etcd_are_down
         .await
         .expect("never ready");
     let instance = live_instances(&mut c.clone()).await[0].1.id.clone();
+    // The editor's view: a user key and a mode, no instance URL or key.
+    let key = create_key(&c, "editor").await;
     drop(c);
+    for node in ["halo1", "halo2"] {
+        let served = gateway_answers(&cl, node, &key, "code", Duration::from_secs(30)).await;
+        assert_eq!(
+            served.as_deref(),
+            Ok(e.node.as_str()),
+            "{node}'s gateway does not answer `code`"
+        );
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     let load = load_loop(e.base_url.clone(), e.api_key.clone(), stop.clone());
+    // About 20 a second through the gateways: the serving node's own and
+    // the other one's, which reaches the instance across the network.
+    let via = gateway_load(&cl, &["halo1", "halo2"], 2, 5, &key, "code", &stop);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let down_at = Instant::now();
     cl.fault("kill", &["controller1", "controller2", "etcd"]);
@@ -974,6 +1155,10 @@ async fn compose_models_answer_every_request_while_controllers_and_etcd_are_down
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop.store(true, Ordering::Relaxed);
     let results = load.join().expect("load loop");
+    let via: Vec<ViaGateway> = via
+        .into_iter()
+        .flat_map(|h| h.join().expect("gateway client"))
+        .collect();
 
     let failures: Vec<_> = results
         .iter()
@@ -991,23 +1176,85 @@ async fn compose_models_answer_every_request_while_controllers_and_etcd_are_down
     lat.sort();
     let p50 = lat.get(lat.len() / 2).copied().unwrap_or_default();
     let max = lat.last().copied().unwrap_or_default();
+    let via_failed: Vec<String> = via
+        .iter()
+        .filter_map(|v| {
+            v.served.as_ref().err().map(|e| {
+                format!(
+                    "[{:+.1?} from the outage, via {}, stream={}] {e}",
+                    v.at.saturating_duration_since(down_at),
+                    v.gateway,
+                    v.stream
+                )
+            })
+        })
+        .collect();
+    let via_during = via
+        .iter()
+        .filter(|v| v.at >= down_at && v.at < up_at && v.served.is_ok())
+        .count();
+    let via_after = via
+        .iter()
+        .filter(|v| v.at >= up_at && v.served.is_ok())
+        .count();
+    let by_gateway = |g: &str| via.iter().filter(|v| v.gateway == g).count();
+    let mut via_lat: Vec<Duration> = via
+        .iter()
+        .filter(|v| v.served.is_ok())
+        .map(|v| v.took)
+        .collect();
+    via_lat.sort();
+    let via_p50 = via_lat.get(via_lat.len() / 2).copied().unwrap_or_default();
+    let via_max = via_lat.last().copied().unwrap_or_default();
     eprintln!(
-        "TIMING compose outage: controllers and etcd down {:.1?}; {} chat completions in all, {} \
-         during the outage, {} failed; latency p50 {p50:.1?} max {max:.1?}; after the restart a \
-         leader in {led:.1?}, both nodes ready in {nodes_ready:.1?}",
+        "TIMING compose outage: controllers and etcd down {:.1?}; direct: {} chat completions \
+         in all, {} during the outage, {} failed, latency p50 {p50:.1?} max {max:.1?}; through \
+         the gateways (model `code`, a user key, HTTPS; the instance on {}): {} in all ({} \
+         streaming; via halo1 {}, via halo2 {}), {} during the outage, {} after it, {} failed, \
+         latency p50 {via_p50:.1?} max {via_max:.1?}; after the restart a leader in {led:.1?}, \
+         both nodes ready in {nodes_ready:.1?}",
         up_at.duration_since(down_at),
         results.len(),
         during.len(),
         failures.len(),
+        e.node,
+        via.len(),
+        via.iter().filter(|v| v.stream).count(),
+        by_gateway("halo1"),
+        by_gateway("halo2"),
+        via_during,
+        via_after,
+        via_failed.len(),
     );
     assert!(
         failures.is_empty(),
         "requests failed (since the outage began): {failures:?}"
     );
     assert!(
+        via_failed.is_empty(),
+        "{} requests through the gateways failed: {:?}",
+        via_failed.len(),
+        via_failed.iter().take(10).collect::<Vec<_>>()
+    );
+    assert!(
         during.len() >= 300,
         "only {} requests during the outage",
         during.len()
+    );
+    assert!(
+        via_during >= 300,
+        "only {via_during} requests through the gateways during the outage"
+    );
+    assert!(via_after > 0, "nothing went through the gateways after");
+    let wrong_node: Vec<&str> = via
+        .iter()
+        .filter_map(|v| v.served.as_deref().ok())
+        .filter(|n| *n != e.node)
+        .collect();
+    assert!(
+        wrong_node.is_empty(),
+        "answered by nodes other than {}: {wrong_node:?}",
+        e.node
     );
     // Nothing was restarted or duplicated.
     let live = live_instances(&mut c.clone()).await;
@@ -1015,4 +1262,14 @@ async fn compose_models_answer_every_request_while_controllers_and_etcd_are_down
     assert_eq!(live[0].1.id, instance, "the instance was replaced");
     assert_eq!(replica(&c, "tiny").await.map(|r| r.1), Some(1));
     assert_eq!(cl.all_llama_servers(), 1);
+    // The gateways read the controllers again: a key made now works.
+    let fresh = create_key(&c, "after-the-outage").await;
+    for node in ["halo1", "halo2"] {
+        let served = gateway_answers(&cl, node, &fresh, "code", Duration::from_secs(10)).await;
+        assert_eq!(
+            served.as_deref(),
+            Ok(e.node.as_str()),
+            "{node}'s gateway does not take a key made after the outage"
+        );
+    }
 }
