@@ -67,6 +67,45 @@ fn create_key(c: &ControllerProc, home: &Path, name: &str, args: &[&str]) -> Str
         .unwrap_or_else(|| panic!("no key in {}", text(&o.stdout)))
 }
 
+/// Starts the controller and waits until it sees halo1 and halo2 ready.
+async fn start_and_wait(ctl: &mut ControllerProc) -> tests::cluster::Client {
+    ctl.start();
+    let mut c = connect(&ctl.url()).await;
+    assert!(
+        wait_nodes(
+            &mut c,
+            &["halo1", "halo2"],
+            v1::NodeStatus::Ready,
+            Duration::from_secs(20)
+        )
+        .await,
+        "nodes not ready:\n{}",
+        ctl.logs()
+    );
+    c
+}
+
+/// Waits until requests through the gateway at `url` are served by two
+/// different nodes (both replicas ready and known to the gateway).
+fn both_replicas_serve(url: &str, key: &str) {
+    let both = wait_for(Duration::from_secs(90), || {
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 0..8 {
+            let a = post(
+                url,
+                Some(key),
+                &chat_body("tiny", &format!("probe {i}"), false),
+            )
+            .ok()?;
+            if complete(&a, false) {
+                seen.insert(a.node);
+            }
+        }
+        (seen.len() == 2).then_some(())
+    });
+    assert!(both.is_some(), "one replica never served");
+}
+
 fn http() -> ureq::Agent {
     ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(150)))
@@ -262,17 +301,7 @@ async fn a_mode_answers_through_one_url_and_key_and_bad_keys_reach_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut nodes = tiny_speed_pair(dir.path(), 2);
     let mut ctl = tiny_controller(dir.path(), &nodes, &["--heartbeat-ms", "250"]);
-    ctl.start();
-    let mut c = connect(&ctl.url()).await;
-    assert!(
-        wait_nodes(
-            &mut c,
-            &["halo1", "halo2"],
-            v1::NodeStatus::Ready,
-            Duration::from_secs(20)
-        )
-        .await
-    );
+    start_and_wait(&mut ctl).await;
     let front = workstation_gateway(dir.path(), &ctl, &[]);
     let home = dir.path();
     let key = create_key(&ctl, home, "editor", &[]);
@@ -397,17 +426,7 @@ async fn under_load_a_node_loss_fails_only_requests_in_flight_and_a_replace_fail
             "300",
         ],
     );
-    ctl.start();
-    let mut c = connect(&ctl.url()).await;
-    assert!(
-        wait_nodes(
-            &mut c,
-            &["halo1", "halo2"],
-            v1::NodeStatus::Ready,
-            Duration::from_secs(20)
-        )
-        .await
-    );
+    let mut c = start_and_wait(&mut ctl).await;
     // Floating (not pinned): a node loss moves it.
     place(&ctl, None, 1).await;
     let ep = tests::cluster::endpoint(&c, "tiny", Duration::from_secs(60))
@@ -478,17 +497,7 @@ async fn with_every_controller_down_running_models_keep_answering() {
     let dir = tempfile::tempdir().expect("tempdir");
     let nodes = tiny_speed_pair(dir.path(), 2);
     let mut ctl = tiny_controller(dir.path(), &nodes, &["--heartbeat-ms", "250"]);
-    ctl.start();
-    let mut c = connect(&ctl.url()).await;
-    assert!(
-        wait_nodes(
-            &mut c,
-            &["halo1", "halo2"],
-            v1::NodeStatus::Ready,
-            Duration::from_secs(20)
-        )
-        .await
-    );
+    let c = start_and_wait(&mut ctl).await;
     place(&ctl, None, 1).await;
     let _ = tests::cluster::endpoint(&c, "tiny", Duration::from_secs(60))
         .await
@@ -525,38 +534,13 @@ async fn two_replicas_both_serve_and_a_conversation_stays_on_its_replica() {
     let dir = tempfile::tempdir().expect("tempdir");
     let nodes = tiny_speed_pair(dir.path(), 2);
     let mut ctl = tiny_controller(dir.path(), &nodes, &["--heartbeat-ms", "250"]);
-    ctl.start();
-    let mut c = connect(&ctl.url()).await;
-    assert!(
-        wait_nodes(
-            &mut c,
-            &["halo1", "halo2"],
-            v1::NodeStatus::Ready,
-            Duration::from_secs(20)
-        )
-        .await
-    );
+    start_and_wait(&mut ctl).await;
     place(&ctl, None, 2).await;
     let front = workstation_gateway(dir.path(), &ctl, &[]);
     let key = create_key(&ctl, dir.path(), "pair", &[]);
     let url = format!("{}/v1/chat/completions", front.url);
     // Both replicas ready through the gateway.
-    let both = wait_for(Duration::from_secs(90), || {
-        let mut seen = std::collections::BTreeSet::new();
-        for i in 0..8 {
-            let a = post(
-                &url,
-                Some(&key),
-                &chat_body("tiny", &format!("probe {i}"), false),
-            )
-            .ok()?;
-            if complete(&a, false) {
-                seen.insert(a.node);
-            }
-        }
-        (seen.len() == 2).then_some(())
-    });
-    assert!(both.is_some(), "one replica never served");
+    both_replicas_serve(&url, &key);
 
     // 8 clients, each its own conversation, 6 turns each, concurrently,
     // with an editor's pause between turns (loads even, not saturated).
@@ -646,37 +630,12 @@ async fn a_hung_replica_turns_unhealthy_and_the_gateway_serves_from_the_other() 
         n.start();
     }
     let mut ctl = tiny_controller(dir.path(), &nodes, &["--heartbeat-ms", "250"]);
-    ctl.start();
-    let mut c = connect(&ctl.url()).await;
-    assert!(
-        wait_nodes(
-            &mut c,
-            &["halo1", "halo2"],
-            v1::NodeStatus::Ready,
-            Duration::from_secs(20)
-        )
-        .await
-    );
+    start_and_wait(&mut ctl).await;
     place(&ctl, None, 2).await;
     let front = workstation_gateway(dir.path(), &ctl, &[]);
     let key = create_key(&ctl, dir.path(), "hang", &[]);
     let url = format!("{}/v1/chat/completions", front.url);
-    let both = wait_for(Duration::from_secs(90), || {
-        let mut seen = std::collections::BTreeSet::new();
-        for i in 0..8 {
-            let a = post(
-                &url,
-                Some(&key),
-                &chat_body("tiny", &format!("p {i}"), false),
-            )
-            .ok()?;
-            if complete(&a, false) {
-                seen.insert(a.node);
-            }
-        }
-        (seen.len() == 2).then_some(())
-    });
-    assert!(both.is_some(), "one replica never served");
+    both_replicas_serve(&url, &key);
 
     let mut agent1 = tests::cluster::agent_client(&nodes[0]).await;
     let mut events = agent1

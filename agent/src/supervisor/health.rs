@@ -39,6 +39,57 @@ async fn get_status(addr: SocketAddr) -> Option<u16> {
     parse_status_line(&buf)
 }
 
+/// Largest `/slots` answer read (a slot is a few hundred bytes).
+const MAX_SLOTS_ANSWER: usize = 1 << 20;
+
+/// How many of llama-server's slots are processing a request (`GET /slots`
+/// with the instance's key), or `None` when it does not say in time.
+pub async fn busy_slots(addr: SocketAddr, api_key: &str, deadline: Duration) -> Option<usize> {
+    tokio::time::timeout(deadline, get_slots(addr, api_key))
+        .await
+        .ok()
+        .flatten()
+}
+
+async fn get_slots(addr: SocketAddr, api_key: &str) -> Option<usize> {
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    let request = format!(
+        "GET /slots HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {api_key}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() > MAX_SLOTS_ANSWER {
+            return None;
+        }
+    }
+    if parse_status_line(&buf)? != 200 {
+        return None;
+    }
+    count_busy(&buf)
+}
+
+/// The slots with `"is_processing": true` in a `/slots` answer (the JSON
+/// array between its first `[` and last `]`, which also covers a body sent
+/// as one chunk).
+fn count_busy(answer: &[u8]) -> Option<usize> {
+    let start = answer.iter().position(|&b| b == b'[')?;
+    let end = answer.iter().rposition(|&b| b == b']')?;
+    let slots: Vec<serde_json::Value> = serde_json::from_slice(answer.get(start..=end)?).ok()?;
+    Some(
+        slots
+            .iter()
+            .filter(|s| s["is_processing"].as_bool() == Some(true))
+            .count(),
+    )
+}
+
 /// `HTTP/1.1 200 OK` → 200.
 fn parse_status_line(buf: &[u8]) -> Option<u16> {
     let line = buf.split(|&b| b == b'\r').next()?;
@@ -54,6 +105,14 @@ fn parse_status_line(buf: &[u8]) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn busy_slots_are_counted_from_the_answer() {
+        let a = b"HTTP/1.1 200 OK\r\nContent-Length: 70\r\n\r\n[{\"id\":0,\"is_processing\":true},{\"id\":1,\"is_processing\":false}]";
+        assert_eq!(count_busy(a), Some(1));
+        assert_eq!(count_busy(b"HTTP/1.1 200 OK\r\n\r\n[]"), Some(0));
+        assert_eq!(count_busy(b"HTTP/1.1 200 OK\r\n\r\nnot json"), None);
+    }
     use tokio::net::TcpListener;
 
     #[test]

@@ -98,6 +98,11 @@ enum Outcome {
     Unhealthy { reason: String, ready_for: Duration },
 }
 
+/// Longest wait, on a stop, for the requests in progress to finish.
+pub(super) const DRAIN_MAX: Duration = Duration::from_secs(15);
+/// How often `/slots` is read while draining.
+const DRAIN_POLL: Duration = Duration::from_millis(100);
+
 /// How an instance task begins.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Begin {
@@ -229,6 +234,7 @@ impl InstanceTask {
         loop {
             if self.stop.is_cancelled() {
                 if let Some((running, _)) = next.take() {
+                    self.drain().await;
                     self.terminate(running).await;
                 }
                 self.stopped().await;
@@ -260,6 +266,7 @@ impl InstanceTask {
             match self.watch(&mut running, ready, &shutdown).await {
                 Outcome::Shutdown => return,
                 Outcome::Stop => {
+                    self.drain().await;
                     self.terminate(running).await;
                     self.stopped().await;
                     return;
@@ -920,6 +927,41 @@ impl InstanceTask {
             }
         }
         self.drain_log();
+    }
+
+    /// Before a stop's SIGTERM: lets the requests a llama-server is
+    /// answering finish (its `/slots` shows none processing), for at most
+    /// [`DRAIN_MAX`]. The instance is already `Stopping` on the watch
+    /// stream, so gateways send it nothing new; an unplace or a move then
+    /// cuts no answer short.
+    async fn drain(&self) {
+        if self.kind != InstanceKind::LlamaServer {
+            return;
+        }
+        let Some((addr, key)) = self
+            .inner
+            .table()
+            .instances
+            .get(&self.id)
+            .map(|s| (self.inner.ready_addr(&s.record), s.api_key.clone()))
+        else {
+            return;
+        };
+        let end = Instant::now() + DRAIN_MAX;
+        let mut waited = false;
+        while Instant::now() < end {
+            match super::health::busy_slots(addr, &key, DRAIN_POLL * 5).await {
+                Some(n) if n > 0 => {
+                    if !waited {
+                        tracing::info!(instance = %self.id, busy = n, "waiting for requests in progress before stopping");
+                        waited = true;
+                    }
+                    tokio::time::sleep(DRAIN_POLL).await;
+                }
+                _ => return,
+            }
+        }
+        tracing::warn!(instance = %self.id, "requests still in progress after {DRAIN_MAX:?}; stopping anyway");
     }
 
     async fn stopped(&mut self) {

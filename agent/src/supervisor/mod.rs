@@ -599,7 +599,7 @@ impl Supervisor {
             inner.emit_instance(id);
             stop.cancel();
         }
-        let bound = inner.config.stop_timeout + Duration::from_secs(10);
+        let bound = inner.config.stop_timeout + instance::DRAIN_MAX + Duration::from_secs(10);
         if tokio::time::timeout(bound, finished.cancelled())
             .await
             .is_err()
