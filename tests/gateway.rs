@@ -463,7 +463,14 @@ async fn under_load_a_node_loss_fails_only_requests_in_flight_and_a_replace_fail
         summary(&v),
         ctl.logs()
     );
-    assert!(after.len() > 20, "{}", summary(&v));
+    // At least one request per client thread came after the kill (how
+    // many depends on the machine's speed).
+    assert!(
+        after.len() >= 8,
+        "{} after the kill: {}",
+        after.len(),
+        summary(&v)
+    );
 
     // Unplace, then place on the other node, under load: nothing fails.
     a.start();
