@@ -768,13 +768,19 @@ impl Gateway {
             tracing::info!(target: "halo_gateway::prompt", key = %key.name, model = %asked, body = %String::from_utf8_lossy(shown));
         }
         drop(fields);
+        let mut headers = upstream_headers(&parts.headers);
+        if stream {
+            // llama-server closes the connection after a stream without
+            // saying so; a pooled one would then fail the next request.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         let job = Job {
             method: parts.method.clone(),
             path_and_query: parts
                 .uri
                 .path_and_query()
                 .map_or_else(|| parts.uri.path().to_owned(), |p| p.as_str().to_owned()),
-            headers: upstream_headers(&parts.headers),
+            headers,
             body,
             asked,
             key,
@@ -892,6 +898,9 @@ impl Gateway {
         let mut queued: Option<QueueSlot> = None;
         let mut next_note = Instant::now();
         let mut retry_at: Option<Instant> = None;
+        // Replicas whose pooled connection broke once for this request:
+        // the next try there is on a fresh connection, at once.
+        let mut fresh: Vec<String> = Vec::new();
         loop {
             let table = rx.borrow_and_update().clone();
             let now_ms = proto::units::now_unix_ms();
@@ -935,6 +944,16 @@ impl Gateway {
                             resp.headers_mut().insert("x-halo-node", v);
                         }
                         return Ok((resp, inflight));
+                    }
+                    Err(Failure::Io) if !fresh.contains(&r.base_url) => {
+                        // A kept connection the replica had closed (llama-server
+                        // closes one now and then without saying so): the pool
+                        // drops it; try the same replica again at once.
+                        tracing::debug!(replica = %r.base_url, "kept connection closed; retrying on a new one");
+                        self.metrics.upstream_error(&job.model, Failure::Io.kind());
+                        self.metrics.retry();
+                        fresh.push(r.base_url.clone());
+                        continue;
                     }
                     Err(f) => {
                         tracing::warn!(
