@@ -56,8 +56,10 @@ const LEVELS: [usize; 3] = [1, 8, 64];
 struct Size {
     /// Sequential requests per side for each latency measure.
     latency: usize,
-    /// Seconds per run of one side at one concurrency (two runs a side).
-    level_secs: f64,
+    /// Rounds per concurrency: one run of each side in each.
+    rounds: usize,
+    /// Seconds of one run.
+    run_secs: f64,
     /// Idle connections opened to the gateway.
     idle_conns: usize,
 }
@@ -66,13 +68,15 @@ fn size() -> Size {
     if tests::smoke() {
         Size {
             latency: 5,
-            level_secs: 0.3,
+            rounds: 2,
+            run_secs: 0.3,
             idle_conns: 50,
         }
     } else {
         Size {
             latency: 300,
-            level_secs: 5.0,
+            rounds: 8,
+            run_secs: 1.5,
             idle_conns: 5000,
         }
     }
@@ -353,6 +357,23 @@ struct Run {
     secs: f64,
 }
 
+impl Run {
+    fn rate(&self) -> f64 {
+        self.ok as f64 / self.secs
+    }
+
+    fn add(&mut self, r: Run) {
+        self.ok += r.ok;
+        self.secs += r.secs;
+        for (k, n) in r.failed {
+            *self.failed.entry(k).or_default() += n;
+        }
+        if self.first_failure.is_none() {
+            self.first_failure = r.first_failure;
+        }
+    }
+}
+
 /// `conc` clients, each on its own connection, sending `body` for `secs`
 /// (each client's connection is made, and one request answered, before
 /// the clock starts).
@@ -601,6 +622,7 @@ async fn main() {
         });
         assert!(ready.is_some(), "the gateway never answered:\n{}", gw.log());
         let rss_start = vm(pid, "VmRSS");
+        let load_start = loadavg();
 
         // Warm both sides (prompt cache, connections).
         let _ = latencies(&mut direct, &mut through, &nonstream, 5, |r| Some(r.elapsed));
@@ -622,40 +644,45 @@ async fn main() {
         let cpu_seq = (cpu_secs(pid) - cpu0) / (2 * size.latency) as f64;
         drop((direct, through));
 
+        // Throughput: short runs of each side in turn, the order swapped
+        // every round, so a burst of load from elsewhere on the machine
+        // hits both sides alike.
         let mut levels = Vec::new();
         for conc in LEVELS {
-            let half = size.level_secs;
-            let d1 = run(&direct_url, &direct_key, &nonstream, conc, half);
-            let cpu0 = cpu_secs(pid);
-            let g1 = run(&gw_url, &key, &nonstream, conc, half);
-            let g2 = run(&gw_url, &key, &nonstream, conc, half);
-            let cpu = cpu_secs(pid) - cpu0;
-            let d2 = run(&direct_url, &direct_key, &nonstream, conc, half);
-            let rps = |a: &Run, b: &Run| (a.ok + b.ok) as f64 / (a.secs + b.secs);
-            let fails = |a: &Run, b: &Run| {
-                let mut m = a.failed.clone();
-                for (k, n) in &b.failed {
-                    *m.entry(*k).or_default() += n;
-                }
-                let first = a.first_failure.clone().or_else(|| b.first_failure.clone());
-                (m, first)
-            };
-            let cpu_per = cpu / (g1.ok + g2.ok).max(1) as f64;
+            let (mut d, mut g) = (Run::default(), Run::default());
+            let mut ratios = Vec::new();
+            let mut gw_cpu = 0.0;
+            for round in 0..size.rounds {
+                let side = |through: bool| {
+                    let (url, k) = if through {
+                        (gw_url.as_str(), key.as_str())
+                    } else {
+                        (direct_url.as_str(), direct_key.as_str())
+                    };
+                    run(url, k, &nonstream, conc, size.run_secs)
+                };
+                let (dr, gr, cpu) = if round % 2 == 0 {
+                    let dr = side(false);
+                    let c0 = cpu_secs(pid);
+                    let gr = side(true);
+                    (dr, gr, cpu_secs(pid) - c0)
+                } else {
+                    let c0 = cpu_secs(pid);
+                    let gr = side(true);
+                    let cpu = cpu_secs(pid) - c0;
+                    (side(false), gr, cpu)
+                };
+                gw_cpu += cpu;
+                ratios.push(gr.rate() / dr.rate());
+                d.add(dr);
+                g.add(gr);
+            }
             eprintln!(
-                "concurrency {conc}: direct {:.1}+{:.1} req/s, gateway {:.1}+{:.1} req/s",
-                d1.ok as f64 / d1.secs,
-                d2.ok as f64 / d2.secs,
-                g1.ok as f64 / g1.secs,
-                g2.ok as f64 / g2.secs
+                "concurrency {conc}: gateway/direct by round {:?}",
+                ratios.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>()
             );
-            levels.push((
-                conc,
-                rps(&d1, &d2),
-                rps(&g1, &g2),
-                fails(&d1, &d2),
-                fails(&g1, &g2),
-                cpu_per,
-            ));
+            let cpu_per = gw_cpu / g.ok.max(1) as f64;
+            levels.push((conc, d, g, pct(&ratios, 0.5), cpu_per));
         }
         std::thread::sleep(Duration::from_secs(1));
         let rss_after = vm(pid, "VmRSS");
@@ -664,9 +691,14 @@ async fn main() {
         let t = Instant::now();
         let mut idle = Vec::with_capacity(size.idle_conns);
         let mut refused = None;
+        let mut slowest = Duration::ZERO;
         for _ in 0..size.idle_conns {
+            let t = Instant::now();
             match TcpStream::connect(gw_addr) {
-                Ok(s) => idle.push(s),
+                Ok(s) => {
+                    slowest = slowest.max(t.elapsed());
+                    idle.push(s);
+                }
                 Err(e) => {
                     refused = Some(e.to_string());
                     break;
@@ -686,6 +718,8 @@ async fn main() {
         let rss_end = vm(pid, "VmRSS");
         let hwm = vm(pid, "VmHWM");
 
+        let load_end = loadavg();
+
         // The report.
         let gw_default = gateway::config::GatewayConfig::default();
         println!();
@@ -696,6 +730,7 @@ async fn main() {
         println!(
             "client: one HTTP/1.1 keep-alive connection per client thread, the same for both sides; body: chat completion, \"Hello\", temperature 0"
         );
+        println!("load average (1/5/15 min) at the start: {load_start}; at the end: {load_end}");
         println!();
         println!(
             "{:<44} {:>10} {:>10} {:>10} {:>8}  target",
@@ -734,28 +769,40 @@ async fn main() {
         );
         println!();
         println!(
-            "{:<44} {:>10} {:>10} {:>10} {:>8}  target",
-            format!("requests/s (non-streaming, 2 x {}s a side)", size.level_secs),
+            "{:<44} {:>10} {:>10} {:>8} {:>8} {:>10}  target",
+            format!(
+                "requests/s, non-streaming, {} x {}s a side",
+                size.rounds, size.run_secs
+            ),
             "direct",
             "gateway",
-            "gw CPU ms",
-            "ratio"
+            "ratio",
+            "median",
+            "gw CPU ms"
         );
-        for (conc, d, g, (df, dfirst), (gf, gfirst), cpu_per) in &levels {
+        for (conc, d, g, median, cpu_per) in &levels {
+            let ratio = g.rate() / d.rate();
             println!(
-                "{:<44} {d:>10.1} {g:>10.1} {:>10.3} {:>8.3}  gateway >= 0.95 x direct: {}",
+                "{:<44} {:>10.1} {:>10.1} {ratio:>8.3} {median:>8.3} {:>10.3}  gateway >= 0.95 x direct: {}",
                 format!("concurrency {conc}"),
+                d.rate(),
+                g.rate(),
                 cpu_per * 1000.0,
-                g / d,
-                target(*g >= 0.95 * d)
+                target(ratio >= 0.95)
             );
-            if !df.is_empty() {
-                println!("  direct failures by status (0: no answer): {df:?}, first: {dfirst:?}");
-            }
-            if !gf.is_empty() {
-                println!("  gateway failures by status (0: no answer): {gf:?}, first: {gfirst:?}");
+            for (side, r) in [("direct", d), ("gateway", g)] {
+                if !r.failed.is_empty() {
+                    println!(
+                        "  {side}: failed answers by status (0: none) {:?}, the first: {}",
+                        r.failed,
+                        r.first_failure.as_deref().unwrap_or("")
+                    );
+                }
             }
         }
+        println!(
+            "(ratio: of the totals; median: of the rounds' ratios; gw CPU: the gateway's CPU time per request)"
+        );
         println!();
         println!(
             "gateway VmRSS: {rss_start:.1} MiB idle after startup ({}), {rss_after:.1} MiB idle after the load ({}), peak (VmHWM) {hwm:.1} MiB",
@@ -763,10 +810,15 @@ async fn main() {
             if rss_after < 20.0 { "met" } else { "MISSED" },
         );
         println!(
-            "idle connections: {opened} of {} opened in {:.2}s{}; with them held: VmRSS {rss_idle_conns:.1} MiB, {still} still open at the gateway (its cap: {} connections, the longest idle closed beyond it; open-file limit {nofile})",
+            "idle connections: {opened} of {} opened in {:.2}s (slowest connect {:.0} ms){}",
             size.idle_conns,
             opened_in.as_secs_f64(),
-            refused.map_or(String::new(), |e| format!(" (then refused: {e})")),
+            slowest.as_secs_f64() * 1000.0,
+            refused.map_or(String::new(), |e| format!(", then refused: {e}")),
+        );
+        println!(
+            "  held: VmRSS {rss_idle_conns:.1} MiB; {still} still open at the gateway (it closes a connection with no request after {:?}, and the longest idle beyond {} connections; open-file limit {nofile})",
+            gw_default.header_timeout,
             gw_default.max_connections,
         );
         match &served {
@@ -790,6 +842,13 @@ async fn main() {
     .expect("bench");
     drop(ctl);
     drop(node);
+}
+
+/// The machine's load averages, as `/proc/loadavg` gives them.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|e| format!("unknown ({e})"))
 }
 
 fn mean(v: &[f64]) -> f64 {
