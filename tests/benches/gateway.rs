@@ -128,6 +128,10 @@ struct Http {
     /// `Host` and `Authorization` header lines.
     head: String,
     conn: Option<BufReader<TcpStream>>,
+    /// Connections made.
+    connects: usize,
+    /// Requests sent again because a kept connection turned out closed.
+    resent: usize,
 }
 
 impl Http {
@@ -144,17 +148,27 @@ impl Http {
             addr,
             head: format!("Host: {hostport}\r\nAuthorization: Bearer {key}\r\n"),
             conn: None,
+            connects: 0,
+            resent: 0,
         }
     }
 
     /// `POST path` with a JSON body.
     fn post(&mut self, path: &str, body: &[u8]) -> io::Result<Reply> {
-        let mut msg = format!(
-            "POST {path} HTTP/1.1\r\n{}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            self.head,
-            body.len()
-        )
-        .into_bytes();
+        self.send("POST", path, body)
+    }
+
+    /// `METHOD path` with a JSON body (none when empty).
+    fn send(&mut self, method: &str, path: &str, body: &[u8]) -> io::Result<Reply> {
+        let length = if body.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                body.len()
+            )
+        };
+        let mut msg = format!("{method} {path} HTTP/1.1\r\n{}{length}\r\n", self.head).into_bytes();
         msg.extend_from_slice(body);
         let t0 = Instant::now();
         loop {
@@ -165,6 +179,7 @@ impl Http {
                     let s = TcpStream::connect(self.addr)?;
                     s.set_nodelay(true)?;
                     s.set_read_timeout(Some(Duration::from_secs(120)))?;
+                    self.connects += 1;
                     self.conn.insert(BufReader::with_capacity(64 << 10, s))
                 }
             };
@@ -175,7 +190,10 @@ impl Http {
                     }
                     return Ok(reply);
                 }
-                Err(Broke::Unanswered(_)) if !fresh => self.conn = None,
+                Err(Broke::Unanswered(_)) if !fresh => {
+                    self.resent += 1;
+                    self.conn = None;
+                }
                 Err(Broke::Unanswered(e) | Broke::Midway(e)) => {
                     self.conn = None;
                     return Err(e);
@@ -435,6 +453,71 @@ fn run(base_url: &str, key: &str, body: &[u8], conc: usize, secs: f64) -> Run {
     total
 }
 
+/// Both sides at one concurrency.
+#[derive(Default)]
+struct Level {
+    direct: Run,
+    gateway: Run,
+    /// Each round's gateway/direct ratio of requests per second.
+    ratios: Vec<f64>,
+    direct_cpu: Cpu,
+    gateway_cpu: Cpu,
+}
+
+/// The processes whose CPU time is counted.
+#[derive(Clone, Copy)]
+struct Procs {
+    gateway: u32,
+    server: u32,
+}
+
+impl Procs {
+    fn cpu(&self) -> Cpu {
+        Cpu {
+            client: cpu_secs(std::process::id()),
+            gateway: cpu_secs(self.gateway),
+            server: cpu_secs(self.server),
+        }
+    }
+}
+
+/// CPU seconds of the client (this process), the gateway and llama-server.
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    client: f64,
+    gateway: f64,
+    server: f64,
+}
+
+impl Cpu {
+    fn minus(self, o: Cpu) -> Cpu {
+        Cpu {
+            client: self.client - o.client,
+            gateway: self.gateway - o.gateway,
+            server: self.server - o.server,
+        }
+    }
+
+    fn plus(self, o: Cpu) -> Cpu {
+        Cpu {
+            client: self.client + o.client,
+            gateway: self.gateway + o.gateway,
+            server: self.server + o.server,
+        }
+    }
+
+    /// Milliseconds per request of `n`: client, gateway, llama-server, total.
+    fn per_request(self, n: usize) -> [f64; 4] {
+        let per = |s: f64| s * 1000.0 / n.max(1) as f64;
+        [
+            per(self.client),
+            per(self.gateway),
+            per(self.server),
+            per(self.client + self.gateway + self.server),
+        ]
+    }
+}
+
 /// A memory figure of `/proc/PID/status` (`VmRSS`, `VmHWM`) in MiB.
 fn vm(pid: u32, field: &str) -> f64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -538,16 +621,16 @@ fn create_key(c: &ControllerProc, home: &Path, name: &str) -> String {
         .unwrap_or_else(|| panic!("no key in {}", text(&o.stdout)))
 }
 
-/// `-c` and `-np` of the node's llama-server, as started.
-fn server_flags(node: &AgentNode) -> String {
-    let args = node
+/// The pid of the node's llama-server and its `-c` and `-np`.
+fn server(node: &AgentNode) -> (u32, String) {
+    let (pid, args) = node
         .servers()
         .into_iter()
         .find_map(|pid| {
             let a = agent::procfs::cmdline(pid)?;
-            a.first()?.ends_with("llama-server").then_some(a)
+            a.first()?.ends_with("llama-server").then_some((pid, a))
         })
-        .unwrap_or_default();
+        .expect("the node's llama-server");
     let flag = |f: &str| {
         args.iter()
             .position(|a| a == f)
@@ -555,7 +638,7 @@ fn server_flags(node: &AgentNode) -> String {
             .map_or("?", String::as_str)
             .to_owned()
     };
-    format!("-c {} -np {}", flag("-c"), flag("-np"))
+    (pid, format!("-c {} -np {}", flag("-c"), flag("-np")))
 }
 
 fn target(ok: bool) -> &'static str {
@@ -603,7 +686,11 @@ async fn main() {
         .trim_start_matches("http://")
         .parse()
         .expect("gateway address");
-    let flags = server_flags(&node);
+    let (server_pid, flags) = server(&node);
+    let procs = Procs {
+        gateway: pid,
+        server: server_pid,
+    };
     let direct_url = ep.base_url.clone();
     let direct_key = ep.api_key.clone();
 
@@ -622,11 +709,19 @@ async fn main() {
         });
         assert!(ready.is_some(), "the gateway never answered:\n{}", gw.log());
         let rss_start = vm(pid, "VmRSS");
+        // What the gateway spends doing nothing (reading routes and keys).
+        let idle_secs = if tests::smoke() { 0.5 } else { 3.0 };
+        let c0 = cpu_secs(pid);
+        std::thread::sleep(Duration::from_secs_f64(idle_secs));
+        let idle_cpu = (cpu_secs(pid) - c0) / idle_secs;
         let load_start = loadavg();
 
         // Warm both sides (prompt cache, connections).
         let _ = latencies(&mut direct, &mut through, &nonstream, 5, |r| Some(r.elapsed));
         let cpu0 = cpu_secs(pid);
+        // Connections made and requests sent again on a new one, by phase.
+        let conns = |d: &Http, g: &Http| [d.connects, d.resent, g.connects, g.resent];
+        let c0 = conns(&direct, &through);
         let (d_lat, g_lat) = latencies(
             &mut direct,
             &mut through,
@@ -634,6 +729,7 @@ async fn main() {
             size.latency,
             |r| Some(r.elapsed),
         );
+        let c1 = conns(&direct, &through);
         let (d_ttft, g_ttft) = latencies(
             &mut direct,
             &mut through,
@@ -641,7 +737,18 @@ async fn main() {
             size.latency,
             |r| r.first_data,
         );
+        let c2 = conns(&direct, &through);
         let cpu_seq = (cpu_secs(pid) - cpu0) / (2 * size.latency) as f64;
+        let churn = |a: [usize; 4], b: [usize; 4]| {
+            format!(
+                "direct {} connections, {} resent; gateway {} connections, {} resent",
+                b[0] - a[0],
+                b[1] - a[1],
+                b[2] - a[2],
+                b[3] - a[3]
+            )
+        };
+        let (churn_lat, churn_ttft) = (churn(c0, c1), churn(c1, c2));
         drop((direct, through));
 
         // Throughput: short runs of each side in turn, the order swapped
@@ -649,9 +756,7 @@ async fn main() {
         // hits both sides alike.
         let mut levels = Vec::new();
         for conc in LEVELS {
-            let (mut d, mut g) = (Run::default(), Run::default());
-            let mut ratios = Vec::new();
-            let mut gw_cpu = 0.0;
+            let mut lv = Level::default();
             for round in 0..size.rounds {
                 let side = |through: bool| {
                     let (url, k) = if through {
@@ -659,30 +764,31 @@ async fn main() {
                     } else {
                         (direct_url.as_str(), direct_key.as_str())
                     };
-                    run(url, k, &nonstream, conc, size.run_secs)
+                    let c0 = procs.cpu();
+                    let r = run(url, k, &nonstream, conc, size.run_secs);
+                    (r, procs.cpu().minus(c0))
                 };
-                let (dr, gr, cpu) = if round % 2 == 0 {
-                    let dr = side(false);
-                    let c0 = cpu_secs(pid);
-                    let gr = side(true);
-                    (dr, gr, cpu_secs(pid) - c0)
+                let ((dr, dc), (gr, gc)) = if round % 2 == 0 {
+                    let d = side(false);
+                    (d, side(true))
                 } else {
-                    let c0 = cpu_secs(pid);
-                    let gr = side(true);
-                    let cpu = cpu_secs(pid) - c0;
-                    (side(false), gr, cpu)
+                    let g = side(true);
+                    (side(false), g)
                 };
-                gw_cpu += cpu;
-                ratios.push(gr.rate() / dr.rate());
-                d.add(dr);
-                g.add(gr);
+                lv.ratios.push(gr.rate() / dr.rate());
+                lv.direct_cpu = lv.direct_cpu.plus(dc);
+                lv.gateway_cpu = lv.gateway_cpu.plus(gc);
+                lv.direct.add(dr);
+                lv.gateway.add(gr);
             }
             eprintln!(
                 "concurrency {conc}: gateway/direct by round {:?}",
-                ratios.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>()
+                lv.ratios
+                    .iter()
+                    .map(|r| format!("{r:.2}"))
+                    .collect::<Vec<_>>()
             );
-            let cpu_per = gw_cpu / g.ok.max(1) as f64;
-            levels.push((conc, d, g, pct(&ratios, 0.5), cpu_per));
+            levels.push((conc, lv));
         }
         std::thread::sleep(Duration::from_secs(1));
         let rss_after = vm(pid, "VmRSS");
@@ -708,17 +814,35 @@ async fn main() {
         let opened_in = t.elapsed();
         std::thread::sleep(Duration::from_millis(500));
         let rss_idle_conns = vm(pid, "VmRSS");
-        let mut fresh = Http::new(&gw_url, &key);
-        let served = fresh.post(CHAT, &nonstream);
+        // New connections meanwhile, one request each: through the
+        // gateway, then straight to llama-server, then through again.
+        let fresh = |url: &str, k: &str| Http::new(url, k).post(CHAT, &nonstream);
+        let served = [
+            ("gateway", fresh(&gw_url, &key)),
+            ("direct", fresh(&direct_url, &direct_key)),
+            ("gateway", fresh(&gw_url, &key)),
+        ];
         let still = idle.iter().filter(|s| still_open(s)).count();
         let opened = idle.len();
         drop(idle);
-        drop(fresh);
         std::thread::sleep(Duration::from_secs(1));
         let rss_end = vm(pid, "VmRSS");
         let hwm = vm(pid, "VmHWM");
 
         let load_end = loadavg();
+        // The gateway's own count of upstream failures and retries.
+        let metrics = Http::new(&gw_url, &key)
+            .send("GET", "/metrics", b"")
+            .map(|r| text(&r.body))
+            .unwrap_or_else(|e| format!("/metrics: {e}"));
+        let upstream: Vec<&str> = metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("halo_gateway_upstream_errors_total")
+                    || l.starts_with("halo_gateway_retries_total")
+                    || (l.starts_with("halo_gateway_requests_total") && !l.contains("\"200\""))
+            })
+            .collect();
 
         // The report.
         let gw_default = gateway::config::GatewayConfig::default();
@@ -764,12 +888,16 @@ async fn main() {
         row("  p99 ms", pct(&d_ttft, 0.99), pct(&g_ttft, 0.99), Some(5.0));
         row("  mean ms", mean(&d_ttft), mean(&g_ttft), None);
         println!(
-            "gateway CPU per sequential request: {:.3} ms",
-            cpu_seq * 1000.0
+            "client connections, non-streaming: {churn_lat}; streaming: {churn_ttft} (resent: the server had closed a kept connection)"
+        );
+        println!(
+            "gateway CPU per sequential request: {:.3} ms (while idle it uses {:.1} ms a second)",
+            cpu_seq * 1000.0,
+            idle_cpu * 1000.0
         );
         println!();
         println!(
-            "{:<44} {:>10} {:>10} {:>8} {:>8} {:>10}  target",
+            "{:<44} {:>10} {:>10} {:>8} {:>8}  target",
             format!(
                 "requests/s, non-streaming, {} x {}s a side",
                 size.rounds, size.run_secs
@@ -777,18 +905,24 @@ async fn main() {
             "direct",
             "gateway",
             "ratio",
-            "median",
-            "gw CPU ms"
+            "median"
         );
-        for (conc, d, g, median, cpu_per) in &levels {
+        for (conc, lv) in &levels {
+            let (d, g) = (&lv.direct, &lv.gateway);
             let ratio = g.rate() / d.rate();
             println!(
-                "{:<44} {:>10.1} {:>10.1} {ratio:>8.3} {median:>8.3} {:>10.3}  gateway >= 0.95 x direct: {}",
+                "{:<44} {:>10.1} {:>10.1} {ratio:>8.3} {:>8.3}  gateway >= 0.95 x direct: {}",
                 format!("concurrency {conc}"),
                 d.rate(),
                 g.rate(),
-                cpu_per * 1000.0,
+                pct(&lv.ratios, 0.5),
                 target(ratio >= 0.95)
+            );
+            let [dc, _, ds, dt] = lv.direct_cpu.per_request(d.ok);
+            let [gc, gg, gs, gt] = lv.gateway_cpu.per_request(g.ok);
+            println!(
+                "  CPU ms per request (client + gateway + llama-server = total): direct {dc:.3} + 0 + {ds:.3} = {dt:.3}; through the gateway {gc:.3} + {gg:.3} + {gs:.3} = {gt:.3} (CPU-bound ratio {:.3})",
+                dt / gt
             );
             for (side, r) in [("direct", d), ("gateway", g)] {
                 if !r.failed.is_empty() {
@@ -801,7 +935,7 @@ async fn main() {
             }
         }
         println!(
-            "(ratio: of the totals; median: of the rounds' ratios; gw CPU: the gateway's CPU time per request)"
+            "(ratio: of the totals; median: of the rounds' ratios; CPU-bound ratio: direct/gateway total CPU per request, what the ratio tends to when the CPUs are the limit)"
         );
         println!();
         println!(
@@ -821,18 +955,36 @@ async fn main() {
             gw_default.header_timeout,
             gw_default.max_connections,
         );
-        match &served {
-            Ok(r) if r.complete() => println!(
-                "  a new request meanwhile: served in {:.1} ms",
-                r.elapsed.as_secs_f64() * 1000.0
-            ),
-            Ok(r) => println!("  a new request meanwhile: NOT served: {}", r.shown()),
-            Err(e) => println!("  a new request meanwhile: NOT served: {e}"),
-        }
+        let shown: Vec<String> = served
+            .iter()
+            .map(|(side, r)| match r {
+                Ok(r) if r.complete() => {
+                    format!("{side} {:.1} ms", r.elapsed.as_secs_f64() * 1000.0)
+                }
+                Ok(r) => format!("{side} NOT served: {}", r.shown()),
+                Err(e) => format!("{side} NOT served: {e}"),
+            })
+            .collect();
+        println!(
+            "  meanwhile, a request on a new connection each: {}",
+            shown.join(", ")
+        );
         println!("  after closing them: VmRSS {rss_end:.1} MiB");
-        let served_ok = matches!(&served, Ok(r) if r.complete());
+        println!();
+        println!(
+            "the gateway's /metrics on upstream failures, retries and answers other than 200 (over the whole run):"
+        );
+        if upstream.is_empty() {
+            println!("  none");
+        }
+        for l in &upstream {
+            println!("  {l}");
+        }
+        let all_served = served
+            .iter()
+            .all(|(_, r)| matches!(r, Ok(r) if r.complete()));
         assert!(
-            served_ok,
+            all_served,
             "with idle connections held, a new request was not served:\n{}",
             gw.log().lines().rev().take(40).collect::<Vec<_>>().join("\n")
         );
