@@ -565,6 +565,11 @@ fn raise_nofile(n: u64) -> u64 {
     getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
 }
 
+/// How many files `pid` has open (its accepted connections among them).
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
 /// Whether the other end of `s` still holds it open.
 fn still_open(s: &TcpStream) -> bool {
     if s.set_nonblocking(true).is_err() {
@@ -793,12 +798,36 @@ async fn main() {
         std::thread::sleep(Duration::from_secs(1));
         let rss_after = vm(pid, "VmRSS");
 
+        // A request on a new connection each, alternating sides, after
+        // a pause: before idle connections are opened and while held.
+        let fresh_requests = || {
+            let fresh = |url: &str, k: &str| Http::new(url, k).post(CHAT, &nonstream);
+            [
+                ("direct", fresh(&direct_url, &direct_key)),
+                ("gateway", fresh(&gw_url, &key)),
+                ("direct", fresh(&direct_url, &direct_key)),
+                ("gateway", fresh(&gw_url, &key)),
+            ]
+        };
+        let before = fresh_requests();
+
         // Idle connections: opened, held, a new request served meanwhile.
+        let gw_default = gateway::config::GatewayConfig::default();
         let t = Instant::now();
         let mut idle = Vec::with_capacity(size.idle_conns);
         let mut refused = None;
         let mut slowest = Duration::ZERO;
-        for _ in 0..size.idle_conns {
+        let fds0 = open_fds(pid);
+        for i in 0..size.idle_conns {
+            // In batches, each given a moment to be accepted: a full accept
+            // queue drops connection attempts, which the kernel retries a
+            // second later (the gateway's header timeout meanwhile runs).
+            if i % 256 == 255 {
+                let want = fds0 + i.min(gw_default.max_connections) - 64;
+                wait_for(Duration::from_millis(500), || {
+                    (open_fds(pid) >= want).then_some(())
+                });
+            }
             let t = Instant::now();
             match TcpStream::connect(gw_addr) {
                 Ok(s) => {
@@ -814,14 +843,7 @@ async fn main() {
         let opened_in = t.elapsed();
         std::thread::sleep(Duration::from_millis(500));
         let rss_idle_conns = vm(pid, "VmRSS");
-        // New connections meanwhile, one request each: through the
-        // gateway, then straight to llama-server, then through again.
-        let fresh = |url: &str, k: &str| Http::new(url, k).post(CHAT, &nonstream);
-        let served = [
-            ("gateway", fresh(&gw_url, &key)),
-            ("direct", fresh(&direct_url, &direct_key)),
-            ("gateway", fresh(&gw_url, &key)),
-        ];
+        let served = fresh_requests();
         let still = idle.iter().filter(|s| still_open(s)).count();
         let opened = idle.len();
         drop(idle);
@@ -845,7 +867,6 @@ async fn main() {
             .collect();
 
         // The report.
-        let gw_default = gateway::config::GatewayConfig::default();
         println!();
         println!(
             "gateway vs direct: tiny model, one llama-server ({flags}), haloctl gateway (2 worker threads, plain HTTP, access log on), loopback, {} CPUs shared by client, gateway and llama-server",
@@ -955,19 +976,25 @@ async fn main() {
             gw_default.header_timeout,
             gw_default.max_connections,
         );
-        let shown: Vec<String> = served
-            .iter()
-            .map(|(side, r)| match r {
-                Ok(r) if r.complete() => {
-                    format!("{side} {:.1} ms", r.elapsed.as_secs_f64() * 1000.0)
-                }
-                Ok(r) => format!("{side} NOT served: {}", r.shown()),
-                Err(e) => format!("{side} NOT served: {e}"),
-            })
-            .collect();
+        let shown = |v: &[(&str, io::Result<Reply>)]| {
+            v.iter()
+                .map(|(side, r)| match r {
+                    Ok(r) if r.complete() => {
+                        format!("{side} {:.1} ms", r.elapsed.as_secs_f64() * 1000.0)
+                    }
+                    Ok(r) => format!("{side} NOT served: {}", r.shown()),
+                    Err(e) => format!("{side} NOT served: {e}"),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         println!(
-            "  meanwhile, a request on a new connection each: {}",
-            shown.join(", ")
+            "  a request on a new connection each, 1 s after the load: {}",
+            shown(&before)
+        );
+        println!(
+            "  the same while the idle connections are held: {}",
+            shown(&served)
         );
         println!("  after closing them: VmRSS {rss_end:.1} MiB");
         println!();
