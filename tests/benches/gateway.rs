@@ -9,12 +9,15 @@
 //!   sequential requests each side, the two sides interleaved).
 //! * Added time to first token of a streaming one (to the first SSE
 //!   `data:` line), likewise.
-//! * Requests per second at concurrency 1, 8 and 64: each side twice,
-//!   direct, gateway, gateway, direct, so drift on a shared machine hits
-//!   both sides alike.
+//! * Requests per second at concurrency 1, 8 and 64: eight rounds of a
+//!   1.5 s run of each side, the order swapped every round, so a burst of
+//!   load from elsewhere on the machine hits both sides alike; with the
+//!   CPU time per request of the client, the gateway and llama-server.
 //! * The gateway's memory (VmRSS): idle after startup, after the load, and
-//!   with 5,000 idle TCP connections open to it, when a new request must
+//!   with 5,000 idle TCP connections opened to it, while new requests must
 //!   still be served.
+//! * What explains outliers: connections the client had to make again,
+//!   and the gateway's own count of upstream failures and retries.
 //!
 //! Both sides use one client: a minimal HTTP/1.1 keep-alive client over a
 //! `TcpStream`, written here so that it costs little and the same on both.
