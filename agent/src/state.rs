@@ -7,11 +7,11 @@
 //! never share a state directory.
 
 use crate::procfs::ProcessId;
-use crate::supervisor::FileIdentity;
 use proto::domain::{InstanceKind, InstanceOptions, ObservedBuffers};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 /// Version of the state file's schema.
@@ -220,6 +220,36 @@ impl StateStore {
 /// The one atomic write (`proto::fsutil`), also used for instances' API
 /// key files.
 pub use proto::fsutil::write_atomic;
+
+/// What tells one file apart from another under the same name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileIdentity {
+    /// Device of the file system.
+    pub dev: u64,
+    /// Inode number: a file renamed over the name, or written anew after a
+    /// delete, has another.
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, seconds since the Unix epoch.
+    pub mtime_secs: i64,
+    /// Nanoseconds of the modification time.
+    pub mtime_nsec: i64,
+}
+
+impl FileIdentity {
+    /// The identity of the file `path` names now (symlinks followed).
+    pub fn of(path: &Path) -> std::io::Result<FileIdentity> {
+        let m = std::fs::metadata(path)?;
+        Ok(FileIdentity {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_secs: m.mtime(),
+            mtime_nsec: m.mtime_nsec(),
+        })
+    }
+}
 
 #[cfg(test)]
 mod tests {

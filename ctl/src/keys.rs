@@ -4,86 +4,12 @@
 //! every gateway stops accepting it as soon as it reads the change.
 
 use crate::Failure;
+use crate::cli::{CreateArgs, KeysArgs, KeysCommand, ListKeysArgs, RevokeArgs};
 use crate::client::Target;
 use crate::cluster::{client_call, mode};
 use crate::output::{Format, Table, print, print_json};
-use clap::{Args, Subcommand};
-use proto::domain::EditorMode;
 use proto::v1;
 use serde::Serialize;
-
-/// Arguments of `haloctl keys`.
-#[derive(Debug, Args)]
-pub struct KeysArgs {
-    /// What to do.
-    #[command(subcommand)]
-    pub command: KeysCommand,
-}
-
-/// `haloctl keys` subcommands.
-#[derive(Debug, Subcommand)]
-pub enum KeysCommand {
-    /// Make a key and print it; it is shown only this once.
-    #[command(
-        after_help = "The key is sent as `Authorization: Bearer <key>` to a gateway's \
-        base URL (`haloctl endpoints`).\n\n\
-        Examples:\n  \
-        haloctl keys create alice\n  \
-        haloctl keys create laptop --modes ask,code --expires 90\n  \
-        haloctl keys create ci --models tiny -o json"
-    )]
-    Create(CreateArgs),
-    /// The keys: name, modes and models they may use, when made, when they expire.
-    #[command(after_help = "Examples:\n  haloctl keys list\n  haloctl keys list -o json")]
-    List(ListKeysArgs),
-    /// Delete a key; gateways refuse it from then on.
-    #[command(after_help = "Example:\n  haloctl keys revoke alice")]
-    Revoke(RevokeArgs),
-}
-
-/// Arguments of `haloctl keys create`.
-#[derive(Debug, Args)]
-pub struct CreateArgs {
-    /// The key's name (1-64 of A-Z a-z 0-9 . _ -, starting with a letter or
-    /// digit): shown in lists, logs and metrics instead of the key.
-    pub name: String,
-    /// Editor modes the key may use, comma-separated: ask, code,
-    /// autocomplete, architect, debug [default: all].
-    #[arg(long, value_name = "MODE,…", value_delimiter = ',', value_parser = parse_mode)]
-    pub modes: Vec<EditorMode>,
-    /// Catalog or placement names the key may use, comma-separated
-    /// [default: all].
-    #[arg(long, value_name = "NAME,…", value_delimiter = ',')]
-    pub models: Vec<String>,
-    /// Days until the key stops working (1-3650) [default: never].
-    #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u32).range(1..=3650))]
-    pub expires: Option<u32>,
-    /// Output format.
-    #[arg(short, long, value_enum, default_value_t)]
-    pub output: Format,
-}
-
-/// Arguments of `haloctl keys list`.
-#[derive(Debug, Args)]
-pub struct ListKeysArgs {
-    /// Output format.
-    #[arg(short, long, value_enum, default_value_t)]
-    pub output: Format,
-}
-
-/// Arguments of `haloctl keys revoke`.
-#[derive(Debug, Args)]
-pub struct RevokeArgs {
-    /// The key's name (see `haloctl keys list`).
-    pub name: String,
-}
-
-fn parse_mode(s: &str) -> Result<EditorMode, String> {
-    s.parse::<EditorMode>().map_err(|_| {
-        let all: Vec<&str> = EditorMode::ALL.iter().map(|m| m.as_str()).collect();
-        format!("one of: {}", all.join(", "))
-    })
-}
 
 /// One key in `haloctl keys list -o json`.
 #[derive(Debug, Serialize, PartialEq)]

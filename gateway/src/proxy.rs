@@ -22,7 +22,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use crate::balance::InFlight;
 use crate::metrics::Metrics;
 
 /// Errors a response body may end with.
@@ -197,8 +196,6 @@ pub struct Finish {
     pub late_status: Option<Arc<AtomicU16>>,
     /// Whether an upstream answer is passed on (time to first byte counts).
     pub upstream: bool,
-    /// Held until the end: the replica's in-flight count.
-    pub replica: Option<InFlight>,
     /// Held until the end: anything else counted per request (key,
     /// connection).
     pub guards: Vec<Box<dyn Send + std::fmt::Debug>>,
@@ -230,7 +227,6 @@ impl Finish {
             status: 0,
             late_status: None,
             upstream: false,
-            replica: None,
             guards: Vec::new(),
             tokens: None,
             first_byte: false,

@@ -1099,7 +1099,8 @@ impl Gateway {
         let (parts, body) = resp.into_parts();
         fin.status = parts.status.as_u16();
         fin.upstream = true;
-        fin.replica = Some(inflight);
+        // Held until the answer ends: the replica's in-flight count.
+        fin.guards.push(Box::new(inflight));
         let usage = if !parts.status.is_success() {
             UsageFrom::Nothing
         } else if stream || is_sse(&parts.headers) {

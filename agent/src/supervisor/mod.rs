@@ -34,10 +34,10 @@ mod logs;
 mod modelfile;
 pub(crate) mod rpcproxy;
 
+pub use crate::state::FileIdentity;
 pub use argv::LOG_VERBOSITY;
 pub(crate) use argv::environment as instance_environment;
 pub use logs::{LogRing, LogTail, RING_LINES};
-pub use modelfile::FileIdentity;
 
 use crate::config::{AllowedFlag, Config};
 use crate::error::Error;

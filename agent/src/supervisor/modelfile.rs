@@ -7,39 +7,8 @@
 //! controller sized and placed the file it was asked to run, not whatever
 //! now has its name).
 
-use serde::{Deserialize, Serialize};
-use std::os::unix::fs::MetadataExt;
+pub use crate::state::FileIdentity;
 use std::path::Path;
-
-/// What tells one file apart from another under the same name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileIdentity {
-    /// Device of the file system.
-    pub dev: u64,
-    /// Inode number: a file renamed over the name, or written anew after a
-    /// delete, has another.
-    pub ino: u64,
-    /// Size in bytes.
-    pub size: u64,
-    /// Modification time, seconds since the Unix epoch.
-    pub mtime_secs: i64,
-    /// Nanoseconds of the modification time.
-    pub mtime_nsec: i64,
-}
-
-impl FileIdentity {
-    /// The identity of the file `path` names now (symlinks followed).
-    pub fn of(path: &Path) -> std::io::Result<FileIdentity> {
-        let m = std::fs::metadata(path)?;
-        Ok(FileIdentity {
-            dev: m.dev(),
-            ino: m.ino(),
-            size: m.size(),
-            mtime_secs: m.mtime(),
-            mtime_nsec: m.mtime_nsec(),
-        })
-    }
-}
 
 /// How the file `path` names now differs from `loaded`, in words; `None`
 /// while it is the same file.
