@@ -9,7 +9,7 @@ use crate::client::Target;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// Serves until Ctrl-C or SIGTERM.
+/// Serves until SIGINT (Ctrl-C) or SIGTERM.
 pub fn run(t: &Target, a: &GatewayArgs) -> Result<(), Failure> {
     let https = match (&a.https_cert, &a.https_key) {
         (Some(c), Some(k)) => Some(
@@ -35,6 +35,9 @@ pub fn run(t: &Target, a: &GatewayArgs) -> Result<(), Failure> {
              --tls-key and --tls-ca (a gateway or admin certificate from `haloctl certs issue`)"
         )));
     }
+    // Its access log and its warnings (no controller answers, a replica
+    // failed) go to stderr like the daemons' (`HALO_LOG`).
+    proto::runtime::init_tracing();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -61,25 +64,10 @@ pub fn run(t: &Target, a: &GatewayArgs) -> Result<(), Failure> {
         );
         let gw = gateway::server::Gateway::new(config, table);
         let serve = tokio::spawn(gw.serve(listener, https, shutdown.clone()));
-        wait_for_signal().await;
+        tokio::spawn(proto::runtime::cancel_on_signal(shutdown.clone()));
+        shutdown.cancelled().await;
         eprintln!("halo gateway: stopping");
-        shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), serve).await;
         Ok(())
     })
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }
