@@ -138,16 +138,16 @@ impl Daemon {
             rpc_server_available: build.rpc_server_available,
             gpu_devices: build.gpu_devices,
             tls_cert_not_after_unix: tls.as_ref().map(|t| t.current().not_after_unix),
-            gateway_url: String::new(),
+            gateway_url: config
+                .gateway
+                .as_ref()
+                .map(crate::config::GatewayConfig::url)
+                .unwrap_or_default(),
         };
         let gateway = match &config.gateway {
             Some(g) => Some(bind_gateway(g, config.tls.as_ref()).await?),
             None => None,
         };
-        let mut node = node;
-        if let Some(g) = &config.gateway {
-            node.gateway_url = g.url();
-        }
         let supervisor = Supervisor::new(Arc::new(config), store, node, shutdown.clone())?;
         Ok(Daemon {
             listener,

@@ -365,16 +365,7 @@ pub fn from_routes(r: &v1::RoutesResponse) -> Table {
 
 /// An instance state in words.
 pub fn state_word(s: v1::InstanceState) -> &'static str {
-    match s {
-        v1::InstanceState::Ready => "ready",
-        v1::InstanceState::Starting => "starting",
-        v1::InstanceState::Loading => "loading",
-        v1::InstanceState::Stopping => "stopping",
-        v1::InstanceState::Stopped => "stopped",
-        v1::InstanceState::Failed => "failed",
-        v1::InstanceState::Unhealthy => "unhealthy",
-        _ => "not started",
-    }
+    proto::domain::InstanceState::try_from(s).map_or("not started", |s| s.as_str())
 }
 
 #[cfg(test)]

@@ -75,19 +75,14 @@ async fn get_slots(addr: SocketAddr, api_key: &str) -> Option<usize> {
     count_busy(&buf)
 }
 
-/// The slots with `"is_processing": true` in a `/slots` answer (the JSON
-/// array between its first `[` and last `]`, which also covers a body sent
-/// as one chunk).
+/// The slots processing a request in a `/slots` answer (the JSON array
+/// between its first `[` and last `]`, which also covers a body sent as one
+/// chunk), read the way the gateway reads them.
 fn count_busy(answer: &[u8]) -> Option<usize> {
     let start = answer.iter().position(|&b| b == b'[')?;
     let end = answer.iter().rposition(|&b| b == b']')?;
-    let slots: Vec<serde_json::Value> = serde_json::from_slice(answer.get(start..=end)?).ok()?;
-    Some(
-        slots
-            .iter()
-            .filter(|s| s["is_processing"].as_bool() == Some(true))
-            .count(),
-    )
+    let (idle, total) = gateway::balance::parse_slots(answer.get(start..=end)?)?;
+    Some(total - idle)
 }
 
 /// `HTTP/1.1 200 OK` → 200.
