@@ -199,6 +199,15 @@ pub struct Args {
     /// Memory held back for the OS and the agent, e.g. 8GiB [default: 4GiB].
     #[arg(long, env = "HALO_AGENT_RESERVE", value_name = "SIZE")]
     pub reserve: Option<String>,
+    /// Memory PSI `some avg10` (percent of time a task stalled on memory)
+    /// at or above which the node is under memory pressure: the controller
+    /// places nothing new on it; 0 turns it off [default: 10].
+    #[arg(long, env = "HALO_AGENT_PRESSURE_PSI_SOME", value_name = "PERCENT")]
+    pub pressure_psi_some: Option<f64>,
+    /// Real free memory (MemAvailable) below which the node is under
+    /// memory pressure; 0 turns it off [default: 2GiB].
+    #[arg(long, env = "HALO_AGENT_PRESSURE_MIN_AVAILABLE", value_name = "SIZE")]
+    pub pressure_min_available: Option<String>,
     /// Root the memory probe reads /proc and /sys under [default: /].
     #[arg(long, env = "HALO_AGENT_PROBE_ROOT", value_name = "DIR")]
     pub probe_root: Option<PathBuf>,
@@ -328,6 +337,8 @@ struct FileConfig {
     instance_host: Option<String>,
     cors_origin: Option<String>,
     reserve: Option<SizeValue>,
+    pressure_psi_some: Option<f64>,
+    pressure_min_available: Option<SizeValue>,
     probe_root: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     load_timeout_secs: Option<u64>,
@@ -428,6 +439,11 @@ pub struct Config {
     pub cors_origin: String,
     /// Bytes held back for the OS.
     pub reserve_bytes: u64,
+    /// PSI `some avg10` (percent) at or above which the node is under
+    /// memory pressure (0: never).
+    pub pressure_psi_some: f64,
+    /// MemAvailable below which the node is under memory pressure (0: never).
+    pub pressure_min_available_bytes: u64,
     /// Memory probe root.
     pub probe_root: PathBuf,
     /// State directory, canonical.
@@ -485,6 +501,8 @@ impl Config {
             s.cors_origin,
         )?;
         let (reserve_bytes, max_log_bytes) = sizes(s.reserve, s.max_log_size)?;
+        let (pressure_psi_some, pressure_min_available_bytes) =
+            pressure(s.pressure_psi_some, s.pressure_min_available)?;
         let (probe_root, state_dir) = directories(s.probe_root, s.state_dir, &model_dirs)?;
         let t = Timings::check(&s.timings)?;
         let allowed_flags = check_allowed_flags(s.allowed_flags.unwrap_or_default())?;
@@ -505,6 +523,8 @@ impl Config {
             instance_host: ports.instance_host,
             cors_origin: ports.cors_origin,
             reserve_bytes,
+            pressure_psi_some,
+            pressure_min_available_bytes,
             probe_root,
             state_dir,
             load_timeout: t.load_timeout,
@@ -569,6 +589,8 @@ struct Settings {
     instance_host: Option<String>,
     cors_origin: Option<String>,
     reserve: Option<String>,
+    pressure_psi_some: Option<f64>,
+    pressure_min_available: Option<String>,
     max_log_size: Option<String>,
     probe_root: Option<PathBuf>,
     state_dir: Option<PathBuf>,
@@ -692,6 +714,10 @@ impl Settings {
             instance_host: args.instance_host.or(file.instance_host),
             cors_origin: args.cors_origin.or(file.cors_origin),
             reserve: args.reserve.or(file.reserve.map(SizeValue::into_text)),
+            pressure_psi_some: args.pressure_psi_some.or(file.pressure_psi_some),
+            pressure_min_available: args
+                .pressure_min_available
+                .or(file.pressure_min_available.map(SizeValue::into_text)),
             max_log_size: args
                 .max_log_size
                 .or(file.max_log_size.map(SizeValue::into_text)),
@@ -864,6 +890,24 @@ impl Ports {
             cors_origin,
         })
     }
+}
+
+/// The memory pressure thresholds: PSI `some avg10` percent (default 10,
+/// 0..=100) and the MemAvailable floor in bytes (default 2 GiB); 0 turns
+/// either off.
+fn pressure(psi: Option<f64>, min_available: Option<String>) -> Result<(f64, u64), ConfigError> {
+    let psi = psi.unwrap_or(10.0);
+    if !psi.is_finite() || !(0.0..=100.0).contains(&psi) {
+        return Err(invalid(
+            "pressure_psi_some",
+            format!("{psi} is not a percentage in 0..=100"),
+        ));
+    }
+    let floor = match min_available {
+        Some(t) => parse_size(&t).map_err(|r| invalid("pressure_min_available", r))?,
+        None => 2 << 30,
+    };
+    Ok((psi, floor))
 }
 
 /// The reserve (default 4 GiB) and the log rotation size (default 64 MiB,

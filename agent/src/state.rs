@@ -107,6 +107,13 @@ pub struct InstanceRecord {
     /// this was kept take the file found at their next start).
     #[serde(default)]
     pub model_file: Option<FileIdentity>,
+    /// The estimate the start request carried, bytes (0: none).
+    #[serde(default)]
+    pub estimate_bytes: u64,
+    /// Set when the kernel killed the process for lack of memory; such an
+    /// instance is not restarted.
+    #[serde(default)]
+    pub oom_kill: Option<proto::domain::OomKill>,
 }
 
 /// The whole state file.
@@ -257,6 +264,8 @@ mod tests {
 
     fn record(id: &str) -> InstanceRecord {
         InstanceRecord {
+            estimate_bytes: 0,
+            oom_kill: None,
             id: id.into(),
             request_id: format!("req-{id}"),
             kind: InstanceKind::LlamaServer,

@@ -143,6 +143,7 @@ impl Probe {
             .collect();
         let usable = usable_memory(mem.total, &gpus);
         MemoryReport {
+            pressure: None,
             sampled_at_unix_ms: now_unix_ms(),
             mem_total_bytes: mem.total,
             mem_available_bytes: available,
@@ -250,6 +251,64 @@ impl Probe {
         let argv0 = cmdline.split(|&b| b == 0).next().unwrap_or_default();
         let basename = argv0.rsplit(|&b| b == b'/').next().unwrap_or_default();
         basename == LLAMA_SERVER.as_bytes()
+    }
+
+    /// `MemAvailable` from `/proc/meminfo`.
+    pub fn mem_available(&self) -> Option<u64> {
+        self.read_text("proc/meminfo")
+            .map(|t| parse::meminfo(&t))
+            .and_then(|m| m.available)
+    }
+
+    /// The kernel's count of OOM kills since boot (`oom_kill` in
+    /// `/proc/vmstat`, Linux 4.13+).
+    pub fn oom_kills(&self) -> Option<u64> {
+        self.read_text("proc/vmstat")
+            .and_then(|t| parse::keyed_u64(&t, "oom_kill"))
+    }
+
+    /// The OOM kill counter of the memory cgroup `pid` runs in: cgroup v1's
+    /// `memory.oom_control` under `/sys/fs/cgroup/memory`, else cgroup v2's
+    /// `memory.events` under `/sys/fs/cgroup`, whichever exists first. The
+    /// file (relative to the root) and its count; `None` when the process
+    /// is gone or no counter can be read.
+    pub fn cgroup_oom_counter(&self, pid: u32) -> Option<(PathBuf, u64)> {
+        let text = read_bounded_text(&self.proc_dir(pid).join("cgroup"))?;
+        parse::memory_cgroups(&text).into_iter().find_map(|cg| {
+            let file = match cg {
+                parse::MemoryCgroup::V1(path) => PathBuf::from("sys/fs/cgroup/memory")
+                    .join(path.trim_start_matches('/'))
+                    .join("memory.oom_control"),
+                parse::MemoryCgroup::V2(path) => PathBuf::from("sys/fs/cgroup")
+                    .join(path.trim_start_matches('/'))
+                    .join("memory.events"),
+            };
+            let count = self.read_counter(&file)?;
+            Some((file, count))
+        })
+    }
+
+    /// `oom_kill` in a cgroup counter file found by
+    /// [`Probe::cgroup_oom_counter`] (relative to the root).
+    pub fn read_counter(&self, file: &Path) -> Option<u64> {
+        read_bounded_text(&self.root.join(file)).and_then(|t| parse::keyed_u64(&t, "oom_kill"))
+    }
+
+    /// Resident set size of every process under `/proc` (pid → name and
+    /// bytes); processes without one (kernel threads) are left out.
+    pub fn all_processes(&self) -> BTreeMap<u32, (String, u64)> {
+        let Ok(entries) = fs::read_dir(self.root.join("proc")) else {
+            return BTreeMap::new();
+        };
+        entries
+            .take(MAX_PROC_ENTRIES)
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let pid = u32::try_from(parse::plain_u64(e.file_name().to_str()?)?).ok()?;
+                let status = parse::status(&read_bounded_text(&self.proc_dir(pid).join("status"))?);
+                Some((pid, (status.name.unwrap_or_default(), status.rss?)))
+            })
+            .collect()
     }
 
     /// `/proc/PID/comm` without its newline.

@@ -95,6 +95,52 @@ pub(super) fn pressure(text: &str) -> Pressure {
     out
 }
 
+/// The value of `key` in a `key value` per line file (`/proc/vmstat`,
+/// cgroup v2 `memory.events`, cgroup v1 `memory.oom_control`).
+pub(super) fn keyed_u64(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let mut words = line.split_whitespace();
+        (words.next()? == key).then_some(())?;
+        let value = plain_u64(words.next()?)?;
+        words.next().is_none().then_some(value)
+    })
+}
+
+/// Which memory cgroup a process is in, from `/proc/PID/cgroup`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum MemoryCgroup {
+    /// cgroup v1 memory controller (`N:memory:/path`, or a joint hierarchy
+    /// naming `memory` among its controllers).
+    V1(String),
+    /// The cgroup v2 unified hierarchy (`0::/path`).
+    V2(String),
+}
+
+/// The process's memory cgroups, v1 first (a v1 memory controller is the
+/// one that counts its OOM kills on a hybrid system), then v2. Paths that
+/// climb (`..`) are skipped.
+pub(super) fn memory_cgroups(text: &str) -> Vec<MemoryCgroup> {
+    let mut v1 = Vec::new();
+    let mut v2 = Vec::new();
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        if !path.starts_with('/') || path.split('/').any(|c| c == "..") {
+            continue;
+        }
+        if id == "0" && controllers.is_empty() {
+            v2.push(MemoryCgroup::V2(path.to_owned()));
+        } else if controllers.split(',').any(|c| c == "memory") {
+            v1.push(MemoryCgroup::V1(path.to_owned()));
+        }
+    }
+    v1.extend(v2);
+    v1
+}
+
 /// What the probe takes from `/proc/PID/status`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(super) struct Status {
@@ -333,5 +379,38 @@ mod tests {
         assert_eq!(single_u64("-5\n"), None);
         assert_eq!(single_u64("garbage\n"), None);
         assert_eq!(single_u64(""), None);
+    }
+
+    #[test]
+    fn oom_kill_counters_read_from_vmstat_and_both_cgroup_versions() {
+        let vmstat = "pgfault 12\noom_kill 3\nthp_fault_alloc 0\n";
+        assert_eq!(keyed_u64(vmstat, "oom_kill"), Some(3));
+        let v2 = "low 0\nhigh 0\nmax 7\noom 2\noom_kill 2\noom_group_kill 0\n";
+        assert_eq!(keyed_u64(v2, "oom_kill"), Some(2));
+        let v1 = "oom_kill_disable 0\nunder_oom 0\noom_kill 5\n";
+        assert_eq!(keyed_u64(v1, "oom_kill"), Some(5));
+        // Old kernels have no counter; junk is not a count.
+        assert_eq!(keyed_u64("oom_kill_disable 0\n", "oom_kill"), None);
+        assert_eq!(keyed_u64("oom_kill -1\noom_kill x\n", "oom_kill"), None);
+    }
+
+    #[test]
+    fn memory_cgroups_prefer_v1_memory_then_v2_and_refuse_climbing_paths() {
+        let hybrid = "9:name=systemd:/\n4:memory:/process_api/e7d4\n0::/\n";
+        assert_eq!(
+            memory_cgroups(hybrid),
+            vec![
+                MemoryCgroup::V1("/process_api/e7d4".into()),
+                MemoryCgroup::V2("/".into())
+            ]
+        );
+        let unified = "0::/system.slice/halo-agent.service\n";
+        assert_eq!(
+            memory_cgroups(unified),
+            vec![MemoryCgroup::V2("/system.slice/halo-agent.service".into())]
+        );
+        let joint = "3:cpu,memory:/a\n";
+        assert_eq!(memory_cgroups(joint), vec![MemoryCgroup::V1("/a".into())]);
+        assert!(memory_cgroups("0::/../../etc\n4:memory:relative\ngarbage\n").is_empty());
     }
 }

@@ -34,6 +34,7 @@
 use super::health::health;
 use super::logs::LogTail;
 use super::modelfile::{self, FileIdentity};
+use super::oom::OomWatch;
 use super::rpcproxy::{PROXY_ARG, ProxyArgs};
 use super::{Inner, argv};
 use crate::loadlog::LoadLog;
@@ -96,6 +97,11 @@ enum Outcome {
     /// A ready llama-server failed its liveness probes; the process still
     /// runs (hung or stopped).
     Unhealthy { reason: String, ready_for: Duration },
+    /// The kernel killed llama-server for lack of memory.
+    OomKilled {
+        reason: String,
+        kill: proto::domain::OomKill,
+    },
 }
 
 /// Longest wait, on a stop, for the requests in progress to finish.
@@ -280,6 +286,16 @@ impl InstanceTask {
                     // The other process of an RPC server's pair.
                     self.end_rest(running).await;
                     self.failed(reason).await;
+                }
+                Outcome::OomKilled { reason, kill } => {
+                    tracing::warn!(instance = %self.id, "{}", kill.describe(self.program()));
+                    self.inner
+                        .update(&self.id, |s| s.record.oom_kill = Some(kill));
+                    self.failed(reason).await;
+                    // Not restarted: it would be killed again. The
+                    // controller sizes it by what it used and places it.
+                    self.wait_for_stop(&shutdown).await;
+                    return;
                 }
                 Outcome::Stalled { reason } => {
                     self.terminate(running).await;
@@ -539,6 +555,11 @@ impl InstanceTask {
         let watch_live = self.kind == InstanceKind::LlamaServer;
         let mut probe: std::pin::Pin<Box<dyn Future<Output = Option<u16>> + Send>> =
             Box::pin(std::future::pending());
+        // What it uses and the OOM counters, for telling an OOM kill apart.
+        let pid = match running {
+            Running::Owned { id, .. } | Running::Adopted { id, .. } => id.pid,
+        };
+        let mut oom = watch_live.then(|| OomWatch::new(&inner.probe, pid));
         let mut probing = false;
         let mut failed_probes: u32 = 0;
         loop {
@@ -563,6 +584,13 @@ impl InstanceTask {
                 () = shutdown.cancelled() => return Outcome::Shutdown,
                 status = exited => {
                     self.drain_log();
+                    if let Some((who, Ok(st))) = &status
+                        && *who == program
+                        && killed_by_sigkill(*st)
+                        && let Some(out) = self.oom_verdict(oom.as_ref())
+                    {
+                        return out;
+                    }
                     let reason = match status {
                         Some((who, Ok(status))) => describe_exit(who, status),
                         Some((who, Err(e))) => format!("waiting for {who} failed: {e}"),
@@ -611,6 +639,9 @@ impl InstanceTask {
                 _ = tick.tick() => {}
             }
             self.drain_log();
+            if let Some(w) = &mut oom {
+                w.sample(&inner.probe);
+            }
             if let Running::Adopted {
                 proxy: Some(proxy), ..
             } = running
@@ -628,6 +659,11 @@ impl InstanceTask {
             if let Running::Adopted { id, .. } = running
                 && !procfs::is_alive(*id)
             {
+                // Not its parent: the cause is unknown, but a counter that
+                // rose tells an OOM kill.
+                if let Some(out) = self.oom_verdict(oom.as_ref()) {
+                    return out;
+                }
                 let reason = format!(
                     "{} (pid {}) exited; status unknown (adopted after an agent restart, not its child)",
                     self.program(),
@@ -675,6 +711,27 @@ impl InstanceTask {
                 };
             }
         }
+    }
+
+    /// After the process died of a SIGKILL the agent did not send: the
+    /// OOM kill, when a counter says so.
+    fn oom_verdict(&self, watch: Option<&OomWatch>) -> Option<Outcome> {
+        let estimate = self
+            .inner
+            .table()
+            .instances
+            .get(&self.id)
+            .map_or(0, |s| s.record.estimate_bytes);
+        let kill = watch?.verdict(&self.inner.probe, estimate)?;
+        let reason = format!(
+            "{}; not restarted here, where it would be killed again: the controller sizes \
+             it by what it used and places it where that fits",
+            kill.describe(self.program())
+        );
+        Some(Outcome::OomKilled {
+            reason: self.with_last_lines(reason),
+            kill,
+        })
     }
 
     /// Reads new log lines into the ring, the followers and the load log.
@@ -1038,6 +1095,12 @@ fn new_interval(period: Duration) -> tokio::time::Interval {
     let mut i = tokio::time::interval(period);
     i.set_missed_tick_behavior(MissedTickBehavior::Delay);
     i
+}
+
+/// Whether the process died of SIGKILL.
+fn killed_by_sigkill(status: ExitStatus) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    status.signal() == Some(9)
 }
 
 fn describe_exit(program: &str, status: ExitStatus) -> String {

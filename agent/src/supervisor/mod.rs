@@ -32,6 +32,8 @@ mod health;
 mod instance;
 mod logs;
 mod modelfile;
+mod oom;
+mod pressure;
 pub(crate) mod rpcproxy;
 
 pub use crate::state::FileIdentity;
@@ -105,6 +107,8 @@ struct Inner {
     /// Changes only by [`Supervisor::set_tls_cert_not_after`].
     node: std::sync::RwLock<NodeIdentity>,
     probe: Probe,
+    /// Memory pressure across readings.
+    pressure: Mutex<pressure::PressureWatch>,
     store: Arc<StateStore>,
     scanner: Arc<Mutex<Scanner>>,
     table: Mutex<Table>,
@@ -181,6 +185,8 @@ impl Slot {
             request_id: r.request_id.clone(),
             command_line: String::new(),
             model_file_changed: self.model_file_changed.clone(),
+            oom_kill: r.oom_kill.clone(),
+            estimate_bytes: r.estimate_bytes,
         }
     }
 }
@@ -214,6 +220,7 @@ impl Supervisor {
         Ok(Supervisor {
             inner: Arc::new(Inner {
                 probe: Probe::new(config.probe_root.clone()),
+                pressure: Mutex::default(),
                 scanner: Arc::new(Mutex::new(Scanner::new(config.model_dirs.clone()))),
                 config,
                 node: std::sync::RwLock::new(node),
@@ -274,6 +281,14 @@ impl Supervisor {
                         }
                         None if record.kind == InstanceKind::RpcServer => {
                             self.inner.boot_rpc_without_process(&record)
+                        }
+                        // Killed for lack of memory: it would be again.
+                        None if record.oom_kill.is_some() => {
+                            self.inner.update(&record.id, |s| {
+                                s.state = InstanceState::Failed;
+                                s.state_since_unix_ms = now_unix_ms();
+                            });
+                            instance::Begin::Failed
                         }
                         None => {
                             if let Some(p) = record.process {
@@ -384,7 +399,7 @@ impl Supervisor {
         tokio::task::spawn_blocking(move || {
             let mut pids = inner.managed_pids();
             pids.extend(inner.unmanaged_pids(&pids));
-            inner.probe.report(&pids)
+            inner.reading(&pids)
         })
         .await
         .unwrap_or_default()
@@ -396,7 +411,7 @@ impl Supervisor {
         let (memory, instances) = tokio::task::spawn_blocking(move || {
             let instances = inner.instances_blocking();
             let pids: Vec<u32> = instances.iter().filter_map(|i| i.pid).collect();
-            (inner.probe.report(&pids), instances)
+            (inner.reading(&pids), instances)
         })
         .await
         .unwrap_or_default();
@@ -470,6 +485,8 @@ impl Supervisor {
             observed: None,
             stopped_at_unix_ms: None,
             model_file,
+            estimate_bytes: req.estimate_bytes,
+            oom_kill: None,
         };
         tracing::info!(instance = %id, kind = req.kind.as_str(), model = %record.model_id, port, "starting instance");
         let view = {
@@ -935,6 +952,21 @@ impl Inner {
             .map_err(Error::from)
     }
 
+    /// One memory reading with `pids`' use (the llama-servers), and the
+    /// node's memory pressure.
+    fn reading(&self, pids: &[u32]) -> MemoryReport {
+        let mut report = self.probe.report(pids);
+        let t = pressure::Thresholds {
+            psi_some: self.config.pressure_psi_some,
+            min_available: self.config.pressure_min_available_bytes,
+        };
+        self.pressure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .assess(&self.probe, t, &mut report, &self.managed_pids());
+        report
+    }
+
     fn managed_pids(&self) -> Vec<u32> {
         self.table()
             .instances
@@ -993,6 +1025,8 @@ fn unmanaged_view(pid: u32, memory: Option<proto::domain::ProcessMemory>) -> Ins
         command_line.push('…');
     }
     Instance {
+        estimate_bytes: 0,
+        oom_kill: None,
         kind: proto::domain::InstanceKind::LlamaServer,
         id: format!("{UNMANAGED_PREFIX}{pid}"),
         model_id: String::new(),
@@ -1138,6 +1172,7 @@ mod tests {
 
     fn rpc(request_id: &str) -> StartRequest {
         StartRequest {
+            estimate_bytes: 0,
             request_id: request_id.into(),
             model_id: String::new(),
             options: InstanceOptions {

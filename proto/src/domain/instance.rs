@@ -561,6 +561,8 @@ pub struct StartRequest {
     pub leader_revision: u64,
     /// llama-server or ggml-rpc-server.
     pub kind: InstanceKind,
+    /// The sender's estimate of what it needs, bytes (0: none).
+    pub estimate_bytes: u64,
 }
 
 impl From<StartRequest> for v1::StartInstanceRequest {
@@ -572,6 +574,7 @@ impl From<StartRequest> for v1::StartInstanceRequest {
             generation: r.generation,
             leader_revision: r.leader_revision,
             kind: v1::InstanceKind::from(r.kind) as i32,
+            estimate_bytes: r.estimate_bytes,
         }
     }
 }
@@ -587,6 +590,7 @@ impl TryFrom<v1::StartInstanceRequest> for StartRequest {
             model_id: r.model_id,
             generation: r.generation,
             leader_revision: r.leader_revision,
+            estimate_bytes: r.estimate_bytes,
         })
     }
 }
@@ -790,6 +794,87 @@ pub struct Instance {
     /// while it runs (a restart is then refused); empty otherwise.
     #[serde(default)]
     pub model_file_changed: String,
+    /// Set when the kernel killed it for lack of memory.
+    #[serde(default)]
+    pub oom_kill: Option<OomKill>,
+    /// The estimate it was started with, bytes (0: none given).
+    #[serde(default)]
+    pub estimate_bytes: u64,
+}
+
+/// How the kernel's out-of-memory killer ended an instance, with the
+/// figures that explain it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OomKill {
+    /// When the agent saw the process gone (Unix ms).
+    pub at_unix_ms: u64,
+    /// RSS plus GPU memory at its last sample before the kill.
+    pub used_bytes: u64,
+    /// RSS part of `used_bytes`.
+    pub rss_bytes: u64,
+    /// GPU part (VRAM and GTT) of `used_bytes`.
+    pub gpu_bytes: u64,
+    /// The estimate it was started with (0: none given).
+    pub estimate_bytes: u64,
+    /// The node's `MemAvailable` at the last sample before the kill.
+    pub node_available_bytes: Option<u64>,
+    /// The counter that told it apart from another SIGKILL.
+    pub evidence: String,
+}
+
+impl OomKill {
+    /// "killed for lack of memory: it used X, the estimate was Y, the node
+    /// had Z free (EVIDENCE)".
+    pub fn describe(&self, program: &str) -> String {
+        use crate::units::bytes;
+        let mut s = format!(
+            "{program} was killed for lack of memory: it used {}",
+            bytes(self.used_bytes)
+        );
+        if self.gpu_bytes > 0 {
+            s += &format!(
+                " (RSS {}, GPU {})",
+                bytes(self.rss_bytes),
+                bytes(self.gpu_bytes)
+            );
+        }
+        if self.estimate_bytes > 0 {
+            s += &format!(", the estimate was {}", bytes(self.estimate_bytes));
+        }
+        if let Some(free) = self.node_available_bytes {
+            s += &format!(", the node had {} free", bytes(free));
+        }
+        s += &format!(" ({})", self.evidence);
+        s
+    }
+}
+
+impl From<OomKill> for v1::OomKill {
+    fn from(o: OomKill) -> Self {
+        v1::OomKill {
+            at_unix_ms: o.at_unix_ms,
+            used_bytes: o.used_bytes,
+            rss_bytes: o.rss_bytes,
+            gpu_bytes: o.gpu_bytes,
+            estimate_bytes: o.estimate_bytes,
+            node_available_bytes: o.node_available_bytes,
+            evidence: o.evidence,
+        }
+    }
+}
+
+impl From<v1::OomKill> for OomKill {
+    fn from(o: v1::OomKill) -> Self {
+        OomKill {
+            at_unix_ms: o.at_unix_ms,
+            used_bytes: o.used_bytes,
+            rss_bytes: o.rss_bytes,
+            gpu_bytes: o.gpu_bytes,
+            estimate_bytes: o.estimate_bytes,
+            node_available_bytes: o.node_available_bytes,
+            evidence: o.evidence,
+        }
+    }
 }
 
 /// Whether an instance reported with the same request id as `old` takes
@@ -820,6 +905,8 @@ impl From<Instance> for v1::Instance {
             command_line: i.command_line,
             kind: v1::InstanceKind::from(i.kind) as i32,
             model_file_changed: i.model_file_changed,
+            oom_kill: i.oom_kill.map(Into::into),
+            estimate_bytes: i.estimate_bytes,
         }
     }
 }
@@ -855,6 +942,8 @@ impl TryFrom<v1::Instance> for Instance {
             command_line: i.command_line,
             kind: InstanceKind::from_wire(i.kind)?,
             model_file_changed: i.model_file_changed,
+            oom_kill: i.oom_kill.map(Into::into),
+            estimate_bytes: i.estimate_bytes,
         })
     }
 }
@@ -893,6 +982,8 @@ mod tests {
     #[test]
     fn a_live_instance_is_preferred_over_a_stopped_one_with_the_same_id() {
         let at = |state| Instance {
+            estimate_bytes: 0,
+            oom_kill: None,
             id: "i-1".into(),
             model_id: "tiny.gguf".into(),
             state,
@@ -951,6 +1042,7 @@ mod tests {
     #[test]
     fn start_requests_round_trip_through_the_wire() {
         let r = StartRequest {
+            estimate_bytes: 0,
             request_id: "halo.m.r0s1.g3".into(),
             model_id: String::new(),
             options: InstanceOptions {

@@ -33,6 +33,37 @@ pub struct MemoryReport {
     /// True when the GPU draws from system RAM (an APU such as Strix Halo):
     /// RAM and GTT are then one pool, not two.
     pub unified_memory: bool,
+    /// Set while the node is under memory pressure.
+    #[serde(default)]
+    pub pressure: Option<MemoryPressure>,
+}
+
+/// Why a node counts as under memory pressure.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryPressure {
+    /// Which threshold was crossed, with the figures.
+    pub reason: String,
+    /// The process outside halo that grew most since before the pressure,
+    /// when one did; empty otherwise.
+    pub grew: String,
+}
+
+impl From<MemoryPressure> for v1::MemoryPressure {
+    fn from(p: MemoryPressure) -> Self {
+        v1::MemoryPressure {
+            reason: p.reason,
+            grew: p.grew,
+        }
+    }
+}
+
+impl From<v1::MemoryPressure> for MemoryPressure {
+    fn from(p: v1::MemoryPressure) -> Self {
+        MemoryPressure {
+            reason: p.reason,
+            grew: p.grew,
+        }
+    }
 }
 
 /// One amdgpu device.
@@ -132,6 +163,7 @@ impl From<MemoryReport> for v1::MemoryReport {
             usable_bytes: m.usable_bytes,
             usable_explanation: m.usable_explanation,
             unified_memory: m.unified_memory,
+            pressure: m.pressure.map(Into::into),
         }
     }
 }
@@ -161,6 +193,7 @@ impl TryFrom<v1::MemoryReport> for MemoryReport {
             usable_bytes: m.usable_bytes,
             usable_explanation: m.usable_explanation,
             unified_memory: m.unified_memory,
+            pressure: m.pressure.map(Into::into),
         })
     }
 }

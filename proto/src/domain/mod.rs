@@ -11,9 +11,9 @@ pub mod placement;
 pub use catalog::{CatalogEntry, EditorMode};
 pub use instance::{
     CacheType, Instance, InstanceKind, InstanceOptions, InstanceState, LogLine, MemoryBreakdown,
-    ObservedBuffers, StartRequest, UnknownCacheType,
+    ObservedBuffers, OomKill, StartRequest, UnknownCacheType,
 };
-pub use memory::{GpuMemory, MemoryReport, ProcessMemory};
+pub use memory::{GpuMemory, MemoryPressure, MemoryReport, ProcessMemory};
 pub use model::{ModelFile, ModelParams, ModelStatus, check_model_id};
 pub use node::{AgentEvent, AgentEventKind, NodeIdentity, NodeStatus, Snapshot};
 pub use placement::{

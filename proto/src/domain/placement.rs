@@ -71,6 +71,14 @@ pub struct Placement {
     /// placement then has one replica, on the host share's node.
     #[serde(default)]
     pub split: Option<SplitPlan>,
+    /// What a replica was seen to use when the kernel killed it for lack
+    /// of memory (0: never): the placement is sized by at least this.
+    #[serde(default)]
+    pub learned_bytes: u64,
+    /// Set while the controller holds the placement (no instance runs)
+    /// because no node has room for what it was seen to need: why.
+    #[serde(default)]
+    pub held: Option<String>,
 }
 
 /// One node's part of a split model.
@@ -442,6 +450,8 @@ impl From<Placement> for v1::Placement {
             priority: p.priority,
             paused: p.paused,
             split: p.split.map(Into::into),
+            learned_bytes: p.learned_bytes,
+            held: p.held.unwrap_or_default(),
         }
     }
 }
@@ -484,6 +494,8 @@ impl TryFrom<v1::Placement> for Placement {
                 .collect(),
             paused: p.paused,
             split: p.split.map(Into::into),
+            learned_bytes: p.learned_bytes,
+            held: (!p.held.is_empty()).then_some(p.held),
         })
     }
 }
