@@ -9,6 +9,8 @@
 //!   ([`start_request`]), a split helper's ggml-rpc-server
 //!   ([`helper_request`]) and the split host's `--rpc`, `-ngl` and `-ts`
 //!   ([`split_host`]);
+//! * a replica the kernel killed for lack of memory ([`oom_killed`]):
+//!   reconcile sizes its placement by what it used and places it again;
 //! * when a split is whole: its host is wanted once every helper is Ready
 //!   ([`ready_helper`]), and it is broken when a node of it is lost or one
 //!   side of its current generation failed or was stopped
@@ -25,8 +27,8 @@ use crate::observe::NodeObs;
 use proto::ConversionError;
 use proto::domain::instance::parse_rpc_server;
 use proto::domain::{
-    Instance, InstanceKind, InstanceOptions, InstanceState, Placement, Replica, ReplicaKey,
-    SplitPlan, StartRequest,
+    Instance, InstanceKind, InstanceOptions, InstanceState, OomKill, Placement, Replica,
+    ReplicaKey, SplitPlan, StartRequest,
 };
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -81,7 +83,35 @@ pub fn start_request(p: &Placement, r: &Replica) -> StartRequest {
         generation: r.generation,
         leader_revision: 0,
         kind: InstanceKind::LlamaServer,
+        estimate_bytes: match &p.split {
+            Some(plan) => plan.host().map_or(p.estimate_bytes, |h| h.total_bytes),
+            None => p.estimate_bytes.max(p.learned_bytes),
+        },
     }
+}
+
+/// The replicas of `p` (not split) whose instance of the current
+/// generation the kernel killed for lack of memory: index, node and the
+/// figures.
+pub fn oom_killed(
+    p: &Placement,
+    observed: &BTreeMap<String, NodeObs>,
+) -> Vec<(u32, String, OomKill)> {
+    if p.split.is_some() {
+        return Vec::new();
+    }
+    p.replicas
+        .iter()
+        .filter_map(|r| {
+            let rid = p.key(r).request_id();
+            let i = observed
+                .get(&r.node)?
+                .instances
+                .values()
+                .find(|i| i.request_id == rid && i.state == InstanceState::Failed)?;
+            Some((r.index, r.node.clone(), i.oom_kill.clone()?))
+        })
+        .collect()
 }
 
 /// The start of a split helper's ggml-rpc-server (`key`: the helper's),
@@ -97,6 +127,7 @@ pub fn helper_request(key: &ReplicaKey, host_ip: IpAddr) -> StartRequest {
         generation: key.generation,
         leader_revision: 0,
         kind: InstanceKind::RpcServer,
+        estimate_bytes: 0,
     }
 }
 
@@ -210,6 +241,8 @@ mod tests {
 
     fn placement(generations: &[u64]) -> Placement {
         Placement {
+            held: None,
+            learned_bytes: 0,
             name: "m".into(),
             role: String::new(),
             model: "m".into(),
@@ -251,6 +284,8 @@ mod tests {
 
     fn instance(rid: &str, state: InstanceState, kind: InstanceKind) -> Instance {
         Instance {
+            estimate_bytes: 0,
+            oom_kill: None,
             id: format!("id-{rid}"),
             model_id: String::new(),
             state,

@@ -58,6 +58,9 @@ pub struct NodeState {
     /// The extra llama-server flags its agent allows (`allowed_flags`);
     /// `None` until the agent said.
     pub allowed_flags: Option<Vec<String>>,
+    /// Why the node is under memory pressure, when it is: nothing new is
+    /// placed there.
+    pub pressure: Option<String>,
 }
 
 impl NodeState {
@@ -114,13 +117,17 @@ pub(crate) fn replica_use(p: &Placement, r: &Replica, node: Option<&NodeState>) 
             .observed
             .get(&p.key(r).request_id())
             .copied()
-            .unwrap_or(p.estimate_bytes),
-        _ => p.estimate_bytes,
+            .unwrap_or(p.estimate_bytes.max(p.learned_bytes)),
+        _ => p.estimate_bytes.max(p.learned_bytes),
     }
 }
 
 /// What `p` uses on each of its nodes.
 fn placement_use<'a>(p: &'a Placement, by_name: &HashMap<&str, &NodeState>) -> Vec<(&'a str, u64)> {
+    if p.held.is_some() {
+        // Held: nothing runs anywhere.
+        return Vec::new();
+    }
     match &p.split {
         Some(s) => s
             .shares
@@ -216,6 +223,7 @@ mod tests {
 
     fn node(name: &str, observed: &[(&str, u64)]) -> NodeState {
         NodeState {
+            pressure: None,
             name: name.to_owned(),
             roles: vec!["speed".into()],
             liveness: Liveness::Ready,
@@ -234,6 +242,8 @@ mod tests {
 
     fn placement(name: &str, nodes: &[&str], bytes: u64) -> Placement {
         Placement {
+            held: None,
+            learned_bytes: 0,
             name: name.to_owned(),
             role: "speed".into(),
             model: "m".into(),

@@ -288,6 +288,11 @@ impl Observed {
                         })
                         .unwrap_or_default(),
                     allowed_flags: n.allowed_flags.clone(),
+                    pressure: n
+                        .memory
+                        .as_ref()
+                        .and_then(|m| m.pressure.as_ref())
+                        .map(|p| p.reason.clone()),
                     models,
                 }
             })
@@ -514,6 +519,8 @@ mod tests {
 
     fn instance(state: InstanceState, observed: ObservedBuffers) -> Instance {
         Instance {
+            estimate_bytes: 0,
+            oom_kill: None,
             kind: proto::domain::InstanceKind::LlamaServer,
             id: "i1".into(),
             model_id: "m.gguf".into(),

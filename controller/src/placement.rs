@@ -373,8 +373,14 @@ pub fn place(
 
 /// What one replica of `p` needs on a node: the total of a real load of
 /// its model at its settings when any node reported one (including the
-/// replica's own instance on a lost node), else its recorded estimate.
+/// replica's own instance on a lost node), else its recorded estimate;
+/// never less than what a replica was seen to use when the kernel killed
+/// it for lack of memory.
 fn replica_estimate(nodes: &[NodeState], p: &Placement) -> u64 {
+    replica_formula(nodes, p).max(p.learned_bytes)
+}
+
+fn replica_formula(nodes: &[NodeState], p: &Placement) -> u64 {
     if !nodes
         .iter()
         .any(|n| n.loads.iter().any(|r| r.model_id == p.model_id))
@@ -396,7 +402,8 @@ fn replica_estimate(nodes: &[NodeState], p: &Placement) -> u64 {
 /// lost: a live node with the placement's role that holds the file and has
 /// room for the replica's estimate (observed when a real load at its
 /// settings was seen, else the placement's) plus margin, most free first.
-/// The placement's options are kept. `Err` says why no node qualifies.
+/// The placement's options are kept; a pinned placement stays on its
+/// node. `Err` says why no node qualifies.
 pub fn relocate(
     nodes: &[NodeState],
     placements: &[Placement],
@@ -417,6 +424,10 @@ pub fn relocate(
     for n in nodes {
         let reason = if n.liveness != Liveness::Ready {
             Some("not ready")
+        } else if p.pinned_node.as_ref().is_some_and(|pin| pin != &n.name) {
+            Some("not the node it is pinned to")
+        } else if n.pressure.is_some() {
+            Some("under memory pressure")
         } else if !p.role.is_empty() && !n.roles.iter().any(|r| r == &p.role) {
             Some("no such role")
         } else if !n.models.contains_key(&p.model_id) {

@@ -15,6 +15,11 @@
 //!   Crashes are the agent's: it restarts a Failed instance with back-off;
 //! * failed StartInstance calls are retried with exponential back-off.
 //!
+//! Out of memory: an instance the kernel killed for lack of memory is not
+//! restarted by its agent; its placement is sized by what it used and the
+//! replica starts again where that fits, or the placement is held, with
+//! the numbers, until a node has the room.
+//!
 //! Node loss: a node silent past the move period is Lost; each floating
 //! replica on it moves to a node that fits ([`crate::placement::relocate`])
 //! with its generation bumped; pinned replicas wait. Only the leader
@@ -32,6 +37,7 @@ use crate::observe::{Observed, agent_client, with_deadline};
 use crate::placement::{Liveness, relocate};
 use crate::store::{PLACEMENTS, Store, StoreError, Watch};
 use proto::domain::{Instance, InstanceState, NodeStatus, Placement, ReplicaKey, StartRequest};
+use proto::units;
 use proto::v1;
 use proto::v1::agent_service_client::AgentServiceClient;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -102,6 +108,7 @@ impl Reconciler {
         let mut term_rx = self.desired.leadership().subscribe();
         let mut watch: Option<Watch> = None;
         let mut statuses: BTreeMap<String, Liveness> = BTreeMap::new();
+        let mut pressures: BTreeMap<String, String> = BTreeMap::new();
         let mut tick = tokio::time::interval(self.requeue);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -129,11 +136,37 @@ impl Reconciler {
                 }
             }
             self.report_status(&mut statuses);
+            self.report_pressure(&mut pressures);
             let Some(term) = self.desired.leadership().term() else {
                 continue;
             };
             if let Err(e) = self.pass(term, &inflight, &backoff).await {
                 tracing::warn!("reconcile: {e}");
+            }
+        }
+    }
+
+    /// Emits a node's memory pressure when it starts (with why and what
+    /// grew) and when it ends.
+    fn report_pressure(&self, seen: &mut BTreeMap<String, String>) {
+        for (name, n) in self.observed.read().iter() {
+            let now = n.memory.as_ref().and_then(|m| m.pressure.as_ref());
+            match (seen.get(name), now) {
+                (None, Some(p)) => {
+                    let mut text = format!("under memory pressure: {}", p.reason);
+                    if !p.grew.is_empty() {
+                        text += &format!("; {}", p.grew);
+                    }
+                    text += "; nothing new is placed here until it ends";
+                    self.events.emit("memory_pressure", name, text);
+                    seen.insert(name.clone(), p.reason.clone());
+                }
+                (Some(_), None) => {
+                    self.events
+                        .emit("memory_pressure_over", name, "memory pressure ended");
+                    seen.remove(name);
+                }
+                _ => {}
             }
         }
     }
@@ -174,6 +207,8 @@ impl Reconciler {
         // acts on what was written.
         if self.replan_splits(&placements, &view, backoff).await
             || self.move_off_lost(&placements, &view).await
+            || self.resize_after_oom(&placements, &view).await
+            || self.resume_held(&placements, &view).await
         {
             return Ok(());
         }
@@ -240,7 +275,7 @@ impl Reconciler {
     ) -> bool {
         for v in placements {
             let p = &v.value;
-            if p.pinned_node.is_some() || p.split.is_some() {
+            if p.pinned_node.is_some() || p.split.is_some() || p.held.is_some() {
                 continue;
             }
             let mut next = p.clone();
@@ -265,6 +300,139 @@ impl Reconciler {
                 }
                 return true;
             }
+        }
+        false
+    }
+
+    /// Out-of-memory kills: a replica the kernel killed for lack of memory
+    /// (its agent does not restart it) makes its placement sized by at
+    /// least what it used; the replica starts again, under a new
+    /// generation, on the node with the most room for that plus margin
+    /// (its own when it is the one), or, when no node has the room, the
+    /// placement is held with the numbers instead of being killed again.
+    /// `true` when a placement was written (or tried).
+    async fn resize_after_oom(
+        &self,
+        placements: &[crate::desired::Versioned<Placement>],
+        view: &View,
+    ) -> bool {
+        for v in placements {
+            let p = &v.value;
+            if p.paused || p.held.is_some() {
+                continue;
+            }
+            let killed = lifecycle::oom_killed(p, &view.observed);
+            let Some((index, node, kill)) = killed.into_iter().next() else {
+                continue;
+            };
+            let mut next = p.clone();
+            next.learned_bytes = next.learned_bytes.max(kill.used_bytes);
+            // The killed replica uses nothing now.
+            let others = with_placement(&view.plain, &without_replica(&next, index));
+            let what = format!(
+                "replica {index} on {node}: {}",
+                kill.describe("llama-server")
+            );
+            let (kind, text) = match relocate(&view.nodes, &others, &next, index) {
+                Ok(to) if to == node => {
+                    lifecycle::restart(&mut next, index);
+                    (
+                        "oom_killed",
+                        format!(
+                            "{what}; sized at {} now (what it used), started again on {to}",
+                            units::bytes(next.learned_bytes)
+                        ),
+                    )
+                }
+                Ok(to) => {
+                    lifecycle::move_replica(&mut next, index, to.clone());
+                    (
+                        "oom_killed",
+                        format!(
+                            "{what}; sized at {} now (what it used), moved to {to}, \
+                             where that fits",
+                            units::bytes(next.learned_bytes)
+                        ),
+                    )
+                }
+                Err(why) => {
+                    let held = format!(
+                        "killed for lack of memory on {node}: it used {}; no node has room \
+                         for that plus margin ({why})",
+                        units::bytes(kill.used_bytes)
+                    );
+                    next.held = Some(held.clone());
+                    ("held", format!("{what}; held, not started again: {held}"))
+                }
+            };
+            match self.desired.update_placement(&next, v.revision).await {
+                Ok(_) => self.events.emit(kind, &p.name, text),
+                Err(e) => tracing::info!(placement = %p.name, "resize not written: {e}"),
+            }
+            return true;
+        }
+        false
+    }
+
+    /// Held placements: once every replica fits a node again (memory was
+    /// freed, a node came back), the hold is lifted and they start there.
+    /// `true` when a placement was written (or tried).
+    async fn resume_held(
+        &self,
+        placements: &[crate::desired::Versioned<Placement>],
+        view: &View,
+    ) -> bool {
+        for v in placements {
+            let p = &v.value;
+            if p.held.is_none() || p.paused {
+                continue;
+            }
+            let mut next = p.clone();
+            next.held = None;
+            let mut moves = Vec::new();
+            let mut fits = true;
+            for r in &p.replicas {
+                // Replicas placed so far in this loop count; later ones not.
+                let later: Vec<u32> = p
+                    .replicas
+                    .iter()
+                    .filter(|o| o.index >= r.index)
+                    .map(|o| o.index)
+                    .collect();
+                let mut partial = next.clone();
+                partial.replicas.retain(|o| !later.contains(&o.index));
+                let others = with_placement(&view.plain, &partial);
+                match relocate(&view.nodes, &others, &next, r.index) {
+                    Ok(to) => {
+                        if to == r.node {
+                            lifecycle::restart(&mut next, r.index);
+                        } else {
+                            lifecycle::move_replica(&mut next, r.index, to.clone());
+                        }
+                        moves.push(format!("replica {} on {to}", r.index));
+                    }
+                    Err(_) => {
+                        fits = false;
+                        break;
+                    }
+                }
+            }
+            if !fits {
+                continue;
+            }
+            match self.desired.update_placement(&next, v.revision).await {
+                Ok(_) => self.events.emit(
+                    "resumed",
+                    &p.name,
+                    format!(
+                        "room for {} per replica now: {}",
+                        units::bytes(next.learned_bytes.max(next.estimate_bytes)),
+                        moves.join(", ")
+                    ),
+                ),
+                Err(e) => tracing::info!(placement = %p.name, "resume not written: {e}"),
+            }
+            return true;
         }
         false
     }
@@ -539,7 +707,7 @@ fn wanted<'a>(
     };
     for v in placements {
         let p = &v.value;
-        if p.paused {
+        if p.paused || p.held.is_some() {
             continue;
         }
         for r in &p.replicas {
@@ -570,6 +738,27 @@ fn wanted<'a>(
         }
     }
     out
+}
+
+/// `p` without replica `index` (what it uses once that replica is gone).
+fn without_replica(p: &Placement, index: u32) -> Placement {
+    let mut q = p.clone();
+    q.replicas.retain(|r| r.index != index);
+    q
+}
+
+/// `plain` with the placement named like `p` replaced by `p`.
+fn with_placement(plain: &[Placement], p: &Placement) -> Vec<Placement> {
+    plain
+        .iter()
+        .map(|o| {
+            if o.name == p.name {
+                p.clone()
+            } else {
+                o.clone()
+            }
+        })
+        .collect()
 }
 
 /// The IP address in an agent's `host:port` address (what a split's

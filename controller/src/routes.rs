@@ -73,11 +73,15 @@ const ORDER: [&str; 10] = [
     "failed",
 ];
 
-/// A placement's state in words from its replicas': `paused`, `unplaced`
-/// (no replica), else the most advanced of its replicas' states.
+/// A placement's state in words from its replicas': `paused`, `held: WHY`
+/// (no node has room for what it was seen to use), `unplaced` (no replica),
+/// else the most advanced of its replicas' states.
 pub fn placement_state<'a>(p: &Placement, replicas: impl IntoIterator<Item = &'a str>) -> String {
     if p.paused {
         return "paused".into();
+    }
+    if let Some(why) = &p.held {
+        return format!("held: {why}");
     }
     replicas
         .into_iter()
@@ -207,6 +211,8 @@ mod tests {
 
     fn placement(name: &str, nodes: &[&str], pinned: bool) -> Placement {
         Placement {
+            held: None,
+            learned_bytes: 0,
             name: name.into(),
             role: "speed".into(),
             model: "tiny".into(),
@@ -238,6 +244,8 @@ mod tests {
 
     fn instance(rid: &str, state: InstanceState) -> Instance {
         Instance {
+            estimate_bytes: 0,
+            oom_kill: None,
             kind: InstanceKind::LlamaServer,
             id: format!("id-{rid}"),
             model_id: "tiny.gguf".into(),
@@ -289,6 +297,9 @@ mod tests {
         let mut paused = p.clone();
         paused.paused = true;
         assert_eq!(placement_state(&paused, ["ready"]), "paused");
+        let mut held = p.clone();
+        held.held = Some("no node has room".into());
+        assert_eq!(placement_state(&held, ["failed"]), "held: no node has room");
     }
 
     #[test]

@@ -40,6 +40,13 @@ pub struct NodeJson {
     /// When the certificate the agent serves expires, Unix seconds (absent
     /// for a plaintext agent or one not heard from).
     pub cert_not_after_unix: Option<i64>,
+    /// The node's real free memory (`MemAvailable`), whoever uses the rest.
+    pub available_bytes: Option<u64>,
+    /// Memory PSI `some avg10`, percent.
+    pub psi_some_avg10: Option<f64>,
+    /// Why the node is under memory pressure (and what grew), when it is:
+    /// nothing new is placed there.
+    pub pressure: Option<String>,
 }
 
 /// `haloctl models -o json`: one object per catalog entry.
@@ -84,6 +91,11 @@ pub struct PlacementJson {
     pub estimate_bytes: u64,
     /// Memory held, no instance started.
     pub paused: bool,
+    /// What a replica was seen to use when the kernel killed it for lack
+    /// of memory (0: never); the placement is sized by at least this.
+    pub learned_bytes: u64,
+    /// Why the controller holds it (no instance runs), when it does.
+    pub held: Option<String>,
     /// One per replica.
     pub replicas: Vec<ReplicaJson>,
 }
@@ -254,6 +266,19 @@ pub fn nodes_json(nodes: &[v1::NodeView]) -> Vec<NodeJson> {
                 instances: n.instances.len(),
                 silent_for_ms: n.silent_for_ms,
                 cert_not_after_unix: id.tls_cert_not_after_unix,
+                available_bytes: n.memory.as_ref().and_then(|m| m.mem_available_bytes),
+                psi_some_avg10: n.memory.as_ref().and_then(|m| m.psi_some_avg10),
+                pressure: n
+                    .memory
+                    .as_ref()
+                    .and_then(|m| m.pressure.as_ref())
+                    .map(|p| {
+                        if p.grew.is_empty() {
+                            p.reason.clone()
+                        } else {
+                            format!("{}; {}", p.reason, p.grew)
+                        }
+                    }),
             }
         })
         .collect()
@@ -275,7 +300,11 @@ pub fn render_nodes_at(nodes: &[NodeJson], now_unix: i64) -> String {
         t.row([
             n.name.clone(),
             join_or_dash(&n.roles),
-            n.status.clone(),
+            if n.pressure.is_some() {
+                format!("{}, pressure", n.status)
+            } else {
+                n.status.clone()
+            },
             or_dash(n.usable_bytes),
             bytes(n.reserve_bytes),
             bytes(n.halo_bytes),
@@ -292,6 +321,14 @@ pub fn render_nodes_at(nodes: &[NodeJson], now_unix: i64) -> String {
         s.push_str("MEMORY: # used by halo, = reserve, . free\n");
     }
     for n in nodes {
+        if let Some(why) = &n.pressure {
+            s.push_str(&format!(
+                "node {} is under memory pressure ({why}; {} really free): nothing new is \
+                 placed there\n",
+                n.name,
+                or_dash(n.available_bytes)
+            ));
+        }
         let what = format!("node {}'s certificate", n.name);
         if let Some(w) = n
             .cert_not_after_unix
@@ -412,6 +449,8 @@ pub fn status_json(placements: &[v1::Placement]) -> Vec<PlacementJson> {
             context: p.options.as_ref().map_or(0, |o| o.context_size),
             estimate_bytes: p.estimate_bytes,
             paused: p.paused,
+            learned_bytes: p.learned_bytes,
+            held: (!p.held.is_empty()).then(|| p.held.clone()),
             replicas: p
                 .replicas
                 .iter()
@@ -421,8 +460,13 @@ pub fn status_json(placements: &[v1::Placement]) -> Vec<PlacementJson> {
                         index: r.index,
                         node: r.node.clone(),
                         state: replica_state(r).into(),
-                        real_bytes: i.and_then(real_bytes),
-                        endpoint: i.map(|i| i.endpoint.clone()).unwrap_or_default(),
+                        // Held: nothing runs; the stopped instance's figures
+                        // would look live.
+                        real_bytes: i.filter(|_| p.held.is_empty()).and_then(real_bytes),
+                        endpoint: i
+                            .filter(|_| p.held.is_empty())
+                            .map(|i| i.endpoint.clone())
+                            .unwrap_or_default(),
                         restarts: i.map_or(0, |i| i.restart_count),
                         last_error: i
                             .map_or_else(|| r.start_refused.clone(), |i| i.last_error.clone()),
@@ -449,6 +493,8 @@ pub fn render_status(placements: &[PlacementJson]) -> String {
         let state = |r: &ReplicaJson| {
             let s = if p.paused {
                 "paused".to_owned()
+            } else if p.held.is_some() {
+                "held".to_owned()
             } else if r.restarts > 0 {
                 format!(
                     "{} ({} restart{})",
@@ -488,7 +534,7 @@ pub fn render_status(placements: &[PlacementJson]) -> String {
                     _ => state(r),
                 },
                 p.context.to_string(),
-                bytes(p.estimate_bytes),
+                estimate(p),
                 or_dash(r.real_bytes),
                 if r.endpoint.is_empty() {
                     "-".into()
@@ -504,13 +550,33 @@ pub fn render_status(placements: &[PlacementJson]) -> String {
                 "-".into(),
                 "unplaced".into(),
                 p.context.to_string(),
-                bytes(p.estimate_bytes),
+                estimate(p),
                 "-".into(),
                 "-".into(),
             ]);
         }
     }
-    t.render()
+    let mut out = t.render();
+    for p in placements {
+        if let Some(why) = &p.held {
+            out += &format!("{} is held: {why}\n", p.name);
+        }
+    }
+    out
+}
+
+/// A placement's ESTIMATE cell: the estimate, and what a replica was seen
+/// to use when the kernel killed it for lack of memory, when larger.
+fn estimate(p: &PlacementJson) -> String {
+    if p.learned_bytes > p.estimate_bytes {
+        format!(
+            "{} (seen {})",
+            bytes(p.estimate_bytes),
+            bytes(p.learned_bytes)
+        )
+    } else {
+        bytes(p.estimate_bytes)
+    }
 }
 
 /// The JSON view of endpoints.

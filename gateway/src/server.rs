@@ -975,6 +975,17 @@ impl Gateway {
                 // moment, or a table change, before trying them again.
                 retry_at = Some(Instant::now() + RETRY_PAUSE);
             }
+            if target.held() && target.ready().next().is_none() {
+                return Err(Stop::Error(
+                    ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "server_error",
+                        "model_held",
+                        format!("{:?} cannot run now: {}", job.asked, target.states()),
+                    )
+                    .retry_after(60),
+                ));
+            }
             let now = Instant::now();
             // A model with no placement at all waits only as long as a
             // re-placement takes, not a load.

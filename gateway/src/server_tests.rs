@@ -556,6 +556,27 @@ async fn no_ready_replica_within_the_queue_timeout_is_503_with_the_state() {
 }
 
 #[tokio::test]
+async fn a_held_model_is_503_at_once_with_why_not_after_the_queue_timeout() {
+    // The queue would wait a minute: a held placement is answered at once.
+    let cfg = GatewayConfig {
+        queue_timeout: Duration::from_secs(60),
+        ..quick()
+    };
+    let mut t = table(vec![replica("http://127.0.0.1:9", false)]);
+    t.routes[0].state = "held: killed for lack of memory on halo1: it used 125.0 GiB".into();
+    let gw = start(cfg, t).await;
+    let got = post(gw.addr, Some("alice-secret"), CHAT).await;
+    assert_eq!(got.status, 503, "{}", got.body);
+    assert!(got.body.contains("model_held"), "{}", got.body);
+    assert!(
+        got.body
+            .contains("tiny is held: killed for lack of memory on halo1: it used 125.0 GiB"),
+        "{}",
+        got.body
+    );
+}
+
+#[tokio::test]
 async fn a_key_over_its_in_flight_cap_gets_429() {
     let (release, released) = mpsc::channel::<()>(1);
     let released = Arc::new(tokio::sync::Mutex::new(released));

@@ -271,6 +271,17 @@ impl Target<'_> {
         self.routes.iter().all(|r| r.placement.is_empty())
     }
 
+    /// Whether every matching placement is held by the controller (no node
+    /// has room for what it was seen to use) or paused: waiting would not
+    /// help.
+    pub fn held(&self) -> bool {
+        !self.routes.is_empty()
+            && self
+                .routes
+                .iter()
+                .all(|r| r.state.starts_with("held") || r.state == "paused")
+    }
+
     /// Ready replicas of every matching placement.
     pub fn ready(&self) -> impl Iterator<Item = &Replica> {
         self.routes

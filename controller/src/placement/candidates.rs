@@ -1,6 +1,6 @@
 //! Which nodes can take a request at all: live, of the role (unless
-//! `any_node`), the pinned one when pinned, with known usable memory and
-//! holding the model file. Every other node gets a row saying why not.
+//! `any_node`), the pinned one when pinned, with known usable memory, not
+//! under memory pressure, and holding the model file. Every other node gets a row saying why not.
 
 use super::{Decision, NodeFit, PlaceRequest};
 use crate::nodes::{Liveness, NodeState};
@@ -140,7 +140,9 @@ fn why_not(n: &NodeState, req: &PlaceRequest) -> Option<String> {
     } else if n.usable_bytes.is_none() {
         Some("usable memory unknown".to_owned())
     } else {
-        None
+        n.pressure
+            .as_ref()
+            .map(|why| format!("under memory pressure ({why})"))
     }
 }
 

@@ -81,6 +81,8 @@ fn split_decision(r: &Request<'_>, c: &Choice, plan: SplitPlan) -> Decision {
     )];
     explanation.extend(plan.notes.iter().cloned());
     let placement = Placement {
+        held: None,
+        learned_bytes: 0,
         name: r.name.clone(),
         role: r.req.role.clone(),
         model: entry.name.clone(),

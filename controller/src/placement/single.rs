@@ -296,6 +296,8 @@ fn new_placement(
 ) -> Placement {
     let entry = r.entry;
     Placement {
+        held: None,
+        learned_bytes: 0,
         name: r.name.clone(),
         role: r.req.role.clone(),
         model: entry.name.clone(),
