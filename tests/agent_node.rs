@@ -227,6 +227,7 @@ pub fn start_request(
     options: v1::InstanceOptions,
 ) -> v1::StartInstanceRequest {
     v1::StartInstanceRequest {
+        estimate_bytes: 0,
         request_id: request_id.into(),
         model_id: model.into(),
         options: Some(options),

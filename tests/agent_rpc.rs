@@ -19,6 +19,7 @@ use tonic::Code;
 /// A start of an RPC server for split helper `id` that only `client` may use.
 fn rpc_request(id: &str, client: &str, leader_revision: u64) -> v1::StartInstanceRequest {
     v1::StartInstanceRequest {
+        estimate_bytes: 0,
         request_id: id.into(),
         model_id: String::new(),
         options: Some(v1::InstanceOptions {

@@ -133,6 +133,9 @@ pub struct AgentNode {
     pub roles: Vec<String>,
     /// The running agent.
     pub proc: Option<Proc>,
+    /// The probe tree its agent reads (`None`: the shared Strix Halo
+    /// fixture, read-only; [`AgentNode::own_probe`] makes a copy to edit).
+    pub probe: Option<PathBuf>,
     runs: u32,
     /// More agent flags, after the others. With `--tls-cert` or
     /// `--insecure-loopback-only` among them, the harness adds no TLS flags
@@ -163,6 +166,7 @@ impl AgentNode {
             ports,
             roles: roles.iter().map(|r| (*r).to_owned()).collect(),
             proc: None,
+            probe: None,
             runs: 0,
             extra_args: Vec::new(),
         }
@@ -191,7 +195,7 @@ impl AgentNode {
             .arg("--state-dir")
             .arg(&self.state)
             .arg("--probe-root")
-            .arg(strix_halo_probe())
+            .arg(self.probe.clone().unwrap_or_else(strix_halo_probe))
             .arg("--stop-timeout-secs")
             .arg("5")
             .env("HALO_LOG", "info")
@@ -220,6 +224,24 @@ impl AgentNode {
             proc.log()
         );
         self.proc = Some(proc);
+    }
+
+    /// Gives the node its own copy of the Strix Halo probe tree (under its
+    /// directory), which a test may edit while the agent reads it: memory
+    /// readings, PSI, the kernel's OOM kill counter (`proc/vmstat`, starting
+    /// at 0) and `proc/PID/status` of processes. The copy's root.
+    pub fn own_probe(&mut self) -> PathBuf {
+        let root = self.dir.join("probe");
+        let status = Command::new("cp")
+            .arg("-r")
+            .arg(strix_halo_probe())
+            .arg(&root)
+            .status()
+            .expect("cp");
+        assert!(status.success(), "copying the probe tree failed");
+        std::fs::write(root.join("proc/vmstat"), "pgfault 1\noom_kill 0\n").expect("vmstat");
+        self.probe = Some(root.clone());
+        root
     }
 
     /// SIGKILLs the agent; its llama-server instances keep running.

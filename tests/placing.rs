@@ -33,6 +33,7 @@ pub fn params(kind: SparseModel) -> Arc<ModelParams> {
 /// able to take part in splits on a GPU ([`split_caps`]).
 pub fn node(name: &str, role: &str, models: &[(SparseModel, &Arc<ModelParams>)]) -> NodeState {
     NodeState {
+        pressure: None,
         name: name.into(),
         roles: vec![role.into()],
         liveness: Liveness::Ready,
