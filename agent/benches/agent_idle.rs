@@ -194,6 +194,7 @@ async fn scrape_every(port: u16, path: &'static str, period: Duration) {
 
 fn start_request(id: &str) -> v1::StartInstanceRequest {
     v1::StartInstanceRequest {
+        estimate_bytes: 0,
         request_id: id.into(),
         model_id: "tiny.gguf".into(),
         options: Some(v1::InstanceOptions {
