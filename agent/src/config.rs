@@ -208,6 +208,17 @@ pub struct Args {
     /// memory pressure; 0 turns it off [default: 2GiB].
     #[arg(long, env = "HALO_AGENT_PRESSURE_MIN_AVAILABLE", value_name = "SIZE")]
     pub pressure_min_available: Option<String>,
+    /// A memory cgroup directory (cgroup v1 memory hierarchy, or v2 with
+    /// the memory controller enabled in its cgroup.subtree_control) the
+    /// agent may create one child per instance in: exact OOM attribution
+    /// and peak use per instance, and a limit when asked [default: off].
+    #[arg(long, env = "HALO_AGENT_INSTANCE_CGROUP", value_name = "DIR")]
+    pub instance_cgroup: Option<PathBuf>,
+    /// Each instance's cgroup memory limit: `none`, `estimate` (its
+    /// estimate plus the controller's margin) or a size such as 64GiB;
+    /// needs instance_cgroup [default: none].
+    #[arg(long, env = "HALO_AGENT_INSTANCE_MEMORY_LIMIT", value_name = "LIMIT")]
+    pub instance_memory_limit: Option<String>,
     /// Root the memory probe reads /proc and /sys under [default: /].
     #[arg(long, env = "HALO_AGENT_PROBE_ROOT", value_name = "DIR")]
     pub probe_root: Option<PathBuf>,
@@ -339,6 +350,8 @@ struct FileConfig {
     reserve: Option<SizeValue>,
     pressure_psi_some: Option<f64>,
     pressure_min_available: Option<SizeValue>,
+    instance_cgroup: Option<PathBuf>,
+    instance_memory_limit: Option<SizeValue>,
     probe_root: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     load_timeout_secs: Option<u64>,
@@ -444,6 +457,8 @@ pub struct Config {
     pub pressure_psi_some: f64,
     /// MemAvailable below which the node is under memory pressure (0: never).
     pub pressure_min_available_bytes: u64,
+    /// One memory cgroup per instance, when configured.
+    pub instance_cgroup: Option<InstanceCgroupConfig>,
     /// Memory probe root.
     pub probe_root: PathBuf,
     /// State directory, canonical.
@@ -503,6 +518,7 @@ impl Config {
         let (reserve_bytes, max_log_bytes) = sizes(s.reserve, s.max_log_size)?;
         let (pressure_psi_some, pressure_min_available_bytes) =
             pressure(s.pressure_psi_some, s.pressure_min_available)?;
+        let instance_cgroup = instance_cgroup(s.instance_cgroup, s.instance_memory_limit)?;
         let (probe_root, state_dir) = directories(s.probe_root, s.state_dir, &model_dirs)?;
         let t = Timings::check(&s.timings)?;
         let allowed_flags = check_allowed_flags(s.allowed_flags.unwrap_or_default())?;
@@ -525,6 +541,7 @@ impl Config {
             reserve_bytes,
             pressure_psi_some,
             pressure_min_available_bytes,
+            instance_cgroup,
             probe_root,
             state_dir,
             load_timeout: t.load_timeout,
@@ -591,6 +608,8 @@ struct Settings {
     reserve: Option<String>,
     pressure_psi_some: Option<f64>,
     pressure_min_available: Option<String>,
+    instance_cgroup: Option<PathBuf>,
+    instance_memory_limit: Option<String>,
     max_log_size: Option<String>,
     probe_root: Option<PathBuf>,
     state_dir: Option<PathBuf>,
@@ -718,6 +737,10 @@ impl Settings {
             pressure_min_available: args
                 .pressure_min_available
                 .or(file.pressure_min_available.map(SizeValue::into_text)),
+            instance_cgroup: args.instance_cgroup.or(file.instance_cgroup),
+            instance_memory_limit: args
+                .instance_memory_limit
+                .or(file.instance_memory_limit.map(SizeValue::into_text)),
             max_log_size: args
                 .max_log_size
                 .or(file.max_log_size.map(SizeValue::into_text)),
@@ -890,6 +913,96 @@ impl Ports {
             cors_origin,
         })
     }
+}
+
+/// A cgroup hierarchy's version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupVersion {
+    /// cgroup v1's memory controller hierarchy.
+    V1,
+    /// The cgroup v2 unified hierarchy.
+    V2,
+}
+
+/// How each instance's memory cgroup is limited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryLimit {
+    /// No limit: accounting and OOM attribution only.
+    None,
+    /// The instance's estimate plus the controller's margin (no limit when
+    /// the start request carries no estimate).
+    Estimate,
+    /// A fixed size, bytes.
+    Bytes(u64),
+}
+
+/// One memory cgroup per instance under `dir`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceCgroupConfig {
+    /// The directory the agent creates `halo-INSTANCE` children in.
+    pub dir: PathBuf,
+    /// Its hierarchy's version.
+    pub version: CgroupVersion,
+    /// The limit each child gets.
+    pub limit: MemoryLimit,
+}
+
+/// `instance_cgroup` (an existing memory cgroup directory: v1 when it holds
+/// `memory.limit_in_bytes`, v2 when its `cgroup.subtree_control` enables
+/// `memory`) and `instance_memory_limit` (needs the first).
+fn instance_cgroup(
+    dir: Option<PathBuf>,
+    limit: Option<String>,
+) -> Result<Option<InstanceCgroupConfig>, ConfigError> {
+    let limit =
+        match limit.as_deref().map(str::trim) {
+            None | Some("none") => MemoryLimit::None,
+            Some("estimate") => MemoryLimit::Estimate,
+            Some(t) => MemoryLimit::Bytes(parse_size(t).map_err(|r| {
+                invalid("instance_memory_limit", format!("{r} (or none, estimate)"))
+            })?),
+        };
+    let Some(dir) = dir else {
+        if limit != MemoryLimit::None {
+            return Err(invalid(
+                "instance_memory_limit",
+                "needs instance_cgroup (the cgroup directory instances are limited in)",
+            ));
+        }
+        return Ok(None);
+    };
+    let version = if dir.join("memory.limit_in_bytes").is_file() {
+        CgroupVersion::V1
+    } else if dir.join("cgroup.subtree_control").is_file() {
+        let enabled =
+            std::fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
+        if !enabled.split_whitespace().any(|c| c == "memory") {
+            return Err(invalid(
+                "instance_cgroup",
+                format!(
+                    "{} does not enable the memory controller for its children \
+                     (echo +memory > {}/cgroup.subtree_control)",
+                    dir.display(),
+                    dir.display()
+                ),
+            ));
+        }
+        CgroupVersion::V2
+    } else {
+        return Err(invalid(
+            "instance_cgroup",
+            format!(
+                "{} is not a memory cgroup directory (no memory.limit_in_bytes, no \
+                 cgroup.subtree_control)",
+                dir.display()
+            ),
+        ));
+    };
+    Ok(Some(InstanceCgroupConfig {
+        dir,
+        version,
+        limit,
+    }))
 }
 
 /// The memory pressure thresholds: PSI `some avg10` percent (default 10,
@@ -1531,6 +1644,35 @@ mod tests {
                     ..args(&d)
                 },
                 "`reserve`",
+            ),
+            (
+                Args {
+                    pressure_psi_some: Some(140.0),
+                    ..args(&d)
+                },
+                "`pressure_psi_some`",
+            ),
+            (
+                Args {
+                    instance_memory_limit: Some("estimate".into()),
+                    ..args(&d)
+                },
+                "`instance_memory_limit`",
+            ),
+            (
+                Args {
+                    instance_cgroup: Some(d._tmp.path().to_owned()),
+                    ..args(&d)
+                },
+                "`instance_cgroup`",
+            ),
+            (
+                Args {
+                    instance_cgroup: Some(d._tmp.path().to_owned()),
+                    instance_memory_limit: Some("lots".into()),
+                    ..args(&d)
+                },
+                "`instance_memory_limit`",
             ),
         ];
         for (a, key) in cases {

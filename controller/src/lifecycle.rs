@@ -241,6 +241,7 @@ mod tests {
 
     fn placement(generations: &[u64]) -> Placement {
         Placement {
+            oom_kills: Vec::new(),
             held: None,
             learned_bytes: 0,
             name: "m".into(),

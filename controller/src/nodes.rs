@@ -15,9 +15,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 /// Smallest safety margin on top of an estimate.
-pub const MARGIN_MIN: u64 = 512 * 1024 * 1024;
+pub const MARGIN_MIN: u64 = proto::domain::memory::MARGIN_MIN_BYTES;
 /// Margin as a percentage of the estimate.
-pub const MARGIN_PERCENT: u64 = 3;
+pub const MARGIN_PERCENT: u64 = proto::domain::memory::MARGIN_PERCENT;
 
 /// Whether the controller hears from a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,7 +106,7 @@ pub fn estimate_options(ctx: u32, parallel: u32, ctk: &str, ctv: &str) -> Estima
 
 /// The margin on top of an estimate.
 pub fn margin(total: u64) -> u64 {
-    MARGIN_MIN.max(total * MARGIN_PERCENT / 100)
+    proto::domain::memory::margin(total)
 }
 
 /// Bytes a placement's replica uses on its node: observed when reported.
@@ -242,6 +242,7 @@ mod tests {
 
     fn placement(name: &str, nodes: &[&str], bytes: u64) -> Placement {
         Placement {
+            oom_kills: Vec::new(),
             held: None,
             learned_bytes: 0,
             name: name.to_owned(),

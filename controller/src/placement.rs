@@ -41,7 +41,7 @@ use candidates::Candidates;
 use fallback::with_split;
 use ladder::{Estimates, Ladder};
 use proto::domain::{CatalogEntry, ModelParams, Placement};
-use proto::units;
+use proto::units::{self, now_unix_ms};
 use std::collections::{BTreeMap, HashMap};
 
 /// The KV cache type tried after the catalog's.
@@ -398,12 +398,33 @@ fn replica_formula(nodes: &[NodeState], p: &Placement) -> u64 {
     }
 }
 
+/// How long no replica of a placement is started again on a node where
+/// one was killed for lack of memory (whatever the arithmetic says: the
+/// node may hold more than halo's books show).
+pub const OOM_COOLDOWN_MS: u64 = 5 * 60 * 1000;
+
+/// Why `node` is avoided for `p`: a replica was killed there for lack of
+/// memory within [`OOM_COOLDOWN_MS`].
+fn recent_oom(p: &Placement, node: &str, now_ms: u64) -> Option<String> {
+    let k = p
+        .oom_kills
+        .iter()
+        .find(|k| k.node == node && now_ms.saturating_sub(k.at_unix_ms) < OOM_COOLDOWN_MS)?;
+    Some(format!(
+        "a replica was killed for lack of memory here {} s ago at {} (not retried here for {} min)",
+        now_ms.saturating_sub(k.at_unix_ms) / 1000,
+        units::bytes(k.used_bytes),
+        OOM_COOLDOWN_MS / 60_000
+    ))
+}
+
 /// Where a replica of an existing placement can move when its node is
 /// lost: a live node with the placement's role that holds the file and has
 /// room for the replica's estimate (observed when a real load at its
 /// settings was seen, else the placement's) plus margin, most free first.
 /// The placement's options are kept; a pinned placement stays on its
-/// node. `Err` says why no node qualifies.
+/// node; a node where one of its replicas was killed for lack of memory
+/// recently is avoided. `Err` says why no node qualifies.
 pub fn relocate(
     nodes: &[NodeState],
     placements: &[Placement],
@@ -423,17 +444,17 @@ pub fn relocate(
     let mut best: Option<(u64, &str)> = None;
     for n in nodes {
         let reason = if n.liveness != Liveness::Ready {
-            Some("not ready")
+            Some("not ready".to_owned())
         } else if p.pinned_node.as_ref().is_some_and(|pin| pin != &n.name) {
-            Some("not the node it is pinned to")
+            Some("not the node it is pinned to".to_owned())
         } else if n.pressure.is_some() {
-            Some("under memory pressure")
+            Some("under memory pressure".to_owned())
         } else if !p.role.is_empty() && !n.roles.iter().any(|r| r == &p.role) {
-            Some("no such role")
+            Some("no such role".to_owned())
         } else if !n.models.contains_key(&p.model_id) {
-            Some("does not hold the file")
+            Some("does not hold the file".to_owned())
         } else {
-            None
+            recent_oom(p, &n.name, now_unix_ms())
         };
         if let Some(r) = reason {
             why.push(format!("{}: {r}", n.name));

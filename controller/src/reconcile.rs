@@ -308,8 +308,10 @@ impl Reconciler {
     /// (its agent does not restart it) makes its placement sized by at
     /// least what it used; the replica starts again, under a new
     /// generation, on the node with the most room for that plus margin
-    /// (its own when it is the one), or, when no node has the room, the
-    /// placement is held with the numbers instead of being killed again.
+    /// other than the one it died on (avoided for
+    /// [`crate::placement::OOM_COOLDOWN_MS`]: it may hold more than halo's
+    /// books show), or, when no node can take it, the placement is held
+    /// with the numbers instead of being killed again.
     /// `true` when a placement was written (or tried).
     async fn resize_after_oom(
         &self,
@@ -327,6 +329,7 @@ impl Reconciler {
             };
             let mut next = p.clone();
             next.learned_bytes = next.learned_bytes.max(kill.used_bytes);
+            next.record_oom(&node, kill.used_bytes, units::now_unix_ms());
             // The killed replica uses nothing now.
             let others = with_placement(&view.plain, &without_replica(&next, index));
             let what = format!(
@@ -334,16 +337,6 @@ impl Reconciler {
                 kill.describe("llama-server")
             );
             let (kind, text) = match relocate(&view.nodes, &others, &next, index) {
-                Ok(to) if to == node => {
-                    lifecycle::restart(&mut next, index);
-                    (
-                        "oom_killed",
-                        format!(
-                            "{what}; sized at {} now (what it used), started again on {to}",
-                            units::bytes(next.learned_bytes)
-                        ),
-                    )
-                }
                 Ok(to) => {
                     lifecycle::move_replica(&mut next, index, to.clone());
                     (
@@ -356,10 +349,12 @@ impl Reconciler {
                     )
                 }
                 Err(why) => {
+                    let size = next.learned_bytes.max(next.estimate_bytes);
                     let held = format!(
-                        "killed for lack of memory on {node}: it used {}; no node has room \
-                         for that plus margin ({why})",
-                        units::bytes(kill.used_bytes)
+                        "killed for lack of memory on {node}: it used {}; needs {} with margin, \
+                         no node can take it now ({why})",
+                        units::bytes(kill.used_bytes),
+                        units::bytes(size + crate::nodes::margin(size))
                     );
                     next.held = Some(held.clone());
                     ("held", format!("{what}; held, not started again: {held}"))

@@ -211,6 +211,7 @@ mod tests {
 
     fn placement(name: &str, nodes: &[&str], pinned: bool) -> Placement {
         Placement {
+            oom_kills: Vec::new(),
             held: None,
             learned_bytes: 0,
             name: name.into(),

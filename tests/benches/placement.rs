@@ -85,6 +85,7 @@ fn main() {
     let many: Vec<NodeState> = (0..nodes).map(node).collect();
     let placements: Vec<Placement> = (0..nodes * 10)
         .map(|i| Placement {
+            oom_kills: Vec::new(),
             held: None,
             learned_bytes: 0,
             name: format!("p{i:05}"),

@@ -31,6 +31,7 @@
 //! instance and ends the other. It is never restarted: after `Failed` the
 //! task only waits for the stop.
 
+use super::cgroup::{self, InstanceCgroup};
 use super::health::health;
 use super::logs::LogTail;
 use super::modelfile::{self, FileIdentity};
@@ -152,6 +153,8 @@ pub(super) struct InstanceTask {
     tail: LogTail,
     load: LoadLog,
     begin: Begin,
+    /// The instance's memory cgroup, when the agent makes them.
+    cgroup: Option<InstanceCgroup>,
 }
 
 impl InstanceTask {
@@ -174,6 +177,7 @@ impl InstanceTask {
             tail,
             load: LoadLog::default(),
             begin,
+            cgroup: None,
         }
     }
 
@@ -207,6 +211,12 @@ impl InstanceTask {
                 return;
             }
             Begin::Adopted(id, ready) => {
+                self.cgroup = self
+                    .inner
+                    .config
+                    .instance_cgroup
+                    .as_ref()
+                    .and_then(|c| InstanceCgroup::existing(c, &self.id));
                 self.tail.seek_back(super::ADOPT_LOG_BYTES);
                 self.drain_log();
                 let proxy = match self.kind {
@@ -349,6 +359,20 @@ impl InstanceTask {
         if self.kind == InstanceKind::LlamaServer {
             self.check_model_before_spawn(&argv).await?;
         }
+        let procs = match (&inner.config.instance_cgroup, self.kind) {
+            (Some(config), InstanceKind::LlamaServer) => {
+                let estimate = inner
+                    .table()
+                    .instances
+                    .get(&self.id)
+                    .map_or(0, |s| s.record.estimate_bytes);
+                let cg = InstanceCgroup::prepare(config, &self.id, estimate)?;
+                let procs = cg.procs_path()?;
+                self.cgroup = Some(cg);
+                Some(procs)
+            }
+            _ => None,
+        };
         // An RPC server's public port is its proxy's: bound before the
         // server exists, so a port in use fails the start cleanly.
         let public = match self.kind {
@@ -381,8 +405,8 @@ impl InstanceTask {
             .parent()
             .map(std::path::Path::to_owned)
             .unwrap_or_default();
-        let mut child = Command::new(program)
-            .args(args)
+        let mut cmd = Command::new(program);
+        cmd.args(args)
             .env_clear()
             .envs(argv::environment())
             .current_dir(&dir)
@@ -390,9 +414,22 @@ impl InstanceTask {
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(err))
             .process_group(0)
-            .kill_on_drop(false)
-            .spawn()
-            .map_err(|e| format!("cannot start {program}: {e}"))?;
+            .kill_on_drop(false);
+        if let Some(procs) = procs {
+            // SAFETY: the closure runs in the child between fork and exec
+            // and makes only system calls (open, write, close): nothing
+            // that allocates or takes a lock.
+            unsafe {
+                cmd.pre_exec(move || cgroup::join_in_child(&procs));
+            }
+        }
+        let mut child = cmd.spawn().map_err(|e| match &self.cgroup {
+            Some(cg) => format!(
+                "cannot start {program} in cgroup {}: {e}",
+                cg.dir().display()
+            ),
+            None => format!("cannot start {program}: {e}"),
+        })?;
         let Some(pid) = child.id() else {
             return Err(format!(
                 "{} exited before it could be recorded",
@@ -559,7 +596,7 @@ impl InstanceTask {
         let pid = match running {
             Running::Owned { id, .. } | Running::Adopted { id, .. } => id.pid,
         };
-        let mut oom = watch_live.then(|| OomWatch::new(&inner.probe, pid));
+        let mut oom = watch_live.then(|| OomWatch::new(&inner.probe, pid, self.cgroup.clone()));
         let mut probing = false;
         let mut failed_probes: u32 = 0;
         loop {
@@ -778,6 +815,9 @@ impl InstanceTask {
 
     /// Records a failure (the process is gone) and publishes it.
     async fn failed(&mut self, reason: String) {
+        if let Some(cg) = &self.cgroup {
+            cg.remove();
+        }
         tracing::warn!(instance = %self.id, "instance failed: {}", reason.lines().next().unwrap_or_default());
         self.inner.update(&self.id, |s| {
             s.record.process = None;
@@ -1022,6 +1062,9 @@ impl InstanceTask {
     }
 
     async fn stopped(&mut self) {
+        if let Some(cg) = &self.cgroup {
+            cg.remove();
+        }
         self.inner.update(&self.id, |s| {
             s.record.process = None;
             s.record.proxy = None;

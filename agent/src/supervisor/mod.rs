@@ -28,6 +28,7 @@
 //! * The table lock is a `std` mutex never held across an await.
 
 mod argv;
+mod cgroup;
 mod health;
 mod instance;
 mod logs;

@@ -16,10 +16,12 @@
 //! sample every 250 ms that window is short). Everything is read through
 //! the [`Probe`] root, so the fixture trees of the tests take the same path.
 
+use super::cgroup::InstanceCgroup;
 use crate::probe::Probe;
 use proto::domain::OomKill;
+use proto::units::bytes;
 use proto::units::now_unix_ms;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Shortest time between two samples.
@@ -29,8 +31,11 @@ pub(super) const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 #[derive(Debug)]
 pub(super) struct OomWatch {
     pid: u32,
-    /// The cgroup counter file (relative to the probe root) and its count.
+    /// The cgroup counter file (relative to the probe root, or absolute)
+    /// and its count.
     cgroup: Option<(PathBuf, u64)>,
+    /// The instance's own cgroup, when the agent made one.
+    own: Option<InstanceCgroup>,
     /// `oom_kill` in `/proc/vmstat` at the last sample.
     kernel: Option<u64>,
     peak_rss: u64,
@@ -40,12 +45,21 @@ pub(super) struct OomWatch {
 }
 
 impl OomWatch {
-    /// Starts watching `pid`: finds its memory cgroup and reads the
-    /// counters once.
-    pub(super) fn new(probe: &Probe, pid: u32) -> OomWatch {
+    /// Starts watching `pid`: finds its memory cgroup (`own`, the one the
+    /// agent made for it, else the one `/proc/PID/cgroup` names) and reads
+    /// the counters once.
+    pub(super) fn new(probe: &Probe, pid: u32, own: Option<InstanceCgroup>) -> OomWatch {
+        let cgroup = match &own {
+            Some(cg) => {
+                let file = cg.counter_file();
+                probe.read_counter(&file).map(|n| (file, n))
+            }
+            None => probe.cgroup_oom_counter(pid),
+        };
         let mut w = OomWatch {
             pid,
-            cgroup: probe.cgroup_oom_counter(pid),
+            cgroup,
+            own,
             kernel: None,
             peak_rss: 0,
             peak_gpu: 0,
@@ -89,10 +103,20 @@ impl OomWatch {
     /// After the process died of SIGKILL the agent did not send: the OOM
     /// kill with its figures when a counter rose since the last sample.
     pub(super) fn verdict(&self, probe: &Probe, estimate_bytes: u64) -> Option<OomKill> {
-        let evidence = self.evidence(probe)?;
+        let mut evidence = self.evidence(probe)?;
+        let sampled = self.peak_rss.saturating_add(self.peak_gpu);
+        // The cgroup's own peak sees between samples (a kill during load).
+        let peak = self
+            .own
+            .as_ref()
+            .and_then(InstanceCgroup::peak)
+            .unwrap_or(0);
+        if let Some(limit) = self.own.as_ref().and_then(InstanceCgroup::limit) {
+            evidence += &format!("; its cgroup's limit is {}", bytes(limit));
+        }
         Some(OomKill {
             at_unix_ms: now_unix_ms(),
-            used_bytes: self.peak_rss.saturating_add(self.peak_gpu),
+            used_bytes: sampled.max(peak),
             rss_bytes: self.peak_rss,
             gpu_bytes: self.peak_gpu,
             estimate_bytes,
@@ -106,9 +130,10 @@ impl OomWatch {
             && let Some(now) = probe.read_counter(file)
         {
             return (now > *before).then(|| {
+                let shown = Path::new("/").join(file);
                 format!(
-                    "oom_kill in its cgroup's /{} went {before} -> {now}",
-                    file.display()
+                    "oom_kill in its cgroup's {} went {before} -> {now}",
+                    shown.display()
                 )
             });
         }
@@ -155,7 +180,7 @@ mod tests {
     fn a_rising_kernel_counter_names_an_oom_kill_with_the_peak_and_free_memory() {
         let d = root(42, 2048, None);
         let probe = Probe::new(d.path());
-        let w = OomWatch::new(&probe, 42);
+        let w = OomWatch::new(&probe, 42, None);
         // No counter moved: another SIGKILL (a person's kill -9).
         assert_eq!(w.verdict(&probe, 1 << 20), None);
         fs::write(d.path().join("proc/vmstat"), "oom_kill 4\n").expect("fixture");
@@ -176,7 +201,7 @@ mod tests {
     fn the_cgroup_counter_decides_when_there_is_one() {
         let d = root(7, 100, Some("/halo.slice/i1"));
         let probe = Probe::new(d.path());
-        let mut w = OomWatch::new(&probe, 7);
+        let mut w = OomWatch::new(&probe, 7, None);
         // Growth is kept as the peak; a later smaller sample does not lower it.
         fs::write(d.path().join("proc/7/status"), "VmRSS:\t900 kB\n").expect("fixture");
         w.sampled = None;

@@ -81,6 +81,7 @@ fn split_decision(r: &Request<'_>, c: &Choice, plan: SplitPlan) -> Decision {
     )];
     explanation.extend(plan.notes.iter().cloned());
     let placement = Placement {
+        oom_kills: Vec::new(),
         held: None,
         learned_bytes: 0,
         name: r.name.clone(),

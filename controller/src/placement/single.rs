@@ -296,6 +296,7 @@ fn new_placement(
 ) -> Placement {
     let entry = r.entry;
     Placement {
+        oom_kills: Vec::new(),
         held: None,
         learned_bytes: 0,
         name: r.name.clone(),

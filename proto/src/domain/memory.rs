@@ -5,6 +5,18 @@
 use crate::v1;
 use serde::{Deserialize, Serialize};
 
+/// Smallest safety margin kept on top of an estimate.
+pub const MARGIN_MIN_BYTES: u64 = 512 * 1024 * 1024;
+/// The margin as a percentage of the estimate, when that is larger.
+pub const MARGIN_PERCENT: u64 = 3;
+
+/// The safety margin on top of an estimate of `total` bytes: what the
+/// controller keeps free beside a placement, and what an agent's
+/// `instance_memory_limit = "estimate"` allows above the estimate.
+pub fn margin(total: u64) -> u64 {
+    MARGIN_MIN_BYTES.max(total.saturating_mul(MARGIN_PERCENT) / 100)
+}
+
 /// One memory reading of a node.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct MemoryReport {

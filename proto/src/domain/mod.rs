@@ -17,7 +17,8 @@ pub use memory::{GpuMemory, MemoryPressure, MemoryReport, ProcessMemory};
 pub use model::{ModelFile, ModelParams, ModelStatus, check_model_id};
 pub use node::{AgentEvent, AgentEventKind, NodeIdentity, NodeStatus, Snapshot};
 pub use placement::{
-    HelpersState, NodeFit, Placement, PlacementOptions, Replica, ReplicaKey, SplitPlan, SplitShare,
+    HelpersState, NodeFit, OomRecord, Placement, PlacementOptions, Replica, ReplicaKey, SplitPlan,
+    SplitShare,
 };
 
 /// A wire message that does not describe a valid domain value.

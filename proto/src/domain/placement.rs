@@ -79,6 +79,33 @@ pub struct Placement {
     /// because no node has room for what it was seen to need: why.
     #[serde(default)]
     pub held: Option<String>,
+    /// The latest out-of-memory kill of a replica on each node where one
+    /// happened: no replica is started again there for a while.
+    #[serde(default)]
+    pub oom_kills: Vec<OomRecord>,
+}
+
+/// An out-of-memory kill of one of a placement's replicas.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OomRecord {
+    /// Where it was killed.
+    pub node: String,
+    /// What it used.
+    pub used_bytes: u64,
+    /// When the agent saw it (Unix ms).
+    pub at_unix_ms: u64,
+}
+
+impl Placement {
+    /// Records an OOM kill on `node`, keeping the latest per node.
+    pub fn record_oom(&mut self, node: &str, used_bytes: u64, at_unix_ms: u64) {
+        self.oom_kills.retain(|k| k.node != node);
+        self.oom_kills.push(OomRecord {
+            node: node.to_owned(),
+            used_bytes,
+            at_unix_ms,
+        });
+    }
 }
 
 /// One node's part of a split model.
@@ -496,6 +523,7 @@ impl TryFrom<v1::Placement> for Placement {
             split: p.split.map(Into::into),
             learned_bytes: p.learned_bytes,
             held: (!p.held.is_empty()).then_some(p.held),
+            oom_kills: Vec::new(),
         })
     }
 }
