@@ -233,6 +233,7 @@ pub fn start_request(
         generation: 1,
         leader_revision: 0,
         kind: 0,
+        estimate_bytes: None,
     }
 }
 

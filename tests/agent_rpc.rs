@@ -29,6 +29,7 @@ fn rpc_request(id: &str, client: &str, leader_revision: u64) -> v1::StartInstanc
         generation: 1,
         leader_revision,
         kind: v1::InstanceKind::RpcServer as i32,
+        estimate_bytes: None,
     }
 }
 

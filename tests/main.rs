@@ -22,6 +22,7 @@ mod hostile;
 mod keys;
 mod liveness;
 mod llama;
+mod metrics;
 mod split;
 mod tls;
 mod tls_reload;

@@ -205,6 +205,7 @@ fn start_request(id: &str) -> v1::StartInstanceRequest {
         generation: 1,
         leader_revision: 0,
         kind: 0,
+        estimate_bytes: None,
     }
 }
 

@@ -107,6 +107,10 @@ pub struct InstanceRecord {
     /// this was kept take the file found at their next start).
     #[serde(default)]
     pub model_file: Option<FileIdentity>,
+    /// The controller's memory estimate of the instance, when it sent one
+    /// (exported beside the real use).
+    #[serde(default)]
+    pub estimate_bytes: Option<u64>,
 }
 
 /// The whole state file.
@@ -278,6 +282,7 @@ mod tests {
             observed: None,
             stopped_at_unix_ms: None,
             model_file: None,
+            estimate_bytes: None,
         }
     }
 
@@ -288,6 +293,7 @@ mod tests {
         obj.remove("kind");
         obj.remove("internal_port");
         obj.remove("proxy");
+        obj.remove("estimate_bytes");
         let old: InstanceRecord = serde_json::from_value(json).expect("old record");
         assert_eq!(old, record("a"));
         let rpc = InstanceRecord {

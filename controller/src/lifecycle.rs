@@ -81,6 +81,9 @@ pub fn start_request(p: &Placement, r: &Replica) -> StartRequest {
         generation: r.generation,
         leader_revision: 0,
         kind: InstanceKind::LlamaServer,
+        // A split host holds only its share: the whole model's estimate
+        // would not compare with its real use.
+        estimate_bytes: (p.split.is_none() && p.estimate_bytes > 0).then_some(p.estimate_bytes),
     }
 }
 
@@ -97,6 +100,7 @@ pub fn helper_request(key: &ReplicaKey, host_ip: IpAddr) -> StartRequest {
         generation: key.generation,
         leader_revision: 0,
         kind: InstanceKind::RpcServer,
+        estimate_bytes: None,
     }
 }
 

@@ -390,6 +390,28 @@ impl Supervisor {
         .unwrap_or_default()
     }
 
+    /// The controller's memory estimate of each instance that was started
+    /// with one, by instance id.
+    pub fn estimates(&self) -> std::collections::HashMap<String, u64> {
+        self.inner
+            .table()
+            .instances
+            .values()
+            .filter_map(|s| Some((s.record.id.clone(), s.record.estimate_bytes?)))
+            .collect()
+    }
+
+    /// llama-server's own `/metrics` text from the instance on `port` (with
+    /// its API key), or `None` when it does not answer within `deadline`.
+    pub async fn instance_metrics(
+        &self,
+        port: u16,
+        api_key: &str,
+        deadline: Duration,
+    ) -> Option<String> {
+        health::metrics(self.inner.health_addr(port), api_key, deadline).await
+    }
+
     /// Everything a new watcher starts from.
     pub async fn snapshot(&self) -> Snapshot {
         let inner = self.inner.clone();
@@ -470,6 +492,7 @@ impl Supervisor {
             observed: None,
             stopped_at_unix_ms: None,
             model_file,
+            estimate_bytes: req.estimate_bytes,
         };
         tracing::info!(instance = %id, kind = req.kind.as_str(), model = %record.model_id, port, "starting instance");
         let view = {
@@ -1147,6 +1170,7 @@ mod tests {
             generation: 1,
             leader_revision: 7,
             kind: InstanceKind::RpcServer,
+            estimate_bytes: None,
         }
     }
 

@@ -561,6 +561,9 @@ pub struct StartRequest {
     pub leader_revision: u64,
     /// llama-server or ggml-rpc-server.
     pub kind: InstanceKind,
+    /// The controller's memory estimate of the instance (none for a
+    /// split's sides), reported beside its real use.
+    pub estimate_bytes: Option<u64>,
 }
 
 impl From<StartRequest> for v1::StartInstanceRequest {
@@ -572,6 +575,7 @@ impl From<StartRequest> for v1::StartInstanceRequest {
             generation: r.generation,
             leader_revision: r.leader_revision,
             kind: v1::InstanceKind::from(r.kind) as i32,
+            estimate_bytes: r.estimate_bytes,
         }
     }
 }
@@ -587,6 +591,7 @@ impl TryFrom<v1::StartInstanceRequest> for StartRequest {
             model_id: r.model_id,
             generation: r.generation,
             leader_revision: r.leader_revision,
+            estimate_bytes: r.estimate_bytes,
         })
     }
 }
@@ -961,6 +966,7 @@ mod tests {
             generation: 3,
             leader_revision: 7,
             kind: InstanceKind::RpcServer,
+            estimate_bytes: Some(123),
         };
         let back = StartRequest::try_from(v1::StartInstanceRequest::from(r.clone()));
         assert_eq!(back, Ok(r));
