@@ -60,6 +60,14 @@ fn bad_config_exits_64_with_one_line_before_binding() {
         ),
         (vec!["--no-such-flag".into()], "no-such-flag"),
         (
+            vec!["--metrics-listen".into(), "0.0.0.0:9300".into()],
+            "metrics_listen",
+        ),
+        (
+            vec!["--metrics-listen".into(), "nowhere".into()],
+            "is not an address",
+        ),
+        (
             vec!["--node".into(), "halo1=100.64.0.1:7301".into()],
             "--insecure-loopback-only refuses halo1 at 100.64.0.1:7301",
         ),
@@ -121,6 +129,8 @@ fn help_names_every_key_with_its_default_and_env_var() {
         "--heartbeat-ms",
         "--requeue-ms",
         "--lease-secs",
+        "--metrics-listen",
+        "HALO_CONTROLLER_METRICS_LISTEN",
         "HALO_CONTROLLER_MOVE_AFTER_SECS",
         "[default: 30]",
     ] {

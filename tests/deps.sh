@@ -2,7 +2,8 @@
 # Installs what halo's tests need beyond a Rust toolchain, when missing:
 # Debian packages (protoc, which the etcd-client crate's build script runs;
 # etcd for the store and leader tests; systemd-analyze and the shell linter
-# for the deploy checks),
+# for the deploy checks; Prometheus and promtool for the metrics tests, tmux
+# for `haloctl top` in a real terminal),
 # cargo-nextest, and llama.cpp's binaries (built once, cached; see
 # deploy/build-llama.sh). Prints the llama.cpp bin directory on stdout.
 #
@@ -18,6 +19,8 @@ command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v tmux >/dev/null 2>&1 || missing+=(tmux)
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "deps: installing ${missing[*]}" >&2

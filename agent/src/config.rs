@@ -60,6 +60,7 @@ pub const DENIED_FLAGS: &[&str] = &[
     "--log-disable",
     "--ui",
     "--webui",
+    "--metrics",
     "--no-ui",
     "--no-webui",
     "-ts",
@@ -313,6 +314,11 @@ pub struct Args {
         value_name = "IFACE"
     )]
     pub gateway_plain_http_on: Option<Vec<String>>,
+    /// Serve Prometheus metrics at /metrics on this address; off when
+    /// unset. Plain HTTP on loopback only; elsewhere HTTPS with this
+    /// agent's certificate, a client certificate from tls_ca required.
+    #[arg(long, env = "HALO_AGENT_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
 }
 
 /// A byte size in a config file: an integer, or a string such as `8GiB`.
@@ -374,6 +380,7 @@ struct FileConfig {
     gateway_tls_cert: Option<PathBuf>,
     gateway_tls_key: Option<PathBuf>,
     gateway_plain_http_on: Option<Vec<String>>,
+    metrics_listen: Option<String>,
 }
 
 /// An inclusive range of TCP ports.
@@ -489,6 +496,9 @@ pub struct Config {
     pub tls: Option<proto::tls::TlsFiles>,
     /// The gateway, when `gateway_listen` is set.
     pub gateway: Option<GatewayConfig>,
+    /// Where `/metrics` is served, when `metrics_listen` is set (HTTPS
+    /// with client certificates when `tls` is set, else loopback only).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -524,9 +534,11 @@ impl Config {
         let allowed_flags = check_allowed_flags(s.allowed_flags.unwrap_or_default())?;
         let tls = tls(s.tls, s.insecure_loopback_only, node.listen)?;
         let gateway = gateway(s.gateway, tls.as_ref())?;
+        let metrics_listen = metrics_listen(s.metrics_listen, tls.is_some())?;
         Ok(Config {
             tls,
             gateway,
+            metrics_listen,
             node_name: node.node_name,
             listen: node.listen,
             roles: node.roles,
@@ -619,6 +631,7 @@ struct Settings {
     tls: (Option<PathBuf>, Option<PathBuf>, Option<PathBuf>),
     insecure_loopback_only: bool,
     gateway: GatewayKeys,
+    metrics_listen: Option<String>,
 }
 
 /// The `gateway_*` keys as given.
@@ -714,6 +727,22 @@ fn gateway(
     }))
 }
 
+/// Checks `metrics_listen`: an address, plain HTTP only on loopback
+/// unless the agent has its mutual TLS (`tls`).
+fn metrics_listen(text: Option<String>, tls: bool) -> Result<Option<SocketAddr>, ConfigError> {
+    let Some(text) = text.filter(|l| !l.trim().is_empty()) else {
+        return Ok(None);
+    };
+    let addr: SocketAddr = text.trim().parse().map_err(|_| {
+        invalid(
+            "metrics_listen",
+            format!("`{text}` is not an address such as 127.0.0.1:9301"),
+        )
+    })?;
+    proto::metrics::check_listen(addr, tls).map_err(|e| invalid("metrics_listen", e))?;
+    Ok(Some(addr))
+}
+
 impl Settings {
     /// `args` (flags over env) laid over `file`.
     fn merge(args: Args, file: FileConfig) -> Settings {
@@ -772,6 +801,7 @@ impl Settings {
                 tls_key: args.gateway_tls_key.or(file.gateway_tls_key),
                 plain_http_on: args.gateway_plain_http_on.or(file.gateway_plain_http_on),
             },
+            metrics_listen: args.metrics_listen.or(file.metrics_listen),
         }
     }
 }
@@ -1436,6 +1466,35 @@ mod tests {
         let d = dirs();
         let c = Config::resolve(args(&d)).expect("valid");
         assert_eq!(c.cors_origin, "localhost");
+    }
+
+    #[test]
+    fn metrics_are_off_by_default_and_plain_only_on_loopback() {
+        let d = dirs();
+        assert!(
+            Config::resolve(args(&d))
+                .expect("valid")
+                .metrics_listen
+                .is_none()
+        );
+        let with = |listen: &str| {
+            let mut a = args(&d);
+            a.metrics_listen = Some(listen.into());
+            Config::resolve(a)
+        };
+        let c = with("127.0.0.1:9301").expect("valid");
+        assert_eq!(
+            c.metrics_listen,
+            Some("127.0.0.1:9301".parse().expect("addr"))
+        );
+        for (listen, says) in [("nowhere", "not an address"), ("0.0.0.0:9301", "tls_cert")] {
+            let e = with(listen).expect_err(listen).to_string();
+            assert!(
+                e.contains("metrics_listen") && e.contains(says),
+                "{listen}: {e}"
+            );
+            assert_eq!(e.lines().count(), 1, "{e}");
+        }
     }
 
     #[test]

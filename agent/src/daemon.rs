@@ -72,6 +72,7 @@ pub struct Daemon {
     shutdown: CancellationToken,
     tls: Option<ReloadingTls>,
     gateway: Option<GatewayRun>,
+    metrics: Option<proto::metrics::MetricsListener>,
 }
 
 /// The gateway an agent serves: bound before anything else starts, so a
@@ -128,6 +129,18 @@ impl Daemon {
             rpc_server_available = build.rpc_server_available,
             "llama.cpp build"
         );
+        // `/metrics`: HTTPS with the agent's own certificate when it has
+        // one (client certificates from the CA required), else loopback.
+        let metrics = match config.metrics_listen {
+            Some(addr) => Some(
+                proto::metrics::MetricsListener::bind(addr, tls.clone())
+                    .await
+                    .map_err(|proto::metrics::ServeError::Listen { addr, source }| {
+                        StartupError::Listen { addr, source }
+                    })?,
+            ),
+            None => None,
+        };
         let node = NodeIdentity {
             name: config.node_name.clone(),
             roles: config.roles.clone(),
@@ -143,6 +156,10 @@ impl Daemon {
                 .as_ref()
                 .map(crate::config::GatewayConfig::url)
                 .unwrap_or_default(),
+            metrics_url: metrics
+                .as_ref()
+                .map(|m| m.url(&config.node_name))
+                .unwrap_or_default(),
         };
         let gateway = match &config.gateway {
             Some(g) => Some(bind_gateway(g, config.tls.as_ref()).await?),
@@ -155,6 +172,7 @@ impl Daemon {
             shutdown,
             tls,
             gateway,
+            metrics,
         })
     }
 
@@ -171,8 +189,22 @@ impl Daemon {
             shutdown,
             tls,
             gateway,
+            metrics,
         } = self;
         supervisor.boot().await?;
+        if let Some(m) = metrics {
+            let url = m.url(&supervisor.node().name);
+            let s = supervisor.clone();
+            tokio::spawn(proto::metrics::serve(
+                m,
+                move || {
+                    let s = s.clone();
+                    async move { crate::metrics::render(&s).await }
+                },
+                shutdown.child_token(),
+            ));
+            tracing::info!(%url, "metrics serving");
+        }
         if let Some(g) = gateway {
             let table = gateway::feed::spawn(
                 gateway::feed::FeedConfig::new(g.controllers, g.client_tls),

@@ -14,6 +14,8 @@
 //!   watch, restart, stop, re-adopt.
 //! * [`state`]: what survives an agent restart (atomic JSON + lock).
 //! * [`service`]: the gRPC `AgentService`; [`error`]: its status codes.
+//! * [`metrics`]: `/metrics` (node memory, instances, llama-server's own
+//!   counters relabelled by placement), served by `proto::metrics`.
 //! * [`daemon`]: wiring and graceful shutdown; [`cli`]: the binary.
 //!
 //! systemd readiness, stopping and watchdog (`sd_notify`) and the logging
@@ -27,6 +29,7 @@ pub mod error;
 pub mod gguf;
 pub mod llamabuild;
 pub mod loadlog;
+pub mod metrics;
 pub mod probe;
 pub mod procfs;
 pub mod scan;

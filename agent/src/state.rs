@@ -297,6 +297,7 @@ mod tests {
         obj.remove("kind");
         obj.remove("internal_port");
         obj.remove("proxy");
+        obj.remove("estimate_bytes");
         let old: InstanceRecord = serde_json::from_value(json).expect("old record");
         assert_eq!(old, record("a"));
         let rpc = InstanceRecord {

@@ -101,6 +101,9 @@ impl ControllerApi {
             crate::lifecycle::continue_after(p, self.observed.max_generation(&p.name));
         }
         let accepted = d.accepted;
+        if !r.dry_run {
+            crate::metrics::global().decision(&d);
+        }
         if accepted
             && !r.dry_run
             && let Some(p) = &d.placement

@@ -100,6 +100,11 @@ pub struct Args {
     /// cluster on one machine). Anything else needs tls_cert/key/ca.
     #[arg(long, env = "HALO_CONTROLLER_INSECURE_LOOPBACK_ONLY")]
     pub insecure_loopback_only: bool,
+    /// Serve Prometheus metrics at /metrics on this address; off when
+    /// unset. Plain HTTP on loopback only; elsewhere HTTPS with this
+    /// controller's certificate, a client certificate from tls_ca required.
+    #[arg(long, env = "HALO_CONTROLLER_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -132,6 +137,7 @@ struct FileConfig {
     tls_key: Option<PathBuf>,
     tls_ca: Option<PathBuf>,
     insecure_loopback_only: Option<bool>,
+    metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -176,6 +182,9 @@ pub struct Config {
     pub lease: Duration,
     /// Mutual TLS files, when configured (all three were set).
     pub tls: Option<proto::tls::TlsFiles>,
+    /// Where `/metrics` is served, when `metrics_listen` is set (HTTPS
+    /// with client certificates when `tls` is set, else loopback only).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 fn parse_node(s: &str) -> Result<NodeConfig, ConfigError> {
@@ -305,7 +314,10 @@ impl Config {
             listen,
             &nodes,
         )?;
+        let metrics_listen =
+            metrics_listen(args.metrics_listen.or(file.metrics_listen), tls.is_some())?;
         Ok(Config {
+            metrics_listen,
             tls,
             listen,
             id,
@@ -317,6 +329,22 @@ impl Config {
             lease,
         })
     }
+}
+
+/// Checks `metrics_listen`: an address, plain HTTP only on loopback
+/// unless the controller has its mutual TLS (`tls`).
+fn metrics_listen(text: Option<String>, tls: bool) -> Result<Option<SocketAddr>, ConfigError> {
+    let Some(text) = text.filter(|l| !l.trim().is_empty()) else {
+        return Ok(None);
+    };
+    let addr: SocketAddr = text.trim().parse().map_err(|_| {
+        invalid(
+            "metrics_listen",
+            format!("`{text}` is not an address such as 127.0.0.1:9300"),
+        )
+    })?;
+    proto::metrics::check_listen(addr, tls).map_err(|e| invalid("metrics_listen", e))?;
+    Ok(Some(addr))
 }
 
 /// The election id by default: the host name and the pid.

@@ -79,6 +79,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
                 addr: config.listen,
                 source,
             })?;
+    // `/metrics`: HTTPS with the controller's own certificate when it has
+    // one (client certificates from the CA required), else loopback.
+    let metrics = match config.metrics_listen {
+        Some(addr) => Some(
+            proto::metrics::MetricsListener::bind(addr, tls.clone())
+                .await
+                .map_err(|proto::metrics::ServeError::Listen { addr, source }| {
+                    StartupError::Listen { addr, source }
+                })?,
+        ),
+        None => None,
+    };
     let tracker = TaskTracker::new();
     match &store {
         AnyStore::File(f) => {
@@ -114,6 +126,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
         )
         .run(shutdown.clone()),
     );
+    if let Some(m) = metrics {
+        tracing::info!(url = %m.url(&config.id), "metrics serving");
+        let (desired, observed) = (desired.clone(), observed.clone());
+        tracker.spawn(proto::metrics::serve(
+            m,
+            move || {
+                let (desired, observed) = (desired.clone(), observed.clone());
+                async move { crate::metrics::render(&desired, &observed).await }
+            },
+            shutdown.clone(),
+        ));
+    }
     let api = ControllerApi::new(desired, observed.clone(), events, shutdown.clone());
     let result = serve(
         api,

@@ -4,7 +4,8 @@
 //! loss ([`reconcile`]), a replica's generations and a split's sides
 //! ([`lifecycle`]), the gRPC API ([`api`]) with the gateways' routing
 //! table ([`routes`]) and user keys ([`keys`]), configuration
-//! ([`config`]) and the daemon that ties them together ([`daemon`]).
+//! ([`config`]), `/metrics` ([`metrics`]) and the daemon that ties them
+//! together ([`daemon`]).
 
 pub mod api;
 pub mod cli;
@@ -17,6 +18,7 @@ pub mod events;
 pub mod keys;
 pub mod leader;
 pub mod lifecycle;
+pub mod metrics;
 pub mod nodes;
 pub mod observe;
 pub mod placement;

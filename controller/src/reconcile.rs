@@ -140,9 +140,11 @@ impl Reconciler {
             let Some(term) = self.desired.leadership().term() else {
                 continue;
             };
+            let started = Instant::now();
             if let Err(e) = self.pass(term, &inflight, &backoff).await {
                 tracing::warn!("reconcile: {e}");
             }
+            crate::metrics::global().reconcile_pass(started.elapsed());
         }
     }
 
@@ -295,7 +297,10 @@ impl Reconciler {
             }
             if !moved.is_empty() {
                 match self.desired.update_placement(&next, v.revision).await {
-                    Ok(_) => self.events.emit("moved", &p.name, moved.join(", ")),
+                    Ok(_) => {
+                        crate::metrics::global().replaced(moved.len());
+                        self.events.emit("moved", &p.name, moved.join(", "));
+                    }
                     Err(e) => tracing::info!(placement = %p.name, "move not written: {e}"),
                 }
                 return true;

@@ -97,6 +97,15 @@ pub enum Command {
     /// Placements: node, state, context, estimated vs real memory, endpoint.
     #[command(after_help = "Examples:\n  haloctl status\n  haloctl status -o json")]
     Status(ListArgs),
+    /// The cluster live: node memory, instances, requests in flight, tokens/s.
+    ///
+    /// Redrawn every second: per node a memory bar (halo, reserve, other,
+    /// free), per instance its state, context, real memory and estimate,
+    /// requests in flight and tokens per second. `q` quits.
+    #[command(after_help = "Examples:\n  haloctl top\n  haloctl top --once\n\n\
+        In-flight requests and tokens per second come from each agent's /metrics\n\
+        (metrics_listen), read with haloctl's certificate when it is https.")]
+    Top(TopArgs),
     /// What to put in an editor per mode: the gateway's base URL and the
     /// model name to send (`--direct`: each instance's URL and API key).
     #[command(
@@ -174,6 +183,14 @@ pub struct ListArgs {
     /// Output format.
     #[arg(short, long, value_enum, default_value_t)]
     pub output: Format,
+}
+
+/// Arguments of `haloctl top`.
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// Print one frame and exit (for scripts), instead of the live view.
+    #[arg(long)]
+    pub once: bool,
 }
 
 /// Arguments of `haloctl endpoints`.

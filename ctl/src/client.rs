@@ -44,6 +44,9 @@ pub struct Target {
     pub source: Source,
     /// Mutual TLS to the controller, when configured (`https://` URLs).
     pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// The same certificate, key and CA as read (`haloctl top` shows them
+    /// to the agents' `/metrics`).
+    pub material: Option<proto::tls::TlsMaterial>,
     /// haloctl's own certificate when it has expired: a failed connection
     /// is then blamed on it, whatever the transport says (TLS 1.3 can lose
     /// the server's alert to a reset).
@@ -75,6 +78,7 @@ impl Target {
                     source,
                     tls: None,
                     expired_cert: None,
+                    material: None,
                 });
             }
         }
@@ -87,6 +91,7 @@ impl Target {
                 source: Source::File(path),
                 tls: None,
                 expired_cert: None,
+                material: None,
             });
         }
         Ok(Target {
@@ -94,6 +99,7 @@ impl Target {
             source: Source::Default,
             tls: None,
             expired_cert: None,
+            material: None,
         })
     }
 
@@ -154,6 +160,7 @@ impl Target {
                 self.expired_cert = Some(files.cert.clone());
             }
             self.tls = Some(material.client_config());
+            self.material = Some(material);
             if let Some(rest) = self.url.strip_prefix("http://") {
                 self.url = format!("https://{rest}");
             }
@@ -400,6 +407,7 @@ mod tests {
             source: Source::Flag,
             tls: None,
             expired_cert: None,
+            material: None,
         };
         for s in [
             tonic::Status::cancelled("Timeout expired"),

@@ -18,6 +18,7 @@ pub mod place;
 pub mod plan;
 #[cfg(test)]
 mod snapshots;
+pub mod top;
 
 use std::process::ExitCode;
 
@@ -66,6 +67,7 @@ where
         cli::Command::Nodes(a) => target().and_then(|t| cluster::nodes(&t, &a)),
         cli::Command::Models(a) => target().and_then(|t| cluster::models(&t, &a)),
         cli::Command::Status(a) => target().and_then(|t| cluster::status(&t, &a)),
+        cli::Command::Top(a) => target().and_then(|t| top::run(&t, &a)),
         cli::Command::Endpoints(a) => target().and_then(|t| cluster::endpoints(&t, &a)),
         cli::Command::Gateway(a) => target().and_then(|t| gateway::run(&t, &a)),
         cli::Command::Events(a) => target().and_then(|t| cluster::events(&t, &a)),

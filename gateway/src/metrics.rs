@@ -3,36 +3,11 @@
 //! the routing table (or empty when a request named none that exists),
 //! key labels are key names (or empty before authentication).
 
+use proto::metrics::{Histogram, Kind, LATENCY_BUCKETS, Text};
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-
-/// Upper bounds (seconds) of the latency histograms' buckets.
-const BUCKETS: [f64; 14] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 30.0, 120.0,
-];
-
-/// One histogram's counts.
-#[derive(Debug, Default, Clone)]
-struct Histogram {
-    buckets: [u64; BUCKETS.len()],
-    count: u64,
-    sum: f64,
-}
-
-impl Histogram {
-    fn observe(&mut self, seconds: f64) {
-        for (b, le) in self.buckets.iter_mut().zip(BUCKETS) {
-            if seconds <= le {
-                *b += 1;
-            }
-        }
-        self.count += 1;
-        self.sum += seconds;
-    }
-}
 
 /// A request's labels for `halo_gateway_requests_total`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -130,46 +105,43 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        let mut out = String::with_capacity(4096);
+        let mut t = Text::new();
         let retries = self.retries.load(Ordering::Relaxed);
         self.with(|m| {
-            header(&mut out, "halo_gateway_requests_total", "counter", "Requests answered, by model, mode, key name and status.");
+            let name = "halo_gateway_requests_total";
+            t.family(name, Kind::Counter, "Requests answered, by model, mode, key name and status.");
             for (l, v) in &m.requests {
-                let _ = writeln!(
-                    out,
-                    "halo_gateway_requests_total{{model=\"{}\",mode=\"{}\",key=\"{}\",status=\"{}\"}} {v}",
-                    esc(&l.model),
-                    esc(&l.mode),
-                    esc(&l.key),
-                    l.status
+                let status = l.status.to_string();
+                t.int(
+                    name,
+                    &[("model", &l.model), ("mode", &l.mode), ("key", &l.key), ("status", &status)],
+                    *v,
                 );
             }
-            histograms(&mut out, "halo_gateway_time_to_first_byte_seconds", "Time from a request's arrival to its first response byte (first token when streaming).", &m.ttfb);
-            histograms(&mut out, "halo_gateway_request_duration_seconds", "Time from a request's arrival to the end of its response.", &m.duration);
-            histograms(&mut out, "halo_gateway_queue_wait_seconds", "Time requests waited for a ready replica.", &m.queue_wait);
-            counters(&mut out, "halo_gateway_prompt_tokens_total", "Prompt tokens, from the responses' usage.", &m.prompt_tokens);
-            counters(&mut out, "halo_gateway_completion_tokens_total", "Completion tokens, from the responses' usage.", &m.completion_tokens);
-            header(&mut out, "halo_gateway_queue_depth", "gauge", "Requests waiting for a ready replica now.");
+            histograms(&mut t, "halo_gateway_time_to_first_byte_seconds", "Time from a request's arrival to its first response byte (first token when streaming).", &m.ttfb);
+            histograms(&mut t, "halo_gateway_request_duration_seconds", "Time from a request's arrival to the end of its response.", &m.duration);
+            histograms(&mut t, "halo_gateway_queue_wait_seconds", "Time requests waited for a ready replica.", &m.queue_wait);
+            counters(&mut t, "halo_gateway_prompt_tokens_total", "Prompt tokens, from the responses' usage.", &m.prompt_tokens);
+            counters(&mut t, "halo_gateway_completion_tokens_total", "Completion tokens, from the responses' usage.", &m.completion_tokens);
+            let name = "halo_gateway_queue_depth";
+            t.family(name, Kind::Gauge, "Requests waiting for a ready replica now.");
             for (model, v) in &m.queue_depth {
-                let _ = writeln!(out, "halo_gateway_queue_depth{{model=\"{}\"}} {v}", esc(model));
+                t.sample(name, &[("model", model)], *v as f64);
             }
-            header(&mut out, "halo_gateway_upstream_errors_total", "counter", "Upstream failures, by model and kind.");
+            let name = "halo_gateway_upstream_errors_total";
+            t.family(name, Kind::Counter, "Upstream failures, by model and kind.");
             for ((model, kind), v) in &m.upstream_errors {
-                let _ = writeln!(
-                    out,
-                    "halo_gateway_upstream_errors_total{{model=\"{}\",kind=\"{kind}\"}} {v}",
-                    esc(model)
-                );
+                t.int(name, &[("model", model), ("kind", kind)], *v);
             }
         });
-        header(
-            &mut out,
-            "halo_gateway_retries_total",
-            "counter",
+        let name = "halo_gateway_retries_total";
+        t.family(
+            name,
+            Kind::Counter,
             "Requests sent again to another replica after a failure before any byte reached the client.",
-        );
-        let _ = writeln!(out, "halo_gateway_retries_total {retries}");
-        out
+        )
+        .int(name, &[], retries);
+        t.finish()
     }
 }
 
@@ -177,7 +149,7 @@ fn observe(m: &mut BTreeMap<String, Histogram>, model: &str, d: Duration) {
     match m.get_mut(model) {
         Some(h) => h.observe(d.as_secs_f64()),
         None => {
-            let mut h = Histogram::default();
+            let mut h = Histogram::new(LATENCY_BUCKETS);
             h.observe(d.as_secs_f64());
             m.insert(model.to_owned(), h);
         }
@@ -196,46 +168,18 @@ fn add(m: &mut BTreeMap<String, u64>, model: &str, n: u64) {
     }
 }
 
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
-fn counters(out: &mut String, name: &str, help: &str, m: &BTreeMap<String, u64>) {
-    header(out, name, "counter", help);
+fn counters(t: &mut Text, name: &str, help: &str, m: &BTreeMap<String, u64>) {
+    t.family(name, Kind::Counter, help);
     for (model, v) in m {
-        let _ = writeln!(out, "{name}{{model=\"{}\"}} {v}", esc(model));
+        t.int(name, &[("model", model)], *v);
     }
 }
 
-fn histograms(out: &mut String, name: &str, help: &str, m: &BTreeMap<String, Histogram>) {
-    header(out, name, "histogram", help);
+fn histograms(t: &mut Text, name: &str, help: &str, m: &BTreeMap<String, Histogram>) {
+    t.family(name, Kind::Histogram, help);
     for (model, h) in m {
-        let model = esc(model);
-        for (le, c) in BUCKETS.iter().zip(h.buckets) {
-            let _ = writeln!(out, "{name}_bucket{{model=\"{model}\",le=\"{le}\"}} {c}");
-        }
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{model=\"{model}\",le=\"+Inf\"}} {}",
-            h.count
-        );
-        let _ = writeln!(out, "{name}_sum{{model=\"{model}\"}} {}", h.sum);
-        let _ = writeln!(out, "{name}_count{{model=\"{model}\"}} {}", h.count);
+        t.histogram(name, &[("model", model)], h);
     }
-}
-
-/// A label value escaped as the text format requires.
-fn esc(s: &str) -> String {
-    let mut o = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '\\' => o.push_str("\\\\"),
-            '"' => o.push_str("\\\""),
-            '\n' => o.push_str("\\n"),
-            c => o.push(c),
-        }
-    }
-    o
 }
 
 #[cfg(test)]

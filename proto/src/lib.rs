@@ -21,6 +21,7 @@ pub mod fsutil;
 #[cfg(feature = "fuzz")]
 pub mod fuzz;
 pub mod limits;
+pub mod metrics;
 pub mod notify;
 pub mod runtime;
 pub mod tls;

@@ -66,6 +66,7 @@ fn start(r: v1::StartInstanceRequest) {
         generation: r.generation,
         leader_revision: r.leader_revision,
         kind,
+        estimate_bytes: r.estimate_bytes,
     };
     // What `Supervisor::start` checks before it touches its state.
     if let Err(e) = check_request_id(&req.request_id) {

@@ -92,6 +92,9 @@ pub fn build(config: &Config, spec: &ArgvSpec<'_>) -> Vec<String> {
     push("--api-key-file", spec.api_key_file.display().to_string());
     push("-lv", LOG_VERBOSITY.to_owned());
     a.push("--no-webui".to_owned());
+    // Prometheus counters at `/metrics` (behind the API key), which the
+    // agent's own `/metrics` re-exports per placement.
+    a.push("--metrics".to_owned());
     // Browsers: only the configured origin, never with credentials
     // (llama-server's default echoes every Origin back, credentials on).
     a.extend([
@@ -227,6 +230,7 @@ mod tests {
             "-lv",
             "4",
             "--no-webui",
+            "--metrics",
             "--cors-origins",
             "localhost",
             "--no-cors-credentials",

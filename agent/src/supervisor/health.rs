@@ -75,6 +75,72 @@ async fn get_slots(addr: SocketAddr, api_key: &str) -> Option<usize> {
     count_busy(&buf)
 }
 
+/// Largest `/metrics` answer read.
+const MAX_METRICS_ANSWER: usize = 1 << 20;
+
+/// llama-server's `/metrics` text (with the instance's key; served with
+/// `--metrics`), or `None` when it does not answer 200 in time.
+pub async fn metrics(addr: SocketAddr, api_key: &str, deadline: Duration) -> Option<String> {
+    tokio::time::timeout(deadline, get_metrics(addr, api_key))
+        .await
+        .ok()
+        .flatten()
+}
+
+async fn get_metrics(addr: SocketAddr, api_key: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    let request = format!(
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {api_key}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() > MAX_METRICS_ANSWER {
+            return None;
+        }
+    }
+    if parse_status_line(&buf)? != 200 {
+        return None;
+    }
+    body(&buf)
+}
+
+/// The body of a whole HTTP/1.1 answer, de-chunked when it was sent in
+/// chunks.
+fn body(answer: &[u8]) -> Option<String> {
+    let split = answer.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&answer[..split])
+        .ok()?
+        .to_ascii_lowercase();
+    let rest = &answer[split + 4..];
+    let chunked = head
+        .lines()
+        .any(|l| l.starts_with("transfer-encoding:") && l.contains("chunked"));
+    if !chunked {
+        return String::from_utf8(rest.to_vec()).ok();
+    }
+    let mut out = Vec::with_capacity(rest.len());
+    let mut r = rest;
+    loop {
+        let eol = r.windows(2).position(|w| w == b"\r\n")?;
+        let size = std::str::from_utf8(&r[..eol]).ok()?;
+        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            break;
+        }
+        let data = r.get(eol + 2..eol + 2 + size)?;
+        out.extend_from_slice(data);
+        r = r.get(eol + 2 + size + 2..)?;
+    }
+    String::from_utf8(out).ok()
+}
+
 /// The slots processing a request in a `/slots` answer (the JSON array
 /// between its first `[` and last `]`, which also covers a body sent as one
 /// chunk), read the way the gateway reads them.
@@ -100,6 +166,19 @@ fn parse_status_line(buf: &[u8]) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_bodies_are_read_plain_or_chunked() {
+        let plain = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\na 1\n";
+        assert_eq!(body(plain).as_deref(), Some("a 1\n"));
+        let chunked =
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\na \r\n2\r\n1\n\r\n0\r\n\r\n";
+        assert_eq!(body(chunked).as_deref(), Some("a 1\n"));
+        assert_eq!(
+            body(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"),
+            None
+        );
+    }
 
     #[test]
     fn busy_slots_are_counted_from_the_answer() {

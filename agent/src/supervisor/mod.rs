@@ -406,6 +406,29 @@ impl Supervisor {
         .unwrap_or_default()
     }
 
+    /// The controller's memory estimate of each instance that was started
+    /// with one, by instance id.
+    pub fn estimates(&self) -> std::collections::HashMap<String, u64> {
+        self.inner
+            .table()
+            .instances
+            .values()
+            .filter(|s| s.record.estimate_bytes > 0)
+            .map(|s| (s.record.id.clone(), s.record.estimate_bytes))
+            .collect()
+    }
+
+    /// llama-server's own `/metrics` text from the instance on `port` (with
+    /// its API key), or `None` when it does not answer within `deadline`.
+    pub async fn instance_metrics(
+        &self,
+        port: u16,
+        api_key: &str,
+        deadline: Duration,
+    ) -> Option<String> {
+        health::metrics(self.inner.health_addr(port), api_key, deadline).await
+    }
+
     /// Everything a new watcher starts from.
     pub async fn snapshot(&self) -> Snapshot {
         let inner = self.inner.clone();

@@ -219,33 +219,60 @@ pub enum AnyStore {
 
 impl Store for AnyStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        match self {
-            AnyStore::Etcd(s) => s.get(key).await,
-            AnyStore::File(s) => s.get(key).await,
-        }
+        timed("get", async {
+            match self {
+                AnyStore::Etcd(s) => s.get(key).await,
+                AnyStore::File(s) => s.get(key).await,
+            }
+        })
+        .await
     }
     async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, u64), StoreError> {
-        match self {
-            AnyStore::Etcd(s) => s.list(prefix).await,
-            AnyStore::File(s) => s.list(prefix).await,
-        }
+        timed("list", async {
+            match self {
+                AnyStore::Etcd(s) => s.list(prefix).await,
+                AnyStore::File(s) => s.list(prefix).await,
+            }
+        })
+        .await
     }
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<u64, StoreError> {
-        match self {
-            AnyStore::Etcd(s) => s.txn(compares, ops).await,
-            AnyStore::File(s) => s.txn(compares, ops).await,
-        }
+        timed("txn", async {
+            match self {
+                AnyStore::Etcd(s) => s.txn(compares, ops).await,
+                AnyStore::File(s) => s.txn(compares, ops).await,
+            }
+        })
+        .await
     }
     async fn watch(&self, prefix: &str, from: u64) -> Result<Watch, StoreError> {
-        match self {
-            AnyStore::Etcd(s) => s.watch(prefix, from).await,
-            AnyStore::File(s) => s.watch(prefix, from).await,
-        }
+        timed("watch", async {
+            match self {
+                AnyStore::Etcd(s) => s.watch(prefix, from).await,
+                AnyStore::File(s) => s.watch(prefix, from).await,
+            }
+        })
+        .await
     }
     async fn compact(&self, revision: u64) -> Result<(), StoreError> {
-        match self {
-            AnyStore::Etcd(s) => s.compact(revision).await,
-            AnyStore::File(s) => s.compact(revision).await,
-        }
+        timed("compact", async {
+            match self {
+                AnyStore::Etcd(s) => s.compact(revision).await,
+                AnyStore::File(s) => s.compact(revision).await,
+            }
+        })
+        .await
     }
+}
+
+/// Runs one store operation, recording its latency and failure in
+/// [`crate::metrics`].
+async fn timed<T>(
+    op: &'static str,
+    f: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    let start = std::time::Instant::now();
+    let r = f.await;
+    crate::metrics::global().store_op(op, start.elapsed(), r.is_ok());
+    r
 }

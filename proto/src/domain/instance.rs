@@ -1042,7 +1042,6 @@ mod tests {
     #[test]
     fn start_requests_round_trip_through_the_wire() {
         let r = StartRequest {
-            estimate_bytes: 0,
             request_id: "halo.m.r0s1.g3".into(),
             model_id: String::new(),
             options: InstanceOptions {
@@ -1053,6 +1052,7 @@ mod tests {
             generation: 3,
             leader_revision: 7,
             kind: InstanceKind::RpcServer,
+            estimate_bytes: 123,
         };
         let back = StartRequest::try_from(v1::StartInstanceRequest::from(r.clone()));
         assert_eq!(back, Ok(r));

@@ -37,6 +37,9 @@ pub struct NodeIdentity {
     /// Base URL of the gateway the agent serves; empty when none.
     #[serde(default)]
     pub gateway_url: String,
+    /// URL of the agent's `/metrics`; empty when it serves none.
+    #[serde(default)]
+    pub metrics_url: String,
 }
 
 impl From<NodeIdentity> for v1::NodeIdentity {
@@ -52,6 +55,7 @@ impl From<NodeIdentity> for v1::NodeIdentity {
             gpu_devices: n.gpu_devices,
             tls_cert_not_after_unix: n.tls_cert_not_after_unix,
             gateway_url: n.gateway_url,
+            metrics_url: n.metrics_url,
         }
     }
 }
@@ -69,6 +73,7 @@ impl From<v1::NodeIdentity> for NodeIdentity {
             gpu_devices: n.gpu_devices,
             tls_cert_not_after_unix: n.tls_cert_not_after_unix,
             gateway_url: n.gateway_url,
+            metrics_url: n.metrics_url,
         }
     }
 }
