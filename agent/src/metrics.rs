@@ -161,6 +161,13 @@ fn write_node(t: &mut Text, node: &str, m: &MemoryReport, reserve: u64, instance
         "PSI memory `full avg10`: share of the last 10 s every task stalled on memory.",
         m.psi_full_avg10,
     );
+    let n = "halo_node_under_memory_pressure";
+    t.family(
+        n,
+        Kind::Gauge,
+        "1 while PSI or real free memory is past the agent's thresholds (nothing new is placed here).",
+    );
+    t.sample(n, &l, if m.pressure.is_some() { 1.0 } else { 0.0 });
 }
 
 fn write_instances(
