@@ -3,10 +3,12 @@
 //! ([`placement`]), the view of agents ([`observe`]), reconcile and node
 //! loss ([`reconcile`]), a replica's generations and a split's sides
 //! ([`lifecycle`]), the gRPC API ([`api`]) with the gateways' routing
-//! table ([`routes`]) and user keys ([`keys`]), configuration
+//! table ([`routes`]), user keys ([`keys`]) and bench results
+//! ([`bench`]), configuration
 //! ([`config`]) and the daemon that ties them together ([`daemon`]).
 
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod daemon;
