@@ -332,14 +332,15 @@ fn bench_measures_two_depths_and_two_concurrencies_keeps_them_and_shows_them_aft
     assert_eq!(rows, 8, "{h}");
 }
 
-/// `llama-bench -o json` on `model` with `threads`: (pp t/s, tg t/s).
+/// `llama-bench -o json` on `model` with `threads`: the best run's (pp
+/// t/s, tg t/s).
 fn llama_bench(model: &Path, threads: u32, prompt: u32, gen_tokens: u32) -> (f64, f64) {
     let o = Command::new(llama_bin("llama-bench"))
         .arg("-m")
         .arg(model)
         .args(["-t", &threads.to_string()])
         .args(["-p", &prompt.to_string(), "-n", &gen_tokens.to_string()])
-        .args(["-r", "5", "-o", "json"])
+        .args(["-r", "10", "-o", "json"])
         .env(
             "LD_LIBRARY_PATH",
             llama_bin("llama-bench").parent().expect("dir"),
@@ -349,10 +350,18 @@ fn llama_bench(model: &Path, threads: u32, prompt: u32, gen_tokens: u32) -> (f64
     assert!(o.status.success(), "llama-bench:\n{}", show(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout)
         .unwrap_or_else(|e| panic!("llama-bench JSON ({e}):\n{}", show(&o)));
+    // The best run: interference (other processes on the same cores) only
+    // ever slows a run down.
     let rate = |pick: &dyn Fn(&serde_json::Value) -> bool| {
         v.as_array()
             .and_then(|a| a.iter().find(|t| pick(t)))
-            .and_then(|t| t["avg_ts"].as_f64())
+            .and_then(|t| t["samples_ts"].as_array())
+            .map(|s| {
+                s.iter()
+                    .filter_map(serde_json::Value::as_f64)
+                    .fold(0.0, f64::max)
+            })
+            .filter(|&best| best > 0.0)
             .unwrap_or_else(|| panic!("no such test in {v}"))
     };
     (
@@ -362,12 +371,18 @@ fn llama_bench(model: &Path, threads: u32, prompt: u32, gen_tokens: u32) -> (f64
 }
 
 /// The band halo's figures keep against llama-bench's on the tiny model
-/// (README.md, "haloctl bench and llama-bench"): prompt processing goes
-/// through the same batched decode, so it stays close; generation pays
-/// per token for sampling, the slot loop and streaming, which on a model
-/// this small costs more than the model itself.
-const PP_BAND: (f64, f64) = (0.3, 1.5);
-const TG_BAND: (f64, f64) = (0.05, 1.5);
+/// (README.md, "haloctl bench and llama-bench"), best run against best
+/// run: prompt processing goes through the same batched decode; generation
+/// pays per token for sampling, the slot loop and streaming, which on a
+/// model this small is a large share of a token's time. Measured on a
+/// shared 2-core machine (threads 2, 256 prompt and 128 generated tokens,
+/// 10 runs each): pp 0.54-0.85, tg 0.30-1.23 over eight runs of this test
+/// at a load average of 6-7. The bands are that wide because such a
+/// machine is that noisy; what they catch is a figure off by an order of
+/// magnitude (wrong token counts, cached tokens counted as processed,
+/// milliseconds read as seconds).
+const PP_BAND: (f64, f64) = (0.3, 2.0);
+const TG_BAND: (f64, f64) = (0.1, 2.0);
 
 #[test]
 fn bench_figures_stay_within_the_documented_band_of_llama_bench() {
@@ -383,7 +398,7 @@ fn bench_figures_stay_within_the_documented_band_of_llama_bench() {
         .and_then(|s| s.split(|ch: char| !ch.is_ascii_digit()).next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no n_threads in the log:\n{}", show(&logs)));
-    let (prompt, gen_tokens) = (128u32, 32u32);
+    let (prompt, gen_tokens) = (256u32, 128u32);
     let o = haloctl(
         &c,
         home.path(),
@@ -395,7 +410,7 @@ fn bench_figures_stay_within_the_documented_band_of_llama_bench() {
             "--gen-tokens",
             &gen_tokens.to_string(),
             "--runs",
-            "5",
+            "10",
             "--no-store",
             "-o",
             "json",
@@ -404,10 +419,11 @@ fn bench_figures_stay_within_the_documented_band_of_llama_bench() {
     );
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     let j = json(&o);
-    let halo_pp = j[0]["points"][0]["pp_tokens_per_second"]["median"]
+    // Best runs on both sides, as llama-bench's.
+    let halo_pp = j[0]["points"][0]["pp_tokens_per_second"]["max"]
         .as_f64()
         .expect("pp");
-    let halo_tg = j[0]["points"][0]["tg_tokens_per_second"]["median"]
+    let halo_tg = j[0]["points"][0]["tg_tokens_per_second"]["max"]
         .as_f64()
         .expect("tg");
     let (lb_pp, lb_tg) = llama_bench(&agent.models.join("tiny.gguf"), threads, prompt, gen_tokens);

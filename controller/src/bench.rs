@@ -160,4 +160,17 @@ mod tests {
             Err(Error::InvalidArgument(_))
         ));
     }
+
+    #[test]
+    fn the_fuzz_seed_is_a_valid_result() {
+        use prost::Message;
+        let seed = include_bytes!("../fuzz/corpus/controller_request/seed-put-bench-result");
+        let r = v1::PutBenchResultRequest::decode(&seed[1..]).expect("decodes");
+        let res = put_request(r).expect("valid");
+        assert_eq!(res.points[0].tg.median, 47.1);
+        assert_eq!(
+            result_key(&res),
+            "/halo/v1/bench/qwen3-coder-30b/00000001780000000000-strix-1"
+        );
+    }
 }

@@ -382,7 +382,8 @@ mod tests {
 
     #[test]
     fn results_that_describe_no_measurement_are_refused() {
-        let bad: Vec<(&str, Box<dyn Fn(&mut v1::BenchResult)>)> = vec![
+        type Spoil = Box<dyn Fn(&mut v1::BenchResult)>;
+        let bad: Vec<(&str, Spoil)> = vec![
             ("setup", Box::new(|r| r.setup = None)),
             (
                 "setup.node",
