@@ -727,6 +727,7 @@ async fn history(t: &Target, a: &BenchArgs) -> Result<(), Failure> {
         .results
         .into_iter()
         .filter_map(|r| BenchResult::try_from(r).ok())
+        .filter(|r| a.node.as_ref().is_none_or(|n| &r.setup.node == n))
         .map(|r| BenchJson::from(&r))
         .collect();
     match a.output {

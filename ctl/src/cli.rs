@@ -292,7 +292,7 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "1", env = "HALO_BENCH_CONCURRENCY",
           value_parser = clap::value_parser!(u32).range(1..=256))]
     pub concurrency: Vec<u32>,
-    /// Only the replica on this node.
+    /// Only the replica on this node (with --history: only its results).
     #[arg(long, env = "HALO_BENCH_NODE")]
     pub node: Option<String>,
     /// Run even though the model serves users (their requests slow down
