@@ -340,7 +340,7 @@ fn llama_bench(model: &Path, threads: u32, prompt: u32, gen_tokens: u32) -> (f64
         .arg(model)
         .args(["-t", &threads.to_string()])
         .args(["-p", &prompt.to_string(), "-n", &gen_tokens.to_string()])
-        .args(["-r", "10", "-o", "json"])
+        .args(["-r", "5", "-o", "json"])
         .env(
             "LD_LIBRARY_PATH",
             llama_bin("llama-bench").parent().expect("dir"),
@@ -372,17 +372,19 @@ fn llama_bench(model: &Path, threads: u32, prompt: u32, gen_tokens: u32) -> (f64
 
 /// The band halo's figures keep against llama-bench's on the tiny model
 /// (README.md, "haloctl bench and llama-bench"), best run against best
-/// run: prompt processing goes through the same batched decode; generation
-/// pays per token for sampling, the slot loop and streaming, which on a
-/// model this small is a large share of a token's time. Measured on a
+/// run: prompt processing goes through the same batched decode;
+/// generation pays per token for sampling, the slot loop and streaming,
+/// which on a model this small is most of a token's time. Measured on a
 /// shared 2-core machine (threads 2, 256 prompt and 128 generated tokens,
-/// 10 runs each): pp 0.54-0.85, tg 0.30-1.23 over eight runs of this test
-/// at a load average of 6-7. The bands are that wide because such a
-/// machine is that noisy; what they catch is a figure off by an order of
-/// magnitude (wrong token counts, cached tokens counted as processed,
-/// milliseconds read as seconds).
-const PP_BAND: (f64, f64) = (0.3, 2.0);
-const TG_BAND: (f64, f64) = (0.1, 2.0);
+/// three rounds of 5 runs a side) over six runs of this test: pp
+/// 0.69-0.78, tg 0.22-0.51 (mostly ~0.25). The bands leave room for a
+/// noisy machine; what they catch is a figure off by a large factor
+/// (wrong token counts, cached tokens counted as processed, milliseconds
+/// read as seconds) or a server faster than the bare decode.
+const PP_BAND: (f64, f64) = (0.35, 1.5);
+const TG_BAND: (f64, f64) = (0.1, 1.0);
+/// Rounds of (llama-bench, halo), 5 runs each side per round.
+const ROUNDS: usize = 3;
 
 #[test]
 fn bench_figures_stay_within_the_documented_band_of_llama_bench() {
@@ -399,34 +401,38 @@ fn bench_figures_stay_within_the_documented_band_of_llama_bench() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no n_threads in the log:\n{}", show(&logs)));
     let (prompt, gen_tokens) = (256u32, 128u32);
-    let o = haloctl(
-        &c,
-        home.path(),
-        &[
-            "bench",
-            "tiny",
-            "--prompt-tokens",
-            &prompt.to_string(),
-            "--gen-tokens",
-            &gen_tokens.to_string(),
-            "--runs",
-            "10",
-            "--no-store",
-            "-o",
-            "json",
-            "--yes",
-        ],
-    );
-    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
-    let j = json(&o);
-    // Best runs on both sides, as llama-bench's.
-    let halo_pp = j[0]["points"][0]["pp_tokens_per_second"]["max"]
-        .as_f64()
-        .expect("pp");
-    let halo_tg = j[0]["points"][0]["tg_tokens_per_second"]["max"]
-        .as_f64()
-        .expect("tg");
-    let (lb_pp, lb_tg) = llama_bench(&agent.models.join("tiny.gguf"), threads, prompt, gen_tokens);
+    // Three rounds, each llama-bench then halo, and the best run of each
+    // side over all of them: a burst of other work on the machine during
+    // one side's turn does not decide the ratio.
+    let (mut halo_pp, mut halo_tg, mut lb_pp, mut lb_tg) = (0f64, 0f64, 0f64, 0f64);
+    for _ in 0..ROUNDS {
+        let (pp, tg) = llama_bench(&agent.models.join("tiny.gguf"), threads, prompt, gen_tokens);
+        lb_pp = lb_pp.max(pp);
+        lb_tg = lb_tg.max(tg);
+        let o = haloctl(
+            &c,
+            home.path(),
+            &[
+                "bench",
+                "tiny",
+                "--prompt-tokens",
+                &prompt.to_string(),
+                "--gen-tokens",
+                &gen_tokens.to_string(),
+                "--runs",
+                "5",
+                "--no-store",
+                "-o",
+                "json",
+                "--yes",
+            ],
+        );
+        assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+        let j = json(&o);
+        let best = |f: &str| j[0]["points"][0][f]["max"].as_f64().expect(f);
+        halo_pp = halo_pp.max(best("pp_tokens_per_second"));
+        halo_tg = halo_tg.max(best("tg_tokens_per_second"));
+    }
     let (rpp, rtg) = (halo_pp / lb_pp, halo_tg / lb_tg);
     eprintln!(
         "threads {threads}: pp halo {halo_pp:.0} t/s, llama-bench {lb_pp:.0} t/s, ratio {rpp:.2}; \

@@ -18,7 +18,8 @@
 //! was asked fails instead of reporting a wrong figure. Prompt tokens/s =
 //! Σ `prompt_n` / max `prompt_ms`, generation tokens/s = Σ `predicted_n` /
 //! max `predicted_ms` (with one stream, llama-server's own per-second
-//! figures); time to first token is the client's, the slowest stream's.
+//! figures); time to first token is the client's (a new connection, as a
+//! client that just arrived), the slowest stream's.
 
 use crate::Failure;
 use crate::cli::BenchArgs;

@@ -60,7 +60,8 @@ pub struct Timings {
 /// One measured completion.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Measured {
-    /// From sending the request to the first streamed token, ms.
+    /// From sending the request (connecting included) to the first
+    /// streamed token, ms.
     pub ttft_ms: f64,
     /// The server's timings.
     pub timings: Timings,
@@ -73,7 +74,12 @@ impl Server {
         http.set_nodelay(true);
         http.set_connect_timeout(Some(Duration::from_secs(5)));
         Server {
-            client: Client::builder(TokioExecutor::new()).build(http),
+            // A connection per request: llama-server closes keep-alive
+            // connections after a few requests, and a pooled one closed
+            // under a new request would fail a run for nothing.
+            client: Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(0)
+                .build(http),
             base: base.trim_end_matches('/').to_owned(),
             api_key: api_key.to_owned(),
         }
