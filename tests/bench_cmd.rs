@@ -4,9 +4,10 @@
 //! concurrencies, kept and shown again by `haloctl models` and `--history`
 //! after a controller restart; a result of another build kept apart; bad
 //! input (unknown name, a placement not ready, depth beyond the context,
-//! too many streams, no `--yes`) refused with exit 1 and nothing kept. And
-//! parity: halo's figures against `llama-bench` on the same model file and
-//! thread count.
+//! too many streams, no `--yes`) refused with exit 1 and nothing kept.
+//! Streams through the gateway over two replicas, kept apart from the
+//! per-node figures. And parity: halo's figures against `llama-bench` on
+//! the same model file and thread count.
 
 use proto::v1;
 use std::path::Path;
@@ -446,4 +447,149 @@ fn bench_figures_stay_within_the_documented_band_of_llama_bench() {
         (TG_BAND.0..=TG_BAND.1).contains(&rtg),
         "tg ratio {rtg:.2} outside {TG_BAND:?}"
     );
+}
+
+#[test]
+fn bench_through_the_gateway_spreads_streams_over_the_replicas_and_keeps_that_result_apart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = tempfile::tempdir().expect("home");
+    let catalog = dir.path().join("catalog.toml");
+    write_catalog(&catalog, CATALOG);
+    let mut nodes = [
+        AgentNode::new(dir.path(), "halo1", &["speed"], 2),
+        AgentNode::new(dir.path(), "halo2", &["speed"], 2),
+    ];
+    let node_list: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("{}={}", n.name, n.address()))
+        .collect();
+    let mut c = ControllerProc::new(
+        dir.path(),
+        "controller",
+        &[
+            "--store-path".into(),
+            dir.path().join("state.json").display().to_string(),
+            "--node".into(),
+            node_list.join(","),
+            "--catalog".into(),
+            catalog.display().to_string(),
+            "--heartbeat-ms".into(),
+            "250".into(),
+            "--insecure-loopback-only".into(),
+        ],
+    );
+    // halo1's agent serves a plain-HTTP gateway on loopback.
+    let gateway = format!("127.0.0.1:{}", tests::free_port());
+    for n in &mut nodes {
+        agent::gguf::fixtures::write_tiny_llama(&n.models.join("tiny.gguf"), 7)
+            .expect("tiny model");
+        n.extra_args = vec!["--insecure-loopback-only".into()];
+    }
+    nodes[0].extra_args.extend([
+        "--gateway-listen".into(),
+        gateway.clone(),
+        "--gateway-controller".into(),
+        c.url(),
+    ]);
+    c.start();
+    for n in &mut nodes {
+        n.start();
+    }
+    let ready = wait_for(Duration::from_secs(20), || {
+        let o = haloctl(&c, home.path(), &["nodes", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+        let all = v.as_array()?;
+        (all.len() == 2 && all.iter().all(|n| n["status"] == "ready")).then_some(())
+    });
+    assert!(ready.is_some(), "nodes never ready:\n{}", c.logs());
+    let o = haloctl(
+        &c,
+        home.path(),
+        &[
+            "place",
+            "speed",
+            "tiny",
+            "--replicas",
+            "2",
+            "--timeout",
+            "120",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}\n{}", show(&o), c.logs());
+
+    refused(
+        &haloctl(
+            &c,
+            home.path(),
+            &[
+                "bench",
+                "tiny",
+                "--gateway",
+                "--depth",
+                "0,64",
+                "--prompt-tokens",
+                "32",
+                "--yes",
+            ],
+        ),
+        "--depth 64 with --gateway",
+    );
+    refused(
+        &haloctl(
+            &c,
+            home.path(),
+            &[
+                "bench",
+                "tiny",
+                "--gateway",
+                "--concurrency",
+                "5",
+                "--prompt-tokens",
+                "32",
+                "--yes",
+            ],
+        ),
+        "4 slots in all",
+    );
+    let o = haloctl(
+        &c,
+        home.path(),
+        &[
+            "bench",
+            "tiny",
+            "--gateway",
+            "--concurrency",
+            "1,4",
+            "--prompt-tokens",
+            "32",
+            "--gen-tokens",
+            "8",
+            "--runs",
+            "2",
+            "--yes",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}\n{}", show(&o), c.logs());
+    let out = text(&o.stdout);
+    eprintln!("{out}");
+    assert!(
+        out.starts_with(&format!(
+            "tiny on 2 replicas through the gateway http://{gateway} on halo1: "
+        )),
+        "{out}"
+    );
+    let streams: Vec<&str> = out
+        .lines()
+        .skip_while(|l| !l.starts_with("NODE"))
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .collect();
+    assert_eq!(streams, ["1", "4"], "{out}");
+    // The temporary key is gone.
+    let keys = json(&haloctl(&c, home.path(), &["keys", "list", "-o", "json"]));
+    assert_eq!(keys, serde_json::json!([]), "{keys}");
+    // Kept, and apart: not a per-node figure in `models`.
+    assert_eq!(history_len(&c, home.path()), 1);
+    let models = json(&haloctl(&c, home.path(), &["models", "-o", "json"]));
+    assert_eq!(models[0]["speed"], serde_json::json!([]), "{models}");
 }

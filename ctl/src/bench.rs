@@ -30,6 +30,7 @@ use proto::domain::{BenchPoint, BenchResult, BenchSetup, Spread};
 use proto::v1;
 use serde::Serialize;
 use std::io::{IsTerminal, Write};
+use std::time::Duration;
 
 /// `haloctl bench -o json` and `--history -o json`: one object per node
 /// and measurement.
@@ -112,10 +113,21 @@ pub fn setup_line(s: &BenchSetup) -> String {
             v.to_owned()
         }
     };
+    let place = if s.gateway.is_empty() {
+        s.node.clone()
+    } else {
+        format!(
+            "{} replica{} through the gateway {} on {}",
+            s.replicas,
+            if s.replicas == 1 { "" } else { "s" },
+            s.gateway,
+            s.node
+        )
+    };
     format!(
         "{} on {}: llama.cpp {}, context {} ({} slot{}), KV {}/{}, flash attention {}, threads {}",
         s.model,
-        s.node,
+        place,
         if s.llama_build.is_empty() {
             "(unknown build)"
         } else {
@@ -288,6 +300,8 @@ pub fn current_setup(
         }
         .to_owned(),
         threads: o.threads.unwrap_or(0),
+        gateway: String::new(),
+        replicas: 0,
     }
 }
 
@@ -298,6 +312,14 @@ struct Target1 {
     server: Server,
     props: Props,
     setup: BenchSetup,
+    /// Through a gateway: no slot pinned, the placement named as model.
+    via_gateway: bool,
+}
+
+/// A gateway to measure through: its base URL and node.
+struct Gateway {
+    url: String,
+    node: String,
 }
 
 /// `haloctl bench`.
@@ -307,11 +329,15 @@ pub fn run(t: &Target, a: &BenchArgs) -> Result<(), Failure> {
         if a.history {
             return history(t, a).await;
         }
-        let targets = prepare(t, a).await?;
+        let (targets, gateway) = prepare(t, a).await?;
         let mut results = Vec::new();
-        for tg in &targets {
-            let r = measure(a, tg).await?;
-            results.push(r);
+        match gateway {
+            Some(gw) => results.push(through_gateway(t, a, &targets, &gw).await?),
+            None => {
+                for tg in &targets {
+                    results.push(measure(a, tg).await?);
+                }
+            }
         }
         let json: Vec<BenchJson> = results.iter().map(BenchJson::from).collect();
         match a.output {
@@ -346,7 +372,7 @@ pub fn run(t: &Target, a: &BenchArgs) -> Result<(), Failure> {
 }
 
 /// Resolves NAME to a placement and checks everything before measuring.
-async fn prepare(t: &Target, a: &BenchArgs) -> Result<Vec<Target1>, Failure> {
+async fn prepare(t: &Target, a: &BenchArgs) -> Result<(Vec<Target1>, Option<Gateway>), Failure> {
     let refused = |m: String| Failure::Refused(m);
     let mut c = t.connect().await?;
     let placements = c
@@ -443,7 +469,9 @@ async fn prepare(t: &Target, a: &BenchArgs) -> Result<Vec<Target1>, Failure> {
                 p.name, r.node
             )))
         })?;
-        for &cc in &a.concurrency {
+        // Through a gateway the streams spread over every replica's slots
+        // (checked below, in all).
+        for &cc in a.concurrency.iter().filter(|_| !a.gateway) {
             if cc > props.total_slots {
                 return Err(refused(format!(
                     "--concurrency {cc}: `{}` on {} has {} slot{} (one stream needs one slot; \
@@ -479,8 +507,42 @@ async fn prepare(t: &Target, a: &BenchArgs) -> Result<Vec<Target1>, Failure> {
             server,
             props,
             setup,
+            via_gateway: false,
         });
     }
+    let gateway = if a.gateway {
+        if let Some(&d) = depths.iter().find(|&&d| d > 0) {
+            return Err(refused(format!(
+                "--depth {d} with --gateway: the gateway picks the replica of each request, so \
+                 no prefix can be put in a slot first; measure depths without --gateway"
+            )));
+        }
+        let slots: u32 = out.iter().map(|t| t.props.total_slots).sum();
+        if let Some(&cc) = a.concurrency.iter().find(|&&cc| cc > slots) {
+            return Err(refused(format!(
+                "--concurrency {cc} with --gateway: the ready replicas of `{}` have {slots} \
+                 slots in all",
+                p.name
+            )));
+        }
+        let gw = nodes.iter().find_map(|n| {
+            let id = n.node.as_ref()?;
+            (n.status == v1::NodeStatus::Ready as i32 && id.gateway_url.starts_with("http://"))
+                .then(|| Gateway {
+                    url: id.gateway_url.clone(),
+                    node: id.name.clone(),
+                })
+        });
+        Some(gw.ok_or_else(|| {
+            refused(
+                "--gateway: no ready node serves a plain-HTTP gateway (`gateway_listen` in \
+                 an agent's config); measure without --gateway"
+                    .to_owned(),
+            )
+        })?)
+    } else {
+        None
+    };
     if !a.yes {
         return Err(refused(format!(
             "`{}` may be serving users: a benchmark takes its slots while it runs and slows \
@@ -488,7 +550,69 @@ async fn prepare(t: &Target, a: &BenchArgs) -> Result<Vec<Target1>, Failure> {
             p.name
         )));
     }
-    Ok(out)
+    Ok((out, gateway))
+}
+
+/// Measures the streams through `gw` with a temporary user key scoped to
+/// the placement (made here, revoked when done, whatever happened).
+async fn through_gateway(
+    t: &Target,
+    a: &BenchArgs,
+    replicas: &[Target1],
+    gw: &Gateway,
+) -> Result<BenchResult, Failure> {
+    let Some(first) = replicas.first() else {
+        return Err(Failure::Refused("no ready replica to measure".into()));
+    };
+    let mut c = t.connect().await?;
+    let key_name = format!("bench-{}", proto::units::now_unix_ms());
+    let key = c
+        .create_key(v1::CreateKeyRequest {
+            name: key_name.clone(),
+            models: vec![first.placement.clone()],
+            expires_days: 1,
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| t.status(s))?
+        .into_inner()
+        .secret;
+    let mut setup = first.setup.clone();
+    setup.node.clone_from(&gw.node);
+    setup.gateway.clone_from(&gw.url);
+    setup.replicas = u32::try_from(replicas.len()).unwrap_or(u32::MAX);
+    let target = Target1 {
+        placement: first.placement.clone(),
+        node: format!("the gateway on {}", gw.node),
+        server: Server::new(&gw.url, &key),
+        props: Props {
+            total_slots: replicas.iter().map(|r| r.props.total_slots).sum(),
+            ..first.props.clone()
+        },
+        setup,
+        via_gateway: true,
+    };
+    // The gateway learns the key from the controller within a second or
+    // two: not inside the first measured run.
+    let r = match target.server.wait_models(Duration::from_secs(10)).await {
+        Ok(()) => measure(a, &target).await,
+        Err(e) => Err(Failure::Other(
+            e.context(format!("the gateway {} did not take the key", gw.url)),
+        )),
+    };
+    if let Err(s) = c
+        .revoke_key(v1::RevokeKeyRequest {
+            name: key_name.clone(),
+        })
+        .await
+    {
+        eprintln!(
+            "haloctl: could not revoke the temporary key `{key_name}` ({}); it expires in a \
+             day, or `haloctl keys revoke {key_name}`",
+            s.message()
+        );
+    }
+    r
 }
 
 /// The placement named `name`, else the only placement of catalog model
@@ -609,7 +733,16 @@ async fn measure(a: &BenchArgs, t: &Target1) -> Result<BenchResult, Failure> {
                     prompt.extend(tokens(t.props.n_vocab, seed, a.prompt_tokens));
                     let server = t.server.clone();
                     let gen_tokens = a.gen_tokens;
-                    async move { server.complete(s, &prompt, gen_tokens, depth > 0).await }
+                    let (slot, model) = if t.via_gateway {
+                        (None, Some(t.placement.clone()))
+                    } else {
+                        (Some(s), None)
+                    };
+                    async move {
+                        server
+                            .complete(slot, model.as_deref(), &prompt, gen_tokens, depth > 0)
+                            .await
+                    }
                 });
                 let measured: Vec<Measured> = join_all(streams.collect::<Vec<_>>())
                     .await

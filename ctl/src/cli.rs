@@ -125,6 +125,7 @@ pub enum Command {
         haloctl bench qwen3-coder-30b --yes\n  \
         haloctl bench gpt-oss-20b --depth 0,4096,16384 --concurrency 1,4 --runs 5 --yes\n  \
         haloctl bench tiny --node halo1 --prompt-tokens 256 --gen-tokens 64 -o json --yes\n  \
+        haloctl bench qwen3-coder-30b --gateway --concurrency 1,8 --yes\n  \
         haloctl bench --history qwen3-coder-30b\n\n\
         Benchmarking takes the model's slots away from its users while it runs (it never\n\
         changes the placement): it runs only with --yes. Figures are medians over --runs,\n\
@@ -295,6 +296,12 @@ pub struct BenchArgs {
     /// Only the replica on this node (with --history: only its results).
     #[arg(long, env = "HALO_BENCH_NODE")]
     pub node: Option<String>,
+    /// Send the streams through the cluster's gateway (a node's
+    /// `gateway_listen`), which spreads them over every ready replica, as
+    /// users' requests are: aggregate tokens/s of the placement. Depth 0
+    /// only; a temporary user key is made and revoked.
+    #[arg(long, env = "HALO_BENCH_GATEWAY", conflicts_with = "node")]
+    pub gateway: bool,
     /// Run even though the model serves users (their requests slow down
     /// while it runs).
     #[arg(long)]

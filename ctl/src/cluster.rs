@@ -374,6 +374,12 @@ pub fn attach_speed(
             .unwrap_or_default()
     };
     for m in models.iter_mut() {
+        // Per node: results measured straight to a replica (a figure
+        // through a gateway is the placement's, over several nodes).
+        let results: Vec<&proto::domain::BenchResult> = results
+            .iter()
+            .filter(|r| r.setup.gateway.is_empty())
+            .collect();
         let mut on: Vec<&str> = results
             .iter()
             .filter(|r| r.setup.model == m.name)
@@ -384,6 +390,7 @@ pub fn attach_speed(
         for node in on {
             let mine: Vec<&proto::domain::BenchResult> = results
                 .iter()
+                .copied()
                 .filter(|r| r.setup.model == m.name && r.setup.node == node)
                 .collect();
             // The setups of this model's placements on the node now.

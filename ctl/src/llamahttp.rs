@@ -152,6 +152,19 @@ impl Server {
         })
     }
 
+    /// Waits (at most `deadline`) until `GET /v1/models` answers 200: a
+    /// gateway that has learned a new user key.
+    pub async fn wait_models(&self, deadline: Duration) -> anyhow::Result<()> {
+        let until = Instant::now() + deadline;
+        loop {
+            match self.call(Method::GET, "/v1/models", Bytes::new()).await {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() >= until => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
     /// Puts `prefix` into slot `slot`'s cache (one token generated, not
     /// timed).
     pub async fn fill(&self, slot: u32, prefix: &[u32]) -> anyhow::Result<Timings> {
@@ -171,22 +184,30 @@ impl Server {
     /// Sends `prompt` to slot `slot` and generates exactly `n_predict`
     /// tokens (end of text ignored), streamed; `cache_prompt` lets the
     /// slot reuse the prefix it holds.
+    /// Through a gateway, `model` names the placement and `slot` is
+    /// `None` (the gateway picks the replica).
     pub async fn complete(
         &self,
-        slot: u32,
+        slot: Option<u32>,
+        model: Option<&str>,
         prompt: &[u32],
         n_predict: u32,
         cache_prompt: bool,
     ) -> anyhow::Result<Measured> {
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "prompt": prompt,
             "n_predict": n_predict,
             "ignore_eos": true,
             "cache_prompt": cache_prompt,
-            "id_slot": slot,
             "stream": true,
             "return_tokens": true,
         });
+        if let Some(s) = slot {
+            body["id_slot"] = s.into();
+        }
+        if let Some(m) = model {
+            body["model"] = m.into();
+        }
         let req = self.request(Method::POST, "/completion", Bytes::from(body.to_string()))?;
         let start = Instant::now();
         let fut = async {

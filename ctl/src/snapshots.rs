@@ -534,6 +534,8 @@ fn bench_result(build: &str, at: u64, tg: f64) -> proto::domain::BenchResult {
             cache_type_v: "q8_0".into(),
             flash_attention: "on".into(),
             threads: 0,
+            gateway: String::new(),
+            replicas: 0,
         },
         placement: "qwen3-coder-30b".into(),
         at_unix_ms: at,

@@ -41,6 +41,13 @@ pub struct BenchSetup {
     pub flash_attention: String,
     /// `-t`; 0 = llama.cpp's default.
     pub threads: u32,
+    /// Measured through this gateway (base URL), over `replicas` ready
+    /// replicas; empty = straight to the replica on `node`.
+    #[serde(default)]
+    pub gateway: String,
+    /// Ready replicas behind the gateway; 0 when measured straight.
+    #[serde(default)]
+    pub replicas: u32,
 }
 
 /// One measured point: medians over the runs, with the smallest and
@@ -142,6 +149,10 @@ impl BenchSetup {
             "flash attention",
         );
         check(self.threads != other.threads, "threads");
+        check(
+            self.gateway != other.gateway || self.replicas != other.replicas,
+            "path",
+        );
         d
     }
 }
@@ -202,6 +213,19 @@ impl TryFrom<v1::BenchSetup> for BenchSetup {
         if s.context_size == 0 || s.slots == 0 {
             return Err(invalid("setup", "context_size and slots are at least 1"));
         }
+        if s.gateway.len() > MAX_BUILD_LEN
+            || !(s.gateway.is_empty()
+                || s.gateway.starts_with("http://")
+                || s.gateway.starts_with("https://"))
+            || s.gateway
+                .chars()
+                .any(|c| c.is_control() || c.is_whitespace())
+        {
+            return Err(invalid(
+                "setup.gateway",
+                "empty or an http(s) URL without spaces",
+            ));
+        }
         if !["on", "off", "auto"].contains(&s.flash_attention.as_str()) {
             return Err(invalid("setup.flash_attention", "on, off or auto"));
         }
@@ -217,6 +241,8 @@ impl TryFrom<v1::BenchSetup> for BenchSetup {
             slots: s.slots,
             flash_attention: s.flash_attention,
             threads: s.threads,
+            gateway: s.gateway,
+            replicas: s.replicas,
         })
     }
 }
@@ -235,6 +261,8 @@ impl From<BenchSetup> for v1::BenchSetup {
             cache_type_v: s.cache_type_v,
             flash_attention: s.flash_attention,
             threads: s.threads,
+            gateway: s.gateway,
+            replicas: s.replicas,
         }
     }
 }
@@ -348,6 +376,8 @@ mod tests {
                 cache_type_v: "q8_0".into(),
                 flash_attention: "auto".into(),
                 threads: 0,
+                gateway: String::new(),
+                replicas: 0,
             },
             placement: "tiny".into(),
             at_unix_ms: 1,
@@ -396,6 +426,10 @@ mod tests {
             (
                 "setup.cache_type_k",
                 Box::new(|r| r.setup.as_mut().expect("setup").cache_type_k = "q9".into()),
+            ),
+            (
+                "setup.gateway",
+                Box::new(|r| r.setup.as_mut().expect("setup").gateway = "file:///x".into()),
             ),
             (
                 "setup.flash_attention",
