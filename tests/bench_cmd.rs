@@ -475,15 +475,14 @@ fn bench_through_the_gateway_spreads_streams_over_the_replicas_and_keeps_that_re
             catalog.display().to_string(),
             "--heartbeat-ms".into(),
             "250".into(),
-            "--insecure-loopback-only".into(),
         ],
     );
-    // halo1's agent serves a plain-HTTP gateway on loopback.
+    // halo1's agent serves the gateway, over HTTPS with its own certificate
+    // (mutual TLS everywhere, as deployed).
     let gateway = format!("127.0.0.1:{}", tests::free_port());
     for n in &mut nodes {
         agent::gguf::fixtures::write_tiny_llama(&n.models.join("tiny.gguf"), 7)
             .expect("tiny model");
-        n.extra_args = vec!["--insecure-loopback-only".into()];
     }
     nodes[0].extra_args.extend([
         "--gateway-listen".into(),
@@ -574,7 +573,7 @@ fn bench_through_the_gateway_spreads_streams_over_the_replicas_and_keeps_that_re
     eprintln!("{out}");
     assert!(
         out.starts_with(&format!(
-            "tiny on 2 replicas through the gateway http://{gateway} on halo1: "
+            "tiny on 2 replicas through the gateway https://{gateway} on halo1: "
         )),
         "{out}"
     );

@@ -527,16 +527,18 @@ async fn prepare(t: &Target, a: &BenchArgs) -> Result<(Vec<Target1>, Option<Gate
         }
         let gw = nodes.iter().find_map(|n| {
             let id = n.node.as_ref()?;
-            (n.status == v1::NodeStatus::Ready as i32 && id.gateway_url.starts_with("http://"))
-                .then(|| Gateway {
-                    url: id.gateway_url.clone(),
-                    node: id.name.clone(),
-                })
+            let usable = id.gateway_url.starts_with("http://")
+                || (id.gateway_url.starts_with("https://") && t.ca_pem.is_some());
+            (n.status == v1::NodeStatus::Ready as i32 && usable).then(|| Gateway {
+                url: id.gateway_url.clone(),
+                node: id.name.clone(),
+            })
         });
         Some(gw.ok_or_else(|| {
             refused(
-                "--gateway: no ready node serves a plain-HTTP gateway (`gateway_listen` in \
-                 an agent's config); measure without --gateway"
+                "--gateway: no ready node serves a gateway haloctl can reach \
+                 (`gateway_listen` in an agent's config; an HTTPS one needs haloctl's \
+                 certificate files, whose CA signed it); measure without --gateway"
                     .to_owned(),
             )
         })?)
@@ -581,24 +583,35 @@ async fn through_gateway(
     setup.node.clone_from(&gw.node);
     setup.gateway.clone_from(&gw.url);
     setup.replicas = u32::try_from(replicas.len()).unwrap_or(u32::MAX);
-    let target = Target1 {
-        placement: first.placement.clone(),
-        node: format!("the gateway on {}", gw.node),
-        server: Server::new(&gw.url, &key),
-        props: Props {
-            total_slots: replicas.iter().map(|r| r.props.total_slots).sum(),
-            ..first.props.clone()
-        },
-        setup,
-        via_gateway: true,
+    let target = || -> Result<Target1, Failure> {
+        Ok(Target1 {
+            placement: first.placement.clone(),
+            node: format!("the gateway on {}", gw.node),
+            server: match &t.ca_pem {
+                Some(ca) => Server::with_ca(&gw.url, &key, ca).map_err(|e| {
+                    Failure::Other(e.context(format!("TLS settings for the gateway {}", gw.url)))
+                })?,
+                None => Server::new(&gw.url, &key),
+            },
+            props: Props {
+                total_slots: replicas.iter().map(|r| r.props.total_slots).sum(),
+                ..first.props.clone()
+            },
+            setup,
+            via_gateway: true,
+        })
     };
     // The gateway learns the key from the controller within a second or
-    // two: not inside the first measured run.
-    let r = match target.server.wait_models(Duration::from_secs(10)).await {
-        Ok(()) => measure(a, &target).await,
-        Err(e) => Err(Failure::Other(
-            e.context(format!("the gateway {} did not take the key", gw.url)),
-        )),
+    // two: not inside the first measured run. The key is revoked below
+    // whatever happens here.
+    let r = match target() {
+        Ok(target) => match target.server.wait_models(Duration::from_secs(10)).await {
+            Ok(()) => measure(a, &target).await,
+            Err(e) => Err(Failure::Other(
+                e.context(format!("the gateway {} did not take the key", gw.url)),
+            )),
+        },
+        Err(e) => Err(e),
     };
     if let Err(s) = c
         .revoke_key(v1::RevokeKeyRequest {

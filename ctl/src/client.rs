@@ -48,6 +48,9 @@ pub struct Target {
     /// is then blamed on it, whatever the transport says (TLS 1.3 can lose
     /// the server's alert to a reset).
     pub expired_cert: Option<PathBuf>,
+    /// The CA of `--tls-ca` (PEM), which also signs the agents' HTTPS
+    /// gateways that `haloctl bench --gateway` talks to.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 /// `--tls-cert`, `--tls-key` and `--tls-ca` as given on the command line;
@@ -75,6 +78,7 @@ impl Target {
                     source,
                     tls: None,
                     expired_cert: None,
+                    ca_pem: None,
                 });
             }
         }
@@ -87,6 +91,7 @@ impl Target {
                 source: Source::File(path),
                 tls: None,
                 expired_cert: None,
+                ca_pem: None,
             });
         }
         Ok(Target {
@@ -94,6 +99,7 @@ impl Target {
             source: Source::Default,
             tls: None,
             expired_cert: None,
+            ca_pem: None,
         })
     }
 
@@ -154,6 +160,7 @@ impl Target {
                 self.expired_cert = Some(files.cert.clone());
             }
             self.tls = Some(material.client_config());
+            self.ca_pem = Some(material.ca_pem().to_vec());
             if let Some(rest) = self.url.strip_prefix("http://") {
                 self.url = format!("https://{rest}");
             }
@@ -400,6 +407,7 @@ mod tests {
             source: Source::Flag,
             tls: None,
             expired_cert: None,
+            ca_pem: None,
         };
         for s in [
             tonic::Status::cancelled("Timeout expired"),

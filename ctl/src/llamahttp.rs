@@ -8,26 +8,29 @@
 use anyhow::{Context, anyhow, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request, header};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, Uri, header};
+use hyper_util::rt::TokioIo;
 use serde::Deserialize;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio_rustls::rustls;
 
 /// Longest wait for one request (a deep prompt on a big model is slow).
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(1800);
+/// Longest wait for a connection (TCP and TLS).
+const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
 /// Largest answer read.
 const MAX_ANSWER: usize = 16 << 20;
 
-/// One llama-server instance.
+/// One llama-server instance, or a gateway in front of several.
 #[derive(Debug, Clone)]
 pub struct Server {
-    client: Client<HttpConnector, Full<Bytes>>,
     base: String,
     api_key: String,
+    /// For `https://` bases: trusts only the given CA.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
-
 /// What `/props` and `/v1/models` say about the instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Props {
@@ -70,19 +73,32 @@ pub struct Measured {
 impl Server {
     /// A client of the instance at `base` (`http://host:port`).
     pub fn new(base: &str, api_key: &str) -> Server {
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(Duration::from_secs(5)));
         Server {
-            // A connection per request: llama-server closes keep-alive
-            // connections after a few requests, and a pooled one closed
-            // under a new request would fail a run for nothing.
-            client: Client::builder(TokioExecutor::new())
-                .pool_max_idle_per_host(0)
-                .build(http),
             base: base.trim_end_matches('/').to_owned(),
             api_key: api_key.to_owned(),
+            tls: None,
         }
+    }
+
+    /// A client of `base` that may be `https://`, trusting only the CA in
+    /// `ca_pem` (halo's: it signs the agents' gateway certificates).
+    pub fn with_ca(base: &str, api_key: &str, ca_pem: &[u8]) -> anyhow::Result<Server> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(ca_pem) {
+            roots.add(c.context("the CA certificate")?)?;
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let mut s = Server::new(base, api_key);
+        s.tls = Some(Arc::new(config));
+        Ok(s)
     }
 
     fn request(
@@ -101,6 +117,71 @@ impl Server {
         Ok(b.body(Full::new(body))?)
     }
 
+    /// Sends `req` on a new connection (llama-server closes keep-alive
+    /// connections after a few requests; a pooled one closed under a new
+    /// request would fail a run for nothing), TLS for `https://`.
+    async fn send(&self, mut req: Request<Full<Bytes>>) -> anyhow::Result<Response<Incoming>> {
+        let uri = req.uri().clone();
+        let https = uri.scheme_str() == Some("https");
+        let host = uri
+            .host()
+            .ok_or_else(|| anyhow!("{}: no host", self.base))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let authority = uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .unwrap_or_default();
+        *req.uri_mut() = uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .parse::<Uri>()?;
+        req.headers_mut()
+            .insert(header::HOST, header::HeaderValue::try_from(authority)?);
+        let connect = async {
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            anyhow::Ok(tcp)
+        };
+        let tcp = tokio::time::timeout(CONNECT_DEADLINE, connect)
+            .await
+            .map_err(|_| anyhow!("{}: no connection in {CONNECT_DEADLINE:?}", self.base))?
+            .with_context(|| format!("connecting to {}", self.base))?;
+        if https {
+            let config = self.tls.clone().ok_or_else(|| {
+                anyhow!(
+                    "{} is HTTPS: haloctl needs its certificate files (--tls-ca names the CA \
+                     that signed the gateway's certificate)",
+                    self.base
+                )
+            })?;
+            let name = rustls::pki_types::ServerName::try_from(host.clone())?;
+            let tls = tokio::time::timeout(
+                CONNECT_DEADLINE,
+                tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+            )
+            .await
+            .map_err(|_| anyhow!("{}: no TLS handshake in {CONNECT_DEADLINE:?}", self.base))?
+            .with_context(|| format!("TLS to {}", self.base))?;
+            Self::exchange(TokioIo::new(tls), req).await
+        } else {
+            Self::exchange(TokioIo::new(tcp), req).await
+        }
+    }
+
+    async fn exchange<T>(io: T, req: Request<Full<Bytes>>) -> anyhow::Result<Response<Incoming>>
+    where
+        T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(sender.send_request(req).await?)
+    }
+
     async fn call(
         &self,
         method: Method,
@@ -110,8 +191,7 @@ impl Server {
         let req = self.request(method, path, body)?;
         let fut = async {
             let resp = self
-                .client
-                .request(req)
+                .send(req)
                 .await
                 .with_context(|| format!("{}{path}", self.base))?;
             let status = resp.status();
@@ -212,8 +292,7 @@ impl Server {
         let start = Instant::now();
         let fut = async {
             let resp = self
-                .client
-                .request(req)
+                .send(req)
                 .await
                 .with_context(|| format!("{}/completion", self.base))?;
             let status = resp.status();
