@@ -8,6 +8,7 @@ agent/fuzz/corpus/agent_request and controller/fuzz/corpus/controller_request.""
 
 import json
 import os
+import struct
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FUZZ = {"agent_request": "agent", "controller_request": "controller"}
@@ -28,13 +29,15 @@ def varint(n):
 
 def msg(*fields):
     """fields: (number, value); int -> varint, bytes/str -> length-delimited,
-    list of ints -> packed varints, None -> skipped."""
+    float -> fixed64 double, list of ints -> packed varints, None -> skipped."""
     out = bytearray()
     for num, v in fields:
         if v is None:
             continue
         if isinstance(v, bool) or isinstance(v, int):
             out += varint(num << 3) + varint(int(v))
+        elif isinstance(v, float):
+            out += varint(num << 3 | 1) + struct.pack("<d", v)
         elif isinstance(v, (bytes, str)):
             b = v.encode() if isinstance(v, str) else v
             out += varint(num << 3 | 2) + varint(len(b)) + b
@@ -177,6 +180,16 @@ def controller():
         "default_context": 32768, "min_context": 4096, "cache_type_k": "q8_0",
         "cache_type_v": "f16", "extra_flags": ["--jinja"], "priority": 5,
         "modes": ["code", "ask"], "parallel": 2, "allow_split": True}).encode())
+    setup = msg((1, "qwen3-coder-30b"), (2, "qwen3/coder.gguf"), (3, 34359738368),
+                (4, "strix-1"), (5, "version: 6500 (abc1234)"), (6, 65536), (7, 2),
+                (8, "q8_0"), (9, "q8_0"), (10, "on"), (11, 0),
+                (12, "http://100.64.0.5:8080"), (13, 2))
+    point = msg((1, 16384), (2, 2), (3, 512), (4, 128), (5, 3),
+                (6, 433.1), (7, 420.0), (8, 442.0), (9, 47.1), (10, 46.6), (11, 47.5),
+                (12, 2480.0), (13, 2232.0), (14, 2976.0))
+    result = msg((1, setup), (2, "qwen3-coder-30b"), (3, 1780000000000), (4, point))
+    write(t, "put-bench-result", 18, msg((1, result)))
+    write(t, "list-bench-results", 19, msg((1, "qwen3-coder-30b")))
 
 
 if __name__ == "__main__":

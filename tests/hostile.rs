@@ -1,7 +1,7 @@
 //! Hostile input against the real daemons: one table of path-traversal
 //! and malformed model ids run through every entry point that takes one
-//! (the agent's StartInstance, the controller's PutCatalogEntry and Place,
-//! and the controller's catalog file); the agent's start/stop rate limit;
+//! (the agent's StartInstance, the controller's PutCatalogEntry, Place and
+//! PutBenchResult, and the controller's catalog file); the agent's start/stop rate limit;
 //! and requests far above the message size limits. Every refusal must name
 //! the problem, start nothing, record nothing, and leave the daemon up.
 
@@ -267,6 +267,30 @@ fn check<T: std::fmt::Debug>(what: &str, got: Result<T, tonic::Status>, want: Ex
     }
 }
 
+/// A bench result of catalog name `model` naming file `model_id`.
+fn bench_result(model: &str, model_id: &str, at: u64) -> v1::BenchResult {
+    v1::BenchResult {
+        setup: Some(v1::BenchSetup {
+            model: model.into(),
+            model_id: model_id.into(),
+            node: "halo1".into(),
+            context_size: 256,
+            slots: 1,
+            flash_attention: "auto".into(),
+            ..Default::default()
+        }),
+        placement: model.into(),
+        at_unix_ms: 1_780_000_000_000 + at,
+        points: vec![v1::BenchPoint {
+            concurrency: 1,
+            prompt_tokens: 8,
+            gen_tokens: 8,
+            runs: 1,
+            ..Default::default()
+        }],
+    }
+}
+
 /// Asserts a daemon process is alive.
 fn alive(proc: &mut Option<tests::Proc>, what: &str) {
     proc.as_mut()
@@ -307,6 +331,7 @@ async fn every_hostile_model_id_is_refused_at_every_entry_point_and_nothing_star
         .entries
         .len();
     let mut literal = 0;
+    let mut kept = 0;
 
     for (i, &(label, input, agent_want, catalog_want)) in ROWS.iter().enumerate() {
         // The agent's StartInstance.
@@ -373,6 +398,20 @@ async fn every_hostile_model_id_is_refused_at_every_entry_point_and_nothing_star
                 "{label}: {:?}",
                 r.explanation
             );
+        }
+
+        // The controller's PutBenchResult: the file a kept result names is
+        // checked as the catalog checks it (a literal name is kept).
+        if let Some(id) = input.text() {
+            let got = c
+                .put_bench_result(v1::PutBenchResultRequest {
+                    result: Some(bench_result(&name, &id, i as u64)),
+                })
+                .await
+                .map(tonic::Response::into_inner);
+            if check(&format!("{label}: PutBenchResult"), got, catalog_want).is_some() {
+                kept += 1;
+            }
         }
 
         // The controller's Place, the input as the catalog name.
@@ -443,6 +482,13 @@ async fn every_hostile_model_id_is_refused_at_every_entry_point_and_nothing_star
         .into_inner()
         .entries;
     assert_eq!(catalog.len(), catalog_before + literal, "{catalog:?}");
+    let results = c
+        .list_bench_results(v1::ListBenchResultsRequest::default())
+        .await
+        .expect("bench results")
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), kept, "{results:?}");
     a.get_node(v1::GetNodeRequest {})
         .await
         .expect("agent answers");

@@ -3,6 +3,7 @@
 
 mod agent;
 mod agent_rpc;
+mod bench_cmd;
 mod cluster_crash;
 mod cluster_failover;
 mod cluster_leader;

@@ -272,6 +272,22 @@ async fn controller_matrix(ch: Channel) -> Vec<(&'static str, Code)> {
                 .map(drop),
             ),
         ),
+        (
+            "PutBenchResult",
+            code(
+                c.put_bench_result(v1::PutBenchResultRequest { result: None })
+                    .await
+                    .map(drop),
+            ),
+        ),
+        (
+            "ListBenchResults",
+            code(
+                c.list_bench_results(v1::ListBenchResultsRequest::default())
+                    .await
+                    .map(drop),
+            ),
+        ),
     ]
 }
 
@@ -282,6 +298,7 @@ const CONTROLLER_MUTATING: &[&str] = &[
     "PutCatalogEntry",
     "CreateKey",
     "RevokeKey",
+    "PutBenchResult",
 ];
 
 /// Every outcome in `got` is `want` (for the methods `only` names, or all).
@@ -410,6 +427,7 @@ async fn mutual_tls_refuses_every_wrong_caller_on_every_method_and_places_with_t
                 "PutCatalogEntry",
                 "CreateKey",
                 "RevokeKey",
+                "PutBenchResult",
                 "Routes",
             ]
         } else {

@@ -49,6 +49,7 @@ pub const POLICY: Policy = Policy {
         "PutCatalogEntry",
         "CreateKey",
         "RevokeKey",
+        "PutBenchResult",
     ],
     writers: &[Role::Admin],
     readers: &[Role::Admin, Role::ReadOnly, Role::Gateway, Role::Agent],
@@ -609,6 +610,36 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
         crate::keys::revoke(&self.desired, &name).await?;
         self.events.emit("key_revoked", &name, "revoked");
         Ok(Response::new(v1::RevokeKeyResponse {}))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn put_bench_result(
+        &self,
+        r: Request<v1::PutBenchResultRequest>,
+    ) -> Result<Response<v1::PutBenchResultResponse>, Status> {
+        self.access.check("PutBenchResult", &r)?;
+        let res = crate::bench::put_request(r.into_inner())?;
+        crate::bench::put(&self.desired, &res).await?;
+        self.events.emit(
+            "bench",
+            &res.setup.model,
+            format!("on {}: {} point(s) kept", res.setup.node, res.points.len()),
+        );
+        Ok(Response::new(v1::PutBenchResultResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(model = %r.get_ref().model.escape_debug()))]
+    async fn list_bench_results(
+        &self,
+        r: Request<v1::ListBenchResultsRequest>,
+    ) -> Result<Response<v1::ListBenchResultsResponse>, Status> {
+        self.access.check("ListBenchResults", &r)?;
+        let results = crate::bench::list(&self.desired, &r.get_ref().model)
+            .await?
+            .into_iter()
+            .map(Into::into)
+            .collect();
+        Ok(Response::new(v1::ListBenchResultsResponse { results }))
     }
 
     type WatchEventsStream = EventStream;

@@ -3,11 +3,12 @@
 //! ([`placement`]), the view of agents ([`observe`]), reconcile and node
 //! loss ([`reconcile`]), a replica's generations and a split's sides
 //! ([`lifecycle`]), the gRPC API ([`api`]) with the gateways' routing
-//! table ([`routes`]) and user keys ([`keys`]), configuration
-//! ([`config`]), `/metrics` ([`metrics`]) and the daemon that ties them
-//! together ([`daemon`]).
+//! table ([`routes`]), user keys ([`keys`]) and bench results
+//! ([`bench`]), configuration ([`config`]), `/metrics` ([`metrics`]) and
+//! the daemon that ties them together ([`daemon`]).
 
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod daemon;

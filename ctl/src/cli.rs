@@ -127,6 +127,20 @@ pub enum Command {
         haloctl keys list\n  \
         haloctl keys revoke alice")]
     Keys(KeysArgs),
+    /// Measure a placed model's speed on each of its nodes (prompt and
+    /// generation tokens/s, time to first token) with llama-server's own
+    /// timings, and keep the result; `--history` shows the kept results.
+    #[command(after_help = "Examples:\n  \
+        haloctl bench qwen3-coder-30b --yes\n  \
+        haloctl bench gpt-oss-20b --depth 0,4096,16384 --concurrency 1,4 --runs 5 --yes\n  \
+        haloctl bench tiny --node halo1 --prompt-tokens 256 --gen-tokens 64 -o json --yes\n  \
+        haloctl bench qwen3-coder-30b --gateway --concurrency 1,8 --yes\n  \
+        haloctl bench --history qwen3-coder-30b\n\n\
+        Benchmarking takes the model's slots away from its users while it runs (it never\n\
+        changes the placement): it runs only with --yes. Figures are medians over --runs,\n\
+        with the smallest and largest run; results of another llama.cpp build or other\n\
+        settings are kept and shown apart, never averaged together.")]
+    Bench(BenchArgs),
     /// The log of a placement's llama-server, read through its agent.
     #[command(
         after_help = "Examples:\n  haloctl logs gpt-oss-20b\n  haloctl logs qwen3-coder-30b --replica 1 -n 200 -f"
@@ -260,6 +274,61 @@ pub struct PlaceArgs {
 pub struct UnplaceArgs {
     /// Placement name (see `haloctl status`).
     pub name: String,
+}
+
+/// Arguments of `haloctl bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Placement (or catalog) name (see `haloctl status`).
+    pub name: String,
+    /// Show the kept results of NAME instead of measuring.
+    #[arg(long)]
+    pub history: bool,
+    /// Context depths: tokens already in the slot's cache before the
+    /// measured prompt (comma-separated).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "0",
+        env = "HALO_BENCH_DEPTH"
+    )]
+    pub depth: Vec<u32>,
+    /// Prompt tokens measured per stream.
+    #[arg(long, default_value_t = 512, env = "HALO_BENCH_PROMPT_TOKENS",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub prompt_tokens: u32,
+    /// Tokens generated per stream.
+    #[arg(long, default_value_t = 128, env = "HALO_BENCH_GEN_TOKENS",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub gen_tokens: u32,
+    /// Runs per point (the median is shown, with the spread).
+    #[arg(long, default_value_t = 3, env = "HALO_BENCH_RUNS",
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub runs: u32,
+    /// Parallel streams, one slot each (comma-separated; at most the
+    /// placement's slots).
+    #[arg(long, value_delimiter = ',', default_value = "1", env = "HALO_BENCH_CONCURRENCY",
+          value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub concurrency: Vec<u32>,
+    /// Only the replica on this node (with --history: only its results).
+    #[arg(long, env = "HALO_BENCH_NODE")]
+    pub node: Option<String>,
+    /// Send the streams through the cluster's gateway (a node's
+    /// `gateway_listen`), which spreads them over every ready replica, as
+    /// users' requests are: aggregate tokens/s of the placement. Depth 0
+    /// only; a temporary user key is made and revoked.
+    #[arg(long, env = "HALO_BENCH_GATEWAY", conflicts_with = "node")]
+    pub gateway: bool,
+    /// Run even though the model serves users (their requests slow down
+    /// while it runs).
+    #[arg(long)]
+    pub yes: bool,
+    /// Measure and print, but do not keep the result.
+    #[arg(long)]
+    pub no_store: bool,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t)]
+    pub output: Format,
 }
 
 /// Arguments of `haloctl logs`.

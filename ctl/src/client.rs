@@ -51,6 +51,9 @@ pub struct Target {
     /// is then blamed on it, whatever the transport says (TLS 1.3 can lose
     /// the server's alert to a reset).
     pub expired_cert: Option<PathBuf>,
+    /// The CA of `--tls-ca` (PEM), which also signs the agents' HTTPS
+    /// gateways that `haloctl bench --gateway` talks to.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 /// `--tls-cert`, `--tls-key` and `--tls-ca` as given on the command line;
@@ -79,6 +82,7 @@ impl Target {
                     tls: None,
                     expired_cert: None,
                     material: None,
+                    ca_pem: None,
                 });
             }
         }
@@ -92,6 +96,7 @@ impl Target {
                 tls: None,
                 expired_cert: None,
                 material: None,
+                ca_pem: None,
             });
         }
         Ok(Target {
@@ -100,6 +105,7 @@ impl Target {
             tls: None,
             expired_cert: None,
             material: None,
+            ca_pem: None,
         })
     }
 
@@ -160,6 +166,7 @@ impl Target {
                 self.expired_cert = Some(files.cert.clone());
             }
             self.tls = Some(material.client_config());
+            self.ca_pem = Some(material.ca_pem().to_vec());
             self.material = Some(material);
             if let Some(rest) = self.url.strip_prefix("http://") {
                 self.url = format!("https://{rest}");
@@ -408,6 +415,7 @@ mod tests {
             tls: None,
             expired_cert: None,
             material: None,
+            ca_pem: None,
         };
         for s in [
             tonic::Status::cancelled("Timeout expired"),

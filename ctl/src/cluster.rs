@@ -72,6 +72,33 @@ pub struct ModelJson {
     pub modes: Vec<String>,
     /// Nodes whose agents hold the file.
     pub nodes: Vec<String>,
+    /// Measured speed per node (`haloctl bench`): the newest kept result
+    /// of the setup that runs now, else the newest kept one, saying what
+    /// differs.
+    pub speed: Vec<SpeedJson>,
+}
+
+/// A model's measured speed on one node, from one kept bench result.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct SpeedJson {
+    /// Node measured.
+    pub node: String,
+    /// Prompt processing tokens/s (median) at the point shown.
+    pub pp_tokens_per_second: f64,
+    /// Generation tokens/s (median) at the point shown.
+    pub tg_tokens_per_second: f64,
+    /// The point shown: the result's smallest depth, fewest streams.
+    pub depth: u32,
+    /// Streams at that point.
+    pub concurrency: u32,
+    /// When it was measured, Unix ms.
+    pub at_unix_ms: u64,
+    /// llama.cpp build it was measured with.
+    pub llama_build: String,
+    /// What differs from how the model runs on the node now (`build`,
+    /// `context`, …); empty when it is the same; `not placed` when it does
+    /// not run there now.
+    pub differs: Vec<String>,
 }
 
 /// `haloctl status -o json`: one object per placement.
@@ -360,14 +387,145 @@ pub fn models_json(entries: &[v1::CatalogEntry]) -> Vec<ModelJson> {
             min_context: e.min_context,
             modes: e.modes.iter().map(|&m| mode(m).to_owned()).collect(),
             nodes: e.nodes.clone(),
+            speed: Vec::new(),
         })
         .collect()
+}
+
+/// Fills each model's `speed` from the kept bench results: per node, the
+/// newest result whose setup is the one running now (placement settings,
+/// file, the node's llama.cpp build), else the newest one with what
+/// differs. Results are never combined.
+pub fn attach_speed(
+    models: &mut [ModelJson],
+    results: &[proto::domain::BenchResult],
+    placements: &[v1::Placement],
+    nodes: &[v1::NodeView],
+) {
+    let build = |node: &str| {
+        nodes
+            .iter()
+            .filter_map(|n| n.node.as_ref())
+            .find(|n| n.name == node)
+            .map(|n| n.llama_version.clone())
+            .unwrap_or_default()
+    };
+    for m in models.iter_mut() {
+        // Per node: results measured straight to a replica (a figure
+        // through a gateway is the placement's, over several nodes).
+        let results: Vec<&proto::domain::BenchResult> = results
+            .iter()
+            .filter(|r| r.setup.gateway.is_empty())
+            .collect();
+        let mut on: Vec<&str> = results
+            .iter()
+            .filter(|r| r.setup.model == m.name)
+            .map(|r| r.setup.node.as_str())
+            .collect();
+        on.sort_unstable();
+        on.dedup();
+        for node in on {
+            let mine: Vec<&proto::domain::BenchResult> = results
+                .iter()
+                .copied()
+                .filter(|r| r.setup.model == m.name && r.setup.node == node)
+                .collect();
+            // The setups of this model's placements on the node now.
+            let running: Vec<proto::domain::BenchSetup> = placements
+                .iter()
+                .filter(|p| p.model == m.name && p.replicas.iter().any(|r| r.node == node))
+                .map(|p| {
+                    crate::bench::current_setup(p, node, &build(node), m.file_size_bytes, None)
+                })
+                .collect();
+            let same = |r: &&&proto::domain::BenchResult| {
+                running.iter().any(|s| {
+                    // What is not known now (no node heard from yet) is
+                    // not counted as a difference.
+                    let mut s = s.clone();
+                    if s.context_size == 0 {
+                        s.context_size = r.setup.context_size;
+                    }
+                    if s.model_file_bytes == 0 {
+                        s.model_file_bytes = r.setup.model_file_bytes;
+                    }
+                    if s.llama_build.is_empty() {
+                        s.llama_build.clone_from(&r.setup.llama_build);
+                    }
+                    r.setup.differences(&s).is_empty()
+                })
+            };
+            let (r, differs) = match mine.iter().rev().find(same) {
+                Some(r) => (*r, Vec::new()),
+                None => {
+                    let Some(r) = mine.last() else { continue };
+                    let differs = match running.first() {
+                        None => vec!["not placed".to_owned()],
+                        Some(s) => r
+                            .setup
+                            .differences(s)
+                            .into_iter()
+                            .map(str::to_owned)
+                            .collect(),
+                    };
+                    (*r, differs)
+                }
+            };
+            let Some(p) = r.points.iter().min_by_key(|p| (p.depth, p.concurrency)) else {
+                continue;
+            };
+            m.speed.push(SpeedJson {
+                node: node.to_owned(),
+                pp_tokens_per_second: p.pp.median,
+                tg_tokens_per_second: p.tg.median,
+                depth: p.depth,
+                concurrency: p.concurrency,
+                at_unix_ms: r.at_unix_ms,
+                llama_build: r.setup.llama_build.clone(),
+                differs,
+            });
+        }
+    }
+}
+
+fn speed_cell(v: &[SpeedJson]) -> String {
+    if v.is_empty() {
+        return "-".into();
+    }
+    v.iter()
+        .map(|s| {
+            let mut c = format!(
+                "{} {}/{}",
+                s.node,
+                crate::bench::rate(s.pp_tokens_per_second),
+                crate::bench::rate(s.tg_tokens_per_second)
+            );
+            if !s.differs.is_empty() {
+                let what = if s.differs.iter().any(|d| d == "not placed") {
+                    "not placed now".to_owned()
+                } else {
+                    format!("other {}", s.differs.join("+"))
+                };
+                c.push_str(&format!(" ({what})"));
+            }
+            c
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The `haloctl models` table.
 pub fn render_models(models: &[ModelJson]) -> String {
     let mut t = Table::new([
-        "NAME", "FILE", "SIZE", "ARCH", "QUANT", "CONTEXT", "MODES", "NODES",
+        "NAME",
+        "FILE",
+        "SIZE",
+        "ARCH",
+        "QUANT",
+        "CONTEXT",
+        "MODES",
+        "NODES",
+        "PP/TG T/S",
     ]);
     for m in models {
         t.row([
@@ -387,6 +545,7 @@ pub fn render_models(models: &[ModelJson]) -> String {
             } else {
                 m.nodes.join(",")
             },
+            speed_cell(&m.speed),
         ]);
     }
     t.render()
@@ -806,7 +965,40 @@ pub fn models(t: &Target, a: &ListArgs) -> Result<(), Failure> {
     let resp = client_call(t, |mut c| async move {
         c.list_catalog(v1::ListCatalogRequest {}).await
     })?;
-    let v = models_json(&resp.entries);
+    let mut v = models_json(&resp.entries);
+    // Speed beside memory: kept bench results against what runs now. A
+    // controller without bench results (older) leaves the column empty.
+    let rt = crate::client::runtime()?;
+    let extra = rt.block_on(async {
+        let mut c = t.connect().await?;
+        let results = match c
+            .list_bench_results(v1::ListBenchResultsRequest::default())
+            .await
+        {
+            Ok(r) => r.into_inner().results,
+            Err(s) if s.code() == tonic::Code::Unimplemented => Vec::new(),
+            Err(s) => return Err(t.status(s)),
+        };
+        let placements = c
+            .list_placements(v1::ListPlacementsRequest {})
+            .await
+            .map_err(|s| t.status(s))?
+            .into_inner()
+            .placements;
+        let nodes = c
+            .list_nodes(v1::ListNodesRequest {})
+            .await
+            .map_err(|s| t.status(s))?
+            .into_inner()
+            .nodes;
+        Ok::<_, Failure>((results, placements, nodes))
+    })?;
+    let (results, placements, nodes) = extra;
+    let results: Vec<proto::domain::BenchResult> = results
+        .into_iter()
+        .filter_map(|r| proto::domain::BenchResult::try_from(r).ok())
+        .collect();
+    attach_speed(&mut v, &results, &placements, &nodes);
     emit(a.output, &v, render_models)
 }
 

@@ -4,6 +4,7 @@
 //! Exit codes: 0 ok, 1 refused or failed, 2 usage, 3 cannot reach the
 //! controller.
 
+pub mod bench;
 pub mod certs;
 pub mod cli;
 pub mod client;
@@ -12,6 +13,7 @@ pub mod fixture;
 pub mod gateway;
 pub mod inspect;
 pub mod keys;
+pub mod llamahttp;
 pub mod memory;
 pub mod output;
 pub mod place;
@@ -74,6 +76,7 @@ where
         cli::Command::Logs(a) => target().and_then(|t| cluster::logs(&t, &a)),
         cli::Command::Unplace(a) => target().and_then(|t| cluster::unplace(&t, &a)),
         cli::Command::Place(a) => target().and_then(|t| place::run(&t, &a)),
+        cli::Command::Bench(a) => target().and_then(|t| bench::run(&t, &a)),
         cli::Command::Keys(a) => target().and_then(|t| keys::run(&t, &a)),
         cli::Command::Completions(a) => {
             let mut out = Vec::new();

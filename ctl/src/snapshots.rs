@@ -496,3 +496,132 @@ fn completions_name_every_command() {
         }
     }
 }
+
+fn bench_result(build: &str, at: u64, tg: f64) -> proto::domain::BenchResult {
+    use proto::domain::{BenchPoint, BenchResult, BenchSetup, Spread};
+    let point = |depth: u32, concurrency: u32, pp: f64, tg: f64, ttft: f64| BenchPoint {
+        depth,
+        concurrency,
+        prompt_tokens: 512,
+        gen_tokens: 128,
+        runs: 3,
+        pp: Spread {
+            median: pp,
+            min: pp * 0.97,
+            max: pp * 1.02,
+        },
+        tg: Spread {
+            median: tg,
+            min: tg * 0.99,
+            max: tg * 1.01,
+        },
+        ttft_ms: Spread {
+            median: ttft,
+            min: ttft * 0.9,
+            max: ttft * 1.2,
+        },
+    };
+    BenchResult {
+        setup: BenchSetup {
+            model: "qwen3-coder-30b".into(),
+            model_id: "Qwen3-Coder-30B-A3B-Q8_0.gguf".into(),
+            model_file_bytes: 32 * GIB,
+            node: "halo1".into(),
+            llama_build: build.into(),
+            context_size: 65536,
+            slots: 2,
+            cache_type_k: "q8_0".into(),
+            cache_type_v: "q8_0".into(),
+            flash_attention: "on".into(),
+            threads: 0,
+            gateway: String::new(),
+            replicas: 0,
+        },
+        placement: "qwen3-coder-30b".into(),
+        at_unix_ms: at,
+        points: vec![
+            point(0, 1, 812.4, tg, 655.0),
+            point(0, 2, 990.0, tg * 1.6, 1210.0),
+            point(16384, 1, 402.7, tg * 0.6, 1290.0),
+            point(16384, 2, 433.1, tg * 0.9, 2480.0),
+        ],
+    }
+}
+
+#[test]
+fn bench_tables_match_their_snapshots() {
+    use crate::bench::{BenchJson, render_history, render_results};
+    let now = bench_result("version: 6500 (abc1234)", 1_780_000_000_000, 52.3);
+    check("bench", &render_results(&[BenchJson::from(&now)]));
+    let old = bench_result("version: 6400 (0ddba11)", 1_779_000_000_000, 48.9);
+    check(
+        "bench-history",
+        &render_history(
+            "qwen3-coder-30b",
+            &[BenchJson::from(&old), BenchJson::from(&now)],
+        ),
+    );
+    check("bench-history-empty", &render_history("tiny", &[]));
+
+    // `haloctl models`: the result of the build that runs now, even when
+    // an older build's is newer; and one only measured elsewhere.
+    let mut entry = v1::CatalogEntry {
+        name: "qwen3-coder-30b".into(),
+        model_id: "Qwen3-Coder-30B-A3B-Q8_0.gguf".into(),
+        default_context: 65536,
+        min_context: 4096,
+        nodes: vec!["halo1".into(), "halo2".into()],
+        file_size_bytes: 32 * GIB,
+        params: Some(v1::ModelParams {
+            architecture: "qwen3moe".into(),
+            quantization: "Q8_0".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    entry.modes = vec![v1::EditorMode::Code as i32];
+    let mut models = crate::cluster::models_json(&[entry]);
+    let mut newer_old_build = bench_result("version: 6400 (0ddba11)", 1_781_000_000_000, 1.0);
+    newer_old_build.points.truncate(1);
+    let mut on_halo2 = bench_result("version: 6500 (abc1234)", 1_778_000_000_000, 40.0);
+    on_halo2.setup.node = "halo2".into();
+    let placement = v1::Placement {
+        name: "qwen3-coder-30b".into(),
+        model: "qwen3-coder-30b".into(),
+        model_id: "Qwen3-Coder-30B-A3B-Q8_0.gguf".into(),
+        options: Some(v1::InstanceOptions {
+            context_size: 65536,
+            parallel: 2,
+            cache_type_k: v1::CacheType::Q80 as i32,
+            cache_type_v: v1::CacheType::Q80 as i32,
+            flash_attention: Some(true),
+            ..Default::default()
+        }),
+        replicas: vec![v1::Replica {
+            node: "halo1".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let node = v1::NodeView {
+        node: Some(v1::NodeIdentity {
+            name: "halo1".into(),
+            llama_version: "version: 6500 (abc1234)".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    crate::cluster::attach_speed(
+        &mut models,
+        &[now, newer_old_build, on_halo2],
+        &[placement],
+        &[node],
+    );
+    assert!(
+        models[0].speed[0].differs.is_empty(),
+        "{:?}",
+        models[0].speed
+    );
+    assert_eq!(models[0].speed[0].tg_tokens_per_second, 52.3);
+    check("models-speed", &crate::cluster::render_models(&models));
+}

@@ -229,6 +229,11 @@ impl TlsMaterial {
         &self.cert
     }
 
+    /// The CA certificate, PEM, as read.
+    pub fn ca_pem(&self) -> &[u8] {
+        &self.ca
+    }
+
     fn identity(&self) -> Identity {
         Identity::from_pem(&self.cert, &self.key)
     }

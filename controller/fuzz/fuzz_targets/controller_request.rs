@@ -132,7 +132,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&which, rest)) = data.split_first() else {
         return;
     };
-    match which % 18 {
+    match which % 20 {
         0 => {
             let _ = decode::<v1::ListNodesRequest>(rest);
         }
@@ -212,6 +212,26 @@ fuzz_target!(|data: &[u8]| {
             if let Ok(k) = serde_json::from_slice::<controller::keys::KeyRecord>(rest) {
                 assert!(k.to_wire(false).sha256.is_empty());
                 let _ = k.to_wire(true);
+            }
+        }
+        18 => {
+            // A bench result: checked, kept as JSON, read back the same.
+            if let Some(r) = decode::<v1::PutBenchResultRequest>(rest) {
+                match controller::bench::put_request(r) {
+                    Ok(res) => {
+                        let key = controller::bench::result_key(&res);
+                        assert!(key.starts_with(&controller::bench::model_prefix(&res.setup.model)));
+                        let back: proto::domain::BenchResult =
+                            serde_json::from_str(&json(&res)).expect("stored result reads back");
+                        assert_eq!(back, res);
+                    }
+                    Err(e) => answer(e),
+                }
+            }
+        }
+        19 => {
+            if let Some(r) = decode::<v1::ListBenchResultsRequest>(rest) {
+                let _ = proto::domain::catalog::check_name("model", &r.model);
             }
         }
         _ => {

@@ -8,7 +8,8 @@
 //! checks both backends behave the same).
 //!
 //! Keys live under [`ROOT`]: `nodes/`, `catalog/`, `placements/`, `keys/`
-//! (user keys of the gateways, hashed), `leader`.
+//! (user keys of the gateways, hashed), `bench/` (kept bench results),
+//! `leader`.
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
@@ -28,6 +29,8 @@ pub const CATALOG: &str = "/halo/v1/catalog/";
 pub const PLACEMENTS: &str = "/halo/v1/placements/";
 /// User keys of the gateways (their SHA-256, never their text).
 pub const KEYS: &str = "/halo/v1/keys/";
+/// Bench results, `bench/MODEL/AT-NODE`.
+pub const BENCH: &str = "/halo/v1/bench/";
 /// The leader record (embedded store) / election prefix (etcd).
 pub const LEADER: &str = "/halo/v1/leader";
 

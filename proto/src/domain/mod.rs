@@ -1,6 +1,7 @@
 //! Domain types: what halo's libraries pass around. Each file pairs a type
 //! with its `From`/`TryFrom` conversions to and from the wire.
 
+pub mod bench;
 pub mod catalog;
 pub mod instance;
 pub mod memory;
@@ -8,6 +9,7 @@ pub mod model;
 pub mod node;
 pub mod placement;
 
+pub use bench::{BenchPoint, BenchResult, BenchSetup, Spread};
 pub use catalog::{CatalogEntry, EditorMode};
 pub use instance::{
     CacheType, Instance, InstanceKind, InstanceOptions, InstanceState, LogLine, MemoryBreakdown,
