@@ -22,6 +22,7 @@ mod hostile;
 mod keys;
 mod liveness;
 mod llama;
+mod ondemand;
 mod oom;
 mod split;
 mod tls;

@@ -272,6 +272,28 @@ async fn controller_matrix(ch: Channel) -> Vec<(&'static str, Code)> {
                 .map(drop),
             ),
         ),
+        (
+            "Demand",
+            code(
+                c.demand(v1::DemandRequest {
+                    model: "no-such-model".into(),
+                    ..v1::DemandRequest::default()
+                })
+                .await
+                .map(drop),
+            ),
+        ),
+        (
+            "ReportUse",
+            code(
+                c.report_use(v1::ReportUseRequest {
+                    gateway: "intruder".into(),
+                    uses: Vec::new(),
+                })
+                .await
+                .map(drop),
+            ),
+        ),
     ]
 }
 
@@ -411,6 +433,8 @@ async fn mutual_tls_refuses_every_wrong_caller_on_every_method_and_places_with_t
                 "CreateKey",
                 "RevokeKey",
                 "Routes",
+                "Demand",
+                "ReportUse",
             ]
         } else {
             CONTROLLER_MUTATING

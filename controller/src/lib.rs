@@ -3,7 +3,8 @@
 //! ([`placement`]), the view of agents ([`observe`]), reconcile and node
 //! loss ([`reconcile`]), a replica's generations and a split's sides
 //! ([`lifecycle`]), the gRPC API ([`api`]) with the gateways' routing
-//! table ([`routes`]) and user keys ([`keys`]), configuration
+//! table ([`routes`]), user keys ([`keys`]) and models on demand
+//! ([`ondemand`]), configuration
 //! ([`config`]) and the daemon that ties them together ([`daemon`]).
 
 pub mod api;
@@ -19,6 +20,7 @@ pub mod leader;
 pub mod lifecycle;
 pub mod nodes;
 pub mod observe;
+pub mod ondemand;
 pub mod placement;
 pub mod reconcile;
 pub mod routes;
