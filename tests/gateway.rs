@@ -3,69 +3,17 @@
 //! agent's own gateway. One URL and one user key; the model may be a mode.
 
 use proto::v1;
-use std::io::{BufRead, BufReader, Read};
-use std::path::Path;
-use std::process::Command;
+use std::io::{BufRead, BufReader};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tests::cluster::{
     AgentNode, ControllerProc, connect, eventually, tiny_controller, tiny_speed_pair, wait_nodes,
 };
-use tests::{Proc, bin, free_port, text, wait_for};
-
-/// A running `haloctl gateway`.
-struct Front {
-    url: String,
-    _proc: Proc,
-}
-
-/// haloctl against `c` with an admin certificate.
-fn haloctl(c: &ControllerProc, home: &Path) -> Command {
-    let mut cmd = Command::new(bin("haloctl-shim"));
-    cmd.env("HOME", home)
-        .env_remove("XDG_CONFIG_HOME")
-        .envs(c.haloctl_env());
-    cmd
-}
-
-/// Starts `haloctl gateway` with a gateway certificate, reading routes
-/// from `c`, and waits until it listens.
-fn workstation_gateway(dir: &Path, c: &ControllerProc, extra: &[&str]) -> Front {
-    let port = free_port();
-    let mut cmd = haloctl(c, dir);
-    for (k, v) in tests::pki::pki().env("gateway", "workstation") {
-        cmd.env(k, v);
-    }
-    cmd.args(["gateway", "--listen", &format!("127.0.0.1:{port}")])
-        .args(extra)
-        .env("HALO_LOG", "info");
-    let mut proc = Proc::spawn("gateway", cmd, dir);
-    let up = wait_for(Duration::from_secs(20), || {
-        proc.assert_running();
-        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-    });
-    assert!(up.is_some(), "gateway did not listen:\n{}", proc.log());
-    Front {
-        url: format!("http://127.0.0.1:{port}"),
-        _proc: proc,
-    }
-}
-
-/// `haloctl keys create NAME ARGS…`: the key's text.
-fn create_key(c: &ControllerProc, home: &Path, name: &str, args: &[&str]) -> String {
-    let o = haloctl(c, home)
-        .args(["keys", "create", name])
-        .args(args)
-        .output()
-        .expect("haloctl keys create");
-    assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
-    text(&o.stdout)
-        .split_whitespace()
-        .find(|w| w.starts_with("halo-"))
-        .map(str::to_owned)
-        .unwrap_or_else(|| panic!("no key in {}", text(&o.stdout)))
-}
+use tests::front::{
+    Answer, chat_body, complete, create_key, haloctl, http, post, workstation_gateway,
+};
+use tests::{text, wait_for};
 
 /// Starts the controller and waits until it sees halo1 and halo2 ready.
 async fn start_and_wait(ctl: &mut ControllerProc) -> tests::cluster::Client {
@@ -104,69 +52,6 @@ fn both_replicas_serve(url: &str, key: &str) {
         (seen.len() == 2).then_some(())
     });
     assert!(both.is_some(), "one replica never served");
-}
-
-fn http() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(150)))
-        .http_status_as_error(false)
-        .build()
-        .into()
-}
-
-/// One answer: status, the replica the gateway says served it, the body.
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    node: String,
-    body: String,
-}
-
-fn post(url: &str, key: Option<&str>, body: &serde_json::Value) -> Result<Answer, String> {
-    let mut req = http().post(url).header("Content-Type", "application/json");
-    if let Some(k) = key {
-        req = req.header("Authorization", &format!("Bearer {k}"));
-    }
-    let mut resp = req.send(body.to_string()).map_err(|e| e.to_string())?;
-    let node = resp
-        .headers()
-        .get("x-halo-node")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    let status = resp.status().as_u16();
-    let mut s = String::new();
-    resp.body_mut()
-        .as_reader()
-        .read_to_string(&mut s)
-        .map_err(|e| e.to_string())?;
-    Ok(Answer {
-        status,
-        node,
-        body: s,
-    })
-}
-
-fn chat_body(model: &str, system: &str, stream: bool) -> serde_json::Value {
-    serde_json::json!({
-        "model": model,
-        "stream": stream,
-        "max_tokens": 4,
-        "messages": [
-            {"role": "system", "content": system},
-            {"role": "user", "content": "Hello"},
-        ],
-    })
-}
-
-/// Whether an answer is a complete chat completion (streamed or not).
-fn complete(a: &Answer, stream: bool) -> bool {
-    a.status == 200
-        && if stream {
-            a.body.contains("data: [DONE]") && a.body.contains("\"choices\"")
-        } else {
-            a.body.contains("\"choices\"")
-        }
 }
 
 async fn place(c: &ControllerProc, node: Option<&str>, replicas: u32) {

@@ -9,6 +9,7 @@
 
 pub mod agent_node;
 pub mod cluster;
+pub mod front;
 pub mod parity;
 pub mod pki;
 pub mod placing;

@@ -24,6 +24,7 @@ mod keys;
 mod liveness;
 mod llama;
 mod metrics;
+mod ondemand;
 mod oom;
 mod split;
 mod tls;

@@ -288,6 +288,28 @@ async fn controller_matrix(ch: Channel) -> Vec<(&'static str, Code)> {
                     .map(drop),
             ),
         ),
+        (
+            "Demand",
+            code(
+                c.demand(v1::DemandRequest {
+                    model: "no-such-model".into(),
+                    ..v1::DemandRequest::default()
+                })
+                .await
+                .map(drop),
+            ),
+        ),
+        (
+            "ReportUse",
+            code(
+                c.report_use(v1::ReportUseRequest {
+                    gateway: "intruder".into(),
+                    uses: Vec::new(),
+                })
+                .await
+                .map(drop),
+            ),
+        ),
     ]
 }
 
@@ -429,6 +451,8 @@ async fn mutual_tls_refuses_every_wrong_caller_on_every_method_and_places_with_t
                 "RevokeKey",
                 "PutBenchResult",
                 "Routes",
+                "Demand",
+                "ReportUse",
             ]
         } else {
             CONTROLLER_MUTATING

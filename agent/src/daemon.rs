@@ -206,13 +206,13 @@ impl Daemon {
             tracing::info!(%url, "metrics serving");
         }
         if let Some(g) = gateway {
-            let table = gateway::feed::spawn(
-                gateway::feed::FeedConfig::new(g.controllers, g.client_tls),
-                shutdown.child_token(),
-            );
+            let mut feed = gateway::feed::FeedConfig::new(g.controllers, g.client_tls);
+            feed.name = supervisor.node().name;
+            let (table, link) = gateway::feed::spawn_linked(feed, shutdown.child_token());
             let addr = g.listener.local_addr().ok();
             let gw =
                 gateway::server::Gateway::new(gateway::config::GatewayConfig::default(), table);
+            gw.set_controller(link);
             tokio::spawn(gw.serve(g.listener, g.https, shutdown.child_token()));
             tracing::info!(addr = ?addr, "gateway serving");
         }

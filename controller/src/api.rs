@@ -6,10 +6,12 @@ use crate::desired::{Desired, catalog_key, json, placement_key};
 use crate::error::Error;
 use crate::events::Events;
 use crate::observe::{Observed, instances_by_request};
+use crate::ondemand::{Demanded, Usage};
 use crate::placement::{self, Breakdown, PlaceRequest, estimate_options, used_by_node};
 use crate::store::{Compare, Op, Store};
 use proto::domain::{CatalogEntry, EditorMode, InstanceState, ModelStatus, NodeStatus, Placement};
 use proto::tls::{Access, Policy, Role};
+use proto::units::now_unix_ms;
 use proto::v1;
 use std::pin::Pin;
 use tokio::sync::{broadcast, mpsc};
@@ -34,6 +36,8 @@ pub struct ControllerApi {
     /// lock is enough; the store's compares catch anything else).
     place_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
     access: Access,
+    /// What the gateways report using (on-demand models).
+    usage: Usage,
 }
 
 /// Who may call what when the controller serves mutual TLS: the one place
@@ -70,7 +74,14 @@ impl ControllerApi {
             shutdown,
             place_lock: std::sync::Arc::default(),
             access: Access::open(),
+            usage: Usage::new(now_unix_ms()),
         }
+    }
+
+    /// Shares `usage` with reconcile (which unloads idle on-demand models).
+    pub fn with_usage(mut self, usage: Usage) -> Self {
+        self.usage = usage;
+        self
     }
 
     /// Checks callers' certificate roles against [`POLICY`] (mutual TLS).
@@ -95,11 +106,19 @@ impl ControllerApi {
         };
         let catalog = self.desired.catalog().await?;
         let (placed, _) = self.desired.placements().await?;
+        if !r.dry_run
+            && let Some(v) = placed
+                .iter()
+                .find(|v| v.value.on_demand && v.value.model == req.model)
+        {
+            return self.make_resident(v).await;
+        }
         let plain: Vec<Placement> = placed.iter().map(|v| v.value.clone()).collect();
         let nodes = self.observed.node_states(Instant::now());
         let mut d = placement::place(&nodes, &plain, &catalog, &req);
         if let Some(p) = d.placement.as_mut() {
             crate::lifecycle::continue_after(p, self.observed.max_generation(&p.name));
+            p.placed_at_unix_ms = now_unix_ms();
         }
         let accepted = d.accepted;
         if !r.dry_run {
@@ -147,6 +166,153 @@ impl ControllerApi {
             explanation: d.explanation,
             estimate: d.estimate.map(Into::into),
             dry_run: r.dry_run,
+        })
+    }
+}
+
+impl ControllerApi {
+    /// `haloctl place` of a model loaded on demand: it stays, hand-placed,
+    /// until unplaced.
+    async fn make_resident(
+        &self,
+        v: &crate::desired::Versioned<Placement>,
+    ) -> Result<v1::PlaceResponse, Error> {
+        let mut p = v.value.clone();
+        p.on_demand = false;
+        self.desired.update_placement(&p, v.revision).await?;
+        let why = format!(
+            "`{}` was loaded on demand as `{}`; it is now resident (placed by hand) until \
+             unplaced",
+            p.model, p.name
+        );
+        self.events.emit("resident", &p.name, why.clone());
+        Ok(v1::PlaceResponse {
+            accepted: true,
+            placement: Some(p.into()),
+            fits: Vec::new(),
+            evicted: Vec::new(),
+            explanation: vec![why],
+            estimate: None,
+            dry_run: false,
+        })
+    }
+
+    /// A gateway's demand for an on-demand catalog model.
+    pub async fn demand(&self, r: v1::DemandRequest) -> Result<v1::DemandResponse, Error> {
+        use v1::demand_response::Outcome;
+        if self.desired.leadership().term().is_none() {
+            return Err(Error::NotLeader);
+        }
+        let catalog = self.desired.catalog().await?;
+        let Some(entry) = catalog.get(&r.model) else {
+            return Err(Error::NotFound(format!(
+                "no catalog model `{}`",
+                r.model.escape_debug()
+            )));
+        };
+        if !entry.on_demand {
+            return Err(Error::FailedPrecondition(format!(
+                "`{}` is not on demand (set on_demand = true in its catalog entry, or \
+                 haloctl place ROLE {})",
+                entry.name, entry.name
+            )));
+        }
+        let now = now_unix_ms();
+        self.usage.touch(&entry.name, now);
+        let _serial = match tokio::time::timeout(PLACE_LOCK_WAIT, self.place_lock.lock()).await {
+            Ok(g) => g,
+            Err(_) => {
+                return Ok(v1::DemandResponse {
+                    outcome: Outcome::Wait as i32,
+                    placement: String::new(),
+                    explanation: vec!["another placement is being decided".into()],
+                    retry_after_ms: 500,
+                });
+            }
+        };
+        let (placed, _) = self.desired.placements().await?;
+        if let Some(v) = placed.iter().find(|v| v.value.model == entry.name) {
+            return Ok(v1::DemandResponse {
+                outcome: Outcome::Placed as i32,
+                placement: v.value.name.clone(),
+                explanation: Vec::new(),
+                retry_after_ms: 0,
+            });
+        }
+        let plain: Vec<Placement> = placed.iter().map(|v| v.value.clone()).collect();
+        let nodes = self.observed.node_states(Instant::now());
+        let outcome = crate::ondemand::decide(&nodes, &plain, &catalog, entry, &self.usage, now);
+        let (decision, evicted) = match outcome {
+            Demanded::Wait {
+                retry_after_ms,
+                why,
+            } => {
+                return Ok(v1::DemandResponse {
+                    outcome: Outcome::Wait as i32,
+                    placement: String::new(),
+                    explanation: why,
+                    retry_after_ms,
+                });
+            }
+            Demanded::Refused { why } => {
+                return Ok(v1::DemandResponse {
+                    outcome: Outcome::Refused as i32,
+                    placement: String::new(),
+                    explanation: why,
+                    retry_after_ms: 0,
+                });
+            }
+            Demanded::Place { decision, evicted } => (decision, evicted),
+        };
+        let Some(mut p) = decision.placement.clone() else {
+            return Err(Error::FailedPrecondition(
+                "accepted without a placement".into(),
+            ));
+        };
+        let seen = self.observed.max_generation(&p.name);
+        crate::lifecycle::continue_after(&mut p, seen);
+        p.on_demand = true;
+        p.placed_at_unix_ms = now;
+        let key = placement_key(&p.name);
+        let mut compares = vec![Compare::absent(&key)];
+        let mut ops = vec![Op::Put {
+            key,
+            value: json(&p),
+        }];
+        for (name, _) in &evicted {
+            if let Some(v) = placed.iter().find(|v| &v.value.name == name) {
+                compares.push(Compare::at(&placement_key(name), v.revision));
+                ops.push(Op::Delete {
+                    key: placement_key(name),
+                });
+            }
+        }
+        self.desired.write(compares, ops).await?;
+        for (name, why) in &evicted {
+            self.events.emit(
+                "evicted",
+                name,
+                format!("unloaded ({why}, on demand) to make room for `{}`", p.name),
+            );
+        }
+        let whom = if r.key_name.is_empty() {
+            format!("a request through gateway {}", r.gateway)
+        } else {
+            format!(
+                "a request through gateway {} (key {})",
+                r.gateway, r.key_name
+            )
+        };
+        self.events.emit(
+            "loaded",
+            &p.name,
+            format!("on demand for {whom}: {}", decision.explanation.join("; ")),
+        );
+        Ok(v1::DemandResponse {
+            outcome: Outcome::Placed as i32,
+            placement: p.name,
+            explanation: decision.explanation,
+            retry_after_ms: 0,
         })
     }
 }
@@ -311,6 +477,7 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
     ) -> Result<Response<v1::ListPlacementsResponse>, Status> {
         self.access.check("ListPlacements", &r)?;
         let (placed, _) = self.desired.placements().await?;
+        let catalog = self.desired.catalog().await?;
         let by_rid = instances_by_request(&self.observed);
         let placements = placed
             .into_iter()
@@ -332,7 +499,17 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
                             .collect()
                     })
                     .collect();
+                let last_used = self.usage.last_used(&p.model).unwrap_or(0);
+                let unload_at = match catalog.get(&p.model) {
+                    Some(e) if p.on_demand => self
+                        .usage
+                        .idle_since(&p)
+                        .saturating_add(e.idle_unload_secs.saturating_mul(1000)),
+                    _ => 0,
+                };
                 let mut w = v1::Placement::from(p);
+                w.last_used_unix_ms = last_used;
+                w.unload_at_unix_ms = unload_at;
                 for (r, hs) in w.replicas.iter_mut().zip(helpers) {
                     r.instance = by_rid.get(&r.request_id).map(|(_, i)| i.clone().into());
                     if r.instance.is_none() {
@@ -521,6 +698,49 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
     }
 
     #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(model = %r.get_ref().model.escape_debug()))]
+    async fn demand(
+        &self,
+        r: Request<v1::DemandRequest>,
+    ) -> Result<Response<v1::DemandResponse>, Status> {
+        // Loads models and evicts others: gateways, agents (which serve
+        // gateways) and admins, not a read-only certificate.
+        if !self.access.check_secrets("Demand", &r)? {
+            return Err(Status::permission_denied(
+                "ControllerService.Demand loads models: it needs role admin, gateway or agent; \
+                 the client certificate's role is read-only",
+            ));
+        }
+        Ok(Response::new(
+            ControllerApi::demand(self, r.into_inner()).await?,
+        ))
+    }
+
+    async fn report_use(
+        &self,
+        r: Request<v1::ReportUseRequest>,
+    ) -> Result<Response<v1::ReportUseResponse>, Status> {
+        if !self.access.check_secrets("ReportUse", &r)? {
+            return Err(Status::permission_denied(
+                "ControllerService.ReportUse keeps models loaded: it needs role admin, gateway \
+                 or agent; the client certificate's role is read-only",
+            ));
+        }
+        // Only the leader unloads: a follower's record would be lost.
+        if self.desired.leadership().term().is_none() {
+            return Err(Error::NotLeader.into());
+        }
+        let r = r.into_inner();
+        let uses: Vec<(String, u64, u32)> = r
+            .uses
+            .into_iter()
+            .take(4096)
+            .map(|u| (u.model, u.requests, u.in_flight))
+            .collect();
+        self.usage.report(&r.gateway, &uses, now_unix_ms());
+        Ok(Response::new(v1::ReportUseResponse {}))
+    }
+
     async fn routes(
         &self,
         r: Request<v1::RoutesRequest>,

@@ -117,6 +117,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
         leadership.subscribe(),
         shutdown.clone(),
     ));
+    // What the gateways report using: the API records it, reconcile
+    // unloads idle on-demand models by it.
+    let usage = crate::ondemand::Usage::new(proto::units::now_unix_ms());
     tracker.spawn(
         Reconciler::new(
             desired.clone(),
@@ -124,6 +127,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
             events.clone(),
             config.requeue,
         )
+        .with_usage(usage.clone())
         .run(shutdown.clone()),
     );
     if let Some(m) = metrics {
@@ -138,7 +142,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
             shutdown.clone(),
         ));
     }
-    let api = ControllerApi::new(desired, observed.clone(), events, shutdown.clone());
+    let api =
+        ControllerApi::new(desired, observed.clone(), events, shutdown.clone()).with_usage(usage);
     let result = serve(
         api,
         listener,

@@ -3,9 +3,10 @@
 //! ([`placement`]), the view of agents ([`observe`]), reconcile and node
 //! loss ([`reconcile`]), a replica's generations and a split's sides
 //! ([`lifecycle`]), the gRPC API ([`api`]) with the gateways' routing
-//! table ([`routes`]), user keys ([`keys`]) and bench results
-//! ([`bench`]), configuration ([`config`]), `/metrics` ([`metrics`]) and
-//! the daemon that ties them together ([`daemon`]).
+//! table ([`routes`]), user keys ([`keys`]), bench results ([`bench`])
+//! and models on demand ([`ondemand`]), configuration ([`config`]),
+//! `/metrics` ([`metrics`]) and the daemon that ties them together
+//! ([`daemon`]).
 
 pub mod api;
 pub mod bench;
@@ -22,6 +23,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod nodes;
 pub mod observe;
+pub mod ondemand;
 pub mod placement;
 pub mod reconcile;
 pub mod routes;

@@ -241,6 +241,8 @@ mod tests {
 
     fn placement(generations: &[u64]) -> Placement {
         Placement {
+            on_demand: false,
+            placed_at_unix_ms: 0,
             oom_kills: Vec::new(),
             held: None,
             learned_bytes: 0,

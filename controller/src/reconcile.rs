@@ -65,6 +65,7 @@ pub struct Reconciler {
     observed: Observed,
     events: Events,
     requeue: Duration,
+    usage: crate::ondemand::Usage,
 }
 
 type Inflight = Arc<Mutex<HashSet<String>>>;
@@ -97,7 +98,15 @@ impl Reconciler {
             observed,
             events,
             requeue,
+            usage: crate::ondemand::Usage::new(units::now_unix_ms()),
         }
+    }
+
+    /// Shares what the gateways report using with the API, so idle
+    /// on-demand placements are unloaded.
+    pub fn with_usage(mut self, usage: crate::ondemand::Usage) -> Self {
+        self.usage = usage;
+        self
     }
 
     /// Reconciles until cancelled.
@@ -211,6 +220,7 @@ impl Reconciler {
             || self.move_off_lost(&placements, &view).await
             || self.resize_after_oom(&placements, &view).await
             || self.resume_held(&placements, &view).await
+            || self.unload_idle(&placements).await
         {
             return Ok(());
         }
@@ -368,6 +378,50 @@ impl Reconciler {
             match self.desired.update_placement(&next, v.revision).await {
                 Ok(_) => self.events.emit(kind, &p.name, text),
                 Err(e) => tracing::info!(placement = %p.name, "resize not written: {e}"),
+            }
+            return true;
+        }
+        false
+    }
+
+    /// On-demand placements idle past their catalog entry's
+    /// `idle_unload_secs`, with no request in flight at any gateway, are
+    /// unplaced. `true` when one was (or was tried).
+    async fn unload_idle(&self, placements: &[crate::desired::Versioned<Placement>]) -> bool {
+        if !placements.iter().any(|v| v.value.on_demand) {
+            return false;
+        }
+        let Ok(catalog) = self.desired.catalog().await else {
+            return false;
+        };
+        let now = units::now_unix_ms();
+        for v in placements {
+            let p = &v.value;
+            let Some(entry) = catalog.get(&p.model) else {
+                continue;
+            };
+            let Some(idle) = crate::ondemand::idle_for(p, entry, &self.usage, now) else {
+                continue;
+            };
+            let key = crate::desired::placement_key(&p.name);
+            match self
+                .desired
+                .write(
+                    vec![crate::store::Compare::at(&key, v.revision)],
+                    vec![crate::store::Op::Delete { key }],
+                )
+                .await
+            {
+                Ok(_) => self.events.emit(
+                    "unloaded",
+                    &p.name,
+                    format!(
+                        "on demand, no request for {} s (idle_unload_secs {})",
+                        idle / 1000,
+                        entry.idle_unload_secs
+                    ),
+                ),
+                Err(e) => tracing::info!(placement = %p.name, "unload not written: {e}"),
             }
             return true;
         }

@@ -152,6 +152,7 @@ pub fn build(s: &Snapshot<'_>) -> v1::RoutesResponse {
                 modes,
                 replicas,
                 state: placement_state(p, words),
+                on_demand: s.catalog.get(&p.model).is_some_and(|e| e.on_demand),
             }
         })
         .collect::<Vec<v1::Route>>();
@@ -170,7 +171,12 @@ pub fn build(s: &Snapshot<'_>) -> v1::RoutesResponse {
                     .map(|m| v1::EditorMode::from(*m) as i32)
                     .collect(),
                 replicas: Vec::new(),
-                state: "not placed".into(),
+                state: if e.on_demand {
+                    "not loaded (on demand)".into()
+                } else {
+                    "not placed".into()
+                },
+                on_demand: e.on_demand,
             });
         }
     }
@@ -211,6 +217,8 @@ mod tests {
 
     fn placement(name: &str, nodes: &[&str], pinned: bool) -> Placement {
         Placement {
+            on_demand: false,
+            placed_at_unix_ms: 0,
             oom_kills: Vec::new(),
             held: None,
             learned_bytes: 0,

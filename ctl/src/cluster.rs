@@ -123,6 +123,12 @@ pub struct PlacementJson {
     pub learned_bytes: u64,
     /// Why the controller holds it (no instance runs), when it does.
     pub held: Option<String>,
+    /// Placed by a request for an on-demand model: unloaded when idle.
+    pub on_demand: bool,
+    /// When a gateway last reported a request for its model, Unix ms.
+    pub last_used_unix_ms: Option<u64>,
+    /// When it unloads unless a request comes (on demand only), Unix ms.
+    pub unload_at_unix_ms: Option<u64>,
     /// One per replica.
     pub replicas: Vec<ReplicaJson>,
 }
@@ -610,6 +616,10 @@ pub fn status_json(placements: &[v1::Placement]) -> Vec<PlacementJson> {
             paused: p.paused,
             learned_bytes: p.learned_bytes,
             held: (!p.held.is_empty()).then(|| p.held.clone()),
+            on_demand: p.on_demand,
+            last_used_unix_ms: (p.last_used_unix_ms > 0).then_some(p.last_used_unix_ms),
+            unload_at_unix_ms: (p.on_demand && p.unload_at_unix_ms > 0)
+                .then_some(p.unload_at_unix_ms),
             replicas: p
                 .replicas
                 .iter()
@@ -716,12 +726,35 @@ pub fn render_status(placements: &[PlacementJson]) -> String {
         }
     }
     let mut out = t.render();
+    let now = proto::units::now_unix_ms();
     for p in placements {
         if let Some(why) = &p.held {
             out += &format!("{} is held: {why}\n", p.name);
         }
+        if let Some(at) = p.unload_at_unix_ms {
+            let last = p.last_used_unix_ms.map_or_else(
+                || "no request yet".to_owned(),
+                |u| format!("last request {} ago", secs(now.saturating_sub(u))),
+            );
+            out += &format!(
+                "{} was loaded on demand: {last}; unloads in {} unless one comes \
+                 (haloctl place keeps it)\n",
+                p.name,
+                secs(at.saturating_sub(now))
+            );
+        }
     }
     out
+}
+
+/// A duration in ms as people read it: `45 s`, `14 min 48 s`.
+fn secs(ms: u64) -> String {
+    let s = ms / 1000;
+    if s < 60 {
+        format!("{s} s")
+    } else {
+        format!("{} min {} s", s / 60, s % 60)
+    }
 }
 
 /// A placement's ESTIMATE cell: the estimate, and what a replica was seen

@@ -48,10 +48,9 @@ pub fn run(t: &Target, a: &GatewayArgs) -> Result<(), Failure> {
             .await
             .map_err(|e| Failure::Usage(format!("cannot listen on {}: {e}", a.listen)))?;
         let shutdown = CancellationToken::new();
-        let table = gateway::feed::spawn(
-            gateway::feed::FeedConfig::new(controllers.clone(), t.tls.clone()),
-            shutdown.child_token(),
-        );
+        let mut feed = gateway::feed::FeedConfig::new(controllers.clone(), t.tls.clone());
+        feed.name = format!("workstation {}", a.listen);
+        let (table, link) = gateway::feed::spawn_linked(feed, shutdown.child_token());
         let config = gateway::config::GatewayConfig {
             queue_timeout: Duration::from_secs(a.queue_timeout),
             ..Default::default()
@@ -63,6 +62,7 @@ pub fn run(t: &Target, a: &GatewayArgs) -> Result<(), Failure> {
             controllers.join(", ")
         );
         let gw = gateway::server::Gateway::new(config, table);
+        gw.set_controller(link);
         let serve = tokio::spawn(gw.serve(listener, https, shutdown.clone()));
         tokio::spawn(proto::runtime::cancel_on_signal(shutdown.clone()));
         shutdown.cancelled().await;

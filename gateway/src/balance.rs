@@ -31,6 +31,14 @@ const POLL_WHILE_USED: Duration = Duration::from_secs(10);
 const COOL_DOWN_MS: u64 = 2000;
 /// Deadline of one `/slots` read.
 const SLOTS_DEADLINE: Duration = Duration::from_secs(2);
+/// Requests this gateway sends a replica beyond its slots. llama-server
+/// serves HTTP with `slots + 4` fixed threads, and a kept-alive idle
+/// connection holds one for its 5 s keep-alive: connections beyond that
+/// wait 5 s in its accept queue. Past `slots + 2` a request waits in the
+/// gateway's queue instead, where it reuses a kept connection.
+const BEYOND_SLOTS: usize = 2;
+/// The cap before `/slots` has been read.
+const CAP_UNKNOWN_SLOTS: usize = 4;
 
 /// What the picker knows of one candidate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +111,13 @@ struct ReplicaLoad {
 }
 
 impl ReplicaLoad {
+    /// Whether this gateway already sends it all it can take at once.
+    fn full(&self) -> bool {
+        let cap = usize::try_from(self.total_slots.load(Ordering::Relaxed))
+            .map_or(CAP_UNKNOWN_SLOTS, |t| t.max(1) + BEYOND_SLOTS);
+        self.in_flight.load(Ordering::Relaxed) >= cap
+    }
+
     fn load(&self) -> Load {
         let idle = self.idle_slots.load(Ordering::Relaxed);
         Load {
@@ -116,11 +131,13 @@ impl ReplicaLoad {
 #[derive(Debug)]
 pub struct InFlight {
     load: Arc<ReplicaLoad>,
+    freed: Arc<tokio::sync::Notify>,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.load.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.freed.notify_waiters();
         let total = self.load.total_slots.load(Ordering::Relaxed);
         let _ = self
             .load
@@ -166,6 +183,8 @@ pub struct Balancer {
     upstream: Upstream,
     table: watch::Receiver<Arc<Table>>,
     epoch: Instant,
+    /// Notified whenever a request ends (a full replica may take one).
+    freed: Arc<tokio::sync::Notify>,
 }
 
 impl Balancer {
@@ -179,7 +198,14 @@ impl Balancer {
             upstream,
             table,
             epoch: Instant::now(),
+            freed: Arc::default(),
         })
+    }
+
+    /// Resolves when a request ends somewhere (a full replica may take the
+    /// next one).
+    pub fn freed(&self) -> impl std::future::Future<Output = ()> + '_ {
+        self.freed.notified()
     }
 
     fn now_ms(&self) -> u64 {
@@ -234,6 +260,15 @@ impl Balancer {
                 .get(h)?;
             candidates.iter().position(|r| *r.base_url == *url)
         });
+        // Replicas this gateway already sends all they take: the request
+        // waits in the gateway's queue when every one is.
+        let open: Vec<usize> = (0..entries.len()).filter(|&i| !entries[i].full()).collect();
+        if open.is_empty() {
+            return None;
+        }
+        let entries: Vec<Arc<ReplicaLoad>> = open.iter().map(|&i| entries[i].clone()).collect();
+        let candidates: Vec<&Replica> = open.iter().map(|&i| candidates[i]).collect();
+        let preferred = preferred.and_then(|p| open.iter().position(|&i| i == p));
         let loads: Vec<Load> = entries.iter().map(|l| l.load()).collect();
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
         let up: Vec<usize> = (0..entries.len())
@@ -269,9 +304,10 @@ impl Balancer {
             self.spawn_poller(load, r.base_url.clone());
         }
         Some((
-            i,
+            open[i],
             InFlight {
                 load: chosen.clone(),
+                freed: self.freed.clone(),
             },
         ))
     }

@@ -34,6 +34,9 @@ pub struct FeedConfig {
     /// How often the controller is asked (the bound on how late a revoked
     /// key or a new placement reaches the gateway).
     pub poll: Duration,
+    /// Who this gateway is, in the controller's events (a node's name, or
+    /// the workstation's).
+    pub name: String,
 }
 
 impl FeedConfig {
@@ -43,6 +46,7 @@ impl FeedConfig {
             controllers,
             tls,
             poll: Duration::from_millis(500),
+            name: "gateway".to_owned(),
         }
     }
 }
@@ -74,21 +78,66 @@ pub struct Feed {
     changed: Notify,
     table: watch::Sender<Arc<Table>>,
     config: FeedConfig,
+    /// Read the routes again soon (at most every [`HURRY_EVERY`]).
+    hurry: Arc<Notify>,
 }
+
+/// Shortest time between two route reads when hurried.
+const HURRY_EVERY: Duration = Duration::from_millis(50);
 
 /// Starts reading the controllers and watching agents until `shutdown`;
 /// the receiver sees every new table (empty until something answers).
 pub fn spawn(config: FeedConfig, shutdown: CancellationToken) -> watch::Receiver<Arc<Table>> {
+    spawn_linked(config, shutdown).0
+}
+
+/// [`spawn`], with the controllers' link for on-demand models and usage
+/// reports ([`crate::control`]).
+pub fn spawn_linked(
+    config: FeedConfig,
+    shutdown: CancellationToken,
+) -> (
+    watch::Receiver<Arc<Table>>,
+    Arc<crate::control::Controllers>,
+) {
     let (tx, rx) = watch::channel(Arc::new(Table::default()));
+    let hurry = Arc::new(Notify::new());
+    let link = Arc::new(crate::control::Controllers::new(
+        config.controllers.clone(),
+        config.tls.clone(),
+        config.name.clone(),
+        hurry.clone(),
+    ));
     let feed = Arc::new(Feed {
         state: Mutex::new(State::default()),
         changed: Notify::new(),
         table: tx,
         config,
+        hurry,
     });
     tokio::spawn(feed.clone().poll_controllers(shutdown.clone()));
     tokio::spawn(feed.publish_loop(shutdown));
-    rx
+    (rx, link)
+}
+
+/// A lazily connected client of the controller at `url`.
+pub(crate) fn dial(
+    url: &str,
+    tls: Option<&ClientTlsConfig>,
+    timeout: Duration,
+) -> Result<ControllerServiceClient<Channel>, String> {
+    let ep = match tls {
+        None => Endpoint::from_shared(url.to_owned()),
+        Some(c) => Endpoint::from_shared(url.replacen("http://", "https://", 1))
+            .and_then(|e| e.tls_config(c.clone())),
+    }
+    .map_err(|e| proto::error_chain(&e))?;
+    let ep = ep
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .tcp_nodelay(true);
+    Ok(ControllerServiceClient::new(ep.connect_lazy())
+        .max_decoding_message_size(proto::limits::CONTROLLER.max_response_bytes))
 }
 
 impl Feed {
@@ -149,9 +198,13 @@ impl Feed {
                 );
                 warned = true;
             }
+            let read_at = tokio::time::Instant::now();
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(self.config.poll) => {}
+                () = self.hurry.notified() => {
+                    tokio::time::sleep_until(read_at + HURRY_EVERY).await;
+                }
             }
         }
     }
@@ -165,25 +218,10 @@ impl Feed {
     ) -> Option<&'a mut ControllerServiceClient<Channel>> {
         if slot.is_none() {
             let url = &self.config.controllers[i];
-            let ep = match &self.config.tls {
-                None => Endpoint::from_shared(url.clone()),
-                Some(c) => Endpoint::from_shared(url.replacen("http://", "https://", 1))
-                    .and_then(|e| e.tls_config(c.clone())),
-            };
-            match ep {
-                Ok(ep) => {
-                    let ep = ep
-                        .connect_timeout(CONTROLLER_TIMEOUT)
-                        .timeout(CONTROLLER_TIMEOUT)
-                        .tcp_nodelay(true);
-                    *slot = Some(
-                        ControllerServiceClient::new(ep.connect_lazy()).max_decoding_message_size(
-                            proto::limits::CONTROLLER.max_response_bytes,
-                        ),
-                    );
-                }
+            match dial(url, self.config.tls.as_ref(), CONTROLLER_TIMEOUT) {
+                Ok(c) => *slot = Some(c),
                 Err(e) => {
-                    tracing::error!(controller = %url, "bad controller address: {}", proto::error_chain(&e));
+                    tracing::error!(controller = %url, "bad controller address: {e}");
                     return None;
                 }
             }

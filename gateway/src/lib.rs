@@ -9,6 +9,8 @@
 
 pub mod balance;
 pub mod config;
+pub mod control;
+pub mod demand;
 pub mod feed;
 pub mod listen;
 pub mod metrics;

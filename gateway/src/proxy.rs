@@ -34,6 +34,12 @@ const USAGE_JSON_MAX: usize = 4 << 20;
 /// Longest SSE line kept across chunks to read its `usage`.
 const USAGE_LINE_MAX: usize = 1 << 20;
 
+/// How long an idle kept connection stays open: below llama-server's 5 s
+/// keep-alive, so the gateway closes first (a connection the server closed
+/// would fail the next request on it), and an idle connection does not
+/// hold one of its HTTP threads for long.
+const POOL_IDLE: Duration = Duration::from_secs(2);
+
 /// The pooled client every upstream request goes through.
 #[derive(Debug, Clone)]
 pub struct Upstream {
@@ -117,7 +123,7 @@ impl Upstream {
         http.set_connect_timeout(Some(Duration::from_secs(5)));
         http.set_keepalive(Some(Duration::from_secs(30)));
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_idle_timeout(POOL_IDLE)
             .pool_max_idle_per_host(256)
             .build(http);
         Upstream { client }

@@ -57,6 +57,12 @@ const INFERENCE: [&str; 5] = [
 const UNPLACED_WAIT: Duration = Duration::from_secs(15);
 /// Longest wait for a fresh table when a key is not (yet) known.
 const KEY_REFRESH_WAIT: Duration = Duration::from_secs(2);
+/// How often a request waiting for an on-demand model looks again (asks
+/// the controller again when due, hurries the routes).
+const ON_DEMAND_POLL: Duration = Duration::from_millis(100);
+/// How often a request waiting for a full replica looks again, besides
+/// being woken when a request ends.
+const FULL_POLL: Duration = Duration::from_millis(250);
 /// How often a waiting stream hears that it is still waiting.
 const KEEPALIVE_EVERY: Duration = Duration::from_secs(5);
 /// After every ready replica failed for a request, how long before they
@@ -80,6 +86,8 @@ pub struct Gateway {
     next_conn: AtomicU64,
     conn_gone: Notify,
     epoch: Instant,
+    /// On-demand models: demands and use reports.
+    ondemand: Arc<crate::demand::OnDemand>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -373,7 +381,15 @@ impl Gateway {
             next_conn: AtomicU64::new(0),
             conn_gone: Notify::new(),
             epoch: Instant::now(),
+            ondemand: Arc::default(),
         })
+    }
+
+    /// Links the controllers: on-demand models are asked for, and what
+    /// requests use is reported (every few seconds) so idle ones unload.
+    /// Without a link, a request for an unplaced model only waits.
+    pub fn set_controller(&self, link: Arc<dyn crate::control::ControllerLink>) {
+        self.ondemand.set_link(link);
     }
 
     /// The gateway's metrics (also served at `/metrics`).
@@ -621,9 +637,9 @@ impl Gateway {
     ) -> (Arc<Table>, Result<UserKey, ApiError>) {
         let table = self.table.borrow().clone();
         let first = self.authenticate(&table, headers);
-        // Only a table the controller refreshes can learn a new key.
-        let unknown = matches!(&first, Err(e) if e.code == "invalid_api_key")
-            && table.controller_at_unix_ms > 0;
+        // A key made a moment ago (or any key, while the first table is
+        // still on its way) may be in the controller's next answer.
+        let unknown = matches!(&first, Err(e) if e.code == "invalid_api_key");
         if !unknown {
             return (table, first);
         }
@@ -760,6 +776,10 @@ impl Gateway {
             .routes
             .first()
             .map_or_else(String::new, |r| r.model.clone());
+        if !fin.model.is_empty() {
+            fin.guards
+                .push(Box::new(self.ondemand.use_slot(&fin.model)));
+        }
         fin.mode = target.mode.map_or("", |m| m.as_str());
         let stream = fields.stream.unwrap_or(false);
         let conv = fields.conversation();
@@ -919,7 +939,11 @@ impl Gateway {
                 .ready()
                 .filter(|r| !excluded.contains(&r.base_url))
                 .collect();
-            if let Some((i, inflight)) = self.balancer.choose(&candidates, job.conv) {
+            let chosen = self.balancer.choose(&candidates, job.conv);
+            // Ready replicas, each already sent all it takes: wait here for
+            // one to finish a request.
+            let full = chosen.is_none() && !candidates.is_empty();
+            if let Some((i, inflight)) = chosen {
                 let r = candidates[i];
                 let send = self.upstream.send(
                     &r.base_url,
@@ -970,7 +994,7 @@ impl Gateway {
                     }
                 }
             }
-            if target.ready().next().is_some() && retry_at.is_none() {
+            if !full && target.ready().next().is_some() && retry_at.is_none() {
                 // Every ready replica failed this request: give them a
                 // moment, or a table change, before trying them again.
                 retry_at = Some(Instant::now() + RETRY_PAUSE);
@@ -986,10 +1010,33 @@ impl Gateway {
                     .retry_after(60),
                 ));
             }
+            // An on-demand model with no placement: ask for it (one call
+            // per model at a time); a refusal is answered at once.
+            if let Some(model) = target.to_demand()
+                && let Some(why) = self.ondemand.ask(model, &job.key.name).await
+            {
+                return Err(Stop::Error(
+                    ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "server_error",
+                        "model_does_not_fit",
+                        format!(
+                            "{:?} is loaded on demand, but it fits nowhere now: {why}",
+                            job.asked
+                        ),
+                    )
+                    .retry_after(60),
+                ));
+            }
+            let loading_on_demand = target.on_demand();
+            if loading_on_demand {
+                // Its readiness should reach this request at once.
+                self.ondemand.hurry();
+            }
             let now = Instant::now();
             // A model with no placement at all waits only as long as a
-            // re-placement takes, not a load.
-            let deadline = if target.unplaced() {
+            // re-placement takes, not a load (an on-demand one: a load).
+            let deadline = if target.unplaced() && !loading_on_demand {
                 let began = deadline
                     .checked_sub(self.config.queue_timeout)
                     .unwrap_or(now);
@@ -1038,6 +1085,13 @@ impl Gateway {
             if let Some(t) = retry_at {
                 until = until.min(t);
             }
+            if loading_on_demand {
+                until = until.min(now + ON_DEMAND_POLL);
+            }
+            if full {
+                // A request that ended before this wait began woke nobody.
+                until = until.min(now + FULL_POLL);
+            }
             if let Wait::Sse(tx) = wait {
                 if now >= next_note {
                     let note = format!(": waiting for {}: {}\n\n", job.asked, target.states());
@@ -1064,6 +1118,7 @@ impl Gateway {
                     }
                 }
                 _ = tokio::time::sleep_until(until.into()) => {}
+                () = self.balancer.freed(), if full => {}
                 _ = closed => return Err(Stop::Gone),
             }
         }

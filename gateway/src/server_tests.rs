@@ -145,6 +145,7 @@ fn table(replicas: Vec<Replica>) -> Table {
                 modes: vec![EditorMode::Ask, EditorMode::Code],
                 state: state.into(),
                 replicas,
+                on_demand: false,
             },
             Route {
                 placement: "big".into(),
@@ -152,6 +153,7 @@ fn table(replicas: Vec<Replica>) -> Table {
                 modes: vec![EditorMode::Architect],
                 state: "loading".into(),
                 replicas: vec![],
+                on_demand: false,
             },
         ],
         keys: vec![
@@ -886,4 +888,70 @@ async fn a_client_leaving_before_the_answer_ends_the_upstream_request() {
     .await;
     drop(s);
     within("upstream request dropped", gone.recv()).await;
+}
+
+/// Stands in for the controllers: answers every demand with `refuse`'s
+/// refusal after a moment, counting the calls.
+#[derive(Debug, Default)]
+struct FakeController {
+    demands: AtomicUsize,
+}
+
+impl crate::control::ControllerLink for FakeController {
+    fn demand<'a>(
+        &'a self,
+        _model: &'a str,
+        _key_name: &'a str,
+    ) -> crate::control::Call<'a, Result<proto::v1::DemandResponse, String>> {
+        Box::pin(async move {
+            self.demands.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok(proto::v1::DemandResponse {
+                outcome: proto::v1::demand_response::Outcome::Refused as i32,
+                placement: String::new(),
+                explanation: vec!["needs 90.0 GiB, the largest node has 60.0 GiB".into()],
+                retry_after_ms: 0,
+            })
+        })
+    }
+
+    fn report_use(&self, _uses: Vec<proto::v1::ModelUse>) -> crate::control::Call<'_, ()> {
+        Box::pin(async {})
+    }
+
+    fn hurry(&self) {}
+}
+
+#[tokio::test]
+async fn an_on_demand_model_that_fits_nowhere_is_503_at_once_for_every_waiting_request() {
+    let mut t = table(vec![]);
+    t.routes.push(Route {
+        placement: String::new(),
+        model: "big-od".into(),
+        modes: vec![EditorMode::Debug],
+        state: "not loaded (on demand)".into(),
+        replicas: vec![],
+        on_demand: true,
+    });
+    let gw = start(quick(), t).await;
+    let link = Arc::new(FakeController::default());
+    gw.gw.set_controller(link.clone());
+    let body = r#"{ "model" : "debug", "messages": [{"role":"user","content":"hi"}] }"#;
+    let started = Instant::now();
+    let addr = gw.addr;
+    let tasks: Vec<_> = (0..5)
+        .map(|_| tokio::spawn(async move { post(addr, Some("alice-secret"), body).await }))
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.push(t.await.expect("task"));
+    }
+    for got in &all {
+        assert_eq!(got.status, 503, "{}", got.body);
+        assert!(got.body.contains("model_does_not_fit"), "{}", got.body);
+        assert!(got.body.contains("needs 90.0 GiB"), "{}", got.body);
+    }
+    // One call for the five, and no wait for the queue's 5 s.
+    assert_eq!(link.demands.load(Ordering::SeqCst), 1);
+    assert!(started.elapsed() < Duration::from_secs(4));
 }

@@ -31,6 +31,9 @@ pub struct Route {
     pub state: String,
     /// Its replicas (a split is one, at its host).
     pub replicas: Vec<Replica>,
+    /// The catalog model is on demand: with no placement, a request asks
+    /// the controller to load it.
+    pub on_demand: bool,
 }
 
 /// One replica's instance.
@@ -271,6 +274,25 @@ impl Target<'_> {
         self.routes.iter().all(|r| r.placement.is_empty())
     }
 
+    /// The catalog model to ask the controller to load: the first matching
+    /// on-demand model with no placement, unless a matching placement
+    /// exists already.
+    pub fn to_demand(&self) -> Option<&str> {
+        if self.routes.iter().any(|r| !r.placement.is_empty()) {
+            return None;
+        }
+        self.routes
+            .iter()
+            .find(|r| r.on_demand)
+            .map(|r| r.model.as_str())
+    }
+
+    /// Whether a matching model is on demand (loading one takes a load's
+    /// time, not a re-placement's).
+    pub fn on_demand(&self) -> bool {
+        self.routes.iter().any(|r| r.on_demand)
+    }
+
     /// Whether every matching placement is held by the controller (no node
     /// has room for what it was seen to use) or paused: waiting would not
     /// help.
@@ -353,6 +375,7 @@ pub fn from_routes(r: &v1::RoutesResponse) -> Table {
                     .filter_map(|m| EditorMode::from_wire(*m))
                     .collect(),
                 state: p.state.clone(),
+                on_demand: p.on_demand,
                 replicas: p
                     .replicas
                     .iter()
@@ -391,6 +414,7 @@ mod tests {
             modes: modes.to_vec(),
             state: "ready".into(),
             replicas: vec![],
+            on_demand: false,
         }
     }
 

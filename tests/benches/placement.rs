@@ -85,6 +85,8 @@ fn main() {
     let many: Vec<NodeState> = (0..nodes).map(node).collect();
     let placements: Vec<Placement> = (0..nodes * 10)
         .map(|i| Placement {
+            on_demand: false,
+            placed_at_unix_ms: 0,
             oom_kills: Vec::new(),
             held: None,
             learned_bytes: 0,

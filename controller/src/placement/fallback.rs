@@ -81,6 +81,8 @@ fn split_decision(r: &Request<'_>, c: &Choice, plan: SplitPlan) -> Decision {
     )];
     explanation.extend(plan.notes.iter().cloned());
     let placement = Placement {
+        on_demand: false,
+        placed_at_unix_ms: 0,
         oom_kills: Vec::new(),
         held: None,
         learned_bytes: 0,

@@ -296,6 +296,8 @@ fn new_placement(
 ) -> Placement {
     let entry = r.entry;
     Placement {
+        on_demand: false,
+        placed_at_unix_ms: 0,
         oom_kills: Vec::new(),
         held: None,
         learned_bytes: 0,

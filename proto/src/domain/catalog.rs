@@ -150,6 +150,34 @@ pub struct CatalogEntry {
     /// extends it with RoPE scaling, often at a cost in quality).
     #[serde(default)]
     pub allow_context_over_trained: bool,
+    /// Loaded when a request through a gateway names it (or a mode it
+    /// serves) and unloaded after `idle_unload_secs` without one.
+    #[serde(default)]
+    pub on_demand: bool,
+    /// Seconds without a request after which an on-demand placement is
+    /// unplaced.
+    #[serde(default = "default_idle_unload")]
+    pub idle_unload_secs: u64,
+    /// Seconds an on-demand placement stays at least, unless a higher
+    /// priority needs the room.
+    #[serde(default = "default_min_resident")]
+    pub min_resident_secs: u64,
+    /// Role of the nodes an on-demand load places it on (empty: any node
+    /// holding the file).
+    #[serde(default)]
+    pub role: String,
+}
+
+/// Default `idle_unload_secs`: 15 minutes.
+pub const DEFAULT_IDLE_UNLOAD_SECS: u64 = 900;
+/// Default `min_resident_secs`: 2 minutes.
+pub const DEFAULT_MIN_RESIDENT_SECS: u64 = 120;
+
+fn default_idle_unload() -> u64 {
+    DEFAULT_IDLE_UNLOAD_SECS
+}
+fn default_min_resident() -> u64 {
+    DEFAULT_MIN_RESIDENT_SECS
 }
 
 fn default_context() -> u32 {
@@ -181,6 +209,10 @@ impl CatalogEntry {
             parallel: 1,
             allow_split: false,
             allow_context_over_trained: false,
+            on_demand: false,
+            idle_unload_secs: DEFAULT_IDLE_UNLOAD_SECS,
+            min_resident_secs: DEFAULT_MIN_RESIDENT_SECS,
+            role: String::new(),
         }
     }
 
@@ -291,6 +323,10 @@ impl From<CatalogEntry> for v1::CatalogEntry {
             parallel: e.parallel,
             allow_split: e.allow_split,
             allow_context_over_trained: e.allow_context_over_trained,
+            on_demand: e.on_demand,
+            idle_unload_secs: e.idle_unload_secs,
+            min_resident_secs: e.min_resident_secs,
+            role: e.role,
         }
     }
 }
@@ -332,6 +368,18 @@ impl TryFrom<v1::CatalogEntry> for CatalogEntry {
             parallel: e.parallel.max(1),
             allow_split: e.allow_split,
             allow_context_over_trained: e.allow_context_over_trained,
+            on_demand: e.on_demand,
+            idle_unload_secs: if e.idle_unload_secs == 0 {
+                DEFAULT_IDLE_UNLOAD_SECS
+            } else {
+                e.idle_unload_secs
+            },
+            min_resident_secs: if e.min_resident_secs == 0 {
+                DEFAULT_MIN_RESIDENT_SECS
+            } else {
+                e.min_resident_secs
+            },
+            role: e.role,
         };
         entry.validate()?;
         Ok(entry)

@@ -83,6 +83,15 @@ pub struct Placement {
     /// happened: no replica is started again there for a while.
     #[serde(default)]
     pub oom_kills: Vec<OomRecord>,
+    /// Placed by a request for an on-demand catalog model: unplaced after
+    /// its catalog entry's idle time without one. Hand-placed ones never
+    /// are.
+    #[serde(default)]
+    pub on_demand: bool,
+    /// When it was placed (Unix ms; 0 for placements written before this
+    /// was kept).
+    #[serde(default)]
+    pub placed_at_unix_ms: u64,
 }
 
 /// An out-of-memory kill of one of a placement's replicas.
@@ -479,6 +488,9 @@ impl From<Placement> for v1::Placement {
             split: p.split.map(Into::into),
             learned_bytes: p.learned_bytes,
             held: p.held.unwrap_or_default(),
+            on_demand: p.on_demand,
+            last_used_unix_ms: 0,
+            unload_at_unix_ms: 0,
         }
     }
 }
@@ -524,6 +536,8 @@ impl TryFrom<v1::Placement> for Placement {
             learned_bytes: p.learned_bytes,
             held: (!p.held.is_empty()).then_some(p.held),
             oom_kills: Vec::new(),
+            on_demand: p.on_demand,
+            placed_at_unix_ms: 0,
         })
     }
 }
