@@ -375,10 +375,7 @@ impl Reconciler {
                     ("held", format!("{what}; held, not started again: {held}"))
                 }
             };
-            match self.desired.update_placement(&next, v.revision).await {
-                Ok(_) => self.events.emit(kind, &p.name, text),
-                Err(e) => tracing::info!(placement = %p.name, "resize not written: {e}"),
-            }
+            self.update(&next, v.revision, kind, text).await;
             return true;
         }
         false
@@ -474,18 +471,12 @@ impl Reconciler {
             if !fits {
                 continue;
             }
-            match self.desired.update_placement(&next, v.revision).await {
-                Ok(_) => self.events.emit(
-                    "resumed",
-                    &p.name,
-                    format!(
-                        "room for {} per replica now: {}",
-                        units::bytes(next.learned_bytes.max(next.estimate_bytes)),
-                        moves.join(", ")
-                    ),
-                ),
-                Err(e) => tracing::info!(placement = %p.name, "resume not written: {e}"),
-            }
+            let text = format!(
+                "room for {} per replica now: {}",
+                units::bytes(next.learned_bytes.max(next.estimate_bytes)),
+                moves.join(", ")
+            );
+            self.update(&next, v.revision, "resumed", text).await;
             return true;
         }
         false
@@ -550,13 +541,16 @@ impl Reconciler {
         failed(backoff, rid);
         let mut next = v.value.clone();
         lifecycle::restart(&mut next, index);
-        match self.desired.update_placement(&next, v.revision).await {
-            Ok(_) => self.events.emit(
-                "restarted",
-                &next.name,
-                format!("replica {index}: its instance was stopped outside halo"),
-            ),
-            Err(e) => tracing::info!(placement = %next.name, "restart not written: {e}"),
+        let text = format!("replica {index}: its instance was stopped outside halo");
+        self.update(&next, v.revision, "restarted", text).await;
+    }
+
+    /// Writes `next` over `revision` and, when written, emits `kind` with
+    /// `text` (a lost race is logged: the next pass acts on what won).
+    async fn update(&self, next: &Placement, revision: u64, kind: &str, text: String) {
+        match self.desired.update_placement(next, revision).await {
+            Ok(_) => self.events.emit(kind, &next.name, text),
+            Err(e) => tracing::info!(placement = %next.name, "{kind} not written: {e}"),
         }
     }
 

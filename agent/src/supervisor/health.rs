@@ -52,9 +52,15 @@ pub async fn busy_slots(addr: SocketAddr, api_key: &str, deadline: Duration) -> 
 }
 
 async fn get_slots(addr: SocketAddr, api_key: &str) -> Option<usize> {
+    count_busy(&get_ok(addr, "/slots", api_key, MAX_SLOTS_ANSWER).await?)
+}
+
+/// A whole `GET path` answer from llama-server with its key, when it is a
+/// 200 of at most `max` bytes.
+async fn get_ok(addr: SocketAddr, path: &str, api_key: &str, max: usize) -> Option<Vec<u8>> {
     let mut stream = TcpStream::connect(addr).await.ok()?;
     let request = format!(
-        "GET /slots HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {api_key}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {api_key}\r\nConnection: close\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).await.ok()?;
     let mut buf = Vec::with_capacity(4096);
@@ -65,14 +71,11 @@ async fn get_slots(addr: SocketAddr, api_key: &str) -> Option<usize> {
             break;
         }
         buf.extend_from_slice(&chunk[..n]);
-        if buf.len() > MAX_SLOTS_ANSWER {
+        if buf.len() > max {
             return None;
         }
     }
-    if parse_status_line(&buf)? != 200 {
-        return None;
-    }
-    count_busy(&buf)
+    (parse_status_line(&buf)? == 200).then_some(buf)
 }
 
 /// Largest `/metrics` answer read.
@@ -88,27 +91,7 @@ pub async fn metrics(addr: SocketAddr, api_key: &str, deadline: Duration) -> Opt
 }
 
 async fn get_metrics(addr: SocketAddr, api_key: &str) -> Option<String> {
-    let mut stream = TcpStream::connect(addr).await.ok()?;
-    let request = format!(
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {api_key}\r\nConnection: close\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut buf = Vec::with_capacity(4096);
-    let mut chunk = [0u8; 4096];
-    loop {
-        let n = stream.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if buf.len() > MAX_METRICS_ANSWER {
-            return None;
-        }
-    }
-    if parse_status_line(&buf)? != 200 {
-        return None;
-    }
-    body(&buf)
+    body(&get_ok(addr, "/metrics", api_key, MAX_METRICS_ANSWER).await?)
 }
 
 /// The body of a whole HTTP/1.1 answer, de-chunked when it was sent in
