@@ -122,7 +122,7 @@ impl ControllerApi {
         }
         let accepted = d.accepted;
         if !r.dry_run {
-            crate::metrics::global().decision(&d);
+            crate::counters::global().decision(&d);
         }
         if accepted
             && !r.dry_run

@@ -12,6 +12,7 @@ pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod counters;
 pub mod daemon;
 pub mod desired;
 pub mod error;

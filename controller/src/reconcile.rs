@@ -153,7 +153,7 @@ impl Reconciler {
             if let Err(e) = self.pass(term, &inflight, &backoff).await {
                 tracing::warn!("reconcile: {e}");
             }
-            crate::metrics::global().reconcile_pass(started.elapsed());
+            crate::counters::global().reconcile_pass(started.elapsed());
         }
     }
 
@@ -308,7 +308,7 @@ impl Reconciler {
             if !moved.is_empty() {
                 match self.desired.update_placement(&next, v.revision).await {
                     Ok(_) => {
-                        crate::metrics::global().replaced(moved.len());
+                        crate::counters::global().replaced(moved.len());
                         self.events.emit("moved", &p.name, moved.join(", "));
                     }
                     Err(e) => tracing::info!(placement = %p.name, "move not written: {e}"),

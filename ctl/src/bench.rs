@@ -431,7 +431,9 @@ async fn prepare(t: &Target, a: &BenchArgs) -> Result<(Vec<Target1>, Option<Gate
         let state = r.instance.as_ref().map(|i| i.state);
         if state != Some(v1::InstanceState::Ready as i32) {
             let what = match &r.instance {
-                Some(i) => crate::cluster::instance_state(i.state).to_owned(),
+                Some(i) => proto::domain::InstanceState::from_wire(i.state)
+                    .map_or("unknown", proto::domain::InstanceState::as_str)
+                    .to_owned(),
                 None if !r.start_refused.is_empty() => format!("not started ({})", r.start_refused),
                 None => "not started yet".to_owned(),
             };

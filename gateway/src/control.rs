@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
-use tonic::transport::{Channel, ClientTlsConfig};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 /// Deadline of one Demand or ReportUse call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -34,6 +34,26 @@ pub trait ControllerLink: Send + Sync + std::fmt::Debug {
     /// Asks the table's feed to read the routes again soon (a demanded
     /// model is loading: its readiness should reach requests at once).
     fn hurry(&self);
+}
+
+/// A lazily connected client of the controller at `url`.
+pub fn dial(
+    url: &str,
+    tls: Option<&ClientTlsConfig>,
+    timeout: Duration,
+) -> Result<ControllerServiceClient<Channel>, String> {
+    let ep = match tls {
+        None => Endpoint::from_shared(url.to_owned()),
+        Some(c) => Endpoint::from_shared(url.replacen("http://", "https://", 1))
+            .and_then(|e| e.tls_config(c.clone())),
+    }
+    .map_err(|e| proto::error_chain(&e))?;
+    let ep = ep
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .tcp_nodelay(true);
+    Ok(ControllerServiceClient::new(ep.connect_lazy())
+        .max_decoding_message_size(proto::limits::CONTROLLER.max_response_bytes))
 }
 
 /// The controllers, dialled lazily.
@@ -74,7 +94,7 @@ impl Controllers {
             .map(|k| (first + k) % n)
             .filter_map(|i| {
                 if g.1[i].is_none() {
-                    g.1[i] = crate::feed::dial(&self.urls[i], self.tls.as_ref(), CALL_TIMEOUT).ok();
+                    g.1[i] = dial(&self.urls[i], self.tls.as_ref(), CALL_TIMEOUT).ok();
                 }
                 g.1[i].clone().map(|c| (i, c))
             })

@@ -120,26 +120,6 @@ pub fn spawn_linked(
     (rx, link)
 }
 
-/// A lazily connected client of the controller at `url`.
-pub(crate) fn dial(
-    url: &str,
-    tls: Option<&ClientTlsConfig>,
-    timeout: Duration,
-) -> Result<ControllerServiceClient<Channel>, String> {
-    let ep = match tls {
-        None => Endpoint::from_shared(url.to_owned()),
-        Some(c) => Endpoint::from_shared(url.replacen("http://", "https://", 1))
-            .and_then(|e| e.tls_config(c.clone())),
-    }
-    .map_err(|e| proto::error_chain(&e))?;
-    let ep = ep
-        .connect_timeout(timeout)
-        .timeout(timeout)
-        .tcp_nodelay(true);
-    Ok(ControllerServiceClient::new(ep.connect_lazy())
-        .max_decoding_message_size(proto::limits::CONTROLLER.max_response_bytes))
-}
-
 impl Feed {
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -218,7 +198,7 @@ impl Feed {
     ) -> Option<&'a mut ControllerServiceClient<Channel>> {
         if slot.is_none() {
             let url = &self.config.controllers[i];
-            match dial(url, self.config.tls.as_ref(), CONTROLLER_TIMEOUT) {
+            match crate::control::dial(url, self.config.tls.as_ref(), CONTROLLER_TIMEOUT) {
                 Ok(c) => *slot = Some(c),
                 Err(e) => {
                     tracing::error!(controller = %url, "bad controller address: {e}");

@@ -276,6 +276,6 @@ async fn timed<T>(
 ) -> Result<T, StoreError> {
     let start = std::time::Instant::now();
     let r = f.await;
-    crate::metrics::global().store_op(op, start.elapsed(), r.is_ok());
+    crate::counters::global().store_op(op, start.elapsed(), r.is_ok());
     r
 }
