@@ -316,6 +316,22 @@ impl ControllerProc {
         env
     }
 
+    /// Starts the controller, connects, and waits (30 s at most) until it
+    /// sees every node in `nodes` ready; panics with its log otherwise.
+    pub async fn start_and_wait(&mut self, nodes: &[&str]) -> Client {
+        self.start();
+        let mut c = connect(&self.url()).await;
+        let ready = wait_nodes(
+            &mut c,
+            nodes,
+            proto::v1::NodeStatus::Ready,
+            Duration::from_secs(30),
+        )
+        .await;
+        assert!(ready, "nodes {nodes:?} not ready:\n{}", self.logs());
+        c
+    }
+
     /// Starts the controller and waits until it accepts connections.
     pub fn start(&mut self) {
         self.runs += 1;

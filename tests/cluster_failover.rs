@@ -9,7 +9,7 @@
 use proto::v1;
 use std::time::{Duration, Instant};
 use tests::cluster::{
-    Client, chat, connect, endpoint, eventually, live_instances, tiny_controller, tiny_speed_pair,
+    Client, chat, endpoint, eventually, live_instances, tiny_controller, tiny_speed_pair,
     wait_nodes,
 };
 
@@ -32,17 +32,7 @@ async fn floating_placement_moves_off_a_lost_node_and_one_instance_remains_when_
         ],
     );
     let [mut a, mut b] = nodes;
-    ctl.start();
-    let mut c = connect(&ctl.url()).await;
-    assert!(
-        wait_nodes(
-            &mut c,
-            &["halo1", "halo2"],
-            v1::NodeStatus::Ready,
-            Duration::from_secs(20)
-        )
-        .await
-    );
+    let mut c = ctl.start_and_wait(&["halo1", "halo2"]).await;
 
     // Pin nothing: place, wait for the endpoint, chat.
     let r = c

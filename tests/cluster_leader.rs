@@ -10,9 +10,7 @@ use rustix::process::{Pid, Signal, kill_process};
 use std::time::{Duration, Instant};
 use tests::cluster::TINY_CATALOG;
 use tests::cluster::live_instances;
-use tests::cluster::{
-    AgentNode, Client, ControllerProc, Etcd, connect, eventually, wait_nodes, write_catalog,
-};
+use tests::cluster::{AgentNode, Client, ControllerProc, Etcd, eventually, write_catalog};
 use tonic::Code;
 
 fn place(name: &str) -> v1::PlaceRequest {
@@ -87,17 +85,7 @@ async fn paused_leader_is_replaced_and_on_waking_can_neither_write_nor_command_a
         ]
     };
     let mut a = ControllerProc::new(dir.path(), "controller-a", &args("ctl-a"));
-    a.start();
-    let mut ca = connect(&a.url()).await;
-    assert!(
-        wait_nodes(
-            &mut ca,
-            &["halo1"],
-            v1::NodeStatus::Ready,
-            Duration::from_secs(20)
-        )
-        .await
-    );
+    let mut ca = a.start_and_wait(&["halo1"]).await;
     assert!(
         place_when_leader(&ca, "t1", Duration::from_secs(15)).await,
         "A never led:\n{}",
@@ -106,17 +94,7 @@ async fn paused_leader_is_replaced_and_on_waking_can_neither_write_nor_command_a
     let term_a = term_in(&a.logs()).expect("A's term in its log");
 
     let mut b = ControllerProc::new(dir.path(), "controller-b", &args("ctl-b"));
-    b.start();
-    let mut cb = connect(&b.url()).await;
-    assert!(
-        wait_nodes(
-            &mut cb,
-            &["halo1"],
-            v1::NodeStatus::Ready,
-            Duration::from_secs(20)
-        )
-        .await
-    );
+    let mut cb = b.start_and_wait(&["halo1"]).await;
     let standby = cb
         .place(place("t-standby"))
         .await

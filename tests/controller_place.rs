@@ -8,8 +8,7 @@
 use agent::gguf::fixtures::{SparseModel, VocabStyle, write_sparse_with};
 use controller::placement::{estimate_options, margin};
 use proto::v1;
-use std::time::Duration;
-use tests::cluster::{AgentNode, ControllerProc, connect, wait_nodes, write_catalog};
+use tests::cluster::{AgentNode, ControllerProc, write_catalog};
 
 fn sparse(node: &AgentNode, kind: SparseModel) {
     write_sparse_with(
@@ -102,19 +101,7 @@ modes = ["architect"]
             catalog.display().to_string(),
         ],
     );
-    ctl.start();
-    let mut c = connect(&ctl.url()).await;
-    assert!(
-        wait_nodes(
-            &mut c,
-            &["halo1", "halo2"],
-            v1::NodeStatus::Ready,
-            Duration::from_secs(20)
-        )
-        .await,
-        "nodes not ready:\n{}",
-        ctl.logs()
-    );
+    let mut c = ctl.start_and_wait(&["halo1", "halo2"]).await;
 
     // DeepSeek 1-bit: refused on both nodes, with the numbers.
     let d = c

@@ -15,24 +15,6 @@ use tests::front::{
 };
 use tests::{text, wait_for};
 
-/// Starts the controller and waits until it sees halo1 and halo2 ready.
-async fn start_and_wait(ctl: &mut ControllerProc) -> tests::cluster::Client {
-    ctl.start();
-    let mut c = connect(&ctl.url()).await;
-    assert!(
-        wait_nodes(
-            &mut c,
-            &["halo1", "halo2"],
-            v1::NodeStatus::Ready,
-            Duration::from_secs(20)
-        )
-        .await,
-        "nodes not ready:\n{}",
-        ctl.logs()
-    );
-    c
-}
-
 /// Waits until requests through the gateway at `url` are served by two
 /// different nodes (both replicas ready and known to the gateway).
 fn both_replicas_serve(url: &str, key: &str) {
@@ -186,7 +168,7 @@ async fn a_mode_answers_through_one_url_and_key_and_bad_keys_reach_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut nodes = tiny_speed_pair(dir.path(), 2);
     let mut ctl = tiny_controller(dir.path(), &nodes, &["--heartbeat-ms", "250"]);
-    start_and_wait(&mut ctl).await;
+    ctl.start_and_wait(&["halo1", "halo2"]).await;
     let front = workstation_gateway(dir.path(), &ctl, &[]);
     let home = dir.path();
     let key = create_key(&ctl, home, "editor", &[]);
@@ -311,7 +293,7 @@ async fn under_load_a_node_loss_fails_only_requests_in_flight_and_a_replace_fail
             "300",
         ],
     );
-    let mut c = start_and_wait(&mut ctl).await;
+    let mut c = ctl.start_and_wait(&["halo1", "halo2"]).await;
     // Floating (not pinned): a node loss moves it.
     place(&ctl, None, 1).await;
     let ep = tests::cluster::endpoint(&c, "tiny", Duration::from_secs(60))
@@ -389,7 +371,7 @@ async fn with_every_controller_down_running_models_keep_answering() {
     let dir = tempfile::tempdir().expect("tempdir");
     let nodes = tiny_speed_pair(dir.path(), 2);
     let mut ctl = tiny_controller(dir.path(), &nodes, &["--heartbeat-ms", "250"]);
-    let c = start_and_wait(&mut ctl).await;
+    let c = ctl.start_and_wait(&["halo1", "halo2"]).await;
     place(&ctl, None, 1).await;
     let _ = tests::cluster::endpoint(&c, "tiny", Duration::from_secs(60))
         .await
@@ -426,7 +408,7 @@ async fn two_replicas_both_serve_and_a_conversation_stays_on_its_replica() {
     let dir = tempfile::tempdir().expect("tempdir");
     let nodes = tiny_speed_pair(dir.path(), 2);
     let mut ctl = tiny_controller(dir.path(), &nodes, &["--heartbeat-ms", "250"]);
-    start_and_wait(&mut ctl).await;
+    ctl.start_and_wait(&["halo1", "halo2"]).await;
     place(&ctl, None, 2).await;
     let front = workstation_gateway(dir.path(), &ctl, &[]);
     let key = create_key(&ctl, dir.path(), "pair", &[]);
@@ -522,7 +504,7 @@ async fn a_hung_replica_turns_unhealthy_and_the_gateway_serves_from_the_other() 
         n.start();
     }
     let mut ctl = tiny_controller(dir.path(), &nodes, &["--heartbeat-ms", "250"]);
-    start_and_wait(&mut ctl).await;
+    ctl.start_and_wait(&["halo1", "halo2"]).await;
     place(&ctl, None, 2).await;
     let front = workstation_gateway(dir.path(), &ctl, &[]);
     let key = create_key(&ctl, dir.path(), "hang", &[]);

@@ -9,7 +9,7 @@ use proto::v1;
 use std::path::Path;
 use std::time::Duration;
 use tests::agent_node::{Client as AgentClient, options, start_request};
-use tests::cluster::{AgentNode, CONTROLLER, ControllerProc, connect, tiny_controller, wait_nodes};
+use tests::cluster::{AgentNode, CONTROLLER, ControllerProc, connect, tiny_controller};
 use tonic::Code;
 
 /// A model id as the table gives it.
@@ -308,19 +308,7 @@ async fn every_hostile_model_id_is_refused_at_every_entry_point_and_nothing_star
         std::slice::from_ref(&node),
         &["--insecure-loopback-only"],
     );
-    ctl.start();
-    let mut c = connect(&ctl.url()).await;
-    assert!(
-        wait_nodes(
-            &mut c,
-            &["halo1"],
-            v1::NodeStatus::Ready,
-            Duration::from_secs(20)
-        )
-        .await,
-        "{}",
-        ctl.logs()
-    );
+    let mut c = ctl.start_and_wait(&["halo1"]).await;
     let mut a = agent_client(&node.address()).await;
     let agent_url = format!("http://{}", node.address());
     let catalog_before = c

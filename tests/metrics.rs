@@ -10,9 +10,7 @@ use proto::v1;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
-use tests::cluster::{
-    AgentNode, ControllerProc, chat, connect, endpoint, tiny_controller, wait_nodes,
-};
+use tests::cluster::{AgentNode, ControllerProc, chat, endpoint, tiny_controller};
 use tests::{Proc, bin, free_port, text, wait_for};
 
 /// A Debian binary the tests need; panics with how to get it.
@@ -102,19 +100,7 @@ async fn controller_with_metrics(
         nodes,
         &["--heartbeat-ms", "250", "--metrics-listen", &listen],
     );
-    ctl.start();
-    let mut c = connect(&ctl.url()).await;
-    assert!(
-        wait_nodes(
-            &mut c,
-            &["halo1", "halo2"],
-            v1::NodeStatus::Ready,
-            Duration::from_secs(20)
-        )
-        .await,
-        "nodes not ready:\n{}",
-        ctl.logs()
-    );
+    let c = ctl.start_and_wait(&["halo1", "halo2"]).await;
     (ctl, format!("http://{listen}/metrics"), c)
 }
 

@@ -8,7 +8,7 @@ use proto::v1;
 use serde_json::Value;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use tests::cluster::{AgentNode, ControllerProc, connect, eventually, wait_nodes, write_catalog};
+use tests::cluster::{AgentNode, ControllerProc, connect, eventually, write_catalog};
 use tests::front::{Answer, chat_body, complete, create_key, haloctl, post, workstation_gateway};
 use tests::text;
 
@@ -119,17 +119,7 @@ async fn on_demand_models_load_once_for_many_swap_by_the_rules_and_unload_when_i
             catalog.display().to_string(),
         ],
     );
-    ctl.start();
-    let mut c = connect(&ctl.url()).await;
-    assert!(
-        wait_nodes(
-            &mut c,
-            &["halo1", "halo2"],
-            v1::NodeStatus::Ready,
-            Duration::from_secs(20)
-        )
-        .await
-    );
+    let _c = ctl.start_and_wait(&["halo1", "halo2"]).await;
     let o = haloctl(&ctl, home)
         .args(["place", "steady", "steady"])
         .output()

@@ -11,9 +11,7 @@ use rustix::process::Signal;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-use tests::cluster::{
-    AgentNode, Client, ControllerProc, connect, eventually, tiny_controller, wait_nodes,
-};
+use tests::cluster::{AgentNode, Client, ControllerProc, eventually, tiny_controller};
 use tests::{bin, text};
 
 const GIB: u64 = 1 << 30;
@@ -126,17 +124,7 @@ async fn an_oom_kill_is_named_and_the_placement_sized_by_what_it_used_moved_or_h
     let dir = tempfile::tempdir().expect("tempdir");
     let (nodes, probes) = nodes(dir.path());
     let mut ctl = tiny_controller(dir.path(), &nodes, &[]);
-    ctl.start();
-    let mut c = connect(&ctl.url()).await;
-    assert!(
-        wait_nodes(
-            &mut c,
-            &["halo1", "halo2"],
-            v1::NodeStatus::Ready,
-            Duration::from_secs(20)
-        )
-        .await
-    );
+    let mut c = ctl.start_and_wait(&["halo1", "halo2"]).await;
     haloctl(&ctl, dir.path(), &["place", "speed", "tiny"]);
     let (first, i) = ready(&c, 0).await;
     let pid = i.pid.expect("pid");
@@ -358,17 +346,7 @@ async fn a_real_oom_kill_in_the_instance_cgroup_is_named_not_retried_there_and_t
     ];
     nodes[0].start();
     let mut ctl = tiny_controller(dir.path(), &nodes, &[]);
-    ctl.start();
-    let mut c = connect(&ctl.url()).await;
-    assert!(
-        wait_nodes(
-            &mut c,
-            &["halo1"],
-            v1::NodeStatus::Ready,
-            Duration::from_secs(20)
-        )
-        .await
-    );
+    let mut c = ctl.start_and_wait(&["halo1"]).await;
     let placed = c
         .place(v1::PlaceRequest {
             role: "speed".into(),

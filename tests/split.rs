@@ -333,7 +333,7 @@ async fn tiny_model_split_over_two_agents_answers_fails_as_a_whole_and_is_replan
     use proto::v1;
     use std::time::{Duration, Instant};
     use tests::cluster::{chat, endpoint};
-    use tests::cluster::{connect, eventually, tiny_controller, tiny_speed_pair, wait_nodes};
+    use tests::cluster::{eventually, tiny_controller, tiny_speed_pair};
 
     let dir = tempfile::tempdir().expect("tempdir");
     let nodes = tiny_speed_pair(dir.path(), 6);
@@ -342,17 +342,7 @@ async fn tiny_model_split_over_two_agents_answers_fails_as_a_whole_and_is_replan
         &nodes,
         &["--heartbeat-ms", "250", "--requeue-ms", "300"],
     );
-    ctl.start();
-    let mut c = connect(&ctl.url()).await;
-    assert!(
-        wait_nodes(
-            &mut c,
-            &["halo1", "halo2"],
-            v1::NodeStatus::Ready,
-            Duration::from_secs(20)
-        )
-        .await
-    );
+    let mut c = ctl.start_and_wait(&["halo1", "halo2"]).await;
 
     // The tiny model fits one node: ask for a split over two.
     let t0 = Instant::now();

@@ -261,10 +261,21 @@ impl Balancer {
             candidates.iter().position(|r| *r.base_url == *url)
         });
         // Replicas this gateway already sends all they take: the request
-        // waits in the gateway's queue when every one is.
+        // waits in the gateway's queue when every one is, or when the
+        // conversation's replica is and affinity would keep it there
+        // (waiting a moment beats re-reading its prompt elsewhere).
         let open: Vec<usize> = (0..entries.len()).filter(|&i| !entries[i].full()).collect();
         if open.is_empty() {
             return None;
+        }
+        if let Some(p) = preferred
+            && !open.contains(&p)
+        {
+            let all: Vec<Load> = entries.iter().map(|l| l.load()).collect();
+            let turn = self.turn.load(Ordering::Relaxed);
+            if pick(&all, Some(p), turn) == p {
+                return None;
+            }
         }
         let entries: Vec<Arc<ReplicaLoad>> = open.iter().map(|&i| entries[i].clone()).collect();
         let candidates: Vec<&Replica> = open.iter().map(|&i| candidates[i]).collect();

@@ -34,7 +34,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
-use tests::cluster::{AgentNode, ControllerProc, connect, endpoint, tiny_controller, wait_nodes};
+use tests::cluster::{AgentNode, ControllerProc, endpoint, tiny_controller};
 use tests::{Proc, bin, free_port, text, wait_for};
 
 /// The tiny model with 64 slots of 128 tokens (above its trained 2,048
@@ -663,17 +663,7 @@ async fn main() {
     node.start();
     let mut ctl = tiny_controller(dir.path(), std::slice::from_ref(&node), &[]);
     tests::cluster::write_catalog(&dir.path().join("catalog.toml"), CATALOG);
-    ctl.start();
-    let mut c = connect(&ctl.url()).await;
-    assert!(
-        wait_nodes(
-            &mut c,
-            &["halo1"],
-            v1::NodeStatus::Ready,
-            Duration::from_secs(20)
-        )
-        .await
-    );
+    let mut c = ctl.start_and_wait(&["halo1"]).await;
     let r = c
         .place(v1::PlaceRequest {
             role: "speed".into(),

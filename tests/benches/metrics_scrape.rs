@@ -16,7 +16,7 @@ use proto::v1;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tests::cluster::{AgentNode, connect, endpoint, tiny_controller, wait_nodes};
+use tests::cluster::{AgentNode, endpoint, tiny_controller};
 use tests::free_port;
 
 /// utime + stime of a process, in clock ticks.
@@ -119,18 +119,7 @@ async fn main() {
     let ctl_port = free_port();
     let ctl_listen = format!("127.0.0.1:{ctl_port}");
     let mut ctl = tiny_controller(dir.path(), &nodes, &["--metrics-listen", &ctl_listen]);
-    ctl.start();
-    let mut c = connect(&ctl.url()).await;
-    assert!(
-        wait_nodes(
-            &mut c,
-            &["halo1", "halo2"],
-            v1::NodeStatus::Ready,
-            Duration::from_secs(20)
-        )
-        .await,
-        "nodes not ready"
-    );
+    let mut c = ctl.start_and_wait(&["halo1", "halo2"]).await;
     let r = c
         .place(v1::PlaceRequest {
             role: "speed".into(),

@@ -13,7 +13,7 @@
 
 use proto::v1;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tests::cluster::{connect, eventually, tiny_controller, tiny_speed_pair, wait_nodes};
+use tests::cluster::{eventually, tiny_controller, tiny_speed_pair};
 
 const MOVE_AFTER_MS: i64 = 3000;
 
@@ -35,17 +35,7 @@ async fn main() {
     let mut nodes = tiny_speed_pair(dir.path(), 4);
     let move_after = (MOVE_AFTER_MS / 1000).to_string();
     let mut ctl = tiny_controller(dir.path(), &nodes, &["--move-after-secs", &move_after]);
-    ctl.start();
-    let mut c = connect(&ctl.url()).await;
-    assert!(
-        wait_nodes(
-            &mut c,
-            &["halo1", "halo2"],
-            v1::NodeStatus::Ready,
-            Duration::from_secs(20)
-        )
-        .await
-    );
+    let mut c = ctl.start_and_wait(&["halo1", "halo2"]).await;
     let r = c
         .place(v1::PlaceRequest {
             role: "speed".into(),

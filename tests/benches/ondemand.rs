@@ -16,7 +16,7 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tests::cluster::{AgentNode, ControllerProc, connect, eventually, wait_nodes, write_catalog};
+use tests::cluster::{AgentNode, ControllerProc, connect, eventually, write_catalog};
 use tests::front::{create_key, haloctl, workstation_gateway};
 use tests::{free_port, text};
 
@@ -164,17 +164,7 @@ async fn main() {
             catalog.display().to_string(),
         ],
     );
-    ctl.start();
-    let mut c = connect(&ctl.url()).await;
-    assert!(
-        wait_nodes(
-            &mut c,
-            &["halo1"],
-            v1::NodeStatus::Ready,
-            Duration::from_secs(20)
-        )
-        .await
-    );
+    ctl.start_and_wait(&["halo1"]).await;
     let key = create_key(&ctl, home, "bench", &[]);
     let gw = workstation_gateway(home, &ctl, &[]);
     let gw_addr = gw.url.trim_start_matches("http://").to_owned();

@@ -11,9 +11,7 @@
 
 use proto::v1;
 use std::time::{Duration, Instant};
-use tests::cluster::{
-    Client, connect, endpoint, eventually, tiny_controller, tiny_speed_pair, wait_nodes,
-};
+use tests::cluster::{Client, endpoint, eventually, tiny_controller, tiny_speed_pair};
 
 /// How much to run: rounds per layout, completions per round and tokens
 /// per completion.
@@ -127,17 +125,7 @@ async fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let nodes = tiny_speed_pair(dir.path(), 6);
     let mut ctl = tiny_controller(dir.path(), &nodes, &["--requeue-ms", "300"]);
-    ctl.start();
-    let mut c = connect(&ctl.url()).await;
-    assert!(
-        wait_nodes(
-            &mut c,
-            &["halo1", "halo2"],
-            v1::NodeStatus::Ready,
-            Duration::from_secs(20)
-        )
-        .await
-    );
+    let mut c = ctl.start_and_wait(&["halo1", "halo2"]).await;
     let mut rows = Vec::new();
     for split in [false, true] {
         let mut ready = Vec::new();
