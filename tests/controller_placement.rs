@@ -602,3 +602,129 @@ fn a_node_whose_agent_does_not_allow_the_entrys_flags_is_not_a_candidate() {
         d.fits
     );
 }
+
+#[test]
+fn on_demand_evicts_the_least_recently_used_waits_for_young_or_busy_ones_and_refuses_what_fits_nowhere()
+ {
+    use controller::ondemand::{Demanded, Usage, decide};
+    let g = params(SparseModel::GptOss20B);
+    let c = params(SparseModel::Qwen3Coder30B);
+    let big = params(SparseModel::Qwen3_235B);
+    let ds = params(SparseModel::DeepSeekV31);
+    let nodes = vec![node(
+        "halo1",
+        "speed",
+        &[
+            (SparseModel::GptOss20B, &g),
+            (SparseModel::Qwen3Coder30B, &c),
+            (SparseModel::Qwen3_235B, &big),
+            (SparseModel::DeepSeekV31, &ds),
+        ],
+    )];
+    let on_demand = |kind, ctx, priority| {
+        let mut e = entry(kind, ctx, priority);
+        e.on_demand = true;
+        e.role = "speed".into();
+        e.min_context = ctx;
+        e
+    };
+    let cat = catalog(vec![
+        on_demand(SparseModel::GptOss20B, 32768, 1),
+        on_demand(SparseModel::Qwen3Coder30B, 32768, 1),
+        on_demand(SparseModel::Qwen3_235B, 8192, 1),
+        on_demand(SparseModel::DeepSeekV31, 16384, 1),
+    ]);
+    let loaded = |model: &str, placed: &[proto::domain::Placement], at: u64| {
+        let mut p = place(&nodes, placed, &cat, &req("speed", model))
+            .placement
+            .expect("accepted");
+        p.on_demand = true;
+        p.placed_at_unix_ms = at;
+        p
+    };
+    let now = 1_000_000;
+    let p1 = loaded("gpt-oss-20b", &[], 0);
+    let p2 = loaded("qwen3-coder-30b", std::slice::from_ref(&p1), 0);
+    let placed = vec![p1, p2];
+    let usage = Usage::new(0);
+    usage.touch("gpt-oss-20b", 400_000);
+    usage.touch("qwen3-coder-30b", 900_000);
+
+    // Room is made by the least recently used first.
+    match decide(&nodes, &placed, &cat, &cat["qwen3-235b"], &usage, now) {
+        Demanded::Place { decision, evicted } => {
+            assert!(decision.accepted);
+            assert_eq!(evicted[0].0, "gpt-oss-20b", "{evicted:?}");
+            assert!(evicted[0].1.contains("idle 600 s"), "{evicted:?}");
+        }
+        other => panic!("not placed: {other:?}"),
+    }
+
+    // Both loaded 10 s ago (min_resident_secs 120): wait, with when.
+    let young: Vec<_> = placed
+        .iter()
+        .cloned()
+        .map(|mut p| {
+            p.placed_at_unix_ms = now - 10_000;
+            p
+        })
+        .collect();
+    match decide(&nodes, &young, &cat, &cat["qwen3-235b"], &usage, now) {
+        Demanded::Wait {
+            retry_after_ms,
+            why,
+        } => {
+            assert_eq!(retry_after_ms, 10_000, "capped at 10 s");
+            assert!(why[0].contains("min_resident_secs"), "{why:?}");
+        }
+        other => panic!("not told to wait: {other:?}"),
+    }
+    // A higher priority does not wait for them.
+    let mut urgent = cat["qwen3-235b"].clone();
+    urgent.priority = 5;
+    assert!(matches!(
+        decide(&nodes, &young, &cat, &urgent, &usage, now),
+        Demanded::Place { .. }
+    ));
+
+    // A request in flight at any gateway: wait a second and ask again.
+    usage.report(
+        "gw",
+        &[
+            ("gpt-oss-20b".into(), 0, 1),
+            ("qwen3-coder-30b".into(), 0, 2),
+        ],
+        now,
+    );
+    match decide(&nodes, &placed, &cat, &cat["qwen3-235b"], &usage, now) {
+        Demanded::Wait {
+            retry_after_ms,
+            why,
+        } => {
+            assert_eq!(retry_after_ms, 1000);
+            assert!(why.iter().any(|w| w.contains("in flight")), "{why:?}");
+        }
+        other => panic!("not told to wait: {other:?}"),
+    }
+
+    // Larger than the node even with everything unloaded: refused now,
+    // with the arithmetic.
+    match decide(
+        &nodes,
+        &placed,
+        &cat,
+        &cat["deepseek-v3.1-1bit"],
+        &usage,
+        now,
+    ) {
+        Demanded::Refused { why } => {
+            assert!(why.iter().any(|w| w.contains("GiB")), "{why:?}");
+            assert!(
+                why.iter()
+                    .any(|w| w.contains("even with every on-demand model")),
+                "{why:?}"
+            );
+        }
+        other => panic!("not refused: {other:?}"),
+    }
+}
