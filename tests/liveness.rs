@@ -292,4 +292,6 @@ async fn a_model_file_replaced_under_a_running_instance_is_reported_and_its_rest
         gone.model_file_changed
     );
     assert!(node.own_servers().is_empty(), "{:?}", node.own_servers());
+    // Refused spawns are no restarts: nothing ran again.
+    assert_eq!(gone.restart_count, 0);
 }

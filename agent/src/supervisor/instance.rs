@@ -192,6 +192,8 @@ impl InstanceTask {
     /// Runs until the instance is stopped or the agent shuts down.
     pub(super) async fn run(mut self, shutdown: CancellationToken) {
         let mut failures: u32 = 0;
+        // A back-off after a failure ended: the next process is a restart.
+        let mut restarting = false;
         let mut next = match self.begin {
             Begin::Spawn => None,
             Begin::Failed => {
@@ -262,7 +264,14 @@ impl InstanceTask {
             let (mut running, ready) = match next.take() {
                 Some(r) => r,
                 None => match self.spawn().await {
-                    Ok(r) => (r, false),
+                    Ok(r) => {
+                        // A restart counts once a process runs again (a
+                        // refused spawn is not one).
+                        if std::mem::take(&mut restarting) {
+                            self.count_restart();
+                        }
+                        (r, false)
+                    }
                     Err(reason) => {
                         failures = failures.saturating_add(1);
                         self.failed(reason).await;
@@ -271,7 +280,7 @@ impl InstanceTask {
                             return;
                         }
                         match self.back_off(failures, &shutdown).await {
-                            Wake::Elapsed => self.count_restart(),
+                            Wake::Elapsed => restarting = true,
                             Wake::Stop => {}
                             Wake::Shutdown => return,
                         }
@@ -332,7 +341,7 @@ impl InstanceTask {
                 return;
             }
             match self.back_off(failures, &shutdown).await {
-                Wake::Elapsed => self.count_restart(),
+                Wake::Elapsed => restarting = true,
                 Wake::Stop => {}
                 Wake::Shutdown => return,
             }
