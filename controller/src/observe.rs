@@ -188,6 +188,12 @@ impl Observed {
         self.refusals().remove(rid);
     }
 
+    /// Forgets the refusals of requests no placement wants any more
+    /// (unplaced, moved, restarted under a new generation).
+    pub fn retain_start_refused(&self, wanted: impl Fn(&str) -> bool) {
+        self.refusals().retain(|rid, _| wanted(rid));
+    }
+
     /// Why starting `rid` was last refused, if it was.
     pub fn start_refused(&self, rid: &str) -> Option<String> {
         self.refusals().get(rid).cloned()

@@ -493,6 +493,8 @@ impl Reconciler {
         backoff: &Arc<Mutex<HashMap<String, Backoff>>>,
     ) {
         let wants = wanted(placements, &view.observed);
+        self.observed
+            .retain_start_refused(|rid| wants.values().any(|w| w.contains_key(rid)));
         for (name, n) in &view.observed {
             if view.liveness.get(name) != Some(&Liveness::Ready) {
                 continue;
