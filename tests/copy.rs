@@ -2,8 +2,9 @@
 //! generated GGUF file of ~100 MiB of random data arrives byte for byte and
 //! a second copy finds it identical; a copy whose receiver is SIGKILLed
 //! midway (slowed by a rate cap) resumes from its partial file after a
-//! restart; a node whose model directory is a 50 MiB tmpfs refuses before
-//! anything is sent, with the numbers.
+//! restart, and one whose partial file was corrupted meanwhile fails on the
+//! hash and deletes it; a node whose model directory is a 50 MiB tmpfs
+//! refuses before anything is sent, with the numbers.
 
 use agent::gguf::GgmlType;
 use agent::gguf::fixtures::tiny_llama;
@@ -146,6 +147,15 @@ fn a_model_file_is_copied_identical_once_and_refused_without_room() {
     let o = haloctl(&c, home, &["models", "copy", "big", "--to", "halo2"]);
     assert!(o.status.success(), "{}", show(&o));
     let out = text(&o.stdout);
+    // The result line (rate included) in the test's output, and README.md
+    // shows it: it must be what haloctl prints.
+    println!("{out}");
+    let cmd = "haloctl models copy big --to halo2";
+    let checked = tests::readme::check_or_update(
+        &format!("$ {cmd}"),
+        &[(cmd.to_owned(), out.trim_end().to_owned())],
+    );
+    assert_eq!(checked, [cmd]);
     assert!(
         out.contains("big.gguf: copied 100.") && out.contains("from halo1 to halo2"),
         "{}",
@@ -202,21 +212,11 @@ fn a_model_file_is_copied_identical_once_and_refused_without_room() {
     );
 }
 
-#[test]
-fn a_copy_interrupted_by_a_receiver_crash_resumes_from_its_partial_file() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut halo1 = AgentNode::new(dir.path(), "halo1", &["speed"], 2);
-    let mut halo2 = AgentNode::new(dir.path(), "halo2", &["speed"], 2);
-    write_big(&halo1.models.join("big.gguf"), 23);
-    // Slow enough to be caught midway: 100 MiB at 10 MiB/s.
-    halo2.extra_args = vec!["--copy-rate-limit".into(), "10MiB".into()];
-    halo1.start();
-    halo2.start();
-    let c = controller(dir.path(), &[&halo1, &halo2], "halo1");
-    let home = dir.path();
-    let partial = halo2.models.join(".big.gguf.partial");
-
-    let first = haloctl_cmd(&c, home, &["models", "copy", "big", "--to", "halo2"])
+/// Starts a copy of `big` to `node`, SIGKILLs the node's agent once its
+/// partial file holds 20 MiB, and returns the partial file's length.
+fn interrupt(c: &ControllerProc, home: &Path, node: &mut AgentNode) -> u64 {
+    let partial = node.models.join(".big.gguf.partial");
+    let copy = haloctl_cmd(c, home, &["models", "copy", "big", "--to", &node.name])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -228,23 +228,46 @@ fn a_copy_interrupted_by_a_receiver_crash_resumes_from_its_partial_file() {
             .filter(|l| *l >= 20 << 20)
     })
     .expect("the partial file never grew to 20 MiB");
-    halo2.kill9();
-    let o = first.wait_with_output().expect("haloctl");
+    node.kill9();
+    let o = copy.wait_with_output().expect("haloctl");
     assert!(!o.status.success(), "{}", show(&o));
     let kept = std::fs::metadata(&partial).expect("partial kept").len();
     assert!(kept >= at && kept < 100 << 20, "partial {kept} bytes");
+    kept
+}
 
-    halo2.start();
-    // Again once the controller's link to the restarted agent is back.
-    let o = wait_for(Duration::from_secs(30), || {
+/// `haloctl models copy big --to NODE -o json` once the controller's link
+/// to the (restarted) agent is back.
+fn copy_when_connected(c: &ControllerProc, home: &Path, node: &str) -> Output {
+    wait_for(Duration::from_secs(30), || {
         let o = haloctl(
-            &c,
+            c,
             home,
-            &["models", "copy", "big", "--to", "halo2", "-o", "json"],
+            &["models", "copy", "big", "--to", node, "-o", "json"],
         );
         (!text(&o.stderr).contains("is not connected")).then_some(o)
     })
-    .expect("halo2 never connected again");
+    .unwrap_or_else(|| panic!("{node} never connected again"))
+}
+
+#[test]
+fn a_copy_interrupted_by_a_receiver_crash_resumes_and_a_corrupt_partial_file_is_deleted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut halo1 = AgentNode::new(dir.path(), "halo1", &["speed"], 2);
+    let mut halo2 = AgentNode::new(dir.path(), "halo2", &["speed"], 2);
+    write_big(&halo1.models.join("big.gguf"), 23);
+    // Slow enough to be caught midway: 100 MiB at 10 MiB/s.
+    halo2.extra_args = vec!["--copy-rate-limit".into(), "10MiB".into()];
+    halo1.start();
+    halo2.start();
+    let c = controller(dir.path(), &[&halo1, &halo2], "halo1");
+    let home = dir.path();
+    let partial = halo2.models.join(".big.gguf.partial");
+    let (original, copied) = (halo1.models.join("big.gguf"), halo2.models.join("big.gguf"));
+
+    let kept = interrupt(&c, home, &mut halo2);
+    halo2.start();
+    let o = copy_when_connected(&c, home, "halo2");
     assert!(o.status.success(), "{}", show(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
     assert_eq!(v["state"], "done", "{}", show(&o));
@@ -257,11 +280,30 @@ fn a_copy_interrupted_by_a_receiver_crash_resumes_from_its_partial_file() {
         show(&o)
     );
     assert!(
-        same_bytes(
-            &halo1.models.join("big.gguf"),
-            &halo2.models.join("big.gguf")
-        ),
+        same_bytes(&original, &copied),
         "the resumed copy differs from the original"
     );
     assert!(!partial.exists());
+
+    // Once more, and a byte of the partial file goes bad while the agent
+    // is down: the resumed copy's hash cannot match; it fails saying so,
+    // the partial file is deleted and nothing takes the final name.
+    std::fs::remove_file(&copied).expect("remove the copy");
+    interrupt(&c, home, &mut halo2);
+    let mut bytes = std::fs::read(&partial).expect("read partial");
+    bytes[4 << 20] ^= 0x55;
+    std::fs::write(&partial, &bytes).expect("corrupt partial");
+    halo2.start();
+    let o = copy_when_connected(&c, home, "halo2");
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["state"], "failed", "{}", show(&o));
+    let why = v["message"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("SHA-256") && why.contains("the partial file was deleted"),
+        "{}",
+        show(&o)
+    );
+    assert!(!partial.exists(), "the corrupt partial file is still there");
+    assert!(!copied.exists(), "a corrupt copy took the final name");
 }
