@@ -561,11 +561,14 @@ async fn receive_part(
     };
     let partial = t.partial.clone();
     let (mut file, ctx, resumed) = tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::OpenOptionsExt;
+        // A symlink planted under the partial name is not followed.
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .read(true)
             .write(true)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
             .open(&partial)?;
         let len = f.metadata()?.len();
         let ctx = hash_prefix(&mut f, len)?;
