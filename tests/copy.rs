@@ -4,7 +4,8 @@
 //! midway (slowed by a rate cap) resumes from its partial file after a
 //! restart, and one whose partial file was corrupted meanwhile fails on the
 //! hash and deletes it; a node whose model directory is a 50 MiB tmpfs
-//! refuses before anything is sent, with the numbers.
+//! refuses before anything is sent, with the numbers. `haloctl models`
+//! shows a copy in flight.
 
 use agent::gguf::GgmlType;
 use agent::gguf::fixtures::tiny_llama;
@@ -228,6 +229,15 @@ fn interrupt(c: &ControllerProc, home: &Path, node: &mut AgentNode) -> u64 {
             .filter(|l| *l >= 20 << 20)
     })
     .expect("the partial file never grew to 20 MiB");
+    // `haloctl models` shows the copy in flight.
+    let o = haloctl(c, home, &["models"]);
+    let want = format!("copying big.gguf halo1 -> {}: ", node.name);
+    assert!(text(&o.stdout).contains(&want), "{}", show(&o));
+    let o = haloctl(c, home, &["models", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let shown = &v[0]["copies"][0];
+    assert_eq!(shown["to_node"], node.name.as_str(), "{}", show(&o));
+    assert!(shown["bytes_done"].as_u64() > Some(0), "{}", show(&o));
     node.kill9();
     let o = copy.wait_with_output().expect("haloctl");
     assert!(!o.status.success(), "{}", show(&o));

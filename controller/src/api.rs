@@ -38,6 +38,8 @@ pub struct ControllerApi {
     access: Access,
     /// What the gateways report using (on-demand models).
     usage: Usage,
+    /// Copies in flight by `MODEL:NODE`: their latest progress.
+    copies: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, v1::CopyProgress>>>,
 }
 
 /// Who may call what when the controller serves mutual TLS: the one place
@@ -76,6 +78,7 @@ impl ControllerApi {
             place_lock: std::sync::Arc::default(),
             access: Access::open(),
             usage: Usage::new(now_unix_ms()),
+            copies: std::sync::Arc::default(),
         }
     }
 
@@ -472,6 +475,14 @@ impl ControllerApi {
         let (tx, out) = mpsc::channel(64);
         let events = self.events.clone();
         let shutdown = self.shutdown.clone();
+        let copies = self.copies.clone();
+        let in_flight = move |p: Option<&v1::CopyProgress>, key: &str| {
+            let mut c = copies.lock().unwrap_or_else(|e| e.into_inner());
+            match p {
+                Some(p) => c.insert(key.to_owned(), p.clone()),
+                None => c.remove(key),
+            };
+        };
         tokio::spawn(async move {
             loop {
                 let next = tokio::select! {
@@ -493,6 +504,7 @@ impl ControllerApi {
                             v1::CopyState::Failed => Some(format!("failed: {}", p.message)),
                             _ => None,
                         };
+                        in_flight(end.is_none().then_some(&p), &subject);
                         if let Some(msg) = end {
                             events.emit("copy", &subject, msg);
                             let _ = tx.send(Ok(p)).await;
@@ -503,10 +515,12 @@ impl ControllerApi {
                         let _ = tx.try_send(Ok(p));
                     }
                     Ok(None) => {
+                        in_flight(None, &subject);
                         events.emit("copy", &subject, "the receiving agent's stream ended");
                         return;
                     }
                     Err(s) => {
+                        in_flight(None, &subject);
                         events.emit("copy", &subject, format!("failed: {}", s.message()));
                         let _ = tx.send(Err(s)).await;
                         return;
@@ -563,11 +577,23 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
         self.access.check("ListCatalog", &r)?;
         let catalog = self.desired.catalog().await?;
         let obs = self.observed.read();
+        let copies: Vec<v1::CopyProgress> = self
+            .copies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
         let entries = catalog
             .into_values()
             .map(|e| {
                 let id = e.model_id.clone();
                 let mut w = v1::CatalogEntry::from(e);
+                w.copies = copies
+                    .iter()
+                    .filter(|c| c.model_id == id)
+                    .cloned()
+                    .collect();
                 for n in obs.values() {
                     if let Some(m) = n.models.iter().find(|m| m.id == id) {
                         w.nodes.push(n.config.name.clone());
