@@ -5,7 +5,8 @@
 //! restart, and one whose partial file was corrupted meanwhile fails on the
 //! hash and deletes it; a node whose model directory is a 50 MiB tmpfs
 //! refuses before anything is sent, with the numbers. `haloctl models`
-//! shows a copy in flight.
+//! shows a copy in flight, and a copy goes on when haloctl is left with
+//! Ctrl-C.
 
 use agent::gguf::GgmlType;
 use agent::gguf::fixtures::tiny_llama;
@@ -213,8 +214,9 @@ fn a_model_file_is_copied_identical_once_and_refused_without_room() {
     );
 }
 
-/// Starts a copy of `big` to `node`, SIGKILLs the node's agent once its
-/// partial file holds 20 MiB, and returns the partial file's length.
+/// Starts a copy of `big` to `node`; once its partial file holds 20 MiB,
+/// leaves haloctl with Ctrl-C (SIGINT) and sees the copy go on, then
+/// SIGKILLs the node's agent; returns the partial file's length.
 fn interrupt(c: &ControllerProc, home: &Path, node: &mut AgentNode) -> u64 {
     let partial = node.models.join(".big.gguf.partial");
     let copy = haloctl_cmd(c, home, &["models", "copy", "big", "--to", &node.name])
@@ -238,9 +240,20 @@ fn interrupt(c: &ControllerProc, home: &Path, node: &mut AgentNode) -> u64 {
     let shown = &v[0]["copies"][0];
     assert_eq!(shown["to_node"], node.name.as_str(), "{}", show(&o));
     assert!(shown["bytes_done"].as_u64() > Some(0), "{}", show(&o));
-    node.kill9();
+    // Ctrl-C: haloctl goes, the copy does not.
+    let pid =
+        rustix::process::Pid::from_raw(i32::try_from(copy.id()).expect("pid")).expect("a pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).expect("SIGINT");
     let o = copy.wait_with_output().expect("haloctl");
     assert!(!o.status.success(), "{}", show(&o));
+    let left_at = std::fs::metadata(&partial).expect("partial").len();
+    let grew = wait_for(Duration::from_secs(30), || {
+        std::fs::metadata(&partial)
+            .ok()
+            .filter(|m| m.len() >= left_at + (5 << 20))
+    });
+    assert!(grew.is_some(), "the copy stopped when haloctl was left");
+    node.kill9();
     let kept = std::fs::metadata(&partial).expect("partial kept").len();
     assert!(kept >= at && kept < 100 << 20, "partial {kept} bytes");
     kept
