@@ -204,6 +204,18 @@ fn a_model_file_is_copied_identical_once_and_refused_without_room() {
         .expect("read halo3's models")
         .collect();
     assert!(left.is_empty(), "halo3 got files: {left:?}");
+    // The controller's events record each copy's start and end, and the
+    // refusal with its reason.
+    let o = haloctl(&c, home, &["events"]);
+    let events = text(&o.stdout);
+    for want in [
+        "big.gguf from halo1 to halo2: started",
+        "done: 100.5 MiB in",
+        "an identical file is already there",
+        "failed: not enough room in",
+    ] {
+        assert!(events.contains(want), "no `{want}` in:\n{}", show(&o));
+    }
     // Unknown names are refused by the controller.
     let o = haloctl(&c, home, &["models", "copy", "nope", "--to", "halo2"]);
     assert_eq!(o.status.code(), Some(1), "{}", show(&o));
