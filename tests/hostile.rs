@@ -1,6 +1,6 @@
 //! Hostile input against the real daemons: one table of path-traversal
 //! and malformed model ids run through every entry point that takes one
-//! (the agent's StartInstance, the controller's PutCatalogEntry, Place and
+//! (the agent's StartInstance and FetchModel, the controller's PutCatalogEntry, Place and
 //! PutBenchResult, and the controller's catalog file); the agent's start/stop rate limit;
 //! and requests far above the message size limits. Every refusal must name
 //! the problem, start nothing, record nothing, and leave the daemon up.
@@ -342,6 +342,28 @@ async fn every_hostile_model_id_is_refused_at_every_entry_point_and_nothing_star
             }
         };
         check(&format!("{label}: StartInstance"), got, agent_want);
+
+        // The agent's FetchModel: nothing but files its scan lists is read
+        // (escape.gguf, a symlink out of the model directory, included).
+        if let Some(id) = input.text() {
+            let got = a
+                .fetch_model(v1::FetchModelRequest {
+                    model_id: id.clone(),
+                    part: 0,
+                    offset: 0,
+                })
+                .await;
+            match got {
+                Ok(stream) => {
+                    let first = stream.into_inner().message().await;
+                    assert!(first.is_err(), "{label}: FetchModel sent {first:?}");
+                }
+                Err(s) => assert!(
+                    matches!(s.code(), Code::InvalidArgument | Code::NotFound),
+                    "{label}: FetchModel answered {s:?}"
+                ),
+            }
+        }
 
         // The controller's PutCatalogEntry.
         let name = format!("hostile-{i}");

@@ -13,6 +13,7 @@ mod controller_etcd_tls;
 mod controller_place;
 mod controller_placement;
 mod controller_store;
+mod copy;
 mod ctl;
 mod ctl_cluster;
 mod deploy;

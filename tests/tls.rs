@@ -143,6 +143,30 @@ async fn agent_matrix(ch: Channel) -> Vec<(&'static str, Code)> {
                 .map(drop),
             ),
         ),
+        (
+            "FetchModel",
+            code(
+                c.fetch_model(v1::FetchModelRequest {
+                    model_id: "none.gguf".into(),
+                    ..v1::FetchModelRequest::default()
+                })
+                .await
+                .map(drop),
+            ),
+        ),
+        (
+            "PullModel",
+            code(
+                c.pull_model(v1::PullModelRequest {
+                    model_id: "intruder.gguf".into(),
+                    source_address: "127.0.0.1:1".into(),
+                    source_node: "intruder".into(),
+                    leader_revision: 0,
+                })
+                .await
+                .map(drop),
+            ),
+        ),
     ]
 }
 
@@ -310,10 +334,22 @@ async fn controller_matrix(ch: Channel) -> Vec<(&'static str, Code)> {
                 .map(drop),
             ),
         ),
+        (
+            "CopyModel",
+            code(
+                c.copy_model(v1::CopyModelRequest {
+                    model: "no-such-model".into(),
+                    to_node: "halo1".into(),
+                    from_node: String::new(),
+                })
+                .await
+                .map(drop),
+            ),
+        ),
     ]
 }
 
-const AGENT_MUTATING: &[&str] = &["StartInstance", "StopInstance"];
+const AGENT_MUTATING: &[&str] = &["StartInstance", "StopInstance", "PullModel"];
 const CONTROLLER_MUTATING: &[&str] = &[
     "Place",
     "Unplace",
@@ -321,6 +357,7 @@ const CONTROLLER_MUTATING: &[&str] = &[
     "CreateKey",
     "RevokeKey",
     "PutBenchResult",
+    "CopyModel",
 ];
 
 /// Every outcome in `got` is `want` (for the methods `only` names, or all).
@@ -450,6 +487,7 @@ async fn mutual_tls_refuses_every_wrong_caller_on_every_method_and_places_with_t
                 "CreateKey",
                 "RevokeKey",
                 "PutBenchResult",
+                "CopyModel",
                 "Routes",
                 "Demand",
                 "ReportUse",

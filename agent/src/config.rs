@@ -259,6 +259,14 @@ pub struct Args {
     /// Size at which an instance's log file is rotated [default: 64MiB].
     #[arg(long, env = "HALO_AGENT_MAX_LOG_SIZE", value_name = "SIZE")]
     pub max_log_size: Option<String>,
+    /// Most bytes per second a model copy into this node reads from the
+    /// sender, e.g. 100MiB; 0 for no cap [default: 0].
+    #[arg(long, env = "HALO_AGENT_COPY_RATE_LIMIT", value_name = "SIZE")]
+    pub copy_rate_limit: Option<String>,
+    /// Free space a model copy into this node must leave on the disk of
+    /// the first model directory [default: 1GiB].
+    #[arg(long, env = "HALO_AGENT_COPY_DISK_MARGIN", value_name = "SIZE")]
+    pub copy_disk_margin: Option<String>,
     /// Extra llama-server flags requests may name, e.g. "--jinja" or
     /// "--cache-reuse 256"; repeat or comma-separate.
     #[arg(
@@ -370,6 +378,8 @@ struct FileConfig {
     health_timeout_ms: Option<u64>,
     health_failures: Option<u32>,
     max_log_size: Option<SizeValue>,
+    copy_rate_limit: Option<SizeValue>,
+    copy_disk_margin: Option<SizeValue>,
     allowed_flags: Option<Vec<String>>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
@@ -490,6 +500,10 @@ pub struct Config {
     pub health_failures: u32,
     /// Log rotation size.
     pub max_log_bytes: u64,
+    /// Bytes per second a copy into this node reads (0: no cap).
+    pub copy_rate_limit_bytes: u64,
+    /// Free bytes a copy into this node leaves on the disk.
+    pub copy_disk_margin_bytes: u64,
     /// Extra flags requests may name.
     pub allowed_flags: Vec<AllowedFlag>,
     /// Mutual TLS files, when configured (all three were set).
@@ -526,6 +540,8 @@ impl Config {
             s.cors_origin,
         )?;
         let (reserve_bytes, max_log_bytes) = sizes(s.reserve, s.max_log_size)?;
+        let (copy_rate_limit_bytes, copy_disk_margin_bytes) =
+            copy_sizes(s.copy_rate_limit, s.copy_disk_margin)?;
         let (pressure_psi_some, pressure_min_available_bytes) =
             pressure(s.pressure_psi_some, s.pressure_min_available)?;
         let instance_cgroup = instance_cgroup(s.instance_cgroup, s.instance_memory_limit)?;
@@ -566,6 +582,8 @@ impl Config {
             health_timeout: t.health_timeout,
             health_failures: t.health_failures,
             max_log_bytes,
+            copy_rate_limit_bytes,
+            copy_disk_margin_bytes,
             allowed_flags,
         })
     }
@@ -623,6 +641,8 @@ struct Settings {
     instance_cgroup: Option<PathBuf>,
     instance_memory_limit: Option<String>,
     max_log_size: Option<String>,
+    copy_rate_limit: Option<String>,
+    copy_disk_margin: Option<String>,
     probe_root: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     timings: TimingKeys,
@@ -773,6 +793,12 @@ impl Settings {
             max_log_size: args
                 .max_log_size
                 .or(file.max_log_size.map(SizeValue::into_text)),
+            copy_rate_limit: args
+                .copy_rate_limit
+                .or(file.copy_rate_limit.map(SizeValue::into_text)),
+            copy_disk_margin: args
+                .copy_disk_margin
+                .or(file.copy_disk_margin.map(SizeValue::into_text)),
             probe_root: args.probe_root.or(file.probe_root),
             state_dir: args.state_dir.or(file.state_dir),
             timings: TimingKeys {
@@ -1068,6 +1094,25 @@ fn sizes(reserve: Option<String>, max_log_size: Option<String>) -> Result<(u64, 
         return Err(invalid("max_log_size", "must be at least 64KiB"));
     }
     Ok((reserve_bytes, max_log_bytes))
+}
+
+/// The copy cap (default none) and disk margin (default 1 GiB).
+fn copy_sizes(rate: Option<String>, margin: Option<String>) -> Result<(u64, u64), ConfigError> {
+    let rate = match rate {
+        Some(t) => parse_size(&t).map_err(|r| invalid("copy_rate_limit", r))?,
+        None => 0,
+    };
+    if rate > 0 && rate < 64 << 10 {
+        return Err(invalid(
+            "copy_rate_limit",
+            "must be 0 (no cap) or at least 64KiB",
+        ));
+    }
+    let margin = match margin {
+        Some(t) => parse_size(&t).map_err(|r| invalid("copy_disk_margin", r))?,
+        None => 1 << 30,
+    };
+    Ok((rate, margin))
 }
 
 /// The probe root (an existing directory) and the state directory

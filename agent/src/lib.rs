@@ -12,6 +12,8 @@
 //! * [`llamabuild`]: the node's llama.cpp build (version, GPU devices, RPC).
 //! * [`supervisor`]: instances (llama-server and ggml-rpc-server): spawn,
 //!   watch, restart, stop, re-adopt.
+//! * [`copy`]: model files between agents (FetchModel / PullModel),
+//!   verified and resumable.
 //! * [`state`]: what survives an agent restart (atomic JSON + lock).
 //! * [`service`]: the gRPC `AgentService`; [`error`]: its status codes.
 //! * [`metrics`]: `/metrics` (node memory, instances, llama-server's own
@@ -24,6 +26,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod copy;
 pub mod daemon;
 pub mod error;
 pub mod gguf;

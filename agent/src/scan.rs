@@ -109,6 +109,17 @@ impl Scanner {
         self.models.iter().find(|m| m.file.id == id)
     }
 
+    /// Canonical path of part `part` (0: the first or only file) of a
+    /// model this scan lists, when it is a regular file inside the model
+    /// directories; what a copy's sender reads, and nothing else.
+    pub fn part_path(&self, id: &str, part: usize) -> Option<PathBuf> {
+        let m = self.lookup(id)?;
+        let part_id = m.file.parts.get(part)?;
+        let dir = self.dirs.get(m.file.dir_index as usize)?;
+        let path = dir.join(part_id).canonicalize().ok()?;
+        (is_inside(&self.dirs, &path) && path.is_file()).then_some(path)
+    }
+
     /// One model from its parts (part 1 first; a lone part 1 for a single
     /// file); `None` for an empty group.
     fn describe(

@@ -79,11 +79,12 @@ impl TokenBucket {
 
 /// Who may call what when the agent serves mutual TLS: the one place that
 /// lists the methods that change something. Only the controller starts and
-/// stops instances; the controller, people (admin, read-only) and gateways
-/// (`gateway`, or another node's agent serving one) may look.
+/// stops instances and has a model pulled here; the controller, people
+/// (admin, read-only), gateways (`gateway`, or another node's agent
+/// serving one) and agents pulling a model (FetchModel) may look.
 pub const POLICY: Policy = Policy {
     service: "AgentService",
-    mutating: &["StartInstance", "StopInstance"],
+    mutating: &["StartInstance", "StopInstance", "PullModel"],
     writers: &[Role::Controller],
     readers: &[
         Role::Controller,
@@ -102,6 +103,8 @@ pub struct AgentApi {
     access: Access,
     /// Shared by StartInstance and StopInstance.
     mutations: std::sync::Arc<TokenBucket>,
+    /// Model copies into this node.
+    copies: crate::copy::Copies,
 }
 
 impl AgentApi {
@@ -117,6 +120,7 @@ impl AgentApi {
                 MUTATION_RATE_PER_SEC,
                 Instant::now(),
             )),
+            copies: crate::copy::Copies::default(),
         }
     }
 
@@ -324,6 +328,26 @@ impl v1::agent_service_server::AgentService for AgentApi {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
+    type FetchModelStream = ResponseStream<v1::ModelChunk>;
+
+    #[tracing::instrument(skip_all, fields(model = %req.get_ref().model_id.escape_debug(), part = req.get_ref().part, offset = req.get_ref().offset))]
+    async fn fetch_model(
+        &self,
+        req: Request<v1::FetchModelRequest>,
+    ) -> Result<Response<Self::FetchModelStream>, Status> {
+        self.fetch(req).await.map(Response::new)
+    }
+
+    type PullModelStream = ResponseStream<v1::CopyProgress>;
+
+    #[tracing::instrument(skip_all, fields(model = %req.get_ref().model_id.escape_debug(), from = %req.get_ref().source_node.escape_debug()))]
+    async fn pull_model(
+        &self,
+        req: Request<v1::PullModelRequest>,
+    ) -> Result<Response<Self::PullModelStream>, Status> {
+        self.pull(req).await.map(Response::new)
+    }
+
     type TailLogsStream = ResponseStream<v1::LogLine>;
 
     #[tracing::instrument(skip_all, fields(instance = %req.get_ref().instance_id.escape_debug()))]
@@ -375,6 +399,86 @@ impl v1::agent_service_server::AgentService for AgentApi {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// FetchModel's and PullModel's streams.
+impl AgentApi {
+    async fn fetch(
+        &self,
+        req: Request<v1::FetchModelRequest>,
+    ) -> Result<ResponseStream<v1::ModelChunk>, Status> {
+        self.access.check("FetchModel", &req)?;
+        let r = req.into_inner();
+        crate::scan::check_model_id(&r.model_id).map_err(|reason| Error::BadModelId {
+            id: r.model_id.clone(),
+            reason,
+        })?;
+        // Only what this agent's own scan lists, resolved here.
+        let path = self
+            .supervisor
+            .model_part_path(&r.model_id, r.part as usize)
+            .ok_or(Error::UnknownModel {
+                id: r.model_id.clone(),
+            })?;
+        let (tx, rx) = mpsc::channel::<Result<v1::ModelChunk, Status>>(4);
+        let offset = r.offset;
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = crate::copy::send_part(&path, offset, &tx) {
+                tracing::warn!(model = %r.model_id.escape_debug(), "fetch failed: {e}");
+                let _ = tx.blocking_send(Err(e.into()));
+            }
+        });
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+
+    async fn pull(
+        &self,
+        req: Request<v1::PullModelRequest>,
+    ) -> Result<ResponseStream<v1::CopyProgress>, Status> {
+        self.access.check("PullModel", &req)?;
+        let r = req.into_inner();
+        crate::scan::check_model_id(&r.model_id).map_err(|reason| Error::BadModelId {
+            id: r.model_id.clone(),
+            reason,
+        })?;
+        if r.source_address.is_empty() || r.source_address.len() > 300 {
+            return Err(Error::InvalidArgument {
+                field: "source_address",
+                reason: "must be host:port".into(),
+            }
+            .into());
+        }
+        self.supervisor.accept_leader(r.leader_revision).await?;
+        let pull = crate::copy::Pull {
+            model_id: r.model_id,
+            source_address: r.source_address,
+            source_node: r.source_node,
+        };
+        let mut progress = self
+            .copies
+            .pull(&self.supervisor, pull, self.shutdown.child_token());
+        let shutdown = self.shutdown.clone();
+        let (tx, rx) = mpsc::channel::<Result<v1::CopyProgress, Status>>(STREAM_BUFFER);
+        tokio::spawn(async move {
+            loop {
+                let p = progress.borrow_and_update().clone();
+                let end = p.state.is_final();
+                if !send(&tx, v1::CopyProgress::from(p), &shutdown).await || end {
+                    return;
+                }
+                tokio::select! {
+                    () = tx.closed() => return,
+                    r = progress.changed() => if r.is_err() {
+                        // The copy's task ended: its last report is final.
+                        let p = progress.borrow().clone();
+                        let _ = send(&tx, v1::CopyProgress::from(p), &shutdown).await;
+                        return;
+                    },
+                }
+            }
+        });
+        Ok(Box::pin(ReceiverStream::new(rx)))
     }
 }
 

@@ -38,6 +38,8 @@ pub struct ControllerApi {
     access: Access,
     /// What the gateways report using (on-demand models).
     usage: Usage,
+    /// Copies in flight by `MODEL:NODE`: their latest progress.
+    copies: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, v1::CopyProgress>>>,
 }
 
 /// Who may call what when the controller serves mutual TLS: the one place
@@ -54,6 +56,7 @@ pub const POLICY: Policy = Policy {
         "CreateKey",
         "RevokeKey",
         "PutBenchResult",
+        "CopyModel",
     ],
     writers: &[Role::Admin],
     readers: &[Role::Admin, Role::ReadOnly, Role::Gateway, Role::Agent],
@@ -75,6 +78,7 @@ impl ControllerApi {
             place_lock: std::sync::Arc::default(),
             access: Access::open(),
             usage: Usage::new(now_unix_ms()),
+            copies: std::sync::Arc::default(),
         }
     }
 
@@ -385,6 +389,148 @@ pub fn place_request(r: &v1::PlaceRequest) -> Result<PlaceRequest, Error> {
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<v1::ClusterEvent, Status>> + Send>>;
 type LogStream = Pin<Box<dyn Stream<Item = Result<v1::LogLine, Status>> + Send>>;
+type CopyStream = Pin<Box<dyn Stream<Item = Result<v1::CopyProgress, Status>> + Send>>;
+
+impl ControllerApi {
+    /// A copy of a catalog model's file(s) to `to_node`: the receiving
+    /// agent pulls from a node that lists the file (the one named, else the
+    /// first connected one); its progress is relayed, and kept being read
+    /// (for the events) when the caller leaves.
+    async fn copy_model(&self, r: v1::CopyModelRequest) -> Result<CopyStream, Error> {
+        let Some(term) = self.desired.leadership().term() else {
+            return Err(Error::NotLeader);
+        };
+        proto::domain::catalog::check_name("model", &r.model)?;
+        let catalog = self.desired.catalog().await?;
+        let entry = catalog
+            .get(&r.model)
+            .ok_or_else(|| Error::NotFound(format!("`{}` is not in the catalog", r.model)))?;
+        let id = entry.model_id.clone();
+        let (to_addr, from, from_addr) = {
+            let obs = self.observed.read();
+            let to = obs.get(&r.to_node).ok_or_else(|| {
+                Error::NotFound(format!("node `{}` is not configured", r.to_node))
+            })?;
+            if !to.connected {
+                return Err(Error::FailedPrecondition(format!(
+                    "node `{}` is not connected",
+                    r.to_node
+                )));
+            }
+            let holds = |n: &&crate::observe::NodeObs| n.models.iter().any(|m| m.id == id);
+            let from = if r.from_node.is_empty() {
+                obs.values()
+                    .filter(|n| n.config.name != r.to_node && n.connected)
+                    .find(holds)
+                    .ok_or_else(|| {
+                        Error::FailedPrecondition(format!(
+                            "no connected node other than `{}` holds `{id}`",
+                            r.to_node
+                        ))
+                    })?
+            } else {
+                let n = obs.get(&r.from_node).ok_or_else(|| {
+                    Error::NotFound(format!("node `{}` is not configured", r.from_node))
+                })?;
+                if !holds(&n) {
+                    return Err(Error::FailedPrecondition(format!(
+                        "node `{}` does not hold `{id}`",
+                        r.from_node
+                    )));
+                }
+                n
+            };
+            if from.config.name == r.to_node {
+                return Err(Error::InvalidArgument(
+                    "--from and --to name the same node".into(),
+                ));
+            }
+            (
+                to.config.address.clone(),
+                from.config.name.clone(),
+                from.config.address.clone(),
+            )
+        };
+        let to = r.to_node.clone();
+        let agent_err =
+            |why: String| Error::FailedPrecondition(format!("node `{to}` at {to_addr}: {why}"));
+        let mut agent =
+            crate::observe::agent_client(&to_addr).map_err(|e| agent_err(e.to_string()))?;
+        let mut upstream = agent
+            .pull_model(v1::PullModelRequest {
+                model_id: id.clone(),
+                source_address: from_addr,
+                source_node: from.clone(),
+                leader_revision: term,
+            })
+            .await
+            .map_err(|s| agent_err(s.message().to_owned()))?
+            .into_inner();
+        let subject = format!("{}:{to}", r.model);
+        self.events.emit(
+            "copy",
+            &subject,
+            format!("{id} from {from} to {to}: started"),
+        );
+        let (tx, out) = mpsc::channel(64);
+        let events = self.events.clone();
+        let shutdown = self.shutdown.clone();
+        let copies = self.copies.clone();
+        let in_flight = move |p: Option<&v1::CopyProgress>, key: &str| {
+            let mut c = copies.lock().unwrap_or_else(|e| e.into_inner());
+            match p {
+                Some(p) => c.insert(key.to_owned(), p.clone()),
+                None => c.remove(key),
+            };
+        };
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    m = upstream.message() => m,
+                };
+                match next {
+                    Ok(Some(p)) => {
+                        let state = v1::CopyState::try_from(p.state).unwrap_or_default();
+                        let end = match state {
+                            v1::CopyState::Done => Some(format!(
+                                "done: {} in {} ms",
+                                proto::units::bytes(p.bytes_total),
+                                p.elapsed_ms
+                            )),
+                            v1::CopyState::AlreadyPresent => {
+                                Some("an identical file is already there".to_owned())
+                            }
+                            v1::CopyState::Failed => Some(format!("failed: {}", p.message)),
+                            _ => None,
+                        };
+                        in_flight(end.is_none().then_some(&p), &subject);
+                        if let Some(msg) = end {
+                            events.emit("copy", &subject, msg);
+                            let _ = tx.send(Ok(p)).await;
+                            return;
+                        }
+                        // Progress a slow (or departed) caller misses is
+                        // superseded by the next report.
+                        let _ = tx.try_send(Ok(p));
+                    }
+                    Ok(None) => {
+                        in_flight(None, &subject);
+                        events.emit("copy", &subject, "the receiving agent's stream ended");
+                        return;
+                    }
+                    Err(s) => {
+                        in_flight(None, &subject);
+                        events.emit("copy", &subject, format!("failed: {}", s.message()));
+                        let _ = tx.send(Err(s)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Box::pin(ReceiverStream::new(out)))
+    }
+}
 
 #[tonic::async_trait]
 impl v1::controller_service_server::ControllerService for ControllerApi {
@@ -431,11 +577,23 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
         self.access.check("ListCatalog", &r)?;
         let catalog = self.desired.catalog().await?;
         let obs = self.observed.read();
+        let copies: Vec<v1::CopyProgress> = self
+            .copies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
         let entries = catalog
             .into_values()
             .map(|e| {
                 let id = e.model_id.clone();
                 let mut w = v1::CatalogEntry::from(e);
+                w.copies = copies
+                    .iter()
+                    .filter(|c| c.model_id == id)
+                    .cloned()
+                    .collect();
                 for n in obs.values() {
                     if let Some(m) = n.models.iter().find(|m| m.id == id) {
                         w.nodes.push(n.config.name.clone());
@@ -863,6 +1021,18 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
     }
 
     type WatchEventsStream = EventStream;
+    type CopyModelStream = CopyStream;
+
+    #[tracing::instrument(skip_all, fields(model = %r.get_ref().model.escape_debug(), to = %r.get_ref().to_node.escape_debug()))]
+    async fn copy_model(
+        &self,
+        r: Request<v1::CopyModelRequest>,
+    ) -> Result<Response<Self::CopyModelStream>, Status> {
+        self.access.check("CopyModel", &r)?;
+        Ok(Response::new(
+            ControllerApi::copy_model(self, r.into_inner()).await?,
+        ))
+    }
     type PlacementLogsStream = LogStream;
 
     #[tracing::instrument(skip_all, fields(placement = %r.get_ref().placement.escape_debug()))]

@@ -83,8 +83,11 @@ pub enum Command {
     #[command(after_help = "Examples:\n  haloctl nodes\n  haloctl nodes -o json")]
     Nodes(ListArgs),
     /// The model catalog: names, files, sizes, architectures, which nodes hold them.
-    #[command(after_help = "Examples:\n  haloctl models\n  haloctl models -o json")]
-    Models(ListArgs),
+    #[command(after_help = "Examples:\n  \
+        haloctl models\n  \
+        haloctl models -o json\n  \
+        haloctl models copy qwen3-coder-30b --to halo2")]
+    Models(ModelsArgs),
     /// Decide where a catalog model runs, then wait until it answers.
     #[command(after_help = "Examples:\n  \
         haloctl place speed qwen3-coder-30b\n  \
@@ -195,6 +198,46 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct ListArgs {
     /// Output format.
+    #[arg(short, long, value_enum, default_value_t)]
+    pub output: Format,
+}
+
+/// Arguments of `haloctl models`: the listing, or a subcommand.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct ModelsArgs {
+    /// What to do instead of listing.
+    #[command(subcommand)]
+    pub command: Option<ModelsCommand>,
+    /// The listing's arguments.
+    #[command(flatten)]
+    pub list: ListArgs,
+}
+
+/// `haloctl models` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ModelsCommand {
+    /// Copy a catalog model's file(s) to a node from a node that holds
+    /// them, verified (size and SHA-256) and resumable; Ctrl-C leaves the
+    /// copy running.
+    #[command(after_help = "Examples:\n  \
+        haloctl models copy qwen3-coder-30b --to halo2\n  \
+        haloctl models copy gpt-oss-20b --to halo3 --from halo1")]
+    Copy(CopyArgs),
+}
+
+/// Arguments of `haloctl models copy`.
+#[derive(Debug, Args)]
+pub struct CopyArgs {
+    /// Catalog name (see `haloctl models`).
+    pub name: String,
+    /// The node that receives the file.
+    #[arg(long, value_name = "NODE")]
+    pub to: String,
+    /// The node to copy from [default: the first connected node holding it].
+    #[arg(long, value_name = "NODE")]
+    pub from: Option<String>,
+    /// Output format of the result.
     #[arg(short, long, value_enum, default_value_t)]
     pub output: Format,
 }

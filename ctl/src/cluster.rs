@@ -76,6 +76,28 @@ pub struct ModelJson {
     /// of the setup that runs now, else the newest kept one, saying what
     /// differs.
     pub speed: Vec<SpeedJson>,
+    /// Copies of the file in flight (`haloctl models copy`).
+    pub copies: Vec<CopyJson>,
+}
+
+/// A copy of a model's file in flight.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct CopyJson {
+    /// Sending node.
+    pub from_node: String,
+    /// Receiving node.
+    pub to_node: String,
+    /// Bytes in place on the receiver.
+    pub bytes_done: u64,
+    /// Bytes of the whole file.
+    pub bytes_total: u64,
+    /// Bytes per second so far, when known.
+    pub bytes_per_sec: Option<f64>,
+    /// Seconds left at that rate, when known.
+    pub secs_left: Option<u64>,
+    /// The line the table prints.
+    #[serde(skip)]
+    pub line: String,
 }
 
 /// A model's measured speed on one node, from one kept bench result.
@@ -394,6 +416,20 @@ pub fn models_json(entries: &[v1::CatalogEntry]) -> Vec<ModelJson> {
             modes: e.modes.iter().map(|&m| mode(m).to_owned()).collect(),
             nodes: e.nodes.clone(),
             speed: Vec::new(),
+            copies: e
+                .copies
+                .iter()
+                .filter_map(|c| proto::domain::CopyProgress::try_from(c.clone()).ok())
+                .map(|c| CopyJson {
+                    from_node: c.from_node.clone(),
+                    to_node: c.to_node.clone(),
+                    bytes_done: c.bytes_done,
+                    bytes_total: c.bytes_total,
+                    bytes_per_sec: c.rate_bytes_per_sec(),
+                    secs_left: c.secs_left(),
+                    line: c.line(),
+                })
+                .collect(),
         })
         .collect()
 }
@@ -554,7 +590,11 @@ pub fn render_models(models: &[ModelJson]) -> String {
             speed_cell(&m.speed),
         ]);
     }
-    t.render()
+    let mut out = t.render();
+    for c in models.iter().flat_map(|m| &m.copies) {
+        out.push_str(&format!("copying {}\n", c.line));
+    }
+    out
 }
 
 /// What llama-server reported allocating: its memory breakdown table when

@@ -9,6 +9,7 @@ pub mod certs;
 pub mod cli;
 pub mod client;
 pub mod cluster;
+pub mod copy;
 pub mod fixture;
 pub mod gateway;
 pub mod inspect;
@@ -67,7 +68,11 @@ where
         cli::Command::Plan(a) if plan::is_file(&a.model) => plan::run(&a),
         cli::Command::Plan(a) => target().and_then(|t| cluster::plan(&t, &a)),
         cli::Command::Nodes(a) => target().and_then(|t| cluster::nodes(&t, &a)),
-        cli::Command::Models(a) => target().and_then(|t| cluster::models(&t, &a)),
+        cli::Command::Models(cli::ModelsArgs {
+            command: Some(cli::ModelsCommand::Copy(a)),
+            ..
+        }) => target().and_then(|t| copy::run(&t, &a)),
+        cli::Command::Models(a) => target().and_then(|t| cluster::models(&t, &a.list)),
         cli::Command::Status(a) => target().and_then(|t| cluster::status(&t, &a)),
         cli::Command::Top(a) => target().and_then(|t| top::run(&t, &a)),
         cli::Command::Endpoints(a) => target().and_then(|t| cluster::endpoints(&t, &a)),

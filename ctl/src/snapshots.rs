@@ -69,6 +69,12 @@ fn help_of_every_command_matches_its_snapshot() {
         );
         check(&format!("help-keys-{sub}"), &h);
     }
+    let h = help(&["haloctl", "models", "copy", "--help"]);
+    assert!(
+        h.contains("Example"),
+        "`models copy --help` has no example:\n{h}"
+    );
+    check("help-models-copy", &h);
 }
 
 #[test]

@@ -376,6 +376,21 @@ impl Supervisor {
         models
     }
 
+    /// Canonical path of one part of a model the last scan lists (see
+    /// [`crate::scan::Scanner::part_path`]).
+    pub fn model_part_path(&self, id: &str, part: usize) -> Option<std::path::PathBuf> {
+        self.inner.scanner().part_path(id, part)
+    }
+
+    /// Accepts a command carrying the leader's revision: refused when
+    /// lower than the highest seen, a raise persisted.
+    pub async fn accept_leader(&self, rev: u64) -> Result<(), Error> {
+        if self.inner.fence(rev)? {
+            self.inner.persist().await?;
+        }
+        Ok(())
+    }
+
     /// Models of the last scan.
     pub fn models(&self) -> Vec<ModelFile> {
         self.inner

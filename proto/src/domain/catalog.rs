@@ -317,6 +317,7 @@ impl From<CatalogEntry> for v1::CatalogEntry {
                 .map(|m| v1::EditorMode::from(m) as i32)
                 .collect(),
             nodes: Vec::new(),
+            copies: Vec::new(),
             params: None,
             file_size_bytes: 0,
             min_context: e.min_context,

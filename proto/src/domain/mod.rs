@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod catalog;
+pub mod copy;
 pub mod instance;
 pub mod memory;
 pub mod model;
@@ -11,6 +12,7 @@ pub mod placement;
 
 pub use bench::{BenchPoint, BenchResult, BenchSetup, Spread};
 pub use catalog::{CatalogEntry, EditorMode};
+pub use copy::{CopyProgress, CopyState};
 pub use instance::{
     CacheType, Instance, InstanceKind, InstanceOptions, InstanceState, LogLine, MemoryBreakdown,
     ObservedBuffers, OomKill, StartRequest, UnknownCacheType,
