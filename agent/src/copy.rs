@@ -672,6 +672,22 @@ async fn receive_part(
     Ok(hex(&ours))
 }
 
+impl From<CopyError> for tonic::Status {
+    fn from(e: CopyError) -> Self {
+        use tonic::Code;
+        let code = match &e {
+            CopyError::NotListed { .. } => Code::NotFound,
+            CopyError::NoRoom { .. } => Code::ResourceExhausted,
+            CopyError::Different { .. } => Code::AlreadyExists,
+            CopyError::Mismatch { .. } => Code::DataLoss,
+            CopyError::Sender { .. } => Code::Unavailable,
+            CopyError::BadOffset { .. } => Code::OutOfRange,
+            CopyError::Io { .. } => Code::Internal,
+        };
+        tonic::Status::new(code, e.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

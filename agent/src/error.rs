@@ -176,24 +176,6 @@ impl From<Error> for tonic::Status {
         tonic::Status::new(code, e.to_string())
     }
 }
-
-impl From<crate::copy::CopyError> for tonic::Status {
-    fn from(e: crate::copy::CopyError) -> Self {
-        use crate::copy::CopyError;
-        use tonic::Code;
-        let code = match &e {
-            CopyError::NotListed { .. } => Code::NotFound,
-            CopyError::NoRoom { .. } => Code::ResourceExhausted,
-            CopyError::Different { .. } => Code::AlreadyExists,
-            CopyError::Mismatch { .. } => Code::DataLoss,
-            CopyError::Sender { .. } => Code::Unavailable,
-            CopyError::BadOffset { .. } => Code::OutOfRange,
-            CopyError::Io { .. } => Code::Internal,
-        };
-        tonic::Status::new(code, e.to_string())
-    }
-}
-
 impl From<proto::ConversionError> for Error {
     fn from(e: proto::ConversionError) -> Self {
         match e {
