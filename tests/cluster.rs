@@ -507,8 +507,20 @@ pub fn tiny_speed_pair(dir: &Path, ports: u16) -> [AgentNode; 2] {
 /// A controller (not yet started) on the embedded store in `dir`, knowing
 /// `nodes` and the [`TINY_CATALOG`], with `extra` flags.
 pub fn tiny_controller(dir: &Path, nodes: &[AgentNode], extra: &[&str]) -> ControllerProc {
+    catalog_controller(dir, nodes, TINY_CATALOG, extra)
+}
+
+/// A controller (not yet started) on the embedded store in `dir`, knowing
+/// `nodes` and the catalog `toml` (written to `dir/catalog.toml`), with
+/// `extra` flags.
+pub fn catalog_controller(
+    dir: &Path,
+    nodes: &[AgentNode],
+    toml: &str,
+    extra: &[&str],
+) -> ControllerProc {
     let catalog = dir.join("catalog.toml");
-    write_catalog(&catalog, TINY_CATALOG);
+    write_catalog(&catalog, toml);
     let node_list: Vec<String> = nodes
         .iter()
         .map(|n| format!("{}={}", n.name, n.address()))

@@ -8,7 +8,7 @@ use proto::v1;
 use serde_json::Value;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use tests::cluster::{AgentNode, ControllerProc, connect, eventually, write_catalog};
+use tests::cluster::{AgentNode, ControllerProc, catalog_controller, connect, eventually};
 use tests::front::{Answer, chat_body, complete, create_key, haloctl, post, workstation_gateway};
 use tests::text;
 
@@ -105,20 +105,8 @@ async fn on_demand_models_load_once_for_many_swap_by_the_rules_and_unload_when_i
         agent::gguf::fixtures::write_tiny_llama(&n.models.join("tiny.gguf"), 7).expect("tiny");
         n.start();
     }
-    let catalog = home.join("catalog.toml");
-    write_catalog(&catalog, CATALOG);
-    let mut ctl = ControllerProc::new(
-        home,
-        "controller",
-        &[
-            "--store-path".into(),
-            home.join("state.json").display().to_string(),
-            "--node".into(),
-            format!("halo1={},halo2={}", halo1.address(), halo2.address()),
-            "--catalog".into(),
-            catalog.display().to_string(),
-        ],
-    );
+    let nodes = [halo1, halo2];
+    let mut ctl = catalog_controller(home, &nodes, CATALOG, &[]);
     let _c = ctl.start_and_wait(&["halo1", "halo2"]).await;
     let o = haloctl(&ctl, home)
         .args(["place", "steady", "steady"])
@@ -281,4 +269,5 @@ async fn on_demand_models_load_once_for_many_swap_by_the_rules_and_unload_when_i
     assert_eq!(unloaded.len(), 1, "{ev:?}");
     println!("{}", unloaded[0]["message"]);
     drop(gw);
+    drop(nodes);
 }

@@ -85,7 +85,7 @@ pub fn start_request(p: &Placement, r: &Replica) -> StartRequest {
         kind: InstanceKind::LlamaServer,
         estimate_bytes: match &p.split {
             Some(plan) => plan.host().map_or(p.estimate_bytes, |h| h.total_bytes),
-            None => p.estimate_bytes.max(p.learned_bytes),
+            None => p.sized_bytes(),
         },
     }
 }

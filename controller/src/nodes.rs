@@ -117,8 +117,8 @@ pub(crate) fn replica_use(p: &Placement, r: &Replica, node: Option<&NodeState>) 
             .observed
             .get(&p.key(r).request_id())
             .copied()
-            .unwrap_or(p.estimate_bytes.max(p.learned_bytes)),
-        _ => p.estimate_bytes.max(p.learned_bytes),
+            .unwrap_or(p.sized_bytes()),
+        _ => p.sized_bytes(),
     }
 }
 

@@ -215,14 +215,18 @@ pub fn decide(
             evictable.push((p.name.clone(), format!("idle {} s", idle / 1000)));
         }
     }
-    for k in 1..=evictable.len() {
-        let gone: Vec<&str> = evictable[..k].iter().map(|(n, _)| n.as_str()).collect();
+    // The decision with the placements named `gone` unplaced.
+    let without = |gone: &[&str]| {
         let rest: Vec<Placement> = placements
             .iter()
             .filter(|p| !gone.contains(&p.name.as_str()))
             .cloned()
             .collect();
-        let d = placement::place(nodes, &rest, catalog, &req);
+        placement::place(nodes, &rest, catalog, &req)
+    };
+    for k in 1..=evictable.len() {
+        let gone: Vec<&str> = evictable[..k].iter().map(|(n, _)| n.as_str()).collect();
+        let d = without(&gone);
         if d.accepted {
             return Demanded::Place {
                 decision: Box::new(d),
@@ -233,12 +237,7 @@ pub fn decide(
     // Would it fit once the blocked ones can go too?
     if !blocked.is_empty() {
         let names: Vec<&str> = candidates.iter().map(|p| p.name.as_str()).collect();
-        let rest: Vec<Placement> = placements
-            .iter()
-            .filter(|p| !names.contains(&p.name.as_str()))
-            .cloned()
-            .collect();
-        if placement::place(nodes, &rest, catalog, &req).accepted {
+        if without(&names).accepted {
             return Demanded::Wait {
                 retry_after_ms: retry_after_ms.clamp(100, 10_000),
                 why: blocked,

@@ -364,7 +364,7 @@ impl Reconciler {
                     )
                 }
                 Err(why) => {
-                    let size = next.learned_bytes.max(next.estimate_bytes);
+                    let size = next.sized_bytes();
                     let held = format!(
                         "killed for lack of memory on {node}: it used {}; needs {} with margin, \
                          no node can take it now ({why})",
@@ -473,7 +473,7 @@ impl Reconciler {
             }
             let text = format!(
                 "room for {} per replica now: {}",
-                units::bytes(next.learned_bytes.max(next.estimate_bytes)),
+                units::bytes(next.sized_bytes()),
                 moves.join(", ")
             );
             self.update(&next, v.revision, "resumed", text).await;

@@ -23,10 +23,10 @@ const DEMAND_EVERY: Duration = Duration::from_millis(1000);
 const REFUSAL_KEPT: Duration = Duration::from_millis(500);
 
 /// One model's demand state.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct DemandState {
-    /// No new call before this.
-    next_at: Instant,
+    /// No new call before this (`None`: one may be made now).
+    next_at: Option<Instant>,
     /// The controller's refusal, and when it came.
     refused: Option<(Instant, String)>,
 }
@@ -101,29 +101,23 @@ impl OnDemand {
         let now = Instant::now();
         {
             let mut d = self.demands.lock().unwrap_or_else(|p| p.into_inner());
-            let s = d.entry(model.to_owned()).or_insert(DemandState {
-                next_at: now,
-                refused: None,
-            });
+            let s = d.entry(model.to_owned()).or_default();
             if let Some((at, why)) = &s.refused
                 && now.duration_since(*at) < REFUSAL_KEPT
             {
                 return Some(why.clone());
             }
-            if now < s.next_at {
+            if s.next_at.is_some_and(|t| now < t) {
                 return None;
             }
             // Nobody else asks while this call is out.
-            s.next_at = now + Duration::from_secs(30);
+            s.next_at = Some(now + Duration::from_secs(30));
         }
         let answer = link.demand(model, key_name).await;
         let mut d = self.demands.lock().unwrap_or_else(|p| p.into_inner());
-        let s = d.entry(model.to_owned()).or_insert(DemandState {
-            next_at: now,
-            refused: None,
-        });
+        let s = d.entry(model.to_owned()).or_default();
         let now = Instant::now();
-        s.next_at = now + DEMAND_EVERY;
+        s.next_at = Some(now + DEMAND_EVERY);
         match answer {
             Ok(r) => match Outcome::try_from(r.outcome) {
                 Ok(Outcome::Placed) => {
@@ -138,12 +132,13 @@ impl OnDemand {
                         "on-demand model must wait: {}",
                         r.explanation.join("; ")
                     );
-                    s.next_at = now + Duration::from_millis(r.retry_after_ms.clamp(100, 10_000));
+                    s.next_at =
+                        Some(now + Duration::from_millis(r.retry_after_ms.clamp(100, 10_000)));
                     None
                 }
                 _ => {
                     let why = r.explanation.join("; ");
-                    s.next_at = now + REFUSAL_KEPT;
+                    s.next_at = Some(now + REFUSAL_KEPT);
                     s.refused = Some((now, why.clone()));
                     Some(why)
                 }

@@ -16,7 +16,7 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tests::cluster::{AgentNode, ControllerProc, connect, eventually, write_catalog};
+use tests::cluster::{AgentNode, ControllerProc, catalog_controller, connect, eventually};
 use tests::front::{create_key, haloctl, workstation_gateway};
 use tests::{free_port, text};
 
@@ -150,20 +150,7 @@ async fn main() {
     let model = node.models.join("tiny.gguf");
     agent::gguf::fixtures::write_tiny_llama(&model, 7).expect("tiny");
     node.start();
-    let catalog = home.join("catalog.toml");
-    write_catalog(&catalog, CATALOG);
-    let mut ctl = ControllerProc::new(
-        home,
-        "controller",
-        &[
-            "--store-path".into(),
-            home.join("state.json").display().to_string(),
-            "--node".into(),
-            format!("halo1={}", node.address()),
-            "--catalog".into(),
-            catalog.display().to_string(),
-        ],
-    );
+    let mut ctl = catalog_controller(home, std::slice::from_ref(&node), CATALOG, &[]);
     ctl.start_and_wait(&["halo1"]).await;
     let key = create_key(&ctl, home, "bench", &[]);
     let gw = workstation_gateway(home, &ctl, &[]);

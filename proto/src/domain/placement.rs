@@ -106,6 +106,13 @@ pub struct OomRecord {
 }
 
 impl Placement {
+    /// What one replica is sized by: its estimate, or what a replica was
+    /// seen to use when the kernel killed it for lack of memory, whichever
+    /// is larger.
+    pub fn sized_bytes(&self) -> u64 {
+        self.estimate_bytes.max(self.learned_bytes)
+    }
+
     /// Records an OOM kill on `node`, keeping the latest per node.
     pub fn record_oom(&mut self, node: &str, used_bytes: u64, at_unix_ms: u64) {
         self.oom_kills.retain(|k| k.node != node);
