@@ -128,7 +128,8 @@ async fn follow(
     while let Some(p) = stream.message().await? {
         let p = CopyProgress::try_from(p)
             .map_err(|e| tonic::Status::internal(format!("a bad progress report: {e}")))?;
-        if p.state == CopyState::Copying && output == Format::Table {
+        // The first report comes before the size is known.
+        if p.state == CopyState::Copying && p.bytes_total > 0 && output == Format::Table {
             if tty {
                 let mut err = std::io::stderr();
                 let _ = write!(err, "\r\x1b[2K{}", p.line());
@@ -237,6 +238,9 @@ fn all_roles(t: &Target, output: Format) -> Result<(), Failure> {
             };
             outcomes.push(o);
         }
+        // Catalog order, then node order, whatever was copied.
+        let rank = |m: &str| entries.iter().position(|e| e.name == m);
+        outcomes.sort_by(|a, b| rank(&a.model).cmp(&rank(&b.model)).then(a.node.cmp(&b.node)));
         Ok::<_, Failure>(outcomes)
     })?;
     match output {
