@@ -61,6 +61,7 @@ pub const POLICY: Policy = Policy {
     ],
     writers: &[Role::Admin],
     readers: &[Role::Admin, Role::ReadOnly, Role::Gateway, Role::Agent],
+    only: &[],
 };
 
 impl ControllerApi {
