@@ -764,13 +764,15 @@ fn a_node_without_the_file_is_chosen_only_with_copy_after_nodes_that_hold_it() {
     let text = d.explanation.join("\n");
     let size = units_bytes(g.weight_bytes);
     assert!(
-        text.contains(&format!("halo2 lacks `{id}`: copy {size} from halo1 first (about "))
-            && text.contains("at an assumed 100.0 MiB/s"),
+        text.contains(&format!(
+            "halo2 lacks `{id}`: copy {size} from halo1 first (about "
+        )) && text.contains("at an assumed 100.0 MiB/s"),
         "{text}"
     );
     let row = d.fits.iter().find(|f| f.node == "halo2").expect("row");
     assert!(
-        row.reason.contains("lacks the file: copied from halo1 first"),
+        row.reason
+            .contains("lacks the file: copied from halo1 first"),
         "{}",
         row.reason
     );
@@ -802,16 +804,12 @@ fn a_node_without_the_file_is_chosen_only_with_copy_after_nodes_that_hold_it() {
     // No live node holds it: nothing to copy from.
     let mut lost = nodes[0].clone();
     lost.liveness = Liveness::Lost;
-    let d = place(
-        &[lost, nodes[1].clone(), nodes[2].clone()],
-        &[],
-        &cat,
-        &r,
-    );
+    let d = place(&[lost, nodes[1].clone(), nodes[2].clone()], &[], &cat, &r);
     assert!(!d.accepted);
     let row = d.fits.iter().find(|f| f.node == "halo2").expect("row");
     assert!(
-        row.reason.contains("no other live node does to copy it from"),
+        row.reason
+            .contains("no other live node does to copy it from"),
         "{}",
         row.reason
     );

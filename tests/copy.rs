@@ -6,15 +6,23 @@
 //! hash and deletes it; a node whose model directory is a 50 MiB tmpfs
 //! refuses before anything is sent, with the numbers. `haloctl models`
 //! shows a copy in flight, and a copy goes on when haloctl is left with
-//! Ctrl-C.
+//! Ctrl-C; a copy whose receiver restarts is resumed by the controller
+//! without being asked again; a split set arrives part by part.
+//!
+//! Placement copies: a catalog model with `copy_if_missing` whose file only
+//! a node of another role holds is copied to a node of its role, served
+//! there, and after that node's loss copied to the next one and served
+//! again (the time from loss to answer is printed); `place --copy` moves a
+//! replica whose copy failed to another node; `models copy --all-roles`
+//! copies each model to the live nodes of its role and sums up.
 
 use agent::gguf::GgmlType;
 use agent::gguf::fixtures::tiny_llama;
 use agent::gguf::write::TensorData;
+use proto::v1;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
-use proto::v1;
 use tests::cluster::{
     AgentNode, Client, ControllerProc, catalog_controller, chat, eventually, write_catalog,
 };
@@ -80,8 +88,13 @@ fn show(o: &Output) -> String {
 /// A controller knowing `nodes` and the `big` catalog model, started, and
 /// waited for until the catalog lists `big` on `holder`.
 fn controller(dir: &Path, nodes: &[&AgentNode], holder: &str) -> ControllerProc {
+    controller_with(dir, nodes, holder, CATALOG)
+}
+
+/// [`controller`] with the catalog `toml` (its first model is waited for).
+fn controller_with(dir: &Path, nodes: &[&AgentNode], holder: &str, toml: &str) -> ControllerProc {
     let catalog = dir.join("catalog.toml");
-    write_catalog(&catalog, CATALOG);
+    write_catalog(&catalog, toml);
     let list: Vec<String> = nodes
         .iter()
         .map(|n| format!("{}={}", n.name, n.address()))
@@ -438,7 +451,11 @@ async fn a_model_missing_on_its_role_is_copied_then_served_and_copied_again_afte
             && decision.contains(" from halo1 first (about 1 s at an assumed 100.0 MiB/s)"),
         "{decision}"
     );
-    let fits = r.fits.iter().find(|f| f.node == "halo1").expect("halo1's row");
+    let fits = r
+        .fits
+        .iter()
+        .find(|f| f.node == "halo1")
+        .expect("halo1's row");
     assert!(fits.reason.contains("no `speed` role"), "{}", fits.reason);
 
     // While it copies, haloctl status says so, with the sender.
@@ -627,7 +644,11 @@ model_id = "any.gguf"
             .all(|e| e["nodes"].as_array().is_some_and(|n| !n.is_empty()));
         (ready == 3 && listed).then_some(())
     });
-    assert!(ready.is_some(), "the cluster never came up:\n{}", ctl.logs());
+    assert!(
+        ready.is_some(),
+        "the cluster never came up:\n{}",
+        ctl.logs()
+    );
 
     let o = haloctl(&ctl, home, &["models", "copy", "--all-roles"]);
     println!("{}", show(&o));
@@ -726,8 +747,84 @@ fn a_copy_whose_receiver_restarts_resumes_without_being_asked_again() {
     assert!(!partial.exists());
     let o = haloctl(&c, home, &["events"]);
     let events = text(&o.stdout);
-    for want in ["interrupted (", "resumed when halo2 is back", "big.gguf from halo1 to halo2: resumed"] {
+    for want in [
+        "interrupted (",
+        "resumed when halo2 is back",
+        "big.gguf from halo1 to halo2: resumed",
+    ] {
         assert!(events.contains(want), "no `{want}` in:\n{}", show(&o));
     }
     eprintln!("receiver killed after {at} bytes; resumed and finished");
+}
+
+#[test]
+fn a_split_set_is_copied_part_by_part_each_verified() {
+    use agent::gguf::Value;
+    use agent::gguf::read::{KEY_SPLIT_COUNT, KEY_SPLIT_NO, KEY_SPLIT_TENSORS_COUNT};
+    use agent::gguf::write::GgufWriter;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut halo1 = AgentNode::new(dir.path(), "halo1", &["speed"], 2);
+    let mut halo2 = AgentNode::new(dir.path(), "halo2", &["speed"], 2);
+    // Three parts of 8 MiB of random data each, as llama.cpp's gguf-split
+    // names and marks them.
+    let names: Vec<String> = (1..=3)
+        .map(|no| agent::gguf::read::split_part_name("big", no, 3))
+        .collect();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for (i, name) in names.iter().enumerate() {
+        let mut data = Vec::with_capacity(8 << 20);
+        for _ in 0..(1 << 20) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            data.extend_from_slice(&x.to_le_bytes());
+        }
+        let mut w = GgufWriter::new();
+        if i == 0 {
+            w.meta("general.architecture", Value::String("llama".into()));
+        }
+        w.meta(KEY_SPLIT_NO, Value::U16(u16::try_from(i).expect("part")))
+            .meta(KEY_SPLIT_COUNT, Value::U16(3))
+            .meta(KEY_SPLIT_TENSORS_COUNT, Value::I32(3));
+        w.tensor(
+            &format!("halo.part{i}"),
+            GgmlType::F32,
+            &[2 << 20],
+            TensorData::Bytes(data),
+        );
+        w.write_to(&halo1.models.join(name)).expect("write a part");
+    }
+    halo1.start();
+    halo2.start();
+    let catalog = format!(
+        "[[models]]\nname = \"big\"\nmodel_id = \"{}\"\ndefault_context = 256\nmin_context = 256\n",
+        names[0]
+    );
+    let c = controller_with(dir.path(), &[&halo1, &halo2], "halo1", &catalog);
+    let home = dir.path();
+    let o = haloctl(
+        &c,
+        home,
+        &["models", "copy", "big", "--to", "halo2", "-o", "json"],
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["state"], "done", "{}", show(&o));
+    // One verified SHA-256 per part.
+    let sums = v["sha256"].as_array().expect("sha256");
+    assert_eq!(sums.len(), 3, "{}", show(&o));
+    for name in &names {
+        assert!(
+            same_bytes(&halo1.models.join(name), &halo2.models.join(name)),
+            "{name} differs"
+        );
+        assert!(!halo2.models.join(format!(".{name}.partial")).exists());
+    }
+    let total: u64 = names
+        .iter()
+        .map(|n| std::fs::metadata(halo1.models.join(n)).expect("part").len())
+        .sum();
+    assert_eq!(v["bytes_total"].as_u64(), Some(total), "{}", show(&o));
+    // The receiver lists the set as one model.
+    wait_until_listed(&c, home, "halo2");
 }

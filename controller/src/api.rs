@@ -397,7 +397,10 @@ pub fn place_request(r: &v1::PlaceRequest) -> Result<PlaceRequest, Error> {
 /// "copy from halo1 failed: …; tried again in 20 s": a failed copy as a
 /// replica waiting for it shows it.
 fn copy_failed_note(f: &crate::copies::Failed) -> String {
-    let left = f.retry_at.saturating_duration_since(Instant::now()).as_secs();
+    let left = f
+        .retry_at
+        .saturating_duration_since(Instant::now())
+        .as_secs();
     let times = if f.count > 1 {
         format!(" ({} times in a row)", f.count)
     } else {

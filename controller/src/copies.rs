@@ -289,8 +289,7 @@ impl Copies {
             let broke = match next {
                 Err(s) if !transient(&s) => {
                     let why = s.message().to_owned();
-                    self.events
-                        .emit("copy", &subject, format!("failed: {why}"));
+                    self.events.emit("copy", &subject, format!("failed: {why}"));
                     tx.send_replace(Some(Err(s)));
                     return Some(End::Failed(why));
                 }
@@ -299,8 +298,7 @@ impl Copies {
                         Ok(p) => p,
                         Err(e) => {
                             let why = format!("a bad progress report: {e}");
-                            self.events
-                                .emit("copy", &subject, format!("failed: {why}"));
+                            self.events.emit("copy", &subject, format!("failed: {why}"));
                             tx.send_replace(Some(Err(tonic::Status::internal(why.clone()))));
                             return Some(End::Failed(why));
                         }

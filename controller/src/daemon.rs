@@ -151,9 +151,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
             shutdown.clone(),
         ));
     }
-    let api =
-        ControllerApi::new(desired, observed.clone(), events, copies, shutdown.clone())
-            .with_usage(usage);
+    let api = ControllerApi::new(desired, observed.clone(), events, copies, shutdown.clone())
+        .with_usage(usage);
     let result = serve(
         api,
         listener,

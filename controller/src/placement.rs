@@ -108,10 +108,7 @@ pub fn copy_time(rates: &CopyRates, from: &str, to: &str, bytes: u64) -> String 
     } else {
         format!("{} min", secs.div_ceil(60))
     };
-    format!(
-        "about {took} at {how} {}/s",
-        units::bytes(rate as u64)
-    )
+    format!("about {took} at {how} {}/s", units::bytes(rate as u64))
 }
 
 /// The arithmetic on one node: the domain type, shared with haloctl.

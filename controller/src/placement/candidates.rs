@@ -15,6 +15,10 @@ use std::sync::Arc;
 /// the model's parameters as that node holds them.
 pub(super) type Candidates = Vec<(usize, Arc<ModelParams>)>;
 
+/// Candidates that lack the file, by node index: the node each would copy
+/// it from.
+pub(super) type CopyFrom = HashMap<usize, String>;
+
 /// The candidates for `entry`, a row for each other node saying why it
 /// is not one, and the candidates that lack the file with the node each
 /// would copy it from. `Err` is the refusal when the pin names no node or
@@ -23,7 +27,7 @@ pub(super) fn candidates(
     nodes: &[NodeState],
     entry: &CatalogEntry,
     req: &PlaceRequest,
-) -> Result<(Candidates, Vec<NodeFit>, HashMap<usize, String>), Box<Decision>> {
+) -> Result<(Candidates, Vec<NodeFit>, CopyFrom), Box<Decision>> {
     let mut fits: Vec<NodeFit> = Vec::with_capacity(nodes.len());
     let mut candidates: Candidates = Vec::new();
     let mut copy_from = HashMap::new();
