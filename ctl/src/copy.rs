@@ -11,9 +11,9 @@ use crate::Failure;
 use crate::cli::CopyArgs;
 use crate::client::Target;
 use crate::output::{Format, Table, print, print_json};
-use serde::Serialize;
 use proto::domain::{CopyProgress, CopyState};
 use proto::v1;
+use serde::Serialize;
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
@@ -240,7 +240,11 @@ fn all_roles(t: &Target, output: Format) -> Result<(), Failure> {
         }
         // Catalog order, then node order, whatever was copied.
         let rank = |m: &str| entries.iter().position(|e| e.name == m);
-        outcomes.sort_by(|a, b| rank(&a.model).cmp(&rank(&b.model)).then(a.node.cmp(&b.node)));
+        outcomes.sort_by(|a, b| {
+            rank(&a.model)
+                .cmp(&rank(&b.model))
+                .then(a.node.cmp(&b.node))
+        });
         Ok::<_, Failure>(outcomes)
     })?;
     match output {
