@@ -728,3 +728,108 @@ fn on_demand_evicts_the_least_recently_used_waits_for_young_or_busy_ones_and_ref
         other => panic!("not refused: {other:?}"),
     }
 }
+
+#[test]
+fn a_node_without_the_file_is_chosen_only_with_copy_after_nodes_that_hold_it() {
+    let k = SparseModel::GptOss20B;
+    let g = params(k);
+    let id = k.spec().file_name;
+    // halo1 holds the file but has another role; halo2 and halo3 do not.
+    let nodes = vec![
+        node("halo1", "reasoning", &[(k, &g)]),
+        node("halo2", "speed", &[]),
+        node("halo3", "speed", &[]),
+    ];
+    let cat = catalog(vec![entry(k, 4096, 0)]);
+    let name = k.spec().name;
+
+    // Without a copy: refused, saying no node of the role holds it.
+    let d = place(&nodes, &[], &cat, &req("speed", name));
+    assert!(!d.accepted, "{:?}", d.explanation);
+    assert!(
+        d.explanation[0].contains(&format!("holds `{id}`")),
+        "{:?}",
+        d.explanation
+    );
+
+    // With one: placed where the file is not, with the copy's size, source
+    // and an assumed rate (none measured yet).
+    let mut r = req("speed", name);
+    r.copy = true;
+    let d = place(&nodes, &[], &cat, &r);
+    assert!(d.accepted, "{:?}", d.explanation);
+    let p = d.placement.expect("placement");
+    assert_eq!(p.replicas[0].node, "halo2");
+    assert!(p.copy_if_missing, "the placement keeps the copy flag");
+    let text = d.explanation.join("\n");
+    let size = units_bytes(g.weight_bytes);
+    assert!(
+        text.contains(&format!(
+            "halo2 lacks `{id}`: copy {size} from halo1 first (about "
+        )) && text.contains("at an assumed 100.0 MiB/s"),
+        "{text}"
+    );
+    let row = d.fits.iter().find(|f| f.node == "halo2").expect("row");
+    assert!(
+        row.reason
+            .contains("lacks the file: copied from halo1 first"),
+        "{}",
+        row.reason
+    );
+
+    // A measured rate between the two nodes is the one said.
+    r.copy_rates
+        .insert(("halo1".into(), "halo2".into()), 50.0 * 1024.0 * 1024.0);
+    let d = place(&nodes, &[], &cat, &r);
+    let text = d.explanation.join("\n");
+    assert!(text.contains("at the measured 50.0 MiB/s"), "{text}");
+
+    // The catalog's copy_if_missing does the same without the request's.
+    let mut e = entry(k, 4096, 0);
+    e.copy_if_missing = true;
+    let d = place(&nodes, &[], &catalog(vec![e.clone()]), &req("speed", name));
+    assert!(d.accepted, "{:?}", d.explanation);
+
+    // A node of the role that holds the file comes first, even with less
+    // free memory.
+    let mut holder = node("halo3", "speed", &[(k, &g)]);
+    holder.usable_bytes = Some(USABLE / 2);
+    let nodes2 = vec![nodes[0].clone(), nodes[1].clone(), holder];
+    let d = place(&nodes2, &[], &catalog(vec![e]), &req("speed", name));
+    assert!(d.accepted, "{:?}", d.explanation);
+    let p = d.placement.expect("placement");
+    assert_eq!(p.replicas[0].node, "halo3", "{:?}", d.explanation);
+    assert!(!d.explanation.join("\n").contains("lacks"));
+
+    // No live node holds it: nothing to copy from.
+    let mut lost = nodes[0].clone();
+    lost.liveness = Liveness::Lost;
+    let d = place(&[lost, nodes[1].clone(), nodes[2].clone()], &[], &cat, &r);
+    assert!(!d.accepted);
+    let row = d.fits.iter().find(|f| f.node == "halo2").expect("row");
+    assert!(
+        row.reason
+            .contains("no other live node does to copy it from"),
+        "{}",
+        row.reason
+    );
+
+    // Node loss: a placement with the flag moves to a node without the
+    // file; one without it does not.
+    let mut p = {
+        let d = place(&nodes, &[], &cat, &r);
+        d.placement.expect("placement")
+    };
+    let mut gone = nodes.clone();
+    gone[1].liveness = Liveness::Lost;
+    let to = controller::placement::relocate(&gone, std::slice::from_ref(&p), &p, 0);
+    assert_eq!(to.as_deref(), Ok("halo3"));
+    p.copy_if_missing = false;
+    let why = controller::placement::relocate(&gone, std::slice::from_ref(&p), &p, 0)
+        .expect_err("no node holds the file");
+    assert!(why.contains("halo3: does not hold the file"), "{why}");
+}
+
+fn units_bytes(b: u64) -> String {
+    proto::units::bytes(b)
+}

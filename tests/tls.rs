@@ -2,7 +2,8 @@
 //! made by the real `haloctl certs` commands; an agent and a controller
 //! serving TLS; every RPC method of both services called with no
 //! certificate, a certificate from another CA, an expired certificate, the
-//! wrong role — each refused with nothing changed — and the right
+//! wrong role (a model file's bytes, FetchModel, only to another agent) —
+//! each refused with nothing changed — and the right
 //! certificates placing the tiny model end to end.
 
 use proto::v1;
@@ -452,19 +453,24 @@ async fn mutual_tls_refuses_every_wrong_caller_on_every_method_and_places_with_t
     // Valid certificates with the wrong role.
     let me = |base: &'static str| pki.client(Some((tls_dir.as_path(), base)));
     // People look; gateways (a gateway's own certificate, or another
-    // node's agent serving one) watch; only the controller starts.
+    // node's agent serving one) watch; only the controller starts; only an
+    // agent reads a model file's bytes (FetchModel).
     for base in ["read-only-bob", "admin-alice", "agent-halo1", "gateway-gw"] {
         let got = agent_matrix(channel(ap, me(base))).await;
+        let mut refused = AGENT_MUTATING.to_vec();
+        if base != "agent-halo1" {
+            refused.push("FetchModel");
+        }
         expect_all(
             &format!("{base} → agent"),
             &got,
             &[Code::PermissionDenied],
-            Some(AGENT_MUTATING),
+            Some(&refused),
         );
         // Reads are theirs (TailLogs of no instance: NotFound, past the check).
         let reads: Vec<_> = got
             .iter()
-            .filter(|(m, _)| !AGENT_MUTATING.contains(m))
+            .filter(|(m, _)| !refused.contains(m))
             .copied()
             .collect();
         expect_all(

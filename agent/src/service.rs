@@ -81,7 +81,8 @@ impl TokenBucket {
 /// lists the methods that change something. Only the controller starts and
 /// stops instances and has a model pulled here; the controller, people
 /// (admin, read-only), gateways (`gateway`, or another node's agent
-/// serving one) and agents pulling a model (FetchModel) may look.
+/// serving one) and agents may look; only another agent, pulling a model,
+/// may read a model file's bytes (FetchModel).
 pub const POLICY: Policy = Policy {
     service: "AgentService",
     mutating: &["StartInstance", "StopInstance", "PullModel"],
@@ -93,6 +94,7 @@ pub const POLICY: Policy = Policy {
         Role::Gateway,
         Role::Agent,
     ],
+    only: &[("FetchModel", &[Role::Agent])],
 };
 
 /// The gRPC service over a supervisor.

@@ -2,6 +2,7 @@
 //! the store and the observed state on any controller; writes (place,
 //! unplace, catalog) only on the leader. Wire types stop here.
 
+use crate::copies::Copies;
 use crate::desired::{Desired, catalog_key, json, placement_key};
 use crate::error::Error;
 use crate::events::Events;
@@ -38,8 +39,8 @@ pub struct ControllerApi {
     access: Access,
     /// What the gateways report using (on-demand models).
     usage: Usage,
-    /// Copies in flight by `MODEL:NODE`: their latest progress.
-    copies: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, v1::CopyProgress>>>,
+    /// Model copies: in flight, measured rates, failures.
+    copies: Copies,
 }
 
 /// Who may call what when the controller serves mutual TLS: the one place
@@ -60,14 +61,17 @@ pub const POLICY: Policy = Policy {
     ],
     writers: &[Role::Admin],
     readers: &[Role::Admin, Role::ReadOnly, Role::Gateway, Role::Agent],
+    only: &[],
 };
 
 impl ControllerApi {
-    /// A service over the shared state; streams end on `shutdown`.
+    /// A service over the shared state, driving model copies through
+    /// `copies` (shared with reconcile); streams end on `shutdown`.
     pub fn new(
         desired: Desired,
         observed: Observed,
         events: Events,
+        copies: Copies,
         shutdown: CancellationToken,
     ) -> Self {
         ControllerApi {
@@ -78,7 +82,7 @@ impl ControllerApi {
             place_lock: std::sync::Arc::default(),
             access: Access::open(),
             usage: Usage::new(now_unix_ms()),
-            copies: std::sync::Arc::default(),
+            copies,
         }
     }
 
@@ -96,7 +100,8 @@ impl ControllerApi {
 
     /// Decides, and unless dry run records, a placement.
     pub async fn place(&self, r: v1::PlaceRequest) -> Result<v1::PlaceResponse, Error> {
-        let req = place_request(&r)?;
+        let mut req = place_request(&r)?;
+        req.copy_rates = self.copies.rates();
         if !r.dry_run && self.desired.leadership().term().is_none() {
             return Err(Error::NotLeader);
         }
@@ -365,6 +370,8 @@ pub fn place_request(r: &v1::PlaceRequest) -> Result<PlaceRequest, Error> {
         split: r.split,
         split_across: (r.split_across > 0).then_some(r.split_across),
         allow_context_over_trained: r.allow_context_over_trained,
+        copy: r.copy,
+        copy_rates: Default::default(),
     };
     // Catalog and node names obey `check_name`; anything else (a path, a
     // URL-encoded `..`, NUL…) can never match one and is refused as such
@@ -387,15 +394,33 @@ pub fn place_request(r: &v1::PlaceRequest) -> Result<PlaceRequest, Error> {
     Ok(req)
 }
 
+/// "copy from halo1 failed: …; tried again in 20 s": a failed copy as a
+/// replica waiting for it shows it.
+fn copy_failed_note(f: &crate::copies::Failed) -> String {
+    let left = f
+        .retry_at
+        .saturating_duration_since(Instant::now())
+        .as_secs();
+    let times = if f.count > 1 {
+        format!(" ({} times in a row)", f.count)
+    } else {
+        String::new()
+    };
+    format!(
+        "the copy of the file failed{times}: {}; tried again (here or on another node) in {left} s",
+        f.why
+    )
+}
+
 type EventStream = Pin<Box<dyn Stream<Item = Result<v1::ClusterEvent, Status>> + Send>>;
 type LogStream = Pin<Box<dyn Stream<Item = Result<v1::LogLine, Status>> + Send>>;
 type CopyStream = Pin<Box<dyn Stream<Item = Result<v1::CopyProgress, Status>> + Send>>;
 
 impl ControllerApi {
-    /// A copy of a catalog model's file(s) to `to_node`: the receiving
-    /// agent pulls from a node that lists the file (the one named, else the
-    /// first connected one); its progress is relayed, and kept being read
-    /// (for the events) when the caller leaves.
+    /// A copy of a catalog model's file(s) to `to_node` ([`Copies`]): the
+    /// receiving agent pulls from the node named, else from a connected
+    /// one that holds the file; its progress is relayed, and the copy goes
+    /// on when the caller leaves.
     async fn copy_model(&self, r: v1::CopyModelRequest) -> Result<CopyStream, Error> {
         let Some(term) = self.desired.leadership().term() else {
             return Err(Error::NotLeader);
@@ -405,123 +430,40 @@ impl ControllerApi {
         let entry = catalog
             .get(&r.model)
             .ok_or_else(|| Error::NotFound(format!("`{}` is not in the catalog", r.model)))?;
-        let id = entry.model_id.clone();
-        let (to_addr, from, from_addr) = {
-            let obs = self.observed.read();
-            let to = obs.get(&r.to_node).ok_or_else(|| {
-                Error::NotFound(format!("node `{}` is not configured", r.to_node))
-            })?;
-            if !to.connected {
-                return Err(Error::FailedPrecondition(format!(
-                    "node `{}` is not connected",
-                    r.to_node
-                )));
-            }
-            let holds = |n: &&crate::observe::NodeObs| n.models.iter().any(|m| m.id == id);
-            let from = if r.from_node.is_empty() {
-                obs.values()
-                    .filter(|n| n.config.name != r.to_node && n.connected)
-                    .find(holds)
-                    .ok_or_else(|| {
-                        Error::FailedPrecondition(format!(
-                            "no connected node other than `{}` holds `{id}`",
-                            r.to_node
-                        ))
-                    })?
-            } else {
-                let n = obs.get(&r.from_node).ok_or_else(|| {
-                    Error::NotFound(format!("node `{}` is not configured", r.from_node))
-                })?;
-                if !holds(&n) {
-                    return Err(Error::FailedPrecondition(format!(
-                        "node `{}` does not hold `{id}`",
-                        r.from_node
-                    )));
-                }
-                n
-            };
-            if from.config.name == r.to_node {
-                return Err(Error::InvalidArgument(
-                    "--from and --to name the same node".into(),
-                ));
-            }
-            (
-                to.config.address.clone(),
-                from.config.name.clone(),
-                from.config.address.clone(),
-            )
-        };
-        let to = r.to_node.clone();
-        let agent_err =
-            |why: String| Error::FailedPrecondition(format!("node `{to}` at {to_addr}: {why}"));
-        let mut agent =
-            crate::observe::agent_client(&to_addr).map_err(|e| agent_err(e.to_string()))?;
-        let mut upstream = agent
-            .pull_model(v1::PullModelRequest {
-                model_id: id.clone(),
-                source_address: from_addr,
-                source_node: from.clone(),
-                leader_revision: term,
-            })
-            .await
-            .map_err(|s| agent_err(s.message().to_owned()))?
-            .into_inner();
-        let subject = format!("{}:{to}", r.model);
-        self.events.emit(
-            "copy",
-            &subject,
-            format!("{id} from {from} to {to}: started"),
-        );
+        let from = (!r.from_node.is_empty()).then_some(r.from_node.as_str());
+        let route = self
+            .copies
+            .route(&entry.name, &entry.model_id, &r.to_node, from)?;
+        let mut progress = self.copies.start(route, term).await?;
         let (tx, out) = mpsc::channel(64);
-        let events = self.events.clone();
         let shutdown = self.shutdown.clone();
-        let copies = self.copies.clone();
-        let in_flight = move |p: Option<&v1::CopyProgress>, key: &str| {
-            let mut c = copies.lock().unwrap_or_else(|e| e.into_inner());
-            match p {
-                Some(p) => c.insert(key.to_owned(), p.clone()),
-                None => c.remove(key),
-            };
-        };
         tokio::spawn(async move {
+            // The report there is now, then each new one, to the end.
+            let mut first = true;
             loop {
-                let next = tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    m = upstream.message() => m,
+                if !first {
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tx.closed() => return,
+                        c = progress.changed() => if c.is_err() { return },
+                    }
+                }
+                first = false;
+                let Some(latest) = progress.borrow_and_update().clone() else {
+                    continue;
                 };
-                match next {
-                    Ok(Some(p)) => {
-                        let state = v1::CopyState::try_from(p.state).unwrap_or_default();
-                        let end = match state {
-                            v1::CopyState::Done => Some(format!(
-                                "done: {} in {} ms",
-                                proto::units::bytes(p.bytes_total),
-                                p.elapsed_ms
-                            )),
-                            v1::CopyState::AlreadyPresent => {
-                                Some("an identical file is already there".to_owned())
-                            }
-                            v1::CopyState::Failed => Some(format!("failed: {}", p.message)),
-                            _ => None,
-                        };
-                        in_flight(end.is_none().then_some(&p), &subject);
-                        if let Some(msg) = end {
-                            events.emit("copy", &subject, msg);
-                            let _ = tx.send(Ok(p)).await;
+                match latest {
+                    Ok(p) => {
+                        let end = p.state.is_final();
+                        if end {
+                            let _ = tx.send(Ok(p.into())).await;
                             return;
                         }
-                        // Progress a slow (or departed) caller misses is
-                        // superseded by the next report.
-                        let _ = tx.try_send(Ok(p));
-                    }
-                    Ok(None) => {
-                        in_flight(None, &subject);
-                        events.emit("copy", &subject, "the receiving agent's stream ended");
-                        return;
+                        // Progress a slow caller misses is superseded by
+                        // the next report.
+                        let _ = tx.try_send(Ok(p.into()));
                     }
                     Err(s) => {
-                        in_flight(None, &subject);
-                        events.emit("copy", &subject, format!("failed: {}", s.message()));
                         let _ = tx.send(Err(s)).await;
                         return;
                     }
@@ -579,10 +521,9 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
         let obs = self.observed.read();
         let copies: Vec<v1::CopyProgress> = self
             .copies
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
+            .in_flight()
+            .into_iter()
+            .map(Into::into)
             .collect();
         let entries = catalog
             .into_values()
@@ -674,6 +615,12 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
                         r.start_refused = self
                             .observed
                             .start_refused(&r.request_id)
+                            .unwrap_or_default();
+                        r.copy = self.copies.progress(&w.model_id, &r.node).map(Into::into);
+                        r.copy_failed = self
+                            .copies
+                            .failure(&w.model_id, &r.node)
+                            .map(|f| copy_failed_note(&f))
                             .unwrap_or_default();
                     }
                     r.helpers = hs;

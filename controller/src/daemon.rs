@@ -120,11 +120,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
     // What the gateways report using: the API records it, reconcile
     // unloads idle on-demand models by it.
     let usage = crate::ondemand::Usage::new(proto::units::now_unix_ms());
+    // Model copies: asked for through the API, or by reconcile for a
+    // replica placed where its file is not yet.
+    let copies = crate::copies::Copies::new(
+        observed.clone(),
+        events.clone(),
+        desired.leadership().clone(),
+        shutdown.clone(),
+    );
     tracker.spawn(
         Reconciler::new(
             desired.clone(),
             observed.clone(),
             events.clone(),
+            copies.clone(),
             config.requeue,
         )
         .with_usage(usage.clone())
@@ -142,8 +151,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
             shutdown.clone(),
         ));
     }
-    let api =
-        ControllerApi::new(desired, observed.clone(), events, shutdown.clone()).with_usage(usage);
+    let api = ControllerApi::new(desired, observed.clone(), events, copies, shutdown.clone())
+        .with_usage(usage);
     let result = serve(
         api,
         listener,

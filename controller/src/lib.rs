@@ -3,8 +3,8 @@
 //! ([`placement`]), the view of agents ([`observe`]), reconcile and node
 //! loss ([`reconcile`]), a replica's generations and a split's sides
 //! ([`lifecycle`]), the gRPC API ([`api`]) with the gateways' routing
-//! table ([`routes`]), user keys ([`keys`]), bench results ([`bench`])
-//! and models on demand ([`ondemand`]), configuration ([`config`]),
+//! table ([`routes`]), user keys ([`keys`]), bench results ([`bench`]),
+//! models on demand ([`ondemand`]) and model copies ([`copies`]), configuration ([`config`]),
 //! `/metrics` ([`metrics`]) and the daemon that ties them together
 //! ([`daemon`]).
 
@@ -12,6 +12,7 @@ pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod copies;
 pub mod counters;
 pub mod daemon;
 pub mod desired;

@@ -243,6 +243,7 @@ mod tests {
         Placement {
             on_demand: false,
             placed_at_unix_ms: 0,
+            copy_if_missing: false,
             oom_kills: Vec::new(),
             held: None,
             learned_bytes: 0,

@@ -162,6 +162,8 @@ pub fn place_request(entry: &CatalogEntry) -> PlaceRequest {
         split: false,
         split_across: None,
         allow_context_over_trained: false,
+        copy: false,
+        copy_rates: Default::default(),
     }
 }
 
@@ -283,6 +285,7 @@ mod tests {
             oom_kills: Vec::new(),
             on_demand: true,
             placed_at_unix_ms: placed_at,
+            copy_if_missing: false,
         }
     }
 

@@ -77,6 +77,38 @@ pub struct PlaceRequest {
     /// Allow a context above the model's trained context (also the
     /// catalog entry's `allow_context_over_trained`).
     pub allow_context_over_trained: bool,
+    /// Nodes of the role that lack the file may be chosen, after those
+    /// that hold it, when a live node holds it: the file is copied there
+    /// first (also the catalog entry's `copy_if_missing`).
+    pub copy: bool,
+    /// The last measured copy rate between nodes, to say how long a copy
+    /// takes.
+    pub copy_rates: CopyRates,
+}
+
+/// Bytes per second of the last finished copy from one node (first) to
+/// another (second).
+pub type CopyRates = BTreeMap<(String, String), f64>;
+
+/// The copy rate a decision assumes between two nodes no copy was
+/// measured between: 100 MiB/s (a gigabit link is about 110 MiB/s).
+pub const ASSUMED_COPY_RATE: f64 = 100.0 * 1024.0 * 1024.0;
+
+/// "about 2 min at the measured 95.0 MiB/s": how long copying `bytes`
+/// from `from` to `to` takes at the last measured rate between them, else
+/// at [`ASSUMED_COPY_RATE`], saying which.
+pub fn copy_time(rates: &CopyRates, from: &str, to: &str, bytes: u64) -> String {
+    let (rate, how) = match rates.get(&(from.to_owned(), to.to_owned())) {
+        Some(&r) if r > 0.0 => (r, "the measured"),
+        _ => (ASSUMED_COPY_RATE, "an assumed"),
+    };
+    let secs = (bytes as f64 / rate).ceil() as u64;
+    let took = if secs < 120 {
+        format!("{} s", secs.max(1))
+    } else {
+        format!("{} min", secs.div_ceil(60))
+    };
+    format!("about {took} at {how} {}/s", units::bytes(rate as u64))
 }
 
 /// The arithmetic on one node: the domain type, shared with haloctl.
@@ -267,6 +299,9 @@ struct Request<'a> {
     candidates: Candidates,
     /// Rows of the nodes that are not candidates.
     others: Vec<NodeFit>,
+    /// Candidates that lack the file, by node index: the node it would be
+    /// copied from.
+    copy_from: HashMap<usize, String>,
     /// What placements use per node now.
     used: HashMap<String, u64>,
 }
@@ -321,7 +356,7 @@ pub fn place(
         Ok(v) => v,
         Err(d) => return *d,
     };
-    let (candidates, others) = match candidates::candidates(nodes, entry, req) {
+    let (candidates, others, copy_from) = match candidates::candidates(nodes, entry, req) {
         Ok(v) => v,
         Err(d) => return *d,
     };
@@ -339,6 +374,7 @@ pub fn place(
         parallel: entry.parallel.max(1),
         candidates,
         others,
+        copy_from,
         used: used_by_node(nodes, placements, &[]),
     };
     let mut est = Estimates::new(nodes, &entry.model_id, r.parallel, &ladder.attempts);
@@ -431,6 +467,24 @@ pub fn relocate(
     p: &Placement,
     replica: u32,
 ) -> Result<String, String> {
+    relocate_avoiding(nodes, placements, p, replica, &[])
+}
+
+/// [`relocate`], never onto a node in `avoid` (each with why). A placement
+/// with `copy_if_missing` may go to a node that lacks the file when another
+/// live node holds it (nodes that hold it come first).
+pub fn relocate_avoiding(
+    nodes: &[NodeState],
+    placements: &[Placement],
+    p: &Placement,
+    replica: u32,
+    avoid: &[(String, String)],
+) -> Result<String, String> {
+    let held_by = |name: &str| {
+        nodes.iter().any(|o| {
+            o.name != name && o.liveness == Liveness::Ready && o.models.contains_key(&p.model_id)
+        })
+    };
     let used = used_by_node(nodes, placements, &[]);
     let estimate = replica_estimate(nodes, p);
     let need = estimate + margin(estimate);
@@ -451,8 +505,12 @@ pub fn relocate(
             Some("under memory pressure".to_owned())
         } else if !p.role.is_empty() && !n.roles.iter().any(|r| r == &p.role) {
             Some("no such role".to_owned())
-        } else if !n.models.contains_key(&p.model_id) {
+        } else if let Some((_, why)) = avoid.iter().find(|(a, _)| a == &n.name) {
+            Some(why.clone())
+        } else if !n.models.contains_key(&p.model_id) && !p.copy_if_missing {
             Some("does not hold the file".to_owned())
+        } else if !n.models.contains_key(&p.model_id) && !held_by(&n.name) {
+            Some("does not hold the file, and no other live node does to copy it".to_owned())
         } else {
             recent_oom(p, &n.name, now_unix_ms())
         };
@@ -470,12 +528,18 @@ pub fn relocate(
             ));
             continue;
         }
-        // Prefer a node without another replica of this placement.
-        let score = free / 2
+        // Prefer a node without another replica of this placement, then
+        // one that holds the file (no copy first), then the most free.
+        let score = free / 4
             + if hosting.contains(&n.name.as_str()) {
                 0
             } else {
                 u64::MAX / 2
+            }
+            + if n.models.contains_key(&p.model_id) {
+                u64::MAX / 4
+            } else {
+                0
             };
         if best.is_none_or(|(s, _)| score > s) {
             best = Some((score, &n.name));

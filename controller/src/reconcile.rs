@@ -22,19 +22,25 @@
 //!
 //! Node loss: a node silent past the move period is Lost; each floating
 //! replica on it moves to a node that fits ([`crate::placement::relocate`])
-//! with its generation bumped; pinned replicas wait. Only the leader
+//! with its generation bumped; pinned replicas wait.
+//!
+//! Copies: a replica of a placement with `copy_if_missing` may sit on a
+//! node that lacks its file; it is not started there until the file has
+//! been copied from a node that holds it ([`crate::copies`]); a failed
+//! copy moves it elsewhere or is tried again after a back-off. Only the leader
 //! reconciles, and every agent command carries its term.
 //!
 //! What a replica's generation becomes, what each node is asked to start
 //! and when a split is whole or broken are [`crate::lifecycle`]'s; this
 //! module decides when, and talks to the store and the agents.
 
+use crate::copies::Copies;
 use crate::desired::Desired;
 use crate::events::Events;
 use crate::leader::Leadership;
 use crate::lifecycle;
 use crate::observe::{Observed, agent_client, with_deadline};
-use crate::placement::{Liveness, relocate};
+use crate::placement::{Liveness, relocate, relocate_avoiding};
 use crate::store::{PLACEMENTS, Store, StoreError, Watch};
 use proto::domain::{Instance, InstanceState, NodeStatus, Placement, ReplicaKey, StartRequest};
 use proto::units;
@@ -64,6 +70,7 @@ pub struct Reconciler {
     desired: Desired,
     observed: Observed,
     events: Events,
+    copies: Copies,
     requeue: Duration,
     usage: crate::ondemand::Usage,
 }
@@ -91,12 +98,20 @@ fn lock(i: &Inflight) -> std::sync::MutexGuard<'_, HashSet<String>> {
 }
 
 impl Reconciler {
-    /// A reconciler that also runs every `requeue`.
-    pub fn new(desired: Desired, observed: Observed, events: Events, requeue: Duration) -> Self {
+    /// A reconciler that also runs every `requeue`, copying model files
+    /// through `copies` (shared with the API).
+    pub fn new(
+        desired: Desired,
+        observed: Observed,
+        events: Events,
+        copies: Copies,
+        requeue: Duration,
+    ) -> Self {
         Reconciler {
             desired,
             observed,
             events,
+            copies,
             requeue,
             usage: crate::ondemand::Usage::new(units::now_unix_ms()),
         }
@@ -221,6 +236,7 @@ impl Reconciler {
             || self.resize_after_oom(&placements, &view).await
             || self.resume_held(&placements, &view).await
             || self.unload_idle(&placements).await
+            || self.copy_missing(&placements, &view, term).await
         {
             return Ok(());
         }
@@ -314,6 +330,91 @@ impl Reconciler {
                     Err(e) => tracing::info!(placement = %p.name, "move not written: {e}"),
                 }
                 return true;
+            }
+        }
+        false
+    }
+
+    /// Copies: a replica of a `copy_if_missing` placement on a live node
+    /// that lacks the file is not started (see [`wanted`]); the file is
+    /// copied there from a node that holds it ([`Copies`]), and once the
+    /// node lists it the replica starts. After a failed copy the replica
+    /// moves to another node that fits (not one where a copy of the file
+    /// failed), else the copy is tried again on the same node after its
+    /// back-off. `true` when a placement was written (or tried).
+    async fn copy_missing(
+        &self,
+        placements: &[crate::desired::Versioned<Placement>],
+        view: &View,
+        term: u64,
+    ) -> bool {
+        let holds = |node: &str, id: &str| {
+            view.observed
+                .get(node)
+                .is_some_and(|n| n.models.iter().any(|m| m.id == id))
+        };
+        for v in placements {
+            let p = &v.value;
+            if !p.copy_if_missing || p.paused || p.held.is_some() || p.split.is_some() {
+                continue;
+            }
+            for r in &p.replicas {
+                if view.liveness.get(&r.node) != Some(&Liveness::Ready)
+                    || holds(&r.node, &p.model_id)
+                    || self.copies.running(&p.model_id, &r.node)
+                {
+                    continue;
+                }
+                if let Some(f) = self.copies.failure(&p.model_id, &r.node) {
+                    if p.pinned_node.is_none() {
+                        let avoid: Vec<(String, String)> = view
+                            .nodes
+                            .iter()
+                            .filter_map(|n| {
+                                let f = self.copies.failure(&p.model_id, &n.name)?;
+                                Some((
+                                    n.name.clone(),
+                                    format!("a copy of the file here failed: {}", f.why),
+                                ))
+                            })
+                            .collect();
+                        if let Ok(to) =
+                            relocate_avoiding(&view.nodes, &view.plain, p, r.index, &avoid)
+                        {
+                            let mut next = p.clone();
+                            let from = lifecycle::move_replica(&mut next, r.index, to.clone());
+                            let text = format!(
+                                "replica {} {} -> {to}: the copy of `{}` to {} failed ({})",
+                                r.index,
+                                from.unwrap_or_else(|| r.node.clone()),
+                                p.model_id,
+                                r.node,
+                                f.why
+                            );
+                            self.update(&next, v.revision, "moved", text).await;
+                            return true;
+                        }
+                    }
+                    if Instant::now() < f.retry_at {
+                        continue;
+                    }
+                }
+                match self.copies.route(&p.model, &p.model_id, &r.node, None) {
+                    Ok(route) => {
+                        // Asking the agent may take a while: not in the pass.
+                        // A second start follows the first (one copy per
+                        // file and node).
+                        let copies = self.copies.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = copies.start(route, term).await {
+                                tracing::info!("copy not started: {e}");
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::debug!(placement = %p.name, "no copy to {} now: {e}", r.node)
+                    }
+                }
             }
         }
         false
@@ -761,6 +862,13 @@ fn wanted<'a>(
             continue;
         }
         for r in &p.replicas {
+            // Its file is being copied there first (reconcile's copies).
+            let lacks = observed
+                .get(&r.node)
+                .is_some_and(|n| !n.models.iter().any(|m| m.id == p.model_id));
+            if p.copy_if_missing && p.split.is_none() && lacks {
+                continue;
+            }
             let mut request = lifecycle::start_request(p, r);
             let mut refused = None;
             if let Some(plan) = &p.split {

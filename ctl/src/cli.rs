@@ -219,10 +219,12 @@ pub struct ModelsArgs {
 pub enum ModelsCommand {
     /// Copy a catalog model's file(s) to a node from a node that holds
     /// them, verified (size and SHA-256) and resumable; Ctrl-C leaves the
-    /// copy running.
+    /// copy running. With --all-roles, every catalog model to every live
+    /// node of its role that lacks it, one copy at a time.
     #[command(after_help = "Examples:\n  \
         haloctl models copy qwen3-coder-30b --to halo2\n  \
-        haloctl models copy gpt-oss-20b --to halo3 --from halo1")]
+        haloctl models copy gpt-oss-20b --to halo3 --from halo1\n  \
+        haloctl models copy --all-roles")]
     Copy(CopyArgs),
 }
 
@@ -230,13 +232,21 @@ pub enum ModelsCommand {
 #[derive(Debug, Args)]
 pub struct CopyArgs {
     /// Catalog name (see `haloctl models`).
-    pub name: String,
+    #[arg(required_unless_present = "all_roles")]
+    pub name: Option<String>,
     /// The node that receives the file.
-    #[arg(long, value_name = "NODE")]
-    pub to: String,
-    /// The node to copy from [default: the first connected node holding it].
+    #[arg(long, value_name = "NODE", required_unless_present = "all_roles")]
+    pub to: Option<String>,
+    /// The node to copy from [default: the connected node holding it with
+    /// the fastest measured copy to NODE].
     #[arg(long, value_name = "NODE")]
     pub from: Option<String>,
+    /// Copy each catalog model to every live node of its role (the catalog
+    /// entry's `role`; none: every node) that lacks the file, one copy at a
+    /// time, then print what was copied, already there, or failed and why.
+    /// Exits 1 when any copy failed.
+    #[arg(long, conflicts_with_all = ["name", "to", "from"])]
+    pub all_roles: bool,
     /// Output format of the result.
     #[arg(short, long, value_enum, default_value_t)]
     pub output: Format,
@@ -295,6 +305,14 @@ pub struct PlaceArgs {
     /// leave room on each node for other models. Implies --split.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(2..=15))]
     pub split_across: Option<u32>,
+    /// A node of the role that has the memory but lacks the model's file
+    /// may be chosen (after those that hold it) when a live node holds it:
+    /// the controller copies the file there first, and the replica starts
+    /// once the copy is verified; also when it moves after a node loss.
+    /// The decision says how long the copy should take. The catalog
+    /// entry's `copy_if_missing = true` does the same for every placement.
+    #[arg(long)]
+    pub copy: bool,
     /// Decide and explain, change nothing.
     #[arg(long)]
     pub dry_run: bool,

@@ -78,6 +78,12 @@ pub struct ModelJson {
     pub speed: Vec<SpeedJson>,
     /// Copies of the file in flight (`haloctl models copy`).
     pub copies: Vec<CopyJson>,
+    /// Role of the nodes it belongs on (on-demand loads, `models copy
+    /// --all-roles`); empty: any node.
+    pub role: String,
+    /// Placement may choose a node that lacks the file and copy it there
+    /// first.
+    pub copy_if_missing: bool,
 }
 
 /// A copy of a model's file in flight.
@@ -182,6 +188,14 @@ pub struct ReplicaJson {
     /// ggml-rpc-servers, in device order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub helpers: Vec<HelperJson>,
+    /// The copy of the model file to its node it waits for (`place
+    /// --copy`, the catalog's `copy_if_missing`), while it runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub copy: Option<CopyJson>,
+    /// Why the last copy of the file to its node failed, and when it is
+    /// tried again.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub copy_failed: String,
 }
 
 /// One helper of a split: a ggml-rpc-server holding a share of the layers.
@@ -396,6 +410,19 @@ pub fn render_nodes_at(nodes: &[NodeJson], now_unix: i64) -> String {
     s
 }
 
+/// A copy in flight as JSON shows it.
+fn copy_json(c: &proto::domain::CopyProgress) -> CopyJson {
+    CopyJson {
+        from_node: c.from_node.clone(),
+        to_node: c.to_node.clone(),
+        bytes_done: c.bytes_done,
+        bytes_total: c.bytes_total,
+        bytes_per_sec: c.rate_bytes_per_sec(),
+        secs_left: c.secs_left(),
+        line: c.line(),
+    }
+}
+
 /// The JSON view of the catalog.
 pub fn models_json(entries: &[v1::CatalogEntry]) -> Vec<ModelJson> {
     entries
@@ -420,16 +447,10 @@ pub fn models_json(entries: &[v1::CatalogEntry]) -> Vec<ModelJson> {
                 .copies
                 .iter()
                 .filter_map(|c| proto::domain::CopyProgress::try_from(c.clone()).ok())
-                .map(|c| CopyJson {
-                    from_node: c.from_node.clone(),
-                    to_node: c.to_node.clone(),
-                    bytes_done: c.bytes_done,
-                    bytes_total: c.bytes_total,
-                    bytes_per_sec: c.rate_bytes_per_sec(),
-                    secs_left: c.secs_left(),
-                    line: c.line(),
-                })
+                .map(|c| copy_json(&c))
                 .collect(),
+            role: e.role.clone(),
+            copy_if_missing: e.copy_if_missing,
         })
         .collect()
 }
@@ -582,10 +603,10 @@ pub fn render_models(models: &[ModelJson]) -> String {
             m.quantization.clone().unwrap_or_else(|| "-".into()),
             m.default_context.to_string(),
             join_or_dash(&m.modes),
-            if m.nodes.is_empty() {
-                "(no node has the file)".into()
-            } else {
-                m.nodes.join(",")
+            match (m.nodes.is_empty(), m.copy_if_missing) {
+                (true, _) => "(no node has the file)".into(),
+                (false, false) => m.nodes.join(","),
+                (false, true) => format!("{} (copied where placed)", m.nodes.join(",")),
             },
             speed_cell(&m.speed),
         ]);
@@ -632,6 +653,43 @@ fn helpers(p: &v1::Placement, r: &v1::Replica) -> Vec<HelperJson> {
         .collect()
 }
 
+/// A replica's state with the copy it waits for: "copying 45% from halo1,
+/// about 12 s left" while its file is copied to its node, "waiting for a
+/// copy" after one failed, else [`replica_state`].
+pub fn replica_state_text(r: &v1::Replica) -> String {
+    if r.instance.is_none() {
+        if let Some(c) = r
+            .copy
+            .clone()
+            .and_then(|c| proto::domain::CopyProgress::try_from(c).ok())
+        {
+            return copy_state(&c);
+        }
+        if !r.copy_failed.is_empty() && r.start_refused.is_empty() {
+            return "waiting for a copy (the last failed)".to_owned();
+        }
+    }
+    replica_state(r).to_owned()
+}
+
+/// "copying 45% from halo1, about 12 s left".
+fn copy_state(c: &proto::domain::CopyProgress) -> String {
+    let pct = if c.bytes_total == 0 {
+        0.0
+    } else {
+        c.bytes_done as f64 * 100.0 / c.bytes_total as f64
+    };
+    let from = if c.from_node.is_empty() {
+        String::new()
+    } else {
+        format!(" from {}", c.from_node)
+    };
+    let left = c
+        .secs_left()
+        .map_or_else(String::new, |s| format!(", about {s} s left"));
+    format!("copying {pct:.0}%{from}{left}")
+}
+
 /// A replica's state as people read it: its instance's, else `failed`
 /// when its start was refused (retried with back-off), else `pending`.
 pub fn replica_state(r: &v1::Replica) -> &'static str {
@@ -668,7 +726,18 @@ pub fn status_json(placements: &[v1::Placement]) -> Vec<PlacementJson> {
                     ReplicaJson {
                         index: r.index,
                         node: r.node.clone(),
-                        state: replica_state(r).into(),
+                        state: replica_state_text(r),
+                        copy: r
+                            .copy
+                            .clone()
+                            .filter(|_| i.is_none())
+                            .and_then(|c| proto::domain::CopyProgress::try_from(c).ok())
+                            .map(|c| copy_json(&c)),
+                        copy_failed: if i.is_none() {
+                            r.copy_failed.clone()
+                        } else {
+                            String::new()
+                        },
                         // Held: nothing runs; the stopped instance's figures
                         // would look live.
                         real_bytes: i.filter(|_| p.held.is_empty()).and_then(real_bytes),
@@ -770,6 +839,9 @@ pub fn render_status(placements: &[PlacementJson]) -> String {
     for p in placements {
         if let Some(why) = &p.held {
             out += &format!("{} is held: {why}\n", p.name);
+        }
+        for r in p.replicas.iter().filter(|r| !r.copy_failed.is_empty()) {
+            out += &format!("{} on {}: {}\n", p.name, r.node, r.copy_failed);
         }
         if let Some(at) = p.unload_at_unix_ms {
             let last = p.last_used_unix_ms.map_or_else(

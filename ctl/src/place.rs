@@ -226,6 +226,7 @@ pub fn run(t: &Target, a: &PlaceArgs) -> Result<(), Failure> {
         split: a.split || a.split_across.is_some(),
         split_across: a.split_across.unwrap_or(0),
         allow_context_over_trained: a.allow_context_over_trained,
+        copy: a.copy,
         ..Default::default()
     };
     let rt = crate::client::runtime()?;
@@ -284,7 +285,7 @@ async fn wait_ready(
             .split
             .as_ref()
             .map_or(0, |s| s.shares.len().saturating_sub(1));
-        let states: Vec<(String, &'static str, &v1::Replica)> = p
+        let states: Vec<(String, String, &v1::Replica)> = p
             .replicas
             .iter()
             .map(|r| {
@@ -294,9 +295,9 @@ async fn wait_ready(
                     .map(|i| InstanceState::from_wire(i.state))
                     .collect();
                 let s = match HelpersState::of(helpers, &sides) {
-                    HelpersState::Failed => InstanceState::Failed.as_str(),
-                    HelpersState::Starting => "starting helpers",
-                    HelpersState::Ready => crate::cluster::replica_state(r),
+                    HelpersState::Failed => InstanceState::Failed.as_str().to_owned(),
+                    HelpersState::Starting => "starting helpers".to_owned(),
+                    HelpersState::Ready => crate::cluster::replica_state_text(r),
                 };
                 (r.node.clone(), s, r)
             })

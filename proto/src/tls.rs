@@ -306,6 +306,9 @@ pub struct Policy {
     pub writers: &'static [Role],
     /// Roles allowed to call the other methods.
     pub readers: &'static [Role],
+    /// Methods only the roles listed with them may call, whatever
+    /// `writers` and `readers` say (an agent's FetchModel: agents only).
+    pub only: &'static [(&'static str, &'static [Role])],
 }
 
 impl Policy {
@@ -313,7 +316,11 @@ impl Policy {
     pub fn check<T>(&self, method: &str, req: &Request<T>) -> Result<Role, Status> {
         let role = peer_role(req)?;
         let mutating = self.mutating.contains(&method);
-        let allowed = if mutating { self.writers } else { self.readers };
+        let allowed = match self.only.iter().find(|(m, _)| *m == method) {
+            Some((_, roles)) => roles,
+            None if mutating => self.writers,
+            None => self.readers,
+        };
         if allowed.contains(&role) {
             Ok(role)
         } else {
@@ -402,6 +409,7 @@ mod tests {
             mutating: &["Write"],
             writers: &[Role::Admin],
             readers: &[Role::Admin, Role::ReadOnly],
+            only: &[("Fetch", &[Role::Agent])],
         };
         let req = Request::new(());
         let e = policy.check("Read", &req).err().map(|s| s.code());

@@ -87,6 +87,7 @@ fn main() {
         .map(|i| Placement {
             on_demand: false,
             placed_at_unix_ms: 0,
+            copy_if_missing: false,
             oom_kills: Vec::new(),
             held: None,
             learned_bytes: 0,

@@ -1,37 +1,65 @@
 //! Which nodes can take a request at all: live, of the role (unless
 //! `any_node`), the pinned one when pinned, with known usable memory, not
-//! under memory pressure, and holding the model file. Every other node gets a row saying why not.
+//! under memory pressure, and holding the model file, or, when the request
+//! or the catalog entry allows a copy, lacking it while another live node
+//! holds it (the file is copied from there first). Every other node gets a
+//! row saying why not.
 
 use super::{Decision, NodeFit, PlaceRequest};
 use crate::nodes::{Liveness, NodeState};
 use proto::domain::{CatalogEntry, ModelParams};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// The nodes that can take the model: indexes into the node list, with
 /// the model's parameters as that node holds them.
 pub(super) type Candidates = Vec<(usize, Arc<ModelParams>)>;
 
-/// The candidates for `entry`, and a row for each other node saying why it
-/// is not one. `Err` is the refusal when the pin names no node or no node
-/// qualifies.
+/// Candidates that lack the file, by node index: the node each would copy
+/// it from.
+pub(super) type CopyFrom = HashMap<usize, String>;
+
+/// The candidates for `entry`, a row for each other node saying why it
+/// is not one, and the candidates that lack the file with the node each
+/// would copy it from. `Err` is the refusal when the pin names no node or
+/// no node qualifies.
 pub(super) fn candidates(
     nodes: &[NodeState],
     entry: &CatalogEntry,
     req: &PlaceRequest,
-) -> Result<(Candidates, Vec<NodeFit>), Box<Decision>> {
+) -> Result<(Candidates, Vec<NodeFit>, CopyFrom), Box<Decision>> {
     let mut fits: Vec<NodeFit> = Vec::with_capacity(nodes.len());
     let mut candidates: Candidates = Vec::new();
+    let mut copy_from = HashMap::new();
+    let copy = req.copy || entry.copy_if_missing;
     for (i, n) in nodes.iter().enumerate() {
-        let params = n.models.get(&entry.model_id);
+        let mut params = n.models.get(&entry.model_id);
+        let mut source = None;
+        if params.is_none() && copy {
+            source = copy_source(nodes, n, &entry.model_id, &req.copy_rates);
+            params = source.map(|s| &nodes[s].models[&entry.model_id]);
+        }
         let reason = why_not(n, req)
             .or_else(|| {
-                params
-                    .is_none()
-                    .then(|| format!("does not hold `{}`", entry.model_id))
+                params.is_none().then(|| {
+                    if copy {
+                        format!(
+                            "does not hold `{}`, and no other live node does to copy it from",
+                            entry.model_id
+                        )
+                    } else {
+                        format!("does not hold `{}`", entry.model_id)
+                    }
+                })
             })
             .or_else(|| flags_refused(n, entry));
         match (reason, params) {
-            (None, Some(p)) => candidates.push((i, p.clone())),
+            (None, Some(p)) => {
+                if let Some(s) = source {
+                    copy_from.insert(i, nodes[s].name.clone());
+                }
+                candidates.push((i, p.clone()));
+            }
             (reason, _) => fits.push(not_a_candidate(n, reason.unwrap_or_default())),
         }
     }
@@ -68,7 +96,34 @@ pub(super) fn candidates(
         d.fits = fits;
         return Err(Box::new(d));
     }
-    Ok((candidates, fits))
+    Ok((candidates, fits, copy_from))
+}
+
+/// The node `to` would copy `model_id` from: a live node that holds it,
+/// the one with the fastest measured copy to `to` first.
+fn copy_source(
+    nodes: &[NodeState],
+    to: &NodeState,
+    model_id: &str,
+    rates: &super::CopyRates,
+) -> Option<usize> {
+    nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| {
+            o.name != to.name && o.liveness == Liveness::Ready && o.models.contains_key(model_id)
+        })
+        .max_by(|(_, a), (_, b)| {
+            let rate = |o: &NodeState| {
+                rates
+                    .get(&(o.name.clone(), to.name.clone()))
+                    .copied()
+                    .unwrap_or(0.0)
+            };
+            // Equal rates: the first node in order.
+            rate(a).total_cmp(&rate(b)).then(b.name.cmp(&a.name))
+        })
+        .map(|(i, _)| i)
 }
 
 /// Refuses a context the agents would refuse, or that the catalog does not

@@ -22,10 +22,17 @@ pub(super) fn with_split(mut d: Decision, r: &Request<'_>, ladder: &Ladder, why:
         }
         return d;
     }
+    // A split's host reads the file: only nodes that hold it take part.
+    let holders: Vec<_> = r
+        .candidates
+        .iter()
+        .filter(|(i, _)| !r.copy_from.contains_key(i))
+        .cloned()
+        .collect();
     let choice = crate::split::choose(
         r.nodes,
         &r.used,
-        &r.candidates,
+        &holders,
         &ladder.tuples(),
         r.parallel,
         r.req.split_across.map(|k| k as usize),
@@ -83,6 +90,7 @@ fn split_decision(r: &Request<'_>, c: &Choice, plan: SplitPlan) -> Decision {
     let placement = Placement {
         on_demand: false,
         placed_at_unix_ms: 0,
+        copy_if_missing: false,
         oom_kills: Vec::new(),
         held: None,
         learned_bytes: 0,

@@ -92,6 +92,8 @@ fn assign(
         .iter()
         .map(|(i, p)| (*i, r.nodes[*i].free(used), est.need(a, p), 0u32))
         .collect();
+    // A node that lacks the file comes after those that hold it.
+    let copies = |i: &usize| r.copy_from.contains_key(i);
     let mut chosen = Vec::new();
     for _ in 0..r.replicas {
         let pick = free_now
@@ -99,11 +101,18 @@ fn assign(
             .filter(|(_, f, need, _)| need <= f)
             .min_by(|x, y| {
                 if order_spread {
-                    // Fewest replicas here, then most free.
-                    x.3.cmp(&y.3).then(y.1.cmp(&x.1))
+                    // Fewest replicas here, then holding the file, then
+                    // most free.
+                    x.3.cmp(&y.3)
+                        .then(copies(&x.0).cmp(&copies(&y.0)))
+                        .then(y.1.cmp(&x.1))
                 } else {
-                    // Most replicas here, then least free (best fit).
-                    y.3.cmp(&x.3).then(x.1.cmp(&y.1))
+                    // Holding the file, then most replicas here, then
+                    // least free (best fit).
+                    copies(&x.0)
+                        .cmp(&copies(&y.0))
+                        .then(y.3.cmp(&x.3))
+                        .then(x.1.cmp(&y.1))
                 }
             })?;
         pick.1 -= pick.2;
@@ -256,7 +265,7 @@ pub(super) fn decide(
     let b = est.get(a, &r.candidates[0].1);
     d.estimate = Some(b.clone());
     let placement = new_placement(r, &ladder.attempts[a], &b, &chosen_nodes);
-    let mut explanation = explain(r, ladder, a, &b, &placement);
+    let mut explanation = explain(r, ladder, a, &b, &placement, &chosen_nodes);
     if !evicted.is_empty() {
         if r.req.evict {
             explanation.push(format!(
@@ -327,6 +336,7 @@ fn new_placement(
             .collect(),
         paused: r.req.paused,
         split: None,
+        copy_if_missing: r.req.copy || entry.copy_if_missing,
     }
 }
 
@@ -339,6 +349,7 @@ fn explain(
     a: usize,
     b: &Breakdown,
     placement: &Placement,
+    chosen_nodes: &[usize],
 ) -> Vec<String> {
     let entry = r.entry;
     let at = &ladder.attempts[a];
@@ -359,6 +370,26 @@ fn explain(
             "context {} with {} KV did not fit; chose context {} with {}/{} KV (the largest setting that fits)",
             ladder.ctx0, entry.cache_type_k, at.ctx, at.ctk, at.ctv
         ));
+    }
+    let mut copied_to = chosen_nodes.to_vec();
+    copied_to.sort_unstable();
+    copied_to.dedup();
+    for i in copied_to {
+        if let Some(from) = r.copy_from.get(&i) {
+            let to = &r.nodes[i].name;
+            let bytes = r
+                .candidates
+                .iter()
+                .find(|(c, _)| *c == i)
+                .map_or(0, |(_, p)| p.weight_bytes);
+            explanation.push(format!(
+                "{to} lacks `{}`: copy {} from {from} first ({}); the replica starts when the \
+                 copy is verified",
+                entry.model_id,
+                units::bytes(bytes),
+                super::copy_time(&r.req.copy_rates, from, to, bytes)
+            ));
+        }
     }
     if b.observed() {
         explanation.push(format!(
@@ -408,6 +439,10 @@ fn chosen_rows(
             format!("needs {} > {} free", units::bytes(need), units::bytes(f))
         } else {
             "fits, not chosen".to_owned()
+        };
+        let reason = match r.copy_from.get(i) {
+            Some(from) => format!("{reason}; lacks the file: copied from {from} first"),
+            None => reason,
         };
         fits.push(fit_row(
             n,

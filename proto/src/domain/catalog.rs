@@ -166,6 +166,11 @@ pub struct CatalogEntry {
     /// holding the file).
     #[serde(default)]
     pub role: String,
+    /// Placement may choose a node of the role that has the memory but
+    /// lacks the file, when a live node holds it: the file is copied there
+    /// before the replica starts (nodes holding it are preferred).
+    #[serde(default)]
+    pub copy_if_missing: bool,
 }
 
 /// Default `idle_unload_secs`: 15 minutes.
@@ -213,6 +218,7 @@ impl CatalogEntry {
             idle_unload_secs: DEFAULT_IDLE_UNLOAD_SECS,
             min_resident_secs: DEFAULT_MIN_RESIDENT_SECS,
             role: String::new(),
+            copy_if_missing: false,
         }
     }
 
@@ -328,6 +334,7 @@ impl From<CatalogEntry> for v1::CatalogEntry {
             idle_unload_secs: e.idle_unload_secs,
             min_resident_secs: e.min_resident_secs,
             role: e.role,
+            copy_if_missing: e.copy_if_missing,
         }
     }
 }
@@ -381,6 +388,7 @@ impl TryFrom<v1::CatalogEntry> for CatalogEntry {
                 e.min_resident_secs
             },
             role: e.role,
+            copy_if_missing: e.copy_if_missing,
         };
         entry.validate()?;
         Ok(entry)

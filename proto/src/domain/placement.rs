@@ -92,6 +92,10 @@ pub struct Placement {
     /// was kept).
     #[serde(default)]
     pub placed_at_unix_ms: u64,
+    /// A replica may go (or move) to a node that lacks the model file: the
+    /// controller copies it there from a node that holds it first.
+    #[serde(default)]
+    pub copy_if_missing: bool,
 }
 
 /// An out-of-memory kill of one of a placement's replicas.
@@ -481,6 +485,8 @@ impl From<Placement> for v1::Placement {
                     instance: None,
                     helpers: Vec::new(),
                     start_refused: String::new(),
+                    copy: None,
+                    copy_failed: String::new(),
                 })
                 .collect(),
             name: p.name,
@@ -498,6 +504,7 @@ impl From<Placement> for v1::Placement {
             on_demand: p.on_demand,
             last_used_unix_ms: 0,
             unload_at_unix_ms: 0,
+            copy_if_missing: p.copy_if_missing,
         }
     }
 }
@@ -545,6 +552,7 @@ impl TryFrom<v1::Placement> for Placement {
             oom_kills: Vec::new(),
             on_demand: p.on_demand,
             placed_at_unix_ms: 0,
+            copy_if_missing: p.copy_if_missing,
         })
     }
 }
