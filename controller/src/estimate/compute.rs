@@ -96,7 +96,11 @@ pub fn compute_memory(params: &ModelParams, r: &Resolved, ctx: &ContextMemory) -
     let mut phases = vec![output_phase(params, r, rows)];
     attention_phases(params, r, ctx, rows, &mut phases);
     phases.extend(dense_ffn_phase(params, rows));
-    phases.extend(mamba2_phase(params, r, rows));
+    if gated_delta_net(&params.architecture) {
+        phases.extend(gated_delta_net_phase(params, r, rows));
+    } else {
+        phases.extend(mamba2_phase(params, r, rows));
+    }
     let expert_ff_note = match moe_phase(params, rows) {
         Ok(p) => {
             phases.extend(p);
@@ -374,6 +378,59 @@ fn mamba2_phase(params: &ModelParams, r: &Resolved, rows: Rows) -> Option<Phase>
             units::bytes(temps)
         ),
     })
+}
+
+/// Architectures whose recurrent layers are gated delta-net linear
+/// attention (`llm_build_delta_net_base`, `src/models/delta-net-base.cpp`)
+/// rather than Mamba2 scans; the header's `ssm.*` keys describe both.
+fn gated_delta_net(arch: &str) -> bool {
+    matches!(arch, "qwen3next" | "qwen35" | "qwen35moe")
+}
+
+/// Gated delta-net layer (`build_layer_attn_linear` in
+/// src/models/qwen3next.cpp): `qkv_mixed` (conv_dim = d_inner + 2 n_group
+/// d_state values per token) and the gate `z` (d_inner) from the input
+/// projections, the conv input (the previous conv state concatenated before
+/// the tokens) and output, Q and K repeated to the value heads when they
+/// have fewer heads, and `ggml_gated_delta_net`'s result (d_inner per token
+/// plus the new d_state x d_inner state per sequence; the fused op, which
+/// the CPU backend has, so no chunked temporaries).
+fn gated_delta_net_phase(params: &ModelParams, r: &Resolved, rows: Rows) -> Option<Phase> {
+    if !is_hybrid(params) || params.ssm_inner_size == 0 {
+        return None;
+    }
+    let f32_row = rows.f32_row;
+    let d_inner = u64::from(params.ssm_inner_size);
+    let key_dim = u64::from(params.ssm_group_count) * u64::from(params.ssm_state_size);
+    let conv_dim = d_inner + 2 * key_dim;
+    let conv = conv_dim * f32_row;
+    let conv_in = conv_dim * (rows.t + u64::from(params.ssm_conv_kernel.saturating_sub(1))) * 4;
+    let value = d_inner * f32_row;
+    // Q and K widened to the value heads (d_state x value heads each).
+    let v_heads = u64::from(params.ssm_time_step_rank);
+    let repeated = if v_heads > u64::from(params.ssm_group_count) {
+        2 * v_heads * u64::from(params.ssm_state_size) * f32_row
+    } else {
+        0
+    };
+    let state = context_state(params) * r.n_seq;
+    Some(Phase {
+        name: "gated delta-net",
+        bytes: 2 * conv + conv_in + 2 * value + repeated + state + 3 * rows.act,
+        detail: format!(
+            "2 x qkv {} + conv input {} + z and output {} each + repeated q/k {} + state {} + 3 activations",
+            units::bytes(conv),
+            units::bytes(conv_in),
+            units::bytes(value),
+            units::bytes(repeated),
+            units::bytes(state)
+        ),
+    })
+}
+
+/// One sequence's recurrent state of a layer, f32 (`n_embd_s`).
+fn context_state(params: &ModelParams) -> u64 {
+    super::context::n_embd_s(params) * 4
 }
 
 /// MoE (build_moe_ffn in src/llama-graph.cpp): up and gate are
