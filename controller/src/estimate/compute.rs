@@ -439,7 +439,9 @@ fn context_state(params: &ModelParams) -> u64 {
 /// Calibrated on qwen3moe, gpt-oss and Nemotron-H-MoE under llama-server
 /// (one logit row per slot, so nothing else is bigger): gated experts
 /// peak at max(3 mid + 5 act, 2 out + mid + 3 act) (the second when `out`
-/// does not fit the hole up/gate leave and lands above it); ungated
+/// does not fit the hole up/gate leave and lands above it); when `out`
+/// fits that hole (out <= 2 mid, seen on MiniMax-M2: 102.0 MiB at 512
+/// tokens, 3 mid + 5 act exactly) at 3 mid + 5 act alone; ungated
 /// (relu^2, nemotron_h_moe) at max(2 out, out + mid) + 3 act.
 ///
 /// `Ok(None)` for a model without experts; `Err` a note when the experts'
@@ -463,7 +465,9 @@ fn moe_phase(params: &ModelParams, rows: Rows) -> Result<Option<Phase>, &'static
     let mid = ff * used * f32_row;
     let out = params.embedding_length * used * f32_row;
     let gated = !ungated_experts(&params.architecture);
-    let bytes = if gated {
+    let bytes = if gated && out <= 2 * mid {
+        3 * mid + 5 * act
+    } else if gated {
         (3 * mid + 5 * act).max(2 * out + mid + 3 * act)
     } else {
         (2 * out).max(out + mid) + 3 * act
@@ -475,7 +479,9 @@ fn moe_phase(params: &ModelParams, rows: Rows) -> Result<Option<Phase>, &'static
             "{used} experts of {ff} ({how}): mid {} , out {}, {}",
             units::bytes(mid),
             units::bytes(out),
-            if gated {
+            if gated && out <= 2 * mid {
+                "3 mid + 5 act (out fits the hole up and gate leave)"
+            } else if gated {
                 "max(3 mid + 5 act, 2 out + mid + 3 act)"
             } else {
                 "max(2 out, out + mid) + 3 act"
