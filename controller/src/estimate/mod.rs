@@ -35,7 +35,20 @@
 //!   Gemma 3n/4) and KV sharing between layers (`n_layer_kv_from_start`);
 //! * recurrent state of RWKV, LFM2 and KDA layers (other state shapes);
 //! * `expert_feed_forward_length` when the header lacks it: inferred from
-//!   the parameter count, and the notes say so.
+//!   the parameter count, and the notes say so;
+//! * Qwen3.5 (`qwen35`, `qwen35moe`) gets the Qwen3-Next rules (the same
+//!   `load_arch_hparams` layer pattern and delta-net state) but no fixture
+//!   checks them against llama.cpp yet;
+//! * the layer split (`split.rs`) still gives NextN blocks their weights
+//!   and places them like trunk layers.
+//!
+//! Rules checked against `llama-fit-params` and `llama-server` on sparse
+//! fixtures (`tests/estimate.rs`, the parity bench): dense and GQA (llama),
+//! MoE (qwen3moe, gpt-oss, minimax-m2), sliding window (gpt-oss), MLA
+//! (deepseek2), Mamba2 hybrids (nemotron_h_moe), gated delta-net hybrids
+//! (qwen3next: only every `full_attention_interval`-th layer holds KV, the
+//! others a fixed conv + delta-net state per sequence), and NextN blocks
+//! (glm4moe: weights skipped at load, no KV).
 
 pub mod compute;
 pub mod context;
