@@ -987,6 +987,16 @@ mod tests {
                     assert_eq!(p.nextn_predict_layers, 0);
                     assert_eq!(p.quantization, "Q4_K - Medium");
                 }
+                SparseModel::Qwen35_35B => {
+                    // 40 trunk blocks, 10 of them full attention, and the
+                    // MTP block, which is not recurrent.
+                    assert_eq!((n, p.nextn_predict_layers), (41, 1));
+                    let full: Vec<usize> = (0..n).filter(|&i| !p.recurrent_layers[i]).collect();
+                    let mut expected: Vec<usize> = (0..10).map(|k| 4 * k + 3).collect();
+                    expected.push(40);
+                    assert_eq!(full, expected);
+                    assert_eq!((p.expert_count, p.expert_used_count), (256, 8));
+                }
                 SparseModel::Glm45Air => {
                     // 46 trunk blocks and the NextN block.
                     assert_eq!((n, p.nextn_predict_layers), (47, 1));
