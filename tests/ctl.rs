@@ -79,6 +79,41 @@ fn plan_finds_the_largest_context_and_what_a_quantized_cache_buys() {
     assert!(!text(&out.stdout).contains("--cache-type-k q8_0"));
 }
 
+/// Qwen3-Next holds KV only in its 12 full-attention layers; the 36 gated
+/// delta-net layers keep a fixed state. `plan` at 128K agrees with what
+/// llama.cpp projects for the same file (3,147 MiB), not the 12,288 MiB that
+/// every layer as attention would be.
+#[test]
+fn plan_of_qwen3_next_counts_kv_only_for_its_attention_layers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let qn = sparse(dir.path(), SparseModel::Qwen3Next80B);
+    let out = haloctl(&[
+        "plan", &qn, "--memory", "128", "--ctx", "131072", "-o", "json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let row = &v["rows"][0];
+    assert_eq!(row["ctx"], 131_072);
+    assert_eq!(row["fits"], true);
+    let kv_mib = row["kv_bytes"].as_u64().expect("kv_bytes") as f64 / (1u64 << 20) as f64;
+
+    let theirs = tests::parity::run_fit_params(
+        &tests::llama_bin("llama-fit-params"),
+        Path::new(&qn),
+        &controller::estimate::EstimateOptions::with_ctx(131_072),
+    )
+    .expect("llama-fit-params")
+    .context_mib() as f64;
+    assert!(
+        (3100.0..3200.0).contains(&theirs),
+        "llama.cpp's own figure moved: {theirs} MiB"
+    );
+    assert!(
+        (kv_mib - theirs).abs() <= 0.02 * theirs,
+        "haloctl plan says {kv_mib:.0} MiB of KV at 128K, llama.cpp {theirs} MiB"
+    );
+}
+
 #[test]
 fn plan_rejects_bad_input_with_a_clear_message_and_exit_code() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -53,10 +53,17 @@ fn check_against_llama(name: &str, p: &ModelParams, info: &HashMap<String, Strin
         "{name}: n_ctx_train"
     );
     assert_eq!(get("n_embd"), [p.embedding_length], "{name}: n_embd");
+    // n_layer is the trunk (hparams.n_layer() = n_layer_all - n_layer_nextn);
+    // the NextN blocks are counted in n_layer_all.
     assert_eq!(
         get("n_layer"),
-        [u64::from(p.block_count)],
+        [u64::from(p.block_count - p.nextn_predict_layers)],
         "{name}: n_layer"
+    );
+    assert_eq!(
+        get("n_layer_all"),
+        [u64::from(p.block_count)],
+        "{name}: n_layer_all"
     );
     assert_eq!(get("n_head"), per_layer(&p.head_count), "{name}: n_head");
     assert_eq!(

@@ -141,7 +141,10 @@ pub fn model_params(model: &GgufModel) -> Result<ModelParams, ParamsError> {
     p.sliding_window = window;
     p.swa_layers = swa_layers;
 
-    p.recurrent_layers = recurrent_layers(arch, n_layer, n_layer_main, &p.head_count_kv, &n_ff);
+    p.recurrent_layers = match linear_attention_layers(&m, n_layer, n_layer_main)? {
+        Some(flags) => flags,
+        None => recurrent_layers(arch, n_layer, n_layer_main, &p.head_count_kv, &n_ff),
+    };
     Ok(p)
 }
 
@@ -177,6 +180,7 @@ fn blocks(m: &Meta, model: &GgufModel, p: &mut ModelParams) -> Result<(usize, us
             format!("exceeds block_count {block_count}"),
         ));
     }
+    p.nextn_predict_layers = nextn;
     Ok((n_layer, (block_count - nextn) as usize))
 }
 
@@ -279,9 +283,67 @@ fn arch_required_keys(m: &Meta, p: &mut ModelParams) -> Result<(), ParamsError> 
             p.ssm_time_step_rank = m.u32_req("ssm.time_step_rank")?;
             p.ssm_group_count = m.u32_req("ssm.group_count")?;
         }
+        // src/models/glm4-moe.cpp: expert width and shared experts required.
+        "glm4moe" => {
+            p.expert_feed_forward_length = m.u32_req("expert_feed_forward_length")?.into();
+            p.expert_shared_count = m.u32_req("expert_shared_count")?;
+        }
+        // src/models/minimax-m2.cpp: expert width required.
+        "minimax-m2" => {
+            p.expert_feed_forward_length = m.u32_req("expert_feed_forward_length")?.into();
+        }
+        // src/models/qwen3next.cpp, qwen35.cpp, qwen35moe.cpp: the gated
+        // delta-net (linear attention) sizes.
+        arch if is_gated_delta_net(arch) => {
+            p.ssm_conv_kernel = m.u32_req("ssm.conv_kernel")?;
+            p.ssm_inner_size = m.u32_req("ssm.inner_size")?;
+            p.ssm_state_size = m.u32_req("ssm.state_size")?;
+            p.ssm_time_step_rank = m.u32_req("ssm.time_step_rank")?;
+            p.ssm_group_count = m.u32_req("ssm.group_count")?;
+        }
         _ => {}
     }
     Ok(())
+}
+
+/// Architectures whose recurrent layers are gated delta-net linear
+/// attention laid out by `attention.recurrent_layers` or
+/// `full_attention_interval` (`load_arch_hparams` of
+/// `src/models/qwen3next.cpp`, `qwen35.cpp`, `qwen35moe.cpp`).
+fn is_gated_delta_net(arch: &str) -> bool {
+    matches!(arch, "qwen3next" | "qwen35" | "qwen35moe")
+}
+
+/// Linear-attention layers of the Qwen3-Next family, as its
+/// `load_arch_hparams` marks `is_recr_impl`: the per-layer
+/// `attention.recurrent_layers` flags when the file has them (one per
+/// block), else every layer but each `full_attention_interval`-th (default
+/// 4; layer `i` is full attention when `(i + 1) % interval == 0`), and the
+/// trailing MTP blocks are never recurrent. `None` for other architectures.
+fn linear_attention_layers(
+    m: &Meta,
+    n_layer: usize,
+    n_layer_main: usize,
+) -> Result<Option<Vec<bool>>, ParamsError> {
+    if !is_gated_delta_net(&m.arch) {
+        return Ok(None);
+    }
+    if let Some(flags) = m.per_layer("attention.recurrent_layers", n_layer)? {
+        return Ok(Some(flags.into_iter().map(|f| f != 0).collect()));
+    }
+    let interval = m.u32_opt("full_attention_interval")?.unwrap_or(4);
+    if interval == 0 {
+        return Err(m.range(
+            "full_attention_interval",
+            interval,
+            "must be at least 1 (every interval-th layer is full attention)".to_owned(),
+        ));
+    }
+    Ok(Some(
+        (0..n_layer)
+            .map(|i| i < n_layer_main && !((i as u32) + 1).is_multiple_of(interval))
+            .collect(),
+    ))
 }
 
 /// Recurrent layers. llm_arch_is_recurrent (src/llama-arch.cpp): every
@@ -903,6 +965,57 @@ mod tests {
                     assert_eq!((p.key_length, p.value_length), (128, 128));
                     assert!(p.swa_layers.iter().all(|&s| !s));
                 }
+                SparseModel::Qwen3Next80B => {
+                    assert_eq!(n, 48);
+                    // full_attention_interval 4: layers 3, 7, ..., 47 attend.
+                    let full: Vec<usize> = (0..n).filter(|&i| !p.recurrent_layers[i]).collect();
+                    assert_eq!(full, (0..12).map(|k| 4 * k + 3).collect::<Vec<_>>());
+                    assert_eq!((p.key_length, p.value_length), (256, 256));
+                    assert_eq!(p.rope_dimension_count, 64);
+                    assert_eq!(
+                        (
+                            p.ssm_conv_kernel,
+                            p.ssm_inner_size,
+                            p.ssm_state_size,
+                            p.ssm_group_count,
+                            p.ssm_time_step_rank
+                        ),
+                        (4, 4096, 128, 16, 32)
+                    );
+                    assert_eq!((p.expert_count, p.expert_used_count), (512, 10));
+                    assert_eq!(p.expert_feed_forward_length, 512);
+                    assert_eq!(p.nextn_predict_layers, 0);
+                    assert_eq!(p.quantization, "Q4_K - Medium");
+                }
+                SparseModel::Qwen35_35B => {
+                    // 40 trunk blocks, 10 of them full attention, and the
+                    // MTP block, which is not recurrent.
+                    assert_eq!((n, p.nextn_predict_layers), (41, 1));
+                    let full: Vec<usize> = (0..n).filter(|&i| !p.recurrent_layers[i]).collect();
+                    let mut expected: Vec<usize> = (0..10).map(|k| 4 * k + 3).collect();
+                    expected.push(40);
+                    assert_eq!(full, expected);
+                    assert_eq!((p.expert_count, p.expert_used_count), (256, 8));
+                }
+                SparseModel::Glm45Air => {
+                    // 46 trunk blocks and the NextN block.
+                    assert_eq!((n, p.nextn_predict_layers), (47, 1));
+                    assert!(p.head_count_kv.iter().all(|&h| h == 8));
+                    assert_eq!(p.leading_dense_block_count, 1);
+                    assert_eq!(
+                        (p.expert_count, p.expert_used_count, p.expert_shared_count),
+                        (128, 8, 1)
+                    );
+                    assert_eq!(p.expert_feed_forward_length, 1408);
+                    assert!(p.recurrent_layers.iter().all(|&r| !r));
+                }
+                SparseModel::MiniMaxM2 => {
+                    assert_eq!(n, 62);
+                    assert_eq!((p.head_count[0], p.head_count_kv[0]), (48, 8));
+                    assert_eq!((p.expert_count, p.expert_used_count), (256, 8));
+                    assert_eq!(p.expert_feed_forward_length, 1536);
+                    assert_eq!(p.quantization, "Q3_K - Medium");
+                }
             }
         }
     }
@@ -1156,6 +1269,72 @@ mod tests {
         let err = params_of(&w).unwrap_err();
         assert!(
             matches!(&err, ParamsError::MissingKey { key, arch, .. } if key == "nemotron_h.ssm.inner_size" && arch == "nemotron_h"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn qwen3next_layers_are_linear_attention_but_each_interval_th() {
+        let with_ssm = |n: u32| {
+            let mut w = base("qwen3next", n);
+            for (k, v) in [
+                ("ssm.conv_kernel", 4),
+                ("ssm.inner_size", 512),
+                ("ssm.state_size", 16),
+                ("ssm.time_step_rank", 8),
+                ("ssm.group_count", 4),
+            ] {
+                w.meta(&format!("qwen3next.{k}"), Value::U32(v));
+            }
+            w
+        };
+        // No interval key: 4, the last of each four layers attends.
+        let p = params_of(&with_ssm(8)).unwrap();
+        assert_eq!(
+            p.recurrent_layers,
+            [true, true, true, false, true, true, true, false]
+        );
+        assert_eq!(p.ssm_inner_size, 512);
+        // full_attention_interval 2; a trailing MTP block is not recurrent.
+        let mut w = with_ssm(5);
+        w.meta("qwen3next.full_attention_interval", Value::U32(2))
+            .meta("qwen3next.nextn_predict_layers", Value::U32(1));
+        let p = params_of(&w).unwrap();
+        assert_eq!(p.recurrent_layers, [true, false, true, false, false]);
+        assert_eq!(p.nextn_predict_layers, 1);
+        // A per-layer array wins over the interval.
+        w.meta(
+            "qwen3next.attention.recurrent_layers",
+            Value::Array(
+                ValueType::Bool,
+                [true, true, false, false, false]
+                    .into_iter()
+                    .map(Value::Bool)
+                    .collect(),
+            ),
+        );
+        let p = params_of(&w).unwrap();
+        assert_eq!(p.recurrent_layers, [true, true, false, false, false]);
+        // Wrong length, zero interval, missing ssm sizes: refused.
+        w.meta(
+            "qwen3next.attention.recurrent_layers",
+            Value::Array(ValueType::Bool, vec![Value::Bool(true)]),
+        );
+        assert!(matches!(
+            params_of(&w).unwrap_err(),
+            ParamsError::ArrayLength {
+                len: 1,
+                expected: 5,
+                ..
+            }
+        ));
+        let mut w = with_ssm(4);
+        w.meta("qwen3next.full_attention_interval", Value::U32(0));
+        let err = params_of(&w).unwrap_err().to_string();
+        assert!(err.contains("full_attention_interval"), "{err}");
+        let err = params_of(&base("qwen3next", 4)).unwrap_err();
+        assert!(
+            matches!(&err, ParamsError::MissingKey { key, .. } if key == "qwen3next.ssm.conv_kernel"),
             "{err}"
         );
     }

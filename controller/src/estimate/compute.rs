@@ -26,7 +26,11 @@
 //! * dense gated FFN (`build_ffn`): `gate`, `up` and their GLU product,
 //!   `n_ff x n_tokens` f32 each;
 //! * Mamba2 (`build_mamba2_layer`): the input projection, the conv input and
-//!   output, and the scan output with the final state.
+//!   output, and the scan output with the final state;
+//! * gated delta-net (Qwen3-Next, Qwen3.5): the conv output, Q/K repeated
+//!   to the value heads, the gate and the fused op's output and states;
+//! * MoE experts (`build_moe_ffn`): up, gate, their product and the experts'
+//!   output.
 //!
 //! Each phase also holds a few `n_embd x n_tokens` f32 activations (the
 //! residual, the normed input, the layer output, the vector-embedding
@@ -96,7 +100,11 @@ pub fn compute_memory(params: &ModelParams, r: &Resolved, ctx: &ContextMemory) -
     let mut phases = vec![output_phase(params, r, rows)];
     attention_phases(params, r, ctx, rows, &mut phases);
     phases.extend(dense_ffn_phase(params, rows));
-    phases.extend(mamba2_phase(params, r, rows));
+    if gated_delta_net(&params.architecture) {
+        phases.extend(gated_delta_net_phase(params, r, rows));
+    } else {
+        phases.extend(mamba2_phase(params, r, rows));
+    }
     let expert_ff_note = match moe_phase(params, rows) {
         Ok(p) => {
             phases.extend(p);
@@ -376,13 +384,68 @@ fn mamba2_phase(params: &ModelParams, r: &Resolved, rows: Rows) -> Option<Phase>
     })
 }
 
+/// Architectures whose recurrent layers are gated delta-net linear
+/// attention (`llm_build_delta_net_base`, `src/models/delta-net-base.cpp`)
+/// rather than Mamba2 scans; the header's `ssm.*` keys describe both.
+fn gated_delta_net(arch: &str) -> bool {
+    matches!(arch, "qwen3next" | "qwen35" | "qwen35moe")
+}
+
+/// Gated delta-net layer (`build_layer_attn_linear` in
+/// src/models/qwen3next.cpp) around the fused `ggml_gated_delta_net` op
+/// (the CPU backend has it, so no chunked temporaries): the conv output
+/// (conv_dim = d_inner + 2 n_group d_state values per token; V is a view of
+/// it), Q and K repeated to the value heads when they have fewer heads, the
+/// gate `z` (d_inner) kept for the gated norm, the op's result (d_inner per
+/// token plus the new state) and the old state (d_state x d_inner per
+/// sequence each), next to 3 activations. Not the high-water mark in any
+/// model measured (Qwen3-Next, Qwen3.5: the experts are), so this phase is
+/// counted from its certain terms and not calibrated further.
+fn gated_delta_net_phase(params: &ModelParams, r: &Resolved, rows: Rows) -> Option<Phase> {
+    if !is_hybrid(params) || params.ssm_inner_size == 0 {
+        return None;
+    }
+    let f32_row = rows.f32_row;
+    let d_inner = u64::from(params.ssm_inner_size);
+    let key_dim = u64::from(params.ssm_group_count) * u64::from(params.ssm_state_size);
+    let conv = (d_inner + 2 * key_dim) * f32_row;
+    let value = d_inner * f32_row;
+    // Q and K widened to the value heads (d_state x value heads each).
+    let v_heads = u64::from(params.ssm_time_step_rank);
+    let repeated = if v_heads > u64::from(params.ssm_group_count) {
+        2 * v_heads * u64::from(params.ssm_state_size) * f32_row
+    } else {
+        0
+    };
+    let state = context_state(params) * r.n_seq;
+    Some(Phase {
+        name: "gated delta-net",
+        bytes: conv + repeated + 2 * value + 2 * state + 3 * rows.act,
+        detail: format!(
+            "conv output {} + repeated q/k {} + z and output {} each + old and new state {} each + 3 activations",
+            units::bytes(conv),
+            units::bytes(repeated),
+            units::bytes(value),
+            units::bytes(state)
+        ),
+    })
+}
+
+/// One sequence's recurrent state of a layer, f32 (`n_embd_s`).
+fn context_state(params: &ModelParams) -> u64 {
+    super::context::n_embd_s(params) * 4
+}
+
 /// MoE (build_moe_ffn in src/llama-graph.cpp): up and gate are
 /// [n_ff_exp, n_expert_used, n_tokens] (mid), their GLU product another,
 /// then down gives experts = [n_embd, n_expert_used, n_tokens] (out).
 /// Calibrated on qwen3moe, gpt-oss and Nemotron-H-MoE under llama-server
 /// (one logit row per slot, so nothing else is bigger): gated experts
-/// peak at max(3 mid + 5 act, 2 out + mid + 3 act) (the second when `out`
-/// does not fit the hole up/gate leave and lands above it); ungated
+/// peak at 3 mid + 5 act (up, gate and their product next to the
+/// activations) plus `out` when it does not fit the hole up and gate leave
+/// (out > 2 mid) and lands above it: to the MiB on qwen3moe, GLM-4.5-Air,
+/// Qwen3-Next and Qwen3.5 (out above), MiniMax-M2 and gpt-oss (out in the
+/// hole); ungated
 /// (relu^2, nemotron_h_moe) at max(2 out, out + mid) + 3 act.
 ///
 /// `Ok(None)` for a model without experts; `Err` a note when the experts'
@@ -406,8 +469,9 @@ fn moe_phase(params: &ModelParams, rows: Rows) -> Result<Option<Phase>, &'static
     let mid = ff * used * f32_row;
     let out = params.embedding_length * used * f32_row;
     let gated = !ungated_experts(&params.architecture);
+    let out_above = out > 2 * mid;
     let bytes = if gated {
-        (3 * mid + 5 * act).max(2 * out + mid + 3 * act)
+        3 * mid + 5 * act + if out_above { out } else { 0 }
     } else {
         (2 * out).max(out + mid) + 3 * act
     };
@@ -418,8 +482,10 @@ fn moe_phase(params: &ModelParams, rows: Rows) -> Result<Option<Phase>, &'static
             "{used} experts of {ff} ({how}): mid {} , out {}, {}",
             units::bytes(mid),
             units::bytes(out),
-            if gated {
-                "max(3 mid + 5 act, 2 out + mid + 3 act)"
+            if gated && out_above {
+                "3 mid + 5 act + out (out above the hole up and gate leave)"
+            } else if gated {
+                "3 mid + 5 act (out fits the hole up and gate leave)"
             } else {
                 "max(2 out, out + mid) + 3 act"
             }

@@ -74,7 +74,28 @@ pub struct ContextMemory {
 pub fn is_attention_layer(params: &ModelParams, il: usize) -> bool {
     let kv_heads = params.head_count_kv.get(il).copied().unwrap_or(0);
     let recurrent = params.recurrent_layers.get(il).copied().unwrap_or(false);
-    kv_heads > 0 && !recurrent
+    kv_heads > 0 && !recurrent && !is_unattended_nextn_layer(params, il)
+}
+
+/// Whether layer `il` is a trailing NextN (multi-token-prediction) block
+/// (the last `nextn_predict_layers` of `block_count`).
+pub fn is_nextn_layer(params: &ModelParams, il: usize) -> bool {
+    let n_layer = params.block_count as usize;
+    il < n_layer && il >= n_layer.saturating_sub(params.nextn_predict_layers as usize)
+}
+
+/// Whether layer `il` is a NextN block the main context gives no cache:
+/// `llama_model::create_memory` filters layers to `il < n_layer()` for
+/// models with NextN blocks (the plain KV cache's filter, and the hybrid
+/// filters of the Qwen3-Next family), so the draft head's cache exists only
+/// in a separate MTP context. Nemotron-H's hybrid filters test only the
+/// layer kind and keep them.
+fn is_unattended_nextn_layer(params: &ModelParams, il: usize) -> bool {
+    is_nextn_layer(params, il)
+        && !matches!(
+            params.architecture.as_str(),
+            "nemotron_h" | "nemotron_h_moe"
+        )
 }
 
 /// Whether layer `il` uses the sliding window.

@@ -31,13 +31,24 @@
 //! * tied embeddings: with no `output.weight`, llama.cpp creates the output
 //!   as a `TENSOR_DUPLICATED` copy of `token_embd` and its projection counts
 //!   those bytes twice (a mapped load holds them once);
-//! * multi-token-prediction blocks (`nextn_predict_layers`): llama.cpp skips
-//!   their weights and filters their layers out of the KV cache;
 //! * per-layer head sizes of sliding-window layers (`key_length_swa`,
 //!   Gemma 3n/4) and KV sharing between layers (`n_layer_kv_from_start`);
 //! * recurrent state of RWKV, LFM2 and KDA layers (other state shapes);
 //! * `expert_feed_forward_length` when the header lacks it: inferred from
-//!   the parameter count, and the notes say so.
+//!   the parameter count, and the notes say so;
+//! * Qwen3.5 (`qwen35`, `qwen35moe`) gets the Qwen3-Next rules (the same
+//!   `load_arch_hparams` layer pattern and delta-net state) but no fixture
+//!   checks them against llama.cpp yet;
+//! * the layer split (`split.rs`) still gives NextN blocks their weights
+//!   and places them like trunk layers.
+//!
+//! Rules checked against `llama-fit-params` and `llama-server` on sparse
+//! fixtures (`tests/estimate.rs`, the parity bench): dense and GQA (llama),
+//! MoE (qwen3moe, gpt-oss, minimax-m2), sliding window (gpt-oss), MLA
+//! (deepseek2), Mamba2 hybrids (nemotron_h_moe), gated delta-net hybrids
+//! (qwen3next: only every `full_attention_interval`-th layer holds KV, the
+//! others a fixed conv + delta-net state per sequence), and NextN blocks
+//! (glm4moe: weights skipped at load, no KV).
 
 pub mod compute;
 pub mod context;
@@ -335,6 +346,24 @@ impl Estimate {
     }
 }
 
+/// Tensor bytes of the trailing NextN (multi-token-prediction) blocks,
+/// which llama.cpp does not load: each architecture's `load_arch_tensors`
+/// creates them with `TENSOR_SKIP` unless `load_mtp` is set (it is not, by
+/// default nor in `llama-fit-params`), and `llama_model_loader::
+/// create_tensor` then returns no tensor and takes their bytes out of
+/// `size_data` ("model has unused tensor ... ignoring"). 0 without NextN
+/// blocks or without per-block sums.
+pub fn nextn_weight_bytes(params: &ModelParams) -> u64 {
+    let n_layer = params.block_count as usize;
+    let first = n_layer.saturating_sub(params.nextn_predict_layers as usize);
+    params
+        .block_weight_bytes
+        .iter()
+        .take(n_layer)
+        .skip(first)
+        .sum()
+}
+
 /// Estimates the memory of one `llama-server` context for `params` under
 /// `opts`, following llama.cpp's own rules (each cited where applied).
 pub fn estimate(params: &ModelParams, opts: &EstimateOptions) -> Estimate {
@@ -355,13 +384,21 @@ pub fn estimate(params: &ModelParams, opts: &EstimateOptions) -> Estimate {
     // Weights: llama_model::memory_breakdown sums every weight buffer; each
     // tensor is ggml_nbytes padded to the buffer alignment (32 bytes on the
     // CPU), which the header's tensor bytes already are up to a few bytes.
-    let weights_bytes = params.weight_bytes;
+    let skipped = nextn_weight_bytes(params);
+    let weights_bytes = params.weight_bytes.saturating_sub(skipped);
     notes.push(format!(
         "weights: {} tensors over {} file(s) = {}",
         params.tensor_count,
         params.split_count.max(1),
         units::bytes(weights_bytes)
     ));
+    if skipped > 0 {
+        notes.push(format!(
+            "weights: the {} NextN (multi-token-prediction) block(s) are not loaded: {} left out",
+            params.nextn_predict_layers,
+            units::bytes(skipped)
+        ));
+    }
 
     let context = context::context_memory(params, opts, &resolved);
     notes.extend(context.notes.iter().cloned());

@@ -391,6 +391,77 @@ fn defaults_are_llama_fit_params_defaults() {
     assert_eq!((s.parallel, s.kv_unified), (4, true));
 }
 
+/// Qwen3-Next-80B-A3B: 48 layers, every 4th full attention (2 KV heads of
+/// 256), the other 36 gated delta-net (conv kernel 4, 16 key heads and 32
+/// value heads of 128).
+fn qwen3_next() -> ModelParams {
+    ModelParams {
+        architecture: "qwen3next".into(),
+        context_length: 262_144,
+        block_count: 48,
+        embedding_length: 2048,
+        vocab_size: 151_936,
+        head_count: vec![16; 48],
+        head_count_kv: vec![2; 48],
+        key_length: 256,
+        value_length: 256,
+        rope_dimension_count: 64,
+        swa_layers: vec![false; 48],
+        recurrent_layers: (0..48).map(|i| (i + 1) % 4 != 0).collect(),
+        ssm_conv_kernel: 4,
+        ssm_inner_size: 4096,
+        ssm_state_size: 128,
+        ssm_group_count: 16,
+        ssm_time_step_rank: 32,
+        expert_count: 512,
+        expert_used_count: 10,
+        expert_feed_forward_length: 512,
+        feed_forward_length: 5120,
+        ..ModelParams::default()
+    }
+}
+
+#[test]
+fn qwen3_next_holds_kv_for_its_12_attention_layers_and_a_fixed_delta_net_state() {
+    let e = estimate(&qwen3_next(), &at(131_072));
+    // 12 layers x (K + V) 2 x 256 x 2 B x 131072 cells = 3072 MiB.
+    assert_eq!(e.context.kv_full_bytes, 3072 * MIB);
+    // 36 layers x (conv 3 x 8192 + state 128 x 4096) x 4 B, one sequence.
+    assert_eq!(e.context.recurrent_bytes, 36 * (3 * 8192 + 128 * 4096) * 4);
+    // llama.cpp: 3,147 MiB of context at 128K; every layer as attention
+    // would be 12,288 MiB.
+    assert_eq!(e.kv_bytes / MIB, 3147);
+    assert_eq!(
+        estimate(&qwen3_next(), &at(4096)).context.recurrent_bytes,
+        e.context.recurrent_bytes
+    );
+    assert!(e.compute.phases.iter().any(|p| p.name == "gated delta-net"));
+    assert!(e.compute.phases.iter().all(|p| p.name != "Mamba2"));
+}
+
+#[test]
+fn nextn_blocks_are_neither_loaded_nor_cached() {
+    let mut p = llama8b();
+    p.block_count = 33;
+    p.nextn_predict_layers = 1;
+    p.head_count = vec![32; 33];
+    p.head_count_kv = vec![8; 33];
+    p.swa_layers = vec![false; 33];
+    p.recurrent_layers = vec![false; 33];
+    p.block_weight_bytes = vec![100 * MIB; 33];
+    p.weight_bytes = 33 * 100 * MIB + 700 * MIB;
+    let e = estimate(&p, &at(4096));
+    // The last block's 100 MiB are skipped at load; 32 layers hold KV.
+    assert_eq!(e.weights_bytes, 32 * 100 * MIB + 700 * MIB);
+    assert_eq!(e.kv_bytes, 512 * MIB);
+    assert_eq!(e.context.per_layer[32], 0);
+    assert!(e.notes.iter().any(|n| n.contains("NextN")), "{:?}", e.notes);
+    // Without the key every block counts.
+    p.nextn_predict_layers = 0;
+    let e = estimate(&p, &at(4096));
+    assert_eq!((e.weights_bytes, e.kv_bytes), (p.weight_bytes, 528 * MIB));
+}
+
 /// Observed figures against the formula; the tests that feed real captured
 /// logs through the agent's parser are in `tests/estimate.rs`.
 mod observed_records {

@@ -86,6 +86,10 @@ pub struct ModelParams {
     /// Tensor bytes of the output head (`output*`).
     #[serde(default)]
     pub output_weight_bytes: u64,
+    /// `{arch}.nextn_predict_layers`: how many of the last blocks are
+    /// multi-token-prediction (NextN) blocks, 0 when the header has none.
+    #[serde(default)]
+    pub nextn_predict_layers: u32,
 }
 
 /// Whether a model file could be read.
@@ -151,6 +155,7 @@ impl From<ModelParams> for v1::ModelParams {
             block_weight_bytes: p.block_weight_bytes,
             input_weight_bytes: p.input_weight_bytes,
             output_weight_bytes: p.output_weight_bytes,
+            nextn_predict_layers: p.nextn_predict_layers,
         }
     }
 }
@@ -212,6 +217,7 @@ impl TryFrom<v1::ModelParams> for ModelParams {
             block_weight_bytes: p.block_weight_bytes,
             input_weight_bytes: p.input_weight_bytes,
             output_weight_bytes: p.output_weight_bytes,
+            nextn_predict_layers: p.nextn_predict_layers,
         })
     }
 }
