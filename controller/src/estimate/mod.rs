@@ -300,6 +300,22 @@ impl Resolved {
     }
 }
 
+/// The bytes llama.cpp's CPU backend holds a second time for a tied output
+/// head (no `output.weight`): `load_arch_tensors` creates the output from
+/// `token_embd` with `TENSOR_DUPLICATED`, and
+/// `llama_model_loader::create_tensor` reuses the embedding's tensor when
+/// the output's buffer type is the embedding's (`CPU`), but makes a second
+/// one when the output goes to `CPU_REPACK` (a type with a repacked
+/// layout, [`ModelParams::tied_output_repacked`]). `llama-fit-params`
+/// counts that second tensor in its model figure.
+pub fn tied_output_copy(params: &ModelParams) -> u64 {
+    if params.tied_output_repacked {
+        params.tied_output_bytes
+    } else {
+        0
+    }
+}
+
 /// `GGML_PAD`: rounds `n` up to a multiple of `to`.
 pub(crate) fn pad(n: u64, to: u64) -> u64 {
     if to == 0 { n } else { n.div_ceil(to) * to }
@@ -355,13 +371,29 @@ pub fn estimate(params: &ModelParams, opts: &EstimateOptions) -> Estimate {
     // Weights: llama_model::memory_breakdown sums every weight buffer; each
     // tensor is ggml_nbytes padded to the buffer alignment (32 bytes on the
     // CPU), which the header's tensor bytes already are up to a few bytes.
-    let weights_bytes = params.weight_bytes;
+    let weights_bytes = params.weight_bytes + tied_output_copy(params);
     notes.push(format!(
         "weights: {} tensors over {} file(s) = {}",
         params.tensor_count,
         params.split_count.max(1),
-        units::bytes(weights_bytes)
+        units::bytes(params.weight_bytes)
     ));
+    if params.tied_output_bytes > 0 {
+        notes.push(if params.tied_output_repacked {
+            format!(
+                "weights: tied embeddings: the output head is a second, repacked copy of \
+                 token_embd ({} more) = {}",
+                units::bytes(params.tied_output_bytes),
+                units::bytes(weights_bytes)
+            )
+        } else {
+            format!(
+                "weights: tied embeddings: the output head shares token_embd on the CPU \
+                 (a GPU holding the output layer keeps another {})",
+                units::bytes(params.tied_output_bytes)
+            )
+        });
+    }
 
     let context = context::context_memory(params, opts, &resolved);
     notes.extend(context.notes.iter().cloned());
