@@ -30,6 +30,12 @@ fn estimate_matches_llama_fit_params_for_every_fixture_context_and_cache_type() 
         let mut ctxs = vec![4096, 16_384, 32_768, 65_536];
         if params.context_length >= 131_072 {
             ctxs.push(131_072);
+        } else if let Ok(trained) = u32::try_from(params.context_length)
+            && trained > 0
+            && !ctxs.contains(&trained)
+        {
+            // The trained context (Qwen3-32B: 40960).
+            ctxs.push(trained);
         }
         for ctx in ctxs {
             for cache in [CacheType::F16, CacheType::Q8_0] {
