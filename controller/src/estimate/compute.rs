@@ -24,7 +24,8 @@
 //!   `q_nope_absorbed` (`kv_lora_rank` per head) and `Qcur = concat(..,
 //!   q_pe)` (`kv_lora_rank + n_rot` per head) next to `q`;
 //! * dense gated FFN (`build_ffn`): `gate`, `up` and their GLU product,
-//!   `n_ff x n_tokens` f32 each;
+//!   `n_ff x n_tokens` f32 each; an ungated FFN (no `ffn_gate`) holds `up`
+//!   only (bias and activation run in place);
 //! * Mamba2 (`build_mamba2_layer`): the input projection, the conv input and
 //!   output, and the scan output with the final state.
 //!

@@ -5,8 +5,11 @@
 //! * Attention layers: `llama_kv_cache` (`src/llama-kv-cache.cpp`) makes,
 //!   per layer, `K = type_k[n_embd_k_gqa(il), kv_size, n_stream]` and
 //!   `V = type_v[n_embd_v_gqa(il), kv_size, n_stream]`, with
-//!   `n_embd_k_gqa(il) = n_embd_head_k * n_head_kv(il)`
-//!   (`llama_hparams::n_embd_k_gqa`, `src/llama-hparams.cpp`).
+//!   `n_embd_k_gqa(il) = n_embd_head_k(il) * n_head_kv(il)`
+//!   (`llama_hparams::n_embd_k_gqa`, `src/llama-hparams.cpp`; SWA layers
+//!   take `key_length_swa` / `value_length_swa` when given). Layers from
+//!   `n_layer_kv_from_start` on reuse an earlier layer's cache and hold
+//!   none (`llama_hparams::has_kv`, Gemma 3n/4).
 //! * MLA (DeepSeek with `key_length_mla`): `llama_hparams::is_mla()` is
 //!   true, the cache keeps K only (`has_v = !is_mla`), and K's head is the
 //!   compressed latent plus the rope part (`key_length` = kv_lora_rank +

@@ -26,15 +26,31 @@
 //! the real `llama-fit-params` and compares is in the `tests` crate
 //! (`tests::parity`, `cargo bench -p tests --bench estimate_parity`).
 //!
+//! Families checked against `llama-fit-params` (every figure within 2 % or
+//! 16 MiB, `tests/estimate.rs`): llama, qwen3 (dense, Q/K norms), qwen3moe,
+//! seed_oss (Q/K/V biases), starcoder2 (biases, LayerNorm, ungated FFN; the
+//! config's 4096 window is not applied by llama.cpp), gemma3 (5:1 sliding
+//! window, tied embeddings), gpt-oss, deepseek2 (MLA) and nemotron_h_moe.
+//! The rules come from header keys and tensor names, so other families
+//! built the same way (per-layer head counts, `key_length_swa`, KV sharing
+//! from `n_layer_kv_from_start`, tied or ungated heads) follow them.
+//!
+//! Tied embeddings (no `output.weight`): llama.cpp's CPU projection counts
+//! `token_embd` twice only when the output copy is repacked (Q4_0, Q4_K,
+//! IQ4_NL, MXFP4 with AVX2), once otherwise (the Q6_K of most uploads);
+//! the estimate does the same ([`tied_output_copy`]).
+//!
 //! Known gaps (the header report does not carry what they need):
 //!
-//! * tied embeddings: with no `output.weight`, llama.cpp creates the output
-//!   as a `TENSOR_DUPLICATED` copy of `token_embd` and its projection counts
-//!   those bytes twice (a mapped load holds them once);
+//! * a GPU build holding the output layer keeps a second copy of a tied
+//!   embedding on the device whatever its type, and AVX-512 CPUs (Strix
+//!   Halo's Zen 5) also repack Q2_K; the single-node estimate follows the
+//!   AVX2 CPU projection (a layer split counts the copy on its device);
 //! * multi-token-prediction blocks (`nextn_predict_layers`): llama.cpp skips
 //!   their weights and filters their layers out of the KV cache;
-//! * per-layer head sizes of sliding-window layers (`key_length_swa`,
-//!   Gemma 3n/4) and KV sharing between layers (`n_layer_kv_from_start`);
+//! * Gemma 3n/4 graphs (per-layer embeddings, AltUp, shared KV): their KV
+//!   follows `key_length_swa` and `n_layer_kv_from_start`, but there is no
+//!   fixture, so their compute buffer is not calibrated;
 //! * recurrent state of RWKV, LFM2 and KDA layers (other state shapes);
 //! * `expert_feed_forward_length` when the header lacks it: inferred from
 //!   the parameter count, and the notes say so.
