@@ -30,6 +30,12 @@ fn estimate_matches_llama_fit_params_for_every_fixture_context_and_cache_type() 
         let mut ctxs = vec![4096, 16_384, 32_768, 65_536];
         if params.context_length >= 131_072 {
             ctxs.push(131_072);
+        } else if let Ok(trained) = u32::try_from(params.context_length)
+            && trained > 0
+            && !ctxs.contains(&trained)
+        {
+            // The trained context (Qwen3-32B: 40960).
+            ctxs.push(trained);
         }
         for ctx in ctxs {
             for cache in [CacheType::F16, CacheType::Q8_0] {
@@ -61,6 +67,49 @@ fn estimate_matches_llama_fit_params_for_every_fixture_context_and_cache_type() 
         ParityRow::header(),
         failed.join("\n")
     );
+}
+
+/// Tied embeddings: llama.cpp's projection counts `token_embd` a second
+/// time when the CPU repacks the output copy (Q4_K), once when it cannot
+/// (the Gemma 3 fixture's Q6_K); the estimate agrees with both.
+#[test]
+fn a_tied_embedding_counts_twice_only_when_the_cpu_repacks_it() {
+    use agent::gguf::write::{GgufWriter, TensorData};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = llama_bin("llama-fit-params");
+    let opts = EstimateOptions::with_ctx(4096);
+    let q6 = fixtures::SparseModel::Gemma3_27B.writer(fixtures::VocabStyle::SizeOnly);
+    let mut q4 = GgufWriter::new();
+    for (k, v) in q6.metadata() {
+        q4.meta(k, v.clone());
+    }
+    for t in q6.tensors() {
+        let ty = if t.name == "token_embd.weight" {
+            gguf::GgmlType::Q4_K
+        } else {
+            t.ty
+        };
+        q4.tensor(&t.name, ty, &t.dims, TensorData::Hole);
+    }
+    for (name, w, repacked) in [("q6_k", q6, false), ("q4_k", q4, true)] {
+        let path = dir.path().join(format!("gemma3-tied-{name}.gguf"));
+        w.write_to(&path).expect("write");
+        let params = gguf::model_params(&gguf::read_model(&path).expect("read")).expect("params");
+        assert!(params.tied_output_bytes > 0, "{name}");
+        assert_eq!(params.tied_output_repacked, repacked, "{name}");
+        let theirs = run_fit_params(&bin, &path, &opts).expect("llama-fit-params");
+        let ours = estimate(&params, &opts);
+        let row = ParityRow::new(name, &opts, &ours, &theirs, Tolerance::default());
+        assert!(row.passes(), "{}\n{row}", ParityRow::header());
+        // llama.cpp rounds each buffer row (Host, CPU_REPACK) down.
+        let file_mib = params.weight_bytes / MIB;
+        let copy_mib = params.tied_output_bytes / MIB;
+        if repacked {
+            assert!(theirs.model_mib() + 2 >= file_mib + copy_mib, "{row}");
+        } else {
+            assert!(theirs.model_mib() <= file_mib + 1, "{row}");
+        }
+    }
 }
 
 /// A captured `llama-server` log from the agent's test data.

@@ -58,6 +58,12 @@ fn cases(context_length: u64) -> Vec<Case> {
     let mut ctxs = vec![4096, 16_384, 32_768, 65_536];
     if context_length >= 131_072 {
         ctxs.push(131_072);
+    } else if let Ok(trained) = u32::try_from(context_length)
+        && trained > 0
+        && !ctxs.contains(&trained)
+    {
+        // The trained context when it is none of the above.
+        ctxs.push(trained);
     }
     let mut out = Vec::new();
     for ctx in ctxs {

@@ -135,6 +135,13 @@ pub fn model_params(model: &GgufModel) -> Result<ModelParams, ParamsError> {
     let n_ff = attention(&m, &mut p, n_layer)?;
     optional_keys(&m, &mut p)?;
     arch_required_keys(&m, &mut p)?;
+    swa_head_sizes(&m, &mut p)?;
+    p.kv_layer_count = kv_layer_count(&m, n_layer)?;
+    let shapes = tensor_shapes(model);
+    p.tied_output_bytes = shapes.tied_output_bytes;
+    p.tied_output_repacked = shapes.tied_output_repacked;
+    p.ffn_ungated = shapes.ffn_ungated;
+    p.attention_extra_ops = shapes.attention_extra_ops;
 
     // Sliding-window attention.
     let (window, swa_layers) = sliding_window(&m, n_layer, n_layer_main)?;
@@ -346,6 +353,101 @@ fn linear_attention_layers(
     ))
 }
 
+/// Head sizes of sliding-window layers, `load_hparams`: `n_embd_head_k_swa`
+/// and `n_embd_head_v_swa` default to the full layers' sizes and are read
+/// from `attention.key_length_swa` / `value_length_swa` when present
+/// (Gemma 4). Kept 0 when equal to the full sizes.
+fn swa_head_sizes(m: &Meta, p: &mut ModelParams) -> Result<(), ParamsError> {
+    let k = m
+        .u32_opt("attention.key_length_swa")?
+        .unwrap_or(p.key_length);
+    let v = m
+        .u32_opt("attention.value_length_swa")?
+        .unwrap_or(p.value_length);
+    p.key_length_swa = if k == p.key_length { 0 } else { k };
+    p.value_length_swa = if v == p.value_length { 0 } else { v };
+    Ok(())
+}
+
+/// `hparams.n_layer_kv_from_start` (layers from there on reuse an earlier
+/// layer's KV cache, the `reuse` callback of `llama_model::create_memory`):
+/// `load_arch_hparams` of src/models/gemma3n.cpp sets 20; of
+/// src/models/gemma4.cpp `n_layer_all - attention.shared_kv_layers`. 0 =
+/// every layer has its own cache.
+fn kv_layer_count(m: &Meta, n_layer: usize) -> Result<u32, ParamsError> {
+    let n_layer = u32::try_from(n_layer).unwrap_or(u32::MAX);
+    let from_start = match m.arch.as_str() {
+        "gemma3n" => 20.min(n_layer),
+        "gemma4" => {
+            let shared = m.u32_opt("attention.shared_kv_layers")?.unwrap_or(0);
+            if shared >= n_layer {
+                return Err(m.range(
+                    "attention.shared_kv_layers",
+                    shared,
+                    format!("leaves no layer with a KV cache of its own ({n_layer} blocks)"),
+                ));
+            }
+            n_layer - shared
+        }
+        _ => return Ok(0),
+    };
+    Ok(if from_start >= n_layer { 0 } else { from_start })
+}
+
+/// What the tensor list says about the graph's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct TensorShapes {
+    /// `token_embd.weight` bytes when there is no `output.weight`.
+    tied_output_bytes: u64,
+    /// The tied output head is a second, repacked copy on the CPU.
+    tied_output_repacked: bool,
+    /// Block 0 has `ffn_up` but no `ffn_gate`.
+    ffn_ungated: bool,
+    /// Block 0 has per-head Q/K norms or Q/K/V biases.
+    attention_extra_ops: bool,
+}
+
+/// Reads [`TensorShapes`] from the tensor infos.
+///
+/// * Tied embeddings: every `load_arch_tensors` that finds no `output`
+///   creates it from `token_embd` with `TENSOR_DUPLICATED`, and
+///   `llama_model_loader::create_tensor` makes a second tensor in the
+///   output's buffer type context unless that context already holds the
+///   embedding. On the CPU backend the output (a matmul weight) goes to
+///   `CPU_REPACK` when its type has a repacked layout
+///   (`ggml_repack_get_optimal_repack_type` in
+///   `ggml/src/ggml-cpu/repack.cpp`; with AVX2: Q4_0, Q4_K, IQ4_NL, MXFP4,
+///   rows a multiple of 8), while the embedding (read by `get_rows`) stays
+///   in `CPU`: two copies. Any other type shares the embedding's tensor.
+/// * Ungated FFN: `build_ffn` without a gate (`LLM_FFN_SEQ`).
+/// * Q/K norms (`build_norm` on Qcur/Kcur) and Q/K/V biases (`build_qkv`).
+fn tensor_shapes(model: &GgufModel) -> TensorShapes {
+    let has = |name: &str| model.tensor(name).is_some();
+    let tied = model
+        .tensor("token_embd.weight")
+        .filter(|_| !has("output.weight"));
+    let tied_output_repacked = tied.is_some_and(|t| {
+        matches!(
+            t.ty,
+            GgmlType::Q4_0 | GgmlType::Q4_K | GgmlType::IQ4_NL | GgmlType::MXFP4
+        ) && t.dims.get(1).is_some_and(|rows| rows % 8 == 0)
+    });
+    TensorShapes {
+        tied_output_bytes: tied.map_or(0, |t| t.bytes),
+        tied_output_repacked,
+        ffn_ungated: has("blk.0.ffn_up.weight") && !has("blk.0.ffn_gate.weight"),
+        attention_extra_ops: [
+            "blk.0.attn_q_norm.weight",
+            "blk.0.attn_k_norm.weight",
+            "blk.0.attn_q.bias",
+            "blk.0.attn_k.bias",
+            "blk.0.attn_qkv.bias",
+        ]
+        .iter()
+        .any(|n| has(n)),
+    }
+}
+
 /// Recurrent layers. llm_arch_is_recurrent (src/llama-arch.cpp): every
 /// layer; Nemotron-H (src/models/nemotron-h.cpp load_arch_hparams): "A
 /// layer is recurrent IFF the n_head_kv value is set to 0 and the n_ff
@@ -402,6 +504,8 @@ fn swa_rule(arch: &str) -> Option<SwaRule> {
         // src/models/gemma3.cpp: if sliding_window found and > 0,
         // load_swa_pattern(ml, 6).
         "gemma3" => rule(6, Window::IfPresent),
+        // src/models/gemma3n.cpp: load_swa_pattern(ml, 5); window required.
+        "gemma3n" => rule(5, Window::Required),
         // src/models/cohere2.cpp: load_swa_pattern(ml, 4); window required.
         "cohere2" => rule(4, Window::Required),
         // src/models/olmo2.cpp: if sliding_window found and > 0,
@@ -1016,8 +1120,120 @@ mod tests {
                     assert_eq!(p.expert_feed_forward_length, 1536);
                     assert_eq!(p.quantization, "Q3_K - Medium");
                 }
+                SparseModel::Gemma3_27B => {
+                    assert_eq!((n, p.embedding_length), (62, 5376));
+                    assert_eq!(p.sliding_window, 1024);
+                    // load_swa_pattern(ml, 6): every sixth layer is global.
+                    let expected: Vec<bool> = (0..n).map(|i| i % 6 != 5).collect();
+                    assert_eq!(p.swa_layers, expected);
+                    assert_eq!(p.swa_layers.iter().filter(|&&s| !s).count(), 10);
+                    // head_dim 128, not n_embd / n_head = 168.
+                    assert_eq!((p.key_length, p.value_length), (128, 128));
+                    assert_eq!((p.key_length_swa, p.value_length_swa), (0, 0));
+                    assert!(p.head_count_kv.iter().all(|&h| h == 16));
+                    assert_eq!(p.vocab_size, 262_144);
+                    // Tied: the embedding is the output head too.
+                    let embd = model.tensor("token_embd.weight").unwrap().bytes;
+                    assert_eq!(p.tied_output_bytes, embd);
+                    assert!(p.attention_extra_ops && !p.ffn_ungated);
+                }
+                SparseModel::StarCoder2_15B => {
+                    assert_eq!((n, p.context_length), (40, 16_384));
+                    assert!(p.head_count_kv.iter().all(|&h| h == 4));
+                    // No window rule for starcoder2: llama.cpp reads none.
+                    assert_eq!(p.sliding_window, 0);
+                    assert!(p.swa_layers.iter().all(|&s| !s));
+                    assert!(p.ffn_ungated && p.attention_extra_ops);
+                    assert_eq!(p.tied_output_bytes, 0);
+                }
+                SparseModel::Qwen3_32B => {
+                    assert_eq!(
+                        (n, p.context_length, p.embedding_length),
+                        (64, 40_960, 5120)
+                    );
+                    assert!(p.head_count.iter().all(|&h| h == 64));
+                    assert_eq!((p.key_length, p.value_length), (128, 128));
+                    assert!(p.attention_extra_ops && !p.ffn_ungated);
+                }
+                SparseModel::SeedOss36B => {
+                    assert_eq!((n, p.context_length), (64, 524_288));
+                    assert!(p.head_count.iter().all(|&h| h == 80));
+                    assert_eq!(p.vocab_size, 155_136);
+                    assert!(p.attention_extra_ops && !p.ffn_ungated);
+                }
             }
         }
+    }
+
+    #[test]
+    fn sliding_window_head_sizes_and_kv_sharing_follow_load_hparams() {
+        // key_length_swa / value_length_swa apply to the SWA layers only.
+        let mut w = base("gemma4", 6);
+        w.meta("gemma4.attention.key_length", Value::U32(512))
+            .meta("gemma4.attention.value_length", Value::U32(512))
+            .meta("gemma4.attention.key_length_swa", Value::U32(256))
+            .meta("gemma4.attention.value_length_swa", Value::U32(256))
+            .meta("gemma4.attention.sliding_window", Value::U32(512))
+            .meta(
+                "gemma4.attention.sliding_window_pattern",
+                Value::Array(
+                    ValueType::Bool,
+                    [true, true, false, true, true, false]
+                        .map(Value::Bool)
+                        .to_vec(),
+                ),
+            )
+            .meta("gemma4.attention.shared_kv_layers", Value::U32(2));
+        let p = params_of(&w).unwrap();
+        assert_eq!((p.key_length_swa, p.value_length_swa), (256, 256));
+        // n_layer_kv_from_start = n_layer - shared_kv_layers.
+        assert_eq!(p.kv_layer_count, 4);
+        w.meta("gemma4.attention.shared_kv_layers", Value::U32(6));
+        let err = params_of(&w).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("`gemma4.attention.shared_kv_layers`: 6 leaves no layer"),
+            "{err}"
+        );
+
+        // gemma3n: 20 layers keep their KV (fixed in load_arch_hparams).
+        let mut w = base("gemma3n", 30);
+        w.meta("gemma3n.attention.sliding_window", Value::U32(512));
+        assert_eq!(params_of(&w).unwrap().kv_layer_count, 20);
+        // Equal sizes are kept as 0 (= the full layers' sizes); other
+        // architectures share nothing.
+        let mut w = base("llama", 2);
+        w.meta("llama.attention.key_length_swa", Value::U32(32));
+        let p = params_of(&w).unwrap();
+        assert_eq!((p.key_length_swa, p.kv_layer_count), (0, 0));
+    }
+
+    #[test]
+    fn tensor_names_say_tied_output_ungated_ffn_and_attention_extras() {
+        let mut w = base("starcoder2", 1);
+        for (name, dims) in [
+            ("token_embd.weight", &[64u64, 10][..]),
+            ("blk.0.ffn_up.weight", &[64, 128]),
+            ("blk.0.attn_q.bias", &[64]),
+        ] {
+            w.tensor(name, GgmlType::F32, dims, TensorData::Hole);
+        }
+        let p = params_of(&w).unwrap();
+        assert_eq!(p.tied_output_bytes, 64 * 10 * 4);
+        assert!(p.ffn_ungated && p.attention_extra_ops);
+        w.tensor("output.weight", GgmlType::F32, &[64, 10], TensorData::Hole)
+            .tensor(
+                "blk.0.ffn_gate.weight",
+                GgmlType::F32,
+                &[64, 128],
+                TensorData::Hole,
+            );
+        let p = params_of(&w).unwrap();
+        assert_eq!(p.tied_output_bytes, 0);
+        assert!(!p.ffn_ungated);
+        // No Q/K norms or biases: llama-style attention.
+        let p = params_of(&base("llama", 1)).unwrap();
+        assert!(!p.attention_extra_ops);
     }
 
     #[test]

@@ -24,7 +24,8 @@
 //!   `q_nope_absorbed` (`kv_lora_rank` per head) and `Qcur = concat(..,
 //!   q_pe)` (`kv_lora_rank + n_rot` per head) next to `q`;
 //! * dense gated FFN (`build_ffn`): `gate`, `up` and their GLU product,
-//!   `n_ff x n_tokens` f32 each;
+//!   `n_ff x n_tokens` f32 each; an ungated FFN (no `ffn_gate`) holds `up`
+//!   only (bias and activation run in place);
 //! * Mamba2 (`build_mamba2_layer`): the input projection, the conv input and
 //!   output, and the scan output with the final state;
 //! * gated delta-net (Qwen3-Next, Qwen3.5): the conv output, Q/K repeated
@@ -43,7 +44,7 @@
 //! the logits, which is the error that remains (half an activation either
 //! way: 4 MiB for 4096-wide models at 512-token batches).
 
-use super::context::{ContextMemory, is_attention_layer, is_mla, is_swa_layer};
+use super::context::{ContextMemory, head_k, head_v, is_attention_layer, is_mla, is_swa_layer};
 use super::{MIB, Resolved};
 use proto::domain::ModelParams;
 use proto::units;
@@ -207,7 +208,7 @@ fn attention_phases(
     phases: &mut Vec<Phase>,
 ) {
     let mla = is_mla(params);
-    let mut seen: Vec<(u64, u64, u64, u64)> = Vec::new();
+    let mut seen: Vec<(u64, u64, u64, u64, u64)> = Vec::new();
     for il in 0..params.block_count as usize {
         if !is_attention_layer(params, il) {
             continue;
@@ -219,7 +220,8 @@ fn attention_phases(
         } else {
             ctx.kv_size
         };
-        let key = (n_head, n_head_kv, n_kv, u64::from(params.key_length));
+        let (k_len, v_len) = (u64::from(head_k(params, il)), u64::from(head_v(params, il)));
+        let key = (n_head, n_head_kv, n_kv, k_len, v_len);
         if seen.contains(&key) {
             continue;
         }
@@ -233,7 +235,19 @@ fn attention_phases(
         phases.push(if mla {
             mla_phase(params, r, rows, n_head, n_kv, kq)
         } else {
-            mha_phase(params, r, rows, n_head, n_head_kv, n_kv, kq)
+            mha_phase(
+                params,
+                r,
+                rows,
+                MhaShape {
+                    n_head,
+                    n_head_kv,
+                    n_kv,
+                    k_len,
+                    v_len,
+                },
+                kq,
+            )
         });
     }
 }
@@ -280,25 +294,36 @@ fn mla_phase(
     }
 }
 
-/// Multi-head attention: Q (twice), K, V and the scores `kq` without flash
-/// attention, next to 4 or 5 activations.
-fn mha_phase(
-    params: &ModelParams,
-    r: &Resolved,
-    rows: Rows,
+/// One attention layer geometry: heads, KV heads, cells attended, and the
+/// key and value head sizes of the layer (`n_embd_head_k(il)`, which
+/// differ for sliding-window layers with `key_length_swa`).
+#[derive(Debug, Clone, Copy)]
+struct MhaShape {
     n_head: u64,
     n_head_kv: u64,
     n_kv: u64,
-    kq: u64,
-) -> Phase {
+    k_len: u64,
+    v_len: u64,
+}
+
+/// Multi-head attention: Q (twice), K, V and the scores `kq` without flash
+/// attention, next to 4 or 5 activations.
+fn mha_phase(params: &ModelParams, r: &Resolved, rows: Rows, shape: MhaShape, kq: u64) -> Phase {
     let (t, f32_row) = (rows.t, rows.f32_row);
-    let q = n_head * u64::from(params.key_length) * f32_row;
-    let k = n_head_kv * u64::from(params.key_length) * f32_row;
-    let v = n_head_kv * u64::from(params.value_length) * f32_row;
+    let MhaShape {
+        n_head,
+        n_head_kv,
+        n_kv,
+        k_len,
+        v_len,
+    } = shape;
+    let q = n_head * k_len * f32_row;
+    let k = n_head_kv * k_len * f32_row;
+    let v = n_head_kv * v_len * f32_row;
     // Calibrated: 4 activations next to the scores for llama-style
     // blocks, one more where Q/K get their own norm or bias ops
     // (qwen3 q_norm/k_norm, gpt-oss biases and sinks).
-    let acts = if extra_attention_ops(&params.architecture) {
+    let acts = if params.attention_extra_ops || extra_attention_ops(&params.architecture) {
         5
     } else {
         4
@@ -343,6 +368,9 @@ fn dense_ffn_phase(params: &ModelParams, rows: Rows) -> Option<Phase> {
         return None;
     }
     let ff = params.feed_forward_length * rows.f32_row;
+    if params.ffn_ungated {
+        return Some(ungated_ffn_phase(params, rows, ff));
+    }
     Some(Phase {
         name: "dense FFN",
         bytes: 3 * ff + 5 * rows.act,
@@ -354,6 +382,29 @@ fn dense_ffn_phase(params: &ModelParams, rows: Rows) -> Option<Phase> {
         ),
     })
 }
+
+/// Ungated dense FFN (`build_ffn` with no gate, `LLM_FFN_SEQ`, e.g.
+/// StarCoder2's GELU MLP): `up = ffn_up @ x` (+ bias), the activation,
+/// then `down`. ggml-alloc runs the bias add and the activation in place
+/// (`ggml_op_can_inplace`), so one `n_ff x n_tokens` f32 tensor lives
+/// until `down` has read it, next to 5 activations. Calibrated against
+/// `llama-server`'s projection of StarCoder2-15B (one logit row per slot):
+/// 108 MiB = 48 MiB up + 5 x 12 MiB at every context and slot count.
+fn ungated_ffn_phase(params: &ModelParams, rows: Rows, ff: u64) -> Phase {
+    Phase {
+        name: "dense FFN (ungated)",
+        bytes: UNGATED_FF_TENSORS * ff + 5 * rows.act,
+        detail: format!(
+            "{UNGATED_FF_TENSORS} x up {} x {} x 4 B ({} each) + 5 activations",
+            params.feed_forward_length,
+            rows.t,
+            units::bytes(ff)
+        ),
+    }
+}
+
+/// `n_ff`-wide f32 tensors alive at once in an ungated FFN.
+pub(crate) const UNGATED_FF_TENSORS: u64 = 1;
 
 /// Mamba2 (build_mamba2_layer in src/models/mamba-base.cpp):
 /// zxBCdt = ssm_in @ x (2 d_inner + 2 n_group d_state + n_head values per

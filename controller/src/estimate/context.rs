@@ -5,8 +5,11 @@
 //! * Attention layers: `llama_kv_cache` (`src/llama-kv-cache.cpp`) makes,
 //!   per layer, `K = type_k[n_embd_k_gqa(il), kv_size, n_stream]` and
 //!   `V = type_v[n_embd_v_gqa(il), kv_size, n_stream]`, with
-//!   `n_embd_k_gqa(il) = n_embd_head_k * n_head_kv(il)`
-//!   (`llama_hparams::n_embd_k_gqa`, `src/llama-hparams.cpp`).
+//!   `n_embd_k_gqa(il) = n_embd_head_k(il) * n_head_kv(il)`
+//!   (`llama_hparams::n_embd_k_gqa`, `src/llama-hparams.cpp`; SWA layers
+//!   take `key_length_swa` / `value_length_swa` when given). Layers from
+//!   `n_layer_kv_from_start` on reuse an earlier layer's cache and hold
+//!   none (`llama_hparams::has_kv`, Gemma 3n/4).
 //! * MLA (DeepSeek with `key_length_mla`): `llama_hparams::is_mla()` is
 //!   true, the cache keeps K only (`has_v = !is_mla`), and K's head is the
 //!   compressed latent plus the rope part (`key_length` = kv_lora_rank +
@@ -98,6 +101,32 @@ fn is_unattended_nextn_layer(params: &ModelParams, il: usize) -> bool {
         )
 }
 
+/// `llama_hparams::has_kv` (`src/llama-hparams.cpp`): with
+/// `n_layer_kv_from_start` set, only the layers before it keep a KV cache;
+/// the later ones reuse one of those (Gemma 3n/4 KV sharing).
+pub fn has_kv(params: &ModelParams, il: usize) -> bool {
+    params.kv_layer_count == 0 || il < params.kv_layer_count as usize
+}
+
+/// `llama_hparams::n_embd_head_k(il)`: sliding-window layers use
+/// `key_length_swa` when the header gives one.
+pub fn head_k(params: &ModelParams, il: usize) -> u32 {
+    if params.key_length_swa != 0 && params.swa_layers.get(il).copied().unwrap_or(false) {
+        params.key_length_swa
+    } else {
+        params.key_length
+    }
+}
+
+/// `llama_hparams::n_embd_head_v(il)`, as [`head_k`] for values.
+pub fn head_v(params: &ModelParams, il: usize) -> u32 {
+    if params.value_length_swa != 0 && params.swa_layers.get(il).copied().unwrap_or(false) {
+        params.value_length_swa
+    } else {
+        params.value_length
+    }
+}
+
 /// Whether layer `il` uses the sliding window.
 pub fn is_swa_layer(params: &ModelParams, il: usize) -> bool {
     params.sliding_window > 0 && params.swa_layers.get(il).copied().unwrap_or(false)
@@ -127,7 +156,8 @@ pub fn n_embd_s(params: &ModelParams) -> u64 {
 pub fn context_memory(params: &ModelParams, opts: &EstimateOptions, r: &Resolved) -> ContextMemory {
     let n_layer = params.block_count as usize;
     let mla = is_mla(params);
-    let any_swa = (0..n_layer).any(|il| is_attention_layer(params, il) && is_swa_layer(params, il));
+    let cached = |il: usize| is_attention_layer(params, il) && has_kv(params, il);
+    let any_swa = (0..n_layer).any(|il| cached(il) && is_swa_layer(params, il));
     let kv_size = r.n_ctx_seq;
     // llama_kv_cache_iswa: size_swa = GGML_PAD(min(size_base, n_swa *
     // (unified ? n_seq_max : 1) + n_ubatch), 256), or size_base with
@@ -146,7 +176,7 @@ pub fn context_memory(params: &ModelParams, opts: &EstimateOptions, r: &Resolved
     // sizes differ between layers (is_n_embd_v_gqa_variable compares every
     // layer, including those without KV heads, against layer 0).
     let v_row = |il: usize| -> u64 {
-        u64::from(params.value_length)
+        u64::from(head_v(params, il))
             * u64::from(params.head_count_kv.get(il).copied().unwrap_or(0))
     };
     let v_variable = (0..n_layer).any(|il| v_row(il) != v_row(0));
@@ -155,11 +185,7 @@ pub fn context_memory(params: &ModelParams, opts: &EstimateOptions, r: &Resolved
 
     let mut out = ContextMemory {
         per_layer: vec![0; n_layer],
-        kv_size: if (0..n_layer).any(|il| is_attention_layer(params, il)) {
-            kv_size
-        } else {
-            0
-        },
+        kv_size: if (0..n_layer).any(cached) { kv_size } else { 0 },
         swa_size,
         ..ContextMemory::default()
     };
@@ -167,17 +193,17 @@ pub fn context_memory(params: &ModelParams, opts: &EstimateOptions, r: &Resolved
     // Group attention layers by (kind, k row, v row) so the notes stay short.
     let mut attn: Vec<(&'static str, u64, u64, u64, u32)> = Vec::new();
     for il in 0..n_layer {
-        if !is_attention_layer(params, il) {
+        if !cached(il) {
             continue;
         }
         let heads_kv = u64::from(params.head_count_kv[il]);
-        let n_embd_k_gqa = u64::from(params.key_length) * heads_kv;
+        let n_embd_k_gqa = u64::from(head_k(params, il)) * heads_kv;
         let n_embd_v_gqa = if mla {
             0
         } else if v_trans && v_variable {
             v_max
         } else {
-            u64::from(params.value_length) * heads_kv
+            u64::from(head_v(params, il)) * heads_kv
         };
         let swa = is_swa_layer(params, il);
         let (kind, cells) = match (mla, swa) {

@@ -26,29 +26,40 @@
 //! the real `llama-fit-params` and compares is in the `tests` crate
 //! (`tests::parity`, `cargo bench -p tests --bench estimate_parity`).
 //!
+//! Families checked against `llama-fit-params` and `llama-server` on sparse
+//! fixtures (every weights and KV figure within 2 % or 16 MiB,
+//! `tests/estimate.rs`, the parity bench): llama (dense GQA), qwen3 (dense,
+//! Q/K norms), seed_oss (Q/K/V biases), starcoder2 (biases, LayerNorm,
+//! ungated FFN; the config's 4096 window is not applied by llama.cpp),
+//! gemma3 (5:1 sliding window, tied embeddings), qwen3moe, gpt-oss (MoE,
+//! sliding window), minimax-m2, deepseek2 (MLA), nemotron_h_moe (Mamba2
+//! hybrid), qwen3next and qwen35moe (gated delta-net hybrids: only every
+//! `full_attention_interval`-th layer holds KV, the others a fixed conv +
+//! delta-net state per sequence) and glm4moe (NextN block: weights skipped
+//! at load, no KV). The rules come from header keys and tensor names, so
+//! other families built the same way (per-layer head counts,
+//! `key_length_swa`, KV sharing from `n_layer_kv_from_start`, tied or
+//! ungated heads) follow them.
+//!
+//! Tied embeddings (no `output.weight`): llama.cpp's CPU projection counts
+//! `token_embd` twice only when the output copy is repacked (Q4_0, Q4_K,
+//! IQ4_NL, MXFP4 with AVX2), once otherwise (the Q6_K of most uploads);
+//! the estimate does the same ([`tied_output_copy`]).
+//!
 //! Known gaps (the header report does not carry what they need):
 //!
-//! * tied embeddings: with no `output.weight`, llama.cpp creates the output
-//!   as a `TENSOR_DUPLICATED` copy of `token_embd` and its projection counts
-//!   those bytes twice (a mapped load holds them once);
-//! * per-layer head sizes of sliding-window layers (`key_length_swa`,
-//!   Gemma 3n/4) and KV sharing between layers (`n_layer_kv_from_start`);
+//! * a GPU build holding the output layer keeps a second copy of a tied
+//!   embedding on the device whatever its type, and AVX-512 CPUs (Strix
+//!   Halo's Zen 5) also repack Q2_K; the single-node estimate follows the
+//!   AVX2 CPU projection (a layer split counts the copy on its device);
+//! * Gemma 3n/4 graphs (per-layer embeddings, AltUp, shared KV): their KV
+//!   follows `key_length_swa` and `n_layer_kv_from_start`, but there is no
+//!   fixture, so their compute buffer is not calibrated;
 //! * recurrent state of RWKV, LFM2 and KDA layers (other state shapes);
 //! * `expert_feed_forward_length` when the header lacks it: inferred from
 //!   the parameter count, and the notes say so;
-//! * Qwen3.5 (`qwen35`, `qwen35moe`) gets the Qwen3-Next rules (the same
-//!   `load_arch_hparams` layer pattern and delta-net state) but no fixture
-//!   checks them against llama.cpp yet;
 //! * the layer split (`split.rs`) still gives NextN blocks their weights
 //!   and places them like trunk layers.
-//!
-//! Rules checked against `llama-fit-params` and `llama-server` on sparse
-//! fixtures (`tests/estimate.rs`, the parity bench): dense and GQA (llama),
-//! MoE (qwen3moe, gpt-oss, minimax-m2), sliding window (gpt-oss), MLA
-//! (deepseek2), Mamba2 hybrids (nemotron_h_moe), gated delta-net hybrids
-//! (qwen3next: only every `full_attention_interval`-th layer holds KV, the
-//! others a fixed conv + delta-net state per sequence), and NextN blocks
-//! (glm4moe: weights skipped at load, no KV).
 
 pub mod compute;
 pub mod context;
@@ -311,6 +322,22 @@ impl Resolved {
     }
 }
 
+/// The bytes llama.cpp's CPU backend holds a second time for a tied output
+/// head (no `output.weight`): `load_arch_tensors` creates the output from
+/// `token_embd` with `TENSOR_DUPLICATED`, and
+/// `llama_model_loader::create_tensor` reuses the embedding's tensor when
+/// the output's buffer type is the embedding's (`CPU`), but makes a second
+/// one when the output goes to `CPU_REPACK` (a type with a repacked
+/// layout, [`ModelParams::tied_output_repacked`]). `llama-fit-params`
+/// counts that second tensor in its model figure.
+pub fn tied_output_copy(params: &ModelParams) -> u64 {
+    if params.tied_output_repacked {
+        params.tied_output_bytes
+    } else {
+        0
+    }
+}
+
 /// `GGML_PAD`: rounds `n` up to a multiple of `to`.
 pub(crate) fn pad(n: u64, to: u64) -> u64 {
     if to == 0 { n } else { n.div_ceil(to) * to }
@@ -385,12 +412,12 @@ pub fn estimate(params: &ModelParams, opts: &EstimateOptions) -> Estimate {
     // tensor is ggml_nbytes padded to the buffer alignment (32 bytes on the
     // CPU), which the header's tensor bytes already are up to a few bytes.
     let skipped = nextn_weight_bytes(params);
-    let weights_bytes = params.weight_bytes.saturating_sub(skipped);
+    let weights_bytes = params.weight_bytes.saturating_sub(skipped) + tied_output_copy(params);
     notes.push(format!(
         "weights: {} tensors over {} file(s) = {}",
         params.tensor_count,
         params.split_count.max(1),
-        units::bytes(weights_bytes)
+        units::bytes(params.weight_bytes)
     ));
     if skipped > 0 {
         notes.push(format!(
@@ -398,6 +425,22 @@ pub fn estimate(params: &ModelParams, opts: &EstimateOptions) -> Estimate {
             params.nextn_predict_layers,
             units::bytes(skipped)
         ));
+    }
+    if params.tied_output_bytes > 0 {
+        notes.push(if params.tied_output_repacked {
+            format!(
+                "weights: tied embeddings: the output head is a second, repacked copy of \
+                 token_embd ({} more) = {}",
+                units::bytes(params.tied_output_bytes),
+                units::bytes(weights_bytes)
+            )
+        } else {
+            format!(
+                "weights: tied embeddings: the output head shares token_embd on the CPU \
+                 (a GPU holding the output layer keeps another {})",
+                units::bytes(params.tied_output_bytes)
+            )
+        });
     }
 
     let context = context::context_memory(params, opts, &resolved);

@@ -152,9 +152,16 @@ pub fn layout(
         s.kv_bytes += est.context.per_layer.get(il).copied().unwrap_or(0);
     }
     // The output head goes where layer n_layer goes; the input embedding
-    // stays on the host's CPU.
-    let out = owner(devs.get(n).copied().flatten());
-    shares[out].weights_bytes += params.output_weight_bytes;
+    // stays on the host's CPU. A tied output head is a second copy of the
+    // embedding on a device (or when the CPU repacks it).
+    let out_dev = devs.get(n).copied().flatten();
+    let out = owner(out_dev);
+    let tied = if out_dev.is_some() {
+        params.tied_output_bytes
+    } else {
+        super::tied_output_copy(params)
+    };
+    shares[out].weights_bytes += params.output_weight_bytes + tied;
     shares[host_ix].weights_bytes += params.input_weight_bytes;
     if params.block_weight_bytes.is_empty() {
         // No per-block sums: the blocks got `weight_bytes / n_layer` each;
@@ -211,7 +218,10 @@ pub fn plan(
     let fixed = |i: usize| -> u64 {
         let mut f = est.compute_bytes;
         if i == host_ix {
-            f += params.input_weight_bytes + params.output_weight_bytes + est.output_bytes;
+            f += params.input_weight_bytes
+                + params.output_weight_bytes
+                + params.tied_output_bytes
+                + est.output_bytes;
         }
         f
     };

@@ -421,6 +421,30 @@ fn qwen3_next() -> ModelParams {
     }
 }
 
+/// Gemma-3-27B: 62 layers, five of every six on a 1024-token window,
+/// 16 KV heads of 128, tied 262144-token embedding.
+fn gemma3_27b() -> ModelParams {
+    ModelParams {
+        architecture: "gemma3".into(),
+        weight_bytes: 16_000 * MIB,
+        tied_output_bytes: 1_100 * MIB,
+        context_length: 131_072,
+        block_count: 62,
+        embedding_length: 5376,
+        vocab_size: 262_144,
+        head_count: vec![32; 62],
+        head_count_kv: vec![16; 62],
+        key_length: 128,
+        value_length: 128,
+        sliding_window: 1024,
+        swa_layers: (0..62).map(|i| i % 6 != 5).collect(),
+        recurrent_layers: vec![false; 62],
+        feed_forward_length: 21_504,
+        attention_extra_ops: true,
+        ..ModelParams::default()
+    }
+}
+
 #[test]
 fn qwen3_next_holds_kv_for_its_12_attention_layers_and_a_fixed_delta_net_state() {
     let e = estimate(&qwen3_next(), &at(131_072));
@@ -460,6 +484,84 @@ fn nextn_blocks_are_neither_loaded_nor_cached() {
     p.nextn_predict_layers = 0;
     let e = estimate(&p, &at(4096));
     assert_eq!((e.weights_bytes, e.kv_bytes), (p.weight_bytes, 528 * MIB));
+}
+
+#[test]
+fn gemma3_caches_ten_global_layers_in_full_and_fifty_two_on_the_window() {
+    let e = estimate(&gemma3_27b(), &at(32_768));
+    // Per layer and cell: K + V = 2 x 16 x 128 x 2 bytes = 8 KiB.
+    let full = 10 * 8 * 1024 * 32_768;
+    // SWA cells: pad(1024 + 512, 256) = 1536.
+    let swa = 52 * 8 * 1024 * 1536;
+    assert_eq!((e.context.kv_size, e.context.swa_size), (32_768, 1536));
+    assert_eq!(
+        (e.context.kv_full_bytes, e.context.kv_swa_bytes),
+        (full, swa)
+    );
+    // Tied Q6_K embeddings: the CPU output head uses the embedding itself.
+    assert_eq!(e.weights_bytes, 16_000 * MIB);
+    assert!(e.notes.iter().any(|n| n.contains("shares token_embd")));
+    // A Q4_K embedding is repacked for the output matmul: a second copy.
+    let q4 = ModelParams {
+        tied_output_repacked: true,
+        ..gemma3_27b()
+    };
+    assert_eq!(estimate(&q4, &at(4096)).weights_bytes, 17_100 * MIB);
+}
+
+#[test]
+fn sliding_window_layers_use_their_own_head_sizes() {
+    let mut p = gemma3_27b();
+    p.key_length = 512;
+    p.value_length = 512;
+    p.key_length_swa = 256;
+    p.value_length_swa = 256;
+    let e = estimate(&p, &at(32_768));
+    let full = 10 * (2 * 16 * 512 * 2) * 32_768;
+    let swa = 52 * (2 * 16 * 256 * 2) * 1536;
+    assert_eq!(
+        (e.context.kv_full_bytes, e.context.kv_swa_bytes),
+        (full, swa)
+    );
+    // Without flash attention V rows are padded to the widest layer
+    // ([TAG_V_CACHE_VARIABLE]); K rows keep their own size.
+    let off = EstimateOptions {
+        flash_attn: FlashAttn::Off,
+        ..at(32_768)
+    };
+    let e = estimate(&p, &off);
+    let swa_off = 52 * (16 * 256 * 2 + 16 * 512 * 2) * 1536;
+    assert_eq!(e.context.kv_swa_bytes, swa_off);
+}
+
+#[test]
+fn layers_that_share_an_earlier_kv_cache_hold_none() {
+    let mut p = gemma3_27b();
+    // n_layer_kv_from_start = 20: layers 20.. reuse (3 global, 17 SWA keep one).
+    p.kv_layer_count = 20;
+    let e = estimate(&p, &at(32_768));
+    assert_eq!(e.context.kv_full_bytes, 3 * 8 * 1024 * 32_768);
+    assert_eq!(e.context.kv_swa_bytes, 17 * 8 * 1024 * 1536);
+    assert!(e.context.per_layer[20..].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn an_ungated_ffn_holds_fewer_intermediates_than_a_gated_one() {
+    let mut p = llama8b();
+    let gated = estimate(&p, &at(4096));
+    p.ffn_ungated = true;
+    let ungated = estimate(&p, &at(4096));
+    let ff = 14_336 * 512 * 4;
+    let gated_ffn = gated.compute.phases.iter().find(|x| x.name == "dense FFN");
+    let ungated_ffn = ungated
+        .compute
+        .phases
+        .iter()
+        .find(|x| x.name == "dense FFN (ungated)");
+    let (Some(g), Some(u)) = (gated_ffn, ungated_ffn) else {
+        panic!("no FFN phase");
+    };
+    assert_eq!(g.bytes - u.bytes, (3 - compute::UNGATED_FF_TENSORS) * ff);
 }
 
 /// Observed figures against the formula; the tests that feed real captured

@@ -90,6 +90,33 @@ pub struct ModelParams {
     /// multi-token-prediction (NextN) blocks, 0 when the header has none.
     #[serde(default)]
     pub nextn_predict_layers: u32,
+    /// `{arch}.attention.key_length_swa`: the key head size of
+    /// sliding-window layers, 0 when it is `key_length`.
+    #[serde(default)]
+    pub key_length_swa: u32,
+    /// `{arch}.attention.value_length_swa`, 0 when it is `value_length`.
+    #[serde(default)]
+    pub value_length_swa: u32,
+    /// `n_layer_kv_from_start`: layers from this index on reuse an earlier
+    /// layer's KV cache and keep none of their own; 0 = every layer has one.
+    #[serde(default)]
+    pub kv_layer_count: u32,
+    /// Bytes of `token_embd` when there is no `output.weight` (tied
+    /// embeddings: llama.cpp makes the output head from the embedding);
+    /// 0 when the file has its own output head.
+    #[serde(default)]
+    pub tied_output_bytes: u64,
+    /// The tied embedding's type has a repacked CPU layout (x86 AVX2: Q4_0,
+    /// Q4_K, IQ4_NL, MXFP4, rows a multiple of 8), so the CPU backend holds
+    /// the output head as a second copy; otherwise it uses the embedding.
+    #[serde(default)]
+    pub tied_output_repacked: bool,
+    /// The dense FFN is ungated: `ffn_up` without `ffn_gate`.
+    #[serde(default)]
+    pub ffn_ungated: bool,
+    /// Attention blocks have per-head Q/K norms or Q/K/V biases.
+    #[serde(default)]
+    pub attention_extra_ops: bool,
 }
 
 /// Whether a model file could be read.
@@ -156,6 +183,13 @@ impl From<ModelParams> for v1::ModelParams {
             input_weight_bytes: p.input_weight_bytes,
             output_weight_bytes: p.output_weight_bytes,
             nextn_predict_layers: p.nextn_predict_layers,
+            key_length_swa: p.key_length_swa,
+            value_length_swa: p.value_length_swa,
+            kv_layer_count: p.kv_layer_count,
+            tied_output_bytes: p.tied_output_bytes,
+            ffn_ungated: p.ffn_ungated,
+            attention_extra_ops: p.attention_extra_ops,
+            tied_output_repacked: p.tied_output_repacked,
         }
     }
 }
@@ -218,6 +252,13 @@ impl TryFrom<v1::ModelParams> for ModelParams {
             input_weight_bytes: p.input_weight_bytes,
             output_weight_bytes: p.output_weight_bytes,
             nextn_predict_layers: p.nextn_predict_layers,
+            key_length_swa: p.key_length_swa,
+            value_length_swa: p.value_length_swa,
+            kv_layer_count: p.kv_layer_count,
+            tied_output_bytes: p.tied_output_bytes,
+            ffn_ungated: p.ffn_ungated,
+            attention_extra_ops: p.attention_extra_ops,
+            tied_output_repacked: p.tied_output_repacked,
         })
     }
 }
