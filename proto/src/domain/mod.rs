@@ -9,6 +9,7 @@ pub mod memory;
 pub mod model;
 pub mod node;
 pub mod placement;
+pub mod projection;
 
 pub use bench::{BenchPoint, BenchResult, BenchSetup, Spread};
 pub use catalog::{CatalogEntry, EditorMode};
@@ -20,6 +21,9 @@ pub use instance::{
 pub use memory::{GpuMemory, MemoryPressure, MemoryReport, ProcessMemory};
 pub use model::{ModelFile, ModelParams, ModelStatus, check_model_id};
 pub use node::{AgentEvent, AgentEventKind, NodeIdentity, NodeStatus, Snapshot};
+pub use projection::{
+    MemoryProjection, ProjectedDevice, ProjectionAnswer, ProjectionRequest, ProjectionSettings,
+};
 pub use placement::{
     HelpersState, NodeFit, OomRecord, Placement, PlacementOptions, Replica, ReplicaKey, SplitPlan,
     SplitShare,
