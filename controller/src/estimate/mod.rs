@@ -22,8 +22,13 @@
 //!
 //! [`observed`] prefers what a real `llama-server` load logged (the agent
 //! parses its instances' logs and reports [`proto::domain::ObservedBuffers`])
-//! over the formulas when such figures exist. The parity tooling that runs
-//! the real `llama-fit-params` and compares is in the `tests` crate
+//! over the formulas when such figures exist. [`engine`] compares the
+//! formula with llama.cpp's own projection, which an agent runs
+//! (`llama-fit-params`, `ProjectMemory`), and takes llama.cpp's figures
+//! when the two disagree by more than 2 %. [`rules`] lists the
+//! architectures with their own rules; any other is estimated with the
+//! generic ones and the estimate's notes say so. The parity tooling that
+//! runs `llama-fit-params` over every fixture is in the `tests` crate
 //! (`tests::parity`, `cargo bench -p tests --bench estimate_parity`).
 //!
 //! Known gaps (the header report does not carry what they need):
@@ -41,7 +46,9 @@
 
 pub mod compute;
 pub mod context;
+pub mod engine;
 pub mod observed;
+pub mod rules;
 pub mod split;
 
 pub use observed::{EstimateSource, ObservedRecord, SourcedEstimate, estimate_with_observed};
@@ -339,7 +346,9 @@ impl Estimate {
 /// `opts`, following llama.cpp's own rules (each cited where applied).
 pub fn estimate(params: &ModelParams, opts: &EstimateOptions) -> Estimate {
     let resolved = Resolved::new(params, opts);
-    let mut notes = Vec::new();
+    let mut notes: Vec<String> = rules::generic_rules_note(&params.architecture)
+        .into_iter()
+        .collect();
     notes.push(format!(
         "context: n_ctx {} (padded to 256), {} sequence(s), {} KV stream(s) of {} cells; \
          batch {}, ubatch {}; flash attention {}",
