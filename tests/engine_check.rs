@@ -1,0 +1,219 @@
+//! The formula checked against llama.cpp's own projection, with real
+//! processes: two agents, a controller, haloctl, and each agent's
+//! `llama-fit-params` (halo1's beside its llama-server; halo2's configured
+//! at a path where there is none). halo1 holds the sparse Llama-3.1-8B (a
+//! family halo has rules for) and LFM2-1.2B (one it has none for); halo2
+//! holds GPT-OSS-20B.
+
+use agent::gguf::fixtures::{self, SparseModel, VocabStyle};
+use serde_json::Value;
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+use tests::cluster::{AgentNode, ControllerProc, catalog_controller};
+use tests::front::haloctl;
+use tests::{text, wait_for};
+
+const CATALOG: &str = r#"
+[[models]]
+name = "llama-3.1-8b"
+model_id = "llama-8b.gguf"
+default_context = 8192
+min_context = 4096
+
+[[models]]
+name = "lfm2-1.2b"
+model_id = "lfm2.gguf"
+default_context = 8192
+min_context = 4096
+
+[[models]]
+name = "gpt-oss-20b"
+model_id = "gpt-oss-20b.gguf"
+default_context = 8192
+min_context = 4096
+"#;
+
+/// Where halo2's agent is told its llama-fit-params is.
+const MISSING: &str = "/nonexistent/llama-fit-params";
+
+fn show(o: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+        o.status.code(),
+        text(&o.stdout),
+        text(&o.stderr)
+    )
+}
+
+fn run(c: &ControllerProc, home: &Path, args: &[&str]) -> Output {
+    haloctl(c, home).args(args).output().expect("run haloctl")
+}
+
+fn json(o: &Output) -> Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", show(o)))
+}
+
+fn notes(row: &Value) -> Vec<String> {
+    row["estimate_notes"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|n| n.as_str().map(str::to_owned)).collect())
+        .unwrap_or_default()
+}
+
+/// `haloctl plan MODEL --ctx 8192 -o json`'s row for `node`, once its
+/// node's llama.cpp check has answered (plan waits a few seconds for it;
+/// on a busy machine a later plan shows it).
+fn checked_row(c: &ControllerProc, home: &Path, model: &str, node: &str) -> Value {
+    let row = wait_for(Duration::from_secs(90), || {
+        let o = run(c, home, &["plan", model, "--ctx", "8192", "-o", "json"]);
+        let rows = json(&o);
+        let row = rows.as_array()?.iter().find(|r| r["node"] == node)?.clone();
+        (!notes(&row).iter().any(|n| n.contains("still running"))).then_some(row)
+    });
+    row.unwrap_or_else(|| panic!("no checked plan row of {model} on {node}\n{}", c.logs()))
+}
+
+fn events(c: &ControllerProc, home: &Path) -> Vec<Value> {
+    let o = run(c, home, &["events", "-o", "json"]);
+    assert!(o.status.success(), "{}", show(&o));
+    text(&o.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn within_two_percent(a: u64, b: u64) -> bool {
+    a.abs_diff(b) as f64 <= b as f64 * 0.02
+}
+
+/// One cluster for the three checks (each a full set of processes costs a
+/// minute of a two-core machine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_checks_its_estimate_against_each_nodes_llama_fit_params() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path();
+    let mut halo1 = AgentNode::new(home, "halo1", &["speed"], 2);
+    let mut halo2 = AgentNode::new(home, "halo2", &["reasoning"], 2);
+    halo2.extra_args = vec!["--fit-params-bin".into(), MISSING.into()];
+    for (node, kind, file) in [
+        (&halo1, SparseModel::Llama31_8B, "llama-8b.gguf"),
+        (&halo1, SparseModel::Lfm2_1_2B, "lfm2.gguf"),
+        (&halo2, SparseModel::GptOss20B, "gpt-oss-20b.gguf"),
+    ] {
+        fixtures::write_sparse_with(kind, &node.models.join(file), VocabStyle::SizeOnly)
+            .expect("sparse fixture");
+    }
+    halo1.start();
+    halo2.start();
+    let nodes = [halo1, halo2];
+    let mut c = catalog_controller(home, &nodes, CATALOG, &[]);
+    let _client = c.start_and_wait(&["halo1", "halo2"]).await;
+
+    // (c) A family halo has rules for: llama.cpp confirms the formula.
+    let row = checked_row(&c, home, "llama-3.1-8b", "halo1");
+    let n = notes(&row);
+    assert!(
+        n.iter()
+            .any(|n| n.starts_with("formula confirmed by llama.cpp's projection on halo1")),
+        "{row:#}"
+    );
+    assert!(!n.iter().any(|n| n.contains("generic rules")), "{row:#}");
+    assert_eq!(row["estimate_used"], "formula", "{row:#}");
+    let formula = row["formula_total_bytes"].as_u64().expect("formula");
+    let engine = row["engine_total_bytes"].as_u64().expect("engine figure");
+    assert!(within_two_percent(formula, engine), "{row:#}");
+    assert_eq!(row["total_bytes"].as_u64(), Some(formula), "{row:#}");
+    let table = run(&c, home, &["plan", "llama-3.1-8b", "--ctx", "8192"]);
+    let out = text(&table.stdout);
+    assert!(
+        out.contains("LLAMA.CPP") && out.contains("halo1 at 8192: formula confirmed"),
+        "{}",
+        show(&table)
+    );
+
+    // (a) An architecture halo has no rules for: named, never silently
+    // guessed; llama.cpp's figure shown, and used when the two disagree.
+    let row = checked_row(&c, home, "lfm2-1.2b", "halo1");
+    let n = notes(&row);
+    assert!(
+        n.iter().any(|n| n == "estimate: generic rules for lfm2"),
+        "{row:#}"
+    );
+    let formula = row["formula_total_bytes"].as_u64().expect("formula");
+    let engine = row["engine_total_bytes"].as_u64().expect("engine figure");
+    let lfm2_events: Vec<Value> = events(&c, home)
+        .into_iter()
+        .filter(|e| e["kind"] == "estimate_disagrees" && e["subject"] == "lfm2.gguf")
+        .collect();
+    if within_two_percent(formula, engine) {
+        assert_eq!(row["estimate_used"], "formula", "{row:#}");
+        assert!(lfm2_events.is_empty(), "{lfm2_events:#?}");
+    } else {
+        assert_eq!(row["estimate_used"], "engine", "{row:#}");
+        assert_eq!(row["total_bytes"].as_u64(), Some(engine), "{row:#}");
+        assert!(
+            n.iter().any(|n| n.contains("disagree") && n.contains("using llama.cpp's figures")),
+            "{row:#}"
+        );
+        assert_eq!(lfm2_events.len(), 1, "{lfm2_events:#?}");
+        let msg = lfm2_events[0]["message"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains("halo1") && msg.contains("lfm2") && msg.contains("formula"),
+            "{msg}"
+        );
+    }
+    let table = run(&c, home, &["plan", "lfm2-1.2b", "--ctx", "8192"]);
+    assert!(
+        text(&table.stdout).contains("estimate: generic rules for lfm2"),
+        "{}",
+        show(&table)
+    );
+    let place = run(
+        &c,
+        home,
+        &["place", "speed", "lfm2-1.2b", "--dry-run", "-o", "json"],
+    );
+    let d = json(&place);
+    assert_eq!(d["accepted"], true, "{}", show(&place));
+    let explanation = d["explanation"].to_string();
+    assert!(
+        explanation.contains("estimate: generic rules for lfm2")
+            && explanation.contains("llama.cpp's projection on halo1"),
+        "{explanation}"
+    );
+    if row["estimate_used"] == "engine" {
+        assert_eq!(
+            d["estimate"]["total_bytes"].as_u64(),
+            Some(engine),
+            "{}",
+            show(&place)
+        );
+    }
+
+    // (b) A node without llama-fit-params: placement works on the formula
+    // and says why there is no check.
+    let row = checked_row(&c, home, "gpt-oss-20b", "halo2");
+    let unavailable = format!(
+        "engine check unavailable on halo2: llama-fit-params not found at {MISSING}; using the formula"
+    );
+    assert!(notes(&row).contains(&unavailable), "{row:#}");
+    assert_eq!(row["estimate_used"], "formula", "{row:#}");
+    assert!(row["engine_total_bytes"].is_null(), "{row:#}");
+    let place = run(
+        &c,
+        home,
+        &["place", "reasoning", "gpt-oss-20b", "--dry-run", "-o", "json"],
+    );
+    let d = json(&place);
+    assert_eq!(d["accepted"], true, "{}", show(&place));
+    assert_eq!(d["nodes"], serde_json::json!(["halo2"]), "{}", show(&place));
+    assert!(
+        d["explanation"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|l| l == unavailable.as_str())),
+        "{}",
+        show(&place)
+    );
+    drop(nodes);
+}
