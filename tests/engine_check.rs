@@ -2,8 +2,9 @@
 //! processes: two agents, a controller, haloctl, and each agent's
 //! `llama-fit-params` (halo1's beside its llama-server; halo2's configured
 //! at a path where there is none). halo1 holds the sparse Llama-3.1-8B (a
-//! family halo has rules for) and LFM2-1.2B (one it has none for); halo2
-//! holds GPT-OSS-20B.
+//! family halo has rules for), LFM2-1.2B and RWKV7-1.5B (two it has none
+//! for: the generic rules happen to fit the first and miss the second's
+//! per-slot recurrent state); halo2 holds GPT-OSS-20B.
 
 use agent::gguf::fixtures::{self, SparseModel, VocabStyle};
 use serde_json::Value;
@@ -26,6 +27,13 @@ name = "lfm2-1.2b"
 model_id = "lfm2.gguf"
 default_context = 8192
 min_context = 4096
+
+[[models]]
+name = "rwkv7-1.5b"
+model_id = "rwkv7.gguf"
+default_context = 8192
+min_context = 4096
+parallel = 8
 
 [[models]]
 name = "gpt-oss-20b"
@@ -99,6 +107,7 @@ async fn the_controller_checks_its_estimate_against_each_nodes_llama_fit_params(
     for (node, kind, file) in [
         (&halo1, SparseModel::Llama31_8B, "llama-8b.gguf"),
         (&halo1, SparseModel::Lfm2_1_2B, "lfm2.gguf"),
+        (&halo1, SparseModel::Rwkv7_1_5B, "rwkv7.gguf"),
         (&halo2, SparseModel::GptOss20B, "gpt-oss-20b.gguf"),
     ] {
         fixtures::write_sparse_with(kind, &node.models.join(file), VocabStyle::SizeOnly)
@@ -132,37 +141,22 @@ async fn the_controller_checks_its_estimate_against_each_nodes_llama_fit_params(
         show(&table)
     );
 
-    // (a) An architecture halo has no rules for: named, never silently
-    // guessed; llama.cpp's figure shown, and used when the two disagree.
+    // (a) Architectures halo has no rules for: named, never silently
+    // guessed, llama.cpp's figure shown beside the formula's. LFM2's
+    // generic estimate agrees with llama.cpp: confirmed, no event.
     let row = checked_row(&c, home, "lfm2-1.2b", "halo1");
     let n = notes(&row);
     assert!(
         n.iter().any(|n| n == "estimate: generic rules for lfm2"),
         "{row:#}"
     );
-    let formula = row["formula_total_bytes"].as_u64().expect("formula");
-    let engine = row["engine_total_bytes"].as_u64().expect("engine figure");
-    let lfm2_events: Vec<Value> = events(&c, home)
-        .into_iter()
-        .filter(|e| e["kind"] == "estimate_disagrees" && e["subject"] == "lfm2.gguf")
-        .collect();
-    if within_two_percent(formula, engine) {
-        assert_eq!(row["estimate_used"], "formula", "{row:#}");
-        assert!(lfm2_events.is_empty(), "{lfm2_events:#?}");
-    } else {
-        assert_eq!(row["estimate_used"], "engine", "{row:#}");
-        assert_eq!(row["total_bytes"].as_u64(), Some(engine), "{row:#}");
-        assert!(
-            n.iter().any(|n| n.contains("disagree") && n.contains("using llama.cpp's figures")),
-            "{row:#}"
-        );
-        assert_eq!(lfm2_events.len(), 1, "{lfm2_events:#?}");
-        let msg = lfm2_events[0]["message"].as_str().unwrap_or_default();
-        assert!(
-            msg.contains("halo1") && msg.contains("lfm2") && msg.contains("formula"),
-            "{msg}"
-        );
-    }
+    assert!(
+        n.iter()
+            .any(|n| n.starts_with("formula confirmed by llama.cpp's projection on halo1")),
+        "{row:#}"
+    );
+    assert_eq!(row["estimate_used"], "formula", "{row:#}");
+    assert!(row["engine_total_bytes"].as_u64().is_some(), "{row:#}");
     let table = run(&c, home, &["plan", "lfm2-1.2b", "--ctx", "8192"]);
     assert!(
         text(&table.stdout).contains("estimate: generic rules for lfm2"),
@@ -179,17 +173,70 @@ async fn the_controller_checks_its_estimate_against_each_nodes_llama_fit_params(
     let explanation = d["explanation"].to_string();
     assert!(
         explanation.contains("estimate: generic rules for lfm2")
-            && explanation.contains("llama.cpp's projection on halo1"),
+            && explanation.contains("formula confirmed by llama.cpp's projection on halo1"),
         "{explanation}"
     );
-    if row["estimate_used"] == "engine" {
-        assert_eq!(
-            d["estimate"]["total_bytes"].as_u64(),
-            Some(engine),
-            "{}",
-            show(&place)
-        );
-    }
+
+    // RWKV7 holds a recurrent state per slot that the generic rules leave
+    // out (8 slots): llama.cpp's figure is used, the KV bucket named, and
+    // an event records the disagreement.
+    let row = checked_row(&c, home, "rwkv7-1.5b", "halo1");
+    let n = notes(&row);
+    assert!(
+        n.iter().any(|n| n == "estimate: generic rules for rwkv7"),
+        "{row:#}"
+    );
+    let formula = row["formula_total_bytes"].as_u64().expect("formula");
+    let engine = row["engine_total_bytes"].as_u64().expect("engine figure");
+    assert!(engine > formula && !within_two_percent(formula, engine), "{row:#}");
+    assert_eq!(row["estimate_used"], "engine", "{row:#}");
+    assert_eq!(row["total_bytes"].as_u64(), Some(engine), "{row:#}");
+    let disagreement = n
+        .iter()
+        .find(|n| n.contains("disagree"))
+        .unwrap_or_else(|| panic!("{row:#}"));
+    assert!(
+        disagreement.contains("on halo1")
+            && disagreement.contains("KV cache: formula 0 B, llama.cpp")
+            && disagreement.ends_with("using llama.cpp's figures"),
+        "{disagreement}"
+    );
+    let rwkv_events: Vec<Value> = events(&c, home)
+        .into_iter()
+        .filter(|e| e["kind"] == "estimate_disagrees" && e["subject"] == "rwkv7.gguf")
+        .collect();
+    assert_eq!(rwkv_events.len(), 1, "{rwkv_events:#?}");
+    let msg = rwkv_events[0]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("`rwkv7.gguf` (rwkv7) on halo1") && msg.contains("KV cache: formula"),
+        "{msg}"
+    );
+    let table = run(&c, home, &["plan", "rwkv7-1.5b", "--ctx", "8192"]);
+    let out = text(&table.stdout);
+    assert!(
+        out.contains("estimate: generic rules for rwkv7") && out.contains("  engine  "),
+        "{}",
+        show(&table)
+    );
+    let place = run(
+        &c,
+        home,
+        &["place", "speed", "rwkv7-1.5b", "--dry-run", "-o", "json"],
+    );
+    let d = json(&place);
+    assert_eq!(d["accepted"], true, "{}", show(&place));
+    assert_eq!(
+        d["estimate"]["total_bytes"].as_u64(),
+        Some(engine),
+        "{}",
+        show(&place)
+    );
+    let explanation = d["explanation"].to_string();
+    assert!(
+        explanation.contains("estimate: generic rules for rwkv7")
+            && explanation.contains("llama.cpp on halo1"),
+        "{explanation}"
+    );
 
     // (b) A node without llama-fit-params: placement works on the formula
     // and says why there is no check.

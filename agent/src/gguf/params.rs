@@ -903,8 +903,8 @@ mod tests {
                     assert_eq!((p.key_length, p.value_length), (128, 128));
                     assert!(p.swa_layers.iter().all(|&s| !s));
                 }
-                // Not in ALL: `fixtures/lfm2.rs` checks its parameters.
-                SparseModel::Lfm2_1_2B => {}
+                // Not in ALL: `fixtures/lfm2.rs` and `rwkv7.rs` check them.
+                SparseModel::Lfm2_1_2B | SparseModel::Rwkv7_1_5B => {}
             }
         }
     }
