@@ -65,7 +65,11 @@ fn json(o: &Output) -> Value {
 fn notes(row: &Value) -> Vec<String> {
     row["estimate_notes"]
         .as_array()
-        .map(|a| a.iter().filter_map(|n| n.as_str().map(str::to_owned)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|n| n.as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -188,7 +192,10 @@ async fn the_controller_checks_its_estimate_against_each_nodes_llama_fit_params(
     );
     let formula = row["formula_total_bytes"].as_u64().expect("formula");
     let engine = row["engine_total_bytes"].as_u64().expect("engine figure");
-    assert!(engine > formula && !within_two_percent(formula, engine), "{row:#}");
+    assert!(
+        engine > formula && !within_two_percent(formula, engine),
+        "{row:#}"
+    );
     assert_eq!(row["estimate_used"], "engine", "{row:#}");
     assert_eq!(row["total_bytes"].as_u64(), Some(engine), "{row:#}");
     let disagreement = n
@@ -250,7 +257,14 @@ async fn the_controller_checks_its_estimate_against_each_nodes_llama_fit_params(
     let place = run(
         &c,
         home,
-        &["place", "reasoning", "gpt-oss-20b", "--dry-run", "-o", "json"],
+        &[
+            "place",
+            "reasoning",
+            "gpt-oss-20b",
+            "--dry-run",
+            "-o",
+            "json",
+        ],
     );
     let d = json(&place);
     assert_eq!(d["accepted"], true, "{}", show(&place));

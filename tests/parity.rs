@@ -18,8 +18,8 @@
 //! Test and bench tooling: `tests/estimate.rs` asserts parity,
 //! `cargo bench -p tests --bench estimate_parity` prints the whole table.
 
-pub use agent::engine::{Projection as LlamaProjection, device};
 use agent::engine::EngineError;
+pub use agent::engine::{Projection as LlamaProjection, device};
 use agent::loadlog::{parse_load_log, parse_table_row};
 use controller::estimate::{CacheType, Estimate, EstimateOptions, FlashAttn, MIB};
 use std::fmt;

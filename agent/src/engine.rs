@@ -159,7 +159,11 @@ impl Projection {
             .iter()
             .filter(|l| l.kind == BufferKind::Model)
             .filter(|l| l.buffer != "CPU" && !l.buffer.ends_with("_Mapped"))
-            .all(|l| self.table.iter().any(|r| device(&r.name) == device(&l.buffer)));
+            .all(|l| {
+                self.table
+                    .iter()
+                    .any(|r| device(&r.name) == device(&l.buffer))
+            });
         host_printed.is_some() && host_printed == host_table && others_present
     }
 }
@@ -296,8 +300,14 @@ fn run_once(
             source,
         })?;
     let readers = [
-        child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
-        child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
     ]
     .map(|s| s.map(|s| std::thread::spawn(move || read_bounded(s))));
     let status = loop {
@@ -378,7 +388,11 @@ impl Engine {
     /// caller inside the model directories) under `settings`, and whether
     /// it came from the cache. A missing binary is not cached (it may be
     /// installed later); a failure or a timeout is.
-    pub async fn project(&self, path: &Path, settings: &ProjectionSettings) -> (ProjectionAnswer, bool) {
+    pub async fn project(
+        &self,
+        path: &Path,
+        settings: &ProjectionSettings,
+    ) -> (ProjectionAnswer, bool) {
         let meta = std::fs::metadata(path).ok();
         let key = CacheKey {
             path: path.to_owned(),
@@ -396,8 +410,7 @@ impl Engine {
         }
         let (bin, model, timeout) = (self.bin.clone(), path.to_owned(), self.timeout);
         let args = settings_args(settings);
-        let result =
-            tokio::task::spawn_blocking(move || run(&bin, &model, &args, timeout)).await;
+        let result = tokio::task::spawn_blocking(move || run(&bin, &model, &args, timeout)).await;
         let answer = match result {
             Ok(Ok(p)) => Ok(p.memory()),
             Ok(Err(e @ EngineError::NotFound { .. })) => return (Err(e.to_string()), false),
@@ -458,7 +471,10 @@ mod tests {
             ..ProjectionSettings::default()
         };
         let a = settings_args(&s).join(" ");
-        assert!(a.contains("-c 8192 -np 4 -b 2048 -ub 512 -ctk q8_0 -ctv f16 -fa auto"), "{a}");
+        assert!(
+            a.contains("-c 8192 -np 4 -b 2048 -ub 512 -ctk q8_0 -ctv f16 -fa auto"),
+            "{a}"
+        );
     }
 
     #[tokio::test]
@@ -467,7 +483,10 @@ mod tests {
         let model = dir.path().join("m.gguf");
         std::fs::write(&model, b"GGUF").expect("write");
         let s = ProjectionSettings::default();
-        let missing = Engine::new("/nonexistent/llama-fit-params".into(), Duration::from_secs(5));
+        let missing = Engine::new(
+            "/nonexistent/llama-fit-params".into(),
+            Duration::from_secs(5),
+        );
         let (a, cached) = missing.project(&model, &s).await;
         assert_eq!(
             a,
@@ -483,11 +502,8 @@ mod tests {
 
         let script = dir.path().join("hangs");
         std::fs::write(&script, "#!/bin/sh\nexec sleep 30\n").expect("write");
-        std::fs::set_permissions(
-            &script,
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .expect("chmod");
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
         let hanging = Engine::new(script, Duration::from_secs(1));
         let (a, _) = hanging.project(&model, &s).await;
         assert_eq!(a, Err("timed out after 1 s".to_owned()));

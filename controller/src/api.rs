@@ -168,7 +168,9 @@ impl ControllerApi {
             return self.make_resident(v).await;
         }
         let plain: Vec<Placement> = placed.iter().map(|v| v.value.clone()).collect();
-        let nodes = self.checked_nodes(&catalog, &req.model, req.context, true).await;
+        let nodes = self
+            .checked_nodes(&catalog, &req.model, req.context, true)
+            .await;
         let mut d = placement::place(&nodes, &plain, &catalog, &req);
         self.check_chosen(&catalog, &req.model, &nodes, &d);
         if let Some(p) = d.placement.as_mut() {

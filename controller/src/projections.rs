@@ -12,9 +12,9 @@
 //! agent caches them per file too. A call that did not reach an answer
 //! (the agent down, a deadline) is asked again after [`RETRY_AFTER`].
 
-use crate::estimate::engine::{EngineCheck, projection_settings};
 use crate::estimate::EstimateOptions;
 use crate::estimate::engine::EngineRecord;
+use crate::estimate::engine::{EngineCheck, projection_settings};
 use crate::events::Events;
 use crate::nodes::{Liveness, NodeState};
 use crate::observe::{CALL_TIMEOUT, Observed, agent_client};

@@ -280,7 +280,9 @@ fn render(plan: &Plan) -> String {
     let mut s = String::new();
     s.push_str(&format!("{}\n{}\n", plan.path, summary(p)));
     for n in &plan.notes {
-        s.push_str(&format!("{n} (no llama.cpp check offline: `haloctl plan CATALOG-NAME` asks a node)\n"));
+        s.push_str(&format!(
+            "{n} (no llama.cpp check offline: `haloctl plan CATALOG-NAME` asks a node)\n"
+        ));
     }
     s.push_str(&format!(
         "budget {} ({}); KV cache {}/{}; {} slot{}\n\n",

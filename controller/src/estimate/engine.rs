@@ -231,7 +231,11 @@ impl EngineCheck {
 pub fn engine_total(s: &SourcedEstimate, c: &Comparison) -> u64 {
     let e = &s.estimate;
     let pick = |src: EstimateSource, ours: u64, theirs: u64| {
-        if src == EstimateSource::Observed { ours } else { theirs }
+        if src == EstimateSource::Observed {
+            ours
+        } else {
+            theirs
+        }
     };
     pick(s.sources.weights, e.weights_bytes, c.engine[0])
         + pick(s.sources.kv, e.kv_bytes, c.engine[1])
@@ -325,7 +329,11 @@ mod tests {
         );
         let check = EngineCheck::new("halo1", &p, &opts, &same);
         assert!(!check.disagrees());
-        assert!(check.note().starts_with("formula confirmed by llama.cpp's projection on halo1"));
+        assert!(
+            check
+                .note()
+                .starts_with("formula confirmed by llama.cpp's projection on halo1")
+        );
         let s = apply(estimate_with_observed("m", &p, &opts, &[]), &check);
         assert_eq!(s.source, EstimateSource::Formula);
 
@@ -347,7 +355,10 @@ mod tests {
         assert_eq!(s.estimate.kv_bytes, at_tool.kv_bytes * 2);
         // The tool's extra logit rows are taken off its compute figure.
         assert_eq!(s.estimate.compute_bytes, formula.compute_bytes);
-        assert_eq!(s.estimate.total_bytes, formula.total_bytes + at_tool.kv_bytes);
+        assert_eq!(
+            s.estimate.total_bytes,
+            formula.total_bytes + at_tool.kv_bytes
+        );
     }
 
     #[test]

@@ -21,12 +21,12 @@ pub use instance::{
 pub use memory::{GpuMemory, MemoryPressure, MemoryReport, ProcessMemory};
 pub use model::{ModelFile, ModelParams, ModelStatus, check_model_id};
 pub use node::{AgentEvent, AgentEventKind, NodeIdentity, NodeStatus, Snapshot};
-pub use projection::{
-    MemoryProjection, ProjectedDevice, ProjectionAnswer, ProjectionRequest, ProjectionSettings,
-};
 pub use placement::{
     HelpersState, NodeFit, OomRecord, Placement, PlacementOptions, Replica, ReplicaKey, SplitPlan,
     SplitShare,
+};
+pub use projection::{
+    MemoryProjection, ProjectedDevice, ProjectionAnswer, ProjectionRequest, ProjectionSettings,
 };
 
 /// A wire message that does not describe a valid domain value.

@@ -98,7 +98,10 @@ impl TryFrom<v1::ProjectMemoryRequest> for ProjectionRequest {
                 cache_type_v: CacheType::from_wire("cache_type_v", r.cache_type_v)?
                     .unwrap_or(d.cache_type_v),
                 flash_attention: r.flash_attention,
-                batch_size: or(bounded("batch_size", r.batch_size, MAX_BATCH)?, d.batch_size),
+                batch_size: or(
+                    bounded("batch_size", r.batch_size, MAX_BATCH)?,
+                    d.batch_size,
+                ),
                 ubatch_size: or(
                     bounded("ubatch_size", r.ubatch_size, MAX_BATCH)?,
                     d.ubatch_size,
