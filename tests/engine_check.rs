@@ -278,3 +278,84 @@ async fn the_controller_checks_its_estimate_against_each_nodes_llama_fit_params(
     );
     drop(nodes);
 }
+
+/// The agent's side alone: `ProjectMemory` runs llama.cpp's projection of
+/// a model it lists, answers the same settings again from its cache, and
+/// refuses a model it does not list; an agent without the tool says where
+/// it looked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_projects_a_listed_model_and_answers_again_from_its_cache() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut with = AgentNode::new(dir.path(), "halo1", &["speed"], 1);
+    let mut without = AgentNode::new(dir.path(), "halo2", &["speed"], 1);
+    without.extra_args = vec!["--fit-params-bin".into(), MISSING.into()];
+    for n in [&mut with, &mut without] {
+        fixtures::write_sparse_with(
+            SparseModel::Llama31_8B,
+            &n.models.join("llama-8b.gguf"),
+            VocabStyle::SizeOnly,
+        )
+        .expect("sparse fixture");
+        n.start();
+    }
+    let ask = |ctx: u32, model: &str| proto::v1::ProjectMemoryRequest {
+        model_id: model.into(),
+        context_size: ctx,
+        parallel: 1,
+        ..proto::v1::ProjectMemoryRequest::default()
+    };
+    let mut a = tests::cluster::agent_client(&with).await;
+    let first = a
+        .project_memory(ask(8192, "llama-8b.gguf"))
+        .await
+        .expect("projection")
+        .into_inner();
+    assert!(first.unavailable.is_empty(), "{first:?}");
+    assert!(!first.cached, "{first:?}");
+    // One row per buffer type: the host's (KV cache 1 GiB at 8192) and the
+    // CPU's repacked weights; the weights add up to the file's 4.6 GiB.
+    let host = first.devices.iter().find(|d| d.name == "Host");
+    assert!(
+        host.is_some_and(|h| h.context_bytes == 1024 << 20),
+        "{first:?}"
+    );
+    let weights: u64 = first.devices.iter().map(|d| d.weights_bytes).sum();
+    assert!((4_500 << 20..4_800 << 20).contains(&weights), "{first:?}");
+    let again = a
+        .project_memory(ask(8192, "llama-8b.gguf"))
+        .await
+        .expect("projection")
+        .into_inner();
+    assert!(again.cached, "{again:?}");
+    assert_eq!(again.devices, first.devices);
+    let other = a
+        .project_memory(ask(4096, "llama-8b.gguf"))
+        .await
+        .expect("projection")
+        .into_inner();
+    assert!(!other.cached, "{other:?}");
+    assert!(
+        other
+            .devices
+            .iter()
+            .any(|d| d.name == "Host" && d.context_bytes == 512 << 20),
+        "{other:?}"
+    );
+    let unknown = a
+        .project_memory(ask(8192, "nothing-here.gguf"))
+        .await
+        .expect_err("unknown model");
+    assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
+
+    let mut b = tests::cluster::agent_client(&without).await;
+    let missing = b
+        .project_memory(ask(8192, "llama-8b.gguf"))
+        .await
+        .expect("an answer")
+        .into_inner();
+    assert!(missing.devices.is_empty(), "{missing:?}");
+    assert_eq!(
+        missing.unavailable,
+        format!("llama-fit-params not found at {MISSING}")
+    );
+}
