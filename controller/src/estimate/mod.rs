@@ -43,6 +43,9 @@
 //! * recurrent state of RWKV, LFM2 and KDA layers (other state shapes);
 //! * `expert_feed_forward_length` when the header lacks it: inferred from
 //!   the parameter count, and the notes say so.
+//!
+//! Where a node's agent has `llama-fit-params`, [`engine`] catches what
+//! these gaps leave out (a RWKV model's per-slot state, for one).
 
 pub mod compute;
 pub mod context;
