@@ -197,10 +197,11 @@ impl Breakdown {
     /// What the decision and the plan say about the estimate: the generic
     /// rules note and the check against llama.cpp.
     pub fn notes(&self) -> Vec<String> {
+        let observed = self.used() == "observed";
         self.generic_rules
             .iter()
             .cloned()
-            .chain(self.engine.iter().map(EngineCheck::note))
+            .chain(self.engine.iter().map(|c| c.note_when(observed)))
             .collect()
     }
 

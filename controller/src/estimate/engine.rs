@@ -10,8 +10,9 @@
 //! the formula says those extra rows cost.
 //!
 //! Two totals disagree when they differ by more than [`DISAGREE_PERCENT`]
-//! of llama.cpp's figure and by more than its rounding (each row printed in
-//! whole MiB, rounded down). Then llama.cpp's figures replace the formula's
+//! of llama.cpp's figure and by more than [`DISAGREE_FLOOR`] (the parity
+//! tests' tolerance; it also covers llama.cpp printing each row in whole
+//! MiB, rounded down, which makes a small model's figures meaningless). Then llama.cpp's figures replace the formula's
 //! (never observed ones: a real load beats both) and the estimate says so.
 
 use super::observed::{EstimateSource, SourcedEstimate};
@@ -22,6 +23,8 @@ use proto::units;
 /// How far apart (percent of llama.cpp's total) the two may be and still
 /// agree.
 pub const DISAGREE_PERCENT: f64 = 2.0;
+/// Differences up to this many bytes are never a disagreement.
+pub const DISAGREE_FLOOR: u64 = 16 * MIB;
 
 /// The options `llama-fit-params` projects at for `opts`: the same, with
 /// its logit rows (`n_outputs_max` 0 = `n_batch`, `common_context_params_to_llama`
@@ -78,8 +81,6 @@ pub struct Comparison {
     pub formula: [u64; 3],
     /// llama.cpp's projection.
     pub engine: [u64; 3],
-    /// Rows llama.cpp printed (each rounded down to a MiB).
-    pub rows: u64,
     /// What the tool's extra logit rows add to the compute buffer (formula
     /// at the tool's options less at llama-server's).
     pub extra_rows_bytes: u64,
@@ -101,7 +102,7 @@ impl Comparison {
     /// Whether `ours` is off `theirs` by more than the tolerance.
     fn apart(&self, theirs: u64, ours: u64) -> bool {
         let diff = theirs.abs_diff(ours) as f64;
-        diff > theirs as f64 * DISAGREE_PERCENT / 100.0 && diff > (self.rows * MIB) as f64
+        diff > theirs as f64 * DISAGREE_PERCENT / 100.0 && diff > DISAGREE_FLOOR as f64
     }
 
     /// Whether the totals disagree.
@@ -181,7 +182,6 @@ impl EngineCheck {
                 at_tool.compute_bytes,
             ],
             engine: [p.weights_bytes(), p.context_bytes(), p.compute_bytes()],
-            rows: p.devices.len() as u64,
             extra_rows_bytes: at_tool
                 .compute_bytes
                 .saturating_sub(at_server.compute_bytes),
@@ -203,14 +203,25 @@ impl EngineCheck {
 
     /// The check in words, for plans and decisions.
     pub fn note(&self) -> String {
+        self.note_when(false)
+    }
+
+    /// [`Self::note`] for an estimate whose figures (`observed`) came from
+    /// a real load, which stays above both.
+    pub fn note_when(&self, observed: bool) -> String {
         match self {
             EngineCheck::Compared(c) if c.disagrees() => format!(
-                "formula {} and llama.cpp's projection on {} {} disagree by {:.1} % ({}); using llama.cpp's figures",
+                "formula {} and llama.cpp's projection on {} {} disagree by {:.1} % ({}); {}",
                 units::bytes(c.formula_total()),
                 c.node,
                 units::bytes(c.engine_total()),
                 c.percent().abs(),
-                c.buckets().join("; ")
+                c.buckets().join("; "),
+                if observed {
+                    "a real load's figures are used"
+                } else {
+                    "using llama.cpp's figures"
+                }
             ),
             EngineCheck::Compared(c) => format!(
                 "formula confirmed by llama.cpp's projection on {}: {} vs {} ({:+.1} %)",
@@ -256,6 +267,7 @@ pub fn apply(mut s: SourcedEstimate, check: &EngineCheck) -> SourcedEstimate {
     if !c.disagrees() {
         return s;
     }
+    let observed = s.source == EstimateSource::Observed;
     let e = &mut s.estimate;
     let take = |slot: &mut u64, src: &mut EstimateSource, v: u64| {
         if *src == EstimateSource::Formula {
@@ -271,7 +283,7 @@ pub fn apply(mut s: SourcedEstimate, check: &EngineCheck) -> SourcedEstimate {
         c.engine[2].saturating_sub(c.extra_rows_bytes),
     );
     e.total_bytes = e.weights_bytes + e.kv_bytes + e.compute_bytes + e.output_bytes;
-    e.notes.push(check.note());
+    e.notes.push(check.note_when(observed));
     if s.source == EstimateSource::Formula {
         s.source = EstimateSource::Engine;
     }
@@ -359,6 +371,33 @@ mod tests {
             s.estimate.total_bytes,
             formula.total_bytes + at_tool.kv_bytes
         );
+    }
+
+    #[test]
+    fn a_difference_under_16_mib_is_no_disagreement_however_small_the_model() {
+        let p = params();
+        let opts = crate::nodes::estimate_options(256, 1, "f16", "f16");
+        let at_tool = estimate(&p, &fit_params_options(&opts));
+        // llama.cpp's whole MiB, rounded down, 15 MiB short in all.
+        let short = answer(
+            at_tool.weights_bytes - 5 * MIB,
+            at_tool.kv_bytes - 5 * MIB,
+            at_tool.compute_bytes - 5 * MIB,
+        );
+        assert!(!EngineCheck::new("halo1", &p, &opts, &short).disagrees());
+        // 17 MiB short on a model under 850 MiB (2 % of it) is one.
+        let small = ModelParams {
+            weight_bytes: 400 * MIB,
+            ..p.clone()
+        };
+        let at_small = estimate(&small, &fit_params_options(&opts));
+        assert!(at_small.projected_bytes() < 850 * MIB);
+        let shorter_small = answer(
+            at_small.weights_bytes - 17 * MIB,
+            at_small.kv_bytes,
+            at_small.compute_bytes,
+        );
+        assert!(EngineCheck::new("halo1", &small, &opts, &shorter_small).disagrees());
     }
 
     #[test]
