@@ -224,11 +224,16 @@ impl EngineCheck {
                 }
             ),
             EngineCheck::Compared(c) => format!(
-                "formula confirmed by llama.cpp's projection on {}: {} vs {} ({:+.1} %)",
+                "formula confirmed by llama.cpp's projection on {}: {} vs {} ({:+.1} %{})",
                 c.node,
                 units::bytes(c.formula_total()),
                 units::bytes(c.engine_total()),
-                c.percent()
+                c.percent(),
+                if c.percent().abs() > DISAGREE_PERCENT {
+                    format!(", within {}", units::bytes(DISAGREE_FLOOR))
+                } else {
+                    String::new()
+                }
             ),
             EngineCheck::Unavailable { node, reason } => {
                 format!("engine check unavailable on {node}: {reason}; using the formula")
