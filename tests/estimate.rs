@@ -254,3 +254,20 @@ fn a_hybrid_load_matches_the_formula() {
     assert_close_to_the_load(&e, &obs, 4 * MIB);
     assert_eq!(e.compute.dominant, "attention (no flash)");
 }
+
+/// The registry of architectures with rules of their own is exactly the
+/// set the parity fixtures check: every checked family is known (so its
+/// plan does not claim generic rules) and the fixtures kept for unknown
+/// architectures are not.
+#[test]
+fn every_architecture_the_parity_fixtures_check_is_known_and_the_generic_fixtures_are_not() {
+    use controller::estimate::rules::is_known;
+    for kind in fixtures::SparseModel::ALL {
+        let arch = kind.spec().arch;
+        assert!(is_known(arch), "{kind:?} ({arch}) is checked but not known");
+    }
+    for kind in fixtures::SparseModel::GENERIC {
+        let arch = kind.spec().arch;
+        assert!(!is_known(arch), "{kind:?} ({arch}) has no rules of its own");
+    }
+}

@@ -93,6 +93,9 @@ def agent():
     write(t, "stop", 5, msg((1, "i-0123456789abcdef"), (2, 17)))
     write(t, "watch", 6, msg((1, 1000)))
     write(t, "tail-logs", 7, msg((1, "i-0123456789abcdef"), (2, 100), (3, True)))
+    write(t, "project-memory", 8, msg(
+        (1, "qwen3/Qwen3-Coder-30B-Q4_K_M-00001-of-00002.gguf"), (2, 32768),
+        (3, 2), (4, 3), (5, 3), (6, True), (7, 2048), (8, 512)))
 
 
 def share(node, host, layers):

@@ -365,6 +365,24 @@ async fn every_hostile_model_id_is_refused_at_every_entry_point_and_nothing_star
             }
         }
 
+        // The agent's ProjectMemory: only a model its scan lists is run.
+        if let Some(id) = input.text() {
+            let got = a
+                .project_memory(v1::ProjectMemoryRequest {
+                    model_id: id.clone(),
+                    context_size: 256,
+                    ..v1::ProjectMemoryRequest::default()
+                })
+                .await;
+            match got {
+                Ok(r) => panic!("{label}: ProjectMemory answered {r:?}"),
+                Err(s) => assert!(
+                    matches!(s.code(), Code::InvalidArgument | Code::NotFound),
+                    "{label}: ProjectMemory answered {s:?}"
+                ),
+            }
+        }
+
         // The controller's PutCatalogEntry.
         let name = format!("hostile-{i}");
         let got = match input.text() {

@@ -17,6 +17,7 @@ mod copy;
 mod ctl;
 mod ctl_cluster;
 mod deploy;
+mod engine_check;
 mod estimate;
 mod fitparams;
 mod gateway;

@@ -11,11 +11,16 @@
 //! `common_memory_breakdown_print` table logged on stderr at debug
 //! verbosity (`-v`). [`run_fit_params`] reads both and sums every row; the
 //! stderr goes through the agent's load-log parser (`agent::loadlog`).
+//! Running and parsing the tool is the agent's (`agent::engine`, which
+//! answers the controller's `ProjectMemory`); this module keeps the test
+//! side: the flags of an [`EstimateOptions`], tolerances and the table.
 //!
 //! Test and bench tooling: `tests/estimate.rs` asserts parity,
 //! `cargo bench -p tests --bench estimate_parity` prints the whole table.
 
-use agent::loadlog::{BreakdownRow, BufferKind, LoadLog, parse_load_log, parse_table_row};
+use agent::engine::EngineError;
+pub use agent::engine::{Projection as LlamaProjection, device};
+use agent::loadlog::{parse_load_log, parse_table_row};
 use controller::estimate::{CacheType, Estimate, EstimateOptions, FlashAttn, MIB};
 use std::fmt;
 use std::io::{BufRead, BufReader};
@@ -24,9 +29,19 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+/// How long one `llama-fit-params` run may take in tests (a loaded
+/// machine, the largest fixtures).
+pub const FIT_PARAMS_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Why a `llama-fit-params` run gave no projection.
 #[derive(Debug, thiserror::Error)]
 pub enum ParityError {
+    /// The agent's runner: not found, failed, no projection, timed out.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// An option has no `llama-fit-params` flag.
+    #[error("llama-fit-params has no flag for {0}")]
+    Unsupported(&'static str),
     /// The binary could not be started.
     #[error("cannot run {bin}: {source}")]
     Spawn {
@@ -35,27 +50,6 @@ pub enum ParityError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// The binary exited unsuccessfully.
-    #[error("{bin} failed ({status}): {stderr_tail}")]
-    Failed {
-        /// The binary.
-        bin: PathBuf,
-        /// Its exit status.
-        status: std::process::ExitStatus,
-        /// The last lines of its stderr.
-        stderr_tail: String,
-    },
-    /// The binary succeeded but printed no `Host` line.
-    #[error("no `Host` projection line in the output of {bin}: {stdout}")]
-    NoProjection {
-        /// The binary.
-        bin: PathBuf,
-        /// What it printed on stdout.
-        stdout: String,
-    },
-    /// An option has no `llama-fit-params` flag.
-    #[error("llama-fit-params has no flag for {0}")]
-    Unsupported(&'static str),
     /// `llama-server` printed no projection table in time.
     #[error("{bin} printed no memory breakdown within {seconds} s: {stderr_tail}")]
     NoTable {
@@ -66,85 +60,6 @@ pub enum ParityError {
         /// The last lines of its stderr.
         stderr_tail: String,
     },
-}
-
-/// What `llama-fit-params --fit-print on` projected.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LlamaProjection {
-    /// The stdout lines (`Host` last), as `common_fit_print` prints them.
-    pub printed: Vec<BreakdownRow>,
-    /// The stderr breakdown table rows (`Host`, `CPU_REPACK`, devices), when
-    /// the log carried them.
-    pub table: Vec<BreakdownRow>,
-    /// The exact figures the debug log carries (KV `size = ...`, `compute
-    /// buffer size = ...`), for diagnosis.
-    pub precise: LoadLog,
-}
-
-impl LlamaProjection {
-    /// The rows to sum: the breakdown table when it was logged (it includes
-    /// non-host buffer types), else the printed lines.
-    fn rows(&self) -> &[BreakdownRow] {
-        if self.table.is_empty() {
-            &self.printed
-        } else {
-            &self.table
-        }
-    }
-
-    /// Weights, MiB, over every buffer type.
-    pub fn model_mib(&self) -> u64 {
-        self.rows().iter().map(|r| r.model_mib).sum()
-    }
-
-    /// KV + recurrent state, MiB.
-    pub fn context_mib(&self) -> u64 {
-        self.rows().iter().map(|r| r.context_mib).sum()
-    }
-
-    /// Compute buffers, MiB.
-    pub fn compute_mib(&self) -> u64 {
-        self.rows().iter().map(|r| r.compute_mib).sum()
-    }
-
-    /// Parses `llama-fit-params` stdout and stderr (`-v`).
-    pub fn parse(stdout: &str, stderr: &str) -> Option<LlamaProjection> {
-        let printed: Vec<BreakdownRow> = stdout.lines().filter_map(parse_printed_line).collect();
-        if !printed.iter().any(|r| r.name == "Host") {
-            return None;
-        }
-        Some(LlamaProjection {
-            printed,
-            table: parse_table(stderr),
-            precise: parse_load_log(stderr),
-        })
-    }
-}
-
-/// `Host 693 512 294` (`common_fit_print`): a name then three integers.
-fn parse_printed_line(line: &str) -> Option<BreakdownRow> {
-    let mut it = line.split_whitespace();
-    let name = it.next()?.to_owned();
-    let model_mib = it.next()?.parse().ok()?;
-    let context_mib = it.next()?.parse().ok()?;
-    let compute_mib = it.next()?.parse().ok()?;
-    if it.next().is_some() {
-        return None;
-    }
-    Some(BreakdownRow {
-        name,
-        model_mib,
-        context_mib,
-        compute_mib,
-    })
-}
-
-fn parse_table(stderr: &str) -> Vec<BreakdownRow> {
-    stderr
-        .lines()
-        .filter(|l| l.contains("memory_breakdown_print"))
-        .filter_map(parse_table_row)
-        .collect()
 }
 
 /// The command-line flags for `opts`.
@@ -187,10 +102,9 @@ fn common_args(opts: &EstimateOptions) -> Vec<String> {
 }
 
 /// Runs `bin` (`llama-fit-params`) on `model` with `opts` and parses its
-/// projection. The stderr table comes from llama.cpp's asynchronous logger,
-/// which can lose its last lines when the process exits; the run is repeated
-/// (up to 5 times) until the table is complete, and otherwise the printed
-/// `Host` line alone is used.
+/// projection ([`agent::engine::run`]: repeated until llama.cpp's
+/// asynchronous logger delivered the whole stderr table, killed after
+/// [`FIT_PARAMS_TIMEOUT`]).
 pub fn run_fit_params(
     bin: &Path,
     model: &Path,
@@ -208,66 +122,7 @@ pub fn run_fit_params_with(
 ) -> Result<LlamaProjection, ParityError> {
     let mut args = fit_params_args(opts)?;
     args.extend(extra.iter().cloned());
-    let mut last = None;
-    for _ in 0..5 {
-        let out = Command::new(bin)
-            .arg("-m")
-            .arg(model)
-            .args(&args)
-            .args(["--fit-print", "on", "-v"])
-            .output()
-            .map_err(|source| ParityError::Spawn {
-                bin: bin.to_owned(),
-                source,
-            })?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        if !out.status.success() {
-            let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
-            return Err(ParityError::Failed {
-                bin: bin.to_owned(),
-                status: out.status,
-                stderr_tail: tail.into_iter().rev().collect::<Vec<_>>().join(" | "),
-            });
-        }
-        let Some(mut p) = LlamaProjection::parse(&stdout, &stderr) else {
-            return Err(ParityError::NoProjection {
-                bin: bin.to_owned(),
-                stdout: stdout.into_owned(),
-            });
-        };
-        if table_is_complete(&p) {
-            return Ok(p);
-        }
-        p.table.clear();
-        last = Some(p);
-    }
-    last.ok_or_else(|| ParityError::NoProjection {
-        bin: bin.to_owned(),
-        stdout: String::new(),
-    })
-}
-
-/// Whether the stderr table has a `Host` row equal to the printed line and a
-/// row for every non-host weight buffer the load logged (`CPU_REPACK`, ...;
-/// host types, `CPU` and `*_Mapped`, are folded into `Host`).
-fn table_is_complete(p: &LlamaProjection) -> bool {
-    let host_printed = p.printed.iter().find(|r| r.name == "Host");
-    let host_table = p.table.iter().find(|r| r.name == "Host");
-    let others_present = p
-        .precise
-        .lines()
-        .iter()
-        .filter(|l| l.kind == BufferKind::Model)
-        .filter(|l| l.buffer != "CPU" && !l.buffer.ends_with("_Mapped"))
-        .all(|l| p.table.iter().any(|r| device(&r.name) == device(&l.buffer)));
-    host_printed.is_some() && host_printed == host_table && others_present
-}
-
-/// A buffer or table row's device without its address: the buffer
-/// `RPC0[127.0.0.1:50052]` is the row `RPC0 (127.0.0.1:50052)`.
-pub fn device(name: &str) -> &str {
-    name.split(['[', ' ']).next().unwrap_or(name)
+    Ok(agent::engine::run(bin, model, &args, FIT_PARAMS_TIMEOUT)?)
 }
 
 /// The projection `llama-server` itself makes before loading: with `--fit`
@@ -535,36 +390,6 @@ impl fmt::Display for ParityRow {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const STDOUT: &str = "Host 693 512 294 \n";
-    const STDERR: &str = "\
-0.00.011.161 D sched_reserve:        CPU compute buffer size =   294.52 MiB
-0.00.011.421 I common_memory_breakdown_print: | memory breakdown [MiB] | total   free    self   model   context   compute    unaccounted |
-0.00.011.421 I common_memory_breakdown_print: |   - Host               |                 1500 =   693 +     512 +     294                |
-0.00.011.421 I common_memory_breakdown_print: |   - CPU_REPACK         |                 3744 =  3744 +       0 +       0                |
-";
-
-    #[test]
-    fn projection_sums_host_line_and_repacked_weights() {
-        let p = LlamaProjection::parse(STDOUT, STDERR).expect("parse");
-        assert_eq!(p.printed.len(), 1);
-        assert_eq!(p.table.len(), 2);
-        assert_eq!(
-            (p.model_mib(), p.context_mib(), p.compute_mib()),
-            (693 + 3744, 512, 294)
-        );
-        assert_eq!(
-            p.precise.buffers().and_then(|b| b.compute_bytes),
-            Some((294.52 * MIB as f64).round() as u64)
-        );
-    }
-
-    #[test]
-    fn projection_without_table_uses_printed_lines() {
-        let p = LlamaProjection::parse(STDOUT, "").expect("parse");
-        assert_eq!((p.model_mib(), p.compute_mib()), (693, 294));
-        assert!(LlamaProjection::parse("nothing here\n", STDERR).is_none());
-    }
 
     #[test]
     fn tolerance_is_two_percent_or_sixteen_mib() {

@@ -45,6 +45,7 @@ pub fn node(name: &str, role: &str, models: &[(SparseModel, &Arc<ModelParams>)])
             .collect(),
         observed: HashMap::new(),
         loads: Vec::new(),
+        engine: Vec::new(),
         split: split_caps(true),
         allowed_flags: None,
     }

@@ -168,6 +168,18 @@ async fn agent_matrix(ch: Channel) -> Vec<(&'static str, Code)> {
                 .map(drop),
             ),
         ),
+        (
+            "ProjectMemory",
+            code(
+                c.project_memory(v1::ProjectMemoryRequest {
+                    model_id: "none.gguf".into(),
+                    context_size: 256,
+                    ..v1::ProjectMemoryRequest::default()
+                })
+                .await
+                .map(drop),
+            ),
+        ),
     ]
 }
 

@@ -21,6 +21,8 @@ pub const DEFAULT_PORT_RANGE: &str = "8100-8199";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/halo-agent";
 /// File name of llama.cpp's RPC server, looked for beside llama-server.
 pub const DEFAULT_RPC_SERVER: &str = "ggml-rpc-server";
+/// llama.cpp's memory projection tool, looked for beside llama-server.
+pub const DEFAULT_FIT_PARAMS: &str = "llama-fit-params";
 
 /// Flags the agent sets itself or that reach the network or the file
 /// system on their own; no allow-list entry may name them.
@@ -181,6 +183,12 @@ pub struct Args {
     /// requires].
     #[arg(long, env = "HALO_AGENT_RPC_SERVER", value_name = "PATH")]
     pub rpc_server: Option<PathBuf>,
+    /// llama-fit-params, llama.cpp's own memory projection, which the
+    /// controller checks its estimate against (ProjectMemory) [default:
+    /// beside llama-server: the same build]. When it is missing the agent
+    /// still runs and answers that the check is unavailable.
+    #[arg(long, env = "HALO_AGENT_FIT_PARAMS_BIN", value_name = "PATH")]
+    pub fit_params_bin: Option<PathBuf>,
     /// Ports given to instances, FIRST-LAST [default: 8100-8199].
     #[arg(long, env = "HALO_AGENT_PORT_RANGE", value_name = "FIRST-LAST")]
     pub port_range: Option<String>,
@@ -357,6 +365,7 @@ struct FileConfig {
     model_dirs: Option<Vec<PathBuf>>,
     llama_server: Option<PathBuf>,
     rpc_server: Option<PathBuf>,
+    fit_params_bin: Option<PathBuf>,
     port_range: Option<String>,
     rpc_port_range: Option<String>,
     instance_host: Option<String>,
@@ -459,6 +468,12 @@ pub struct Config {
     /// must then exist); by default `ggml-rpc-server` beside `llama_server`,
     /// which may be absent (the node then cannot take a share of a split).
     pub rpc_server: PathBuf,
+    /// llama-fit-params: `fit_params_bin` as given (made absolute), by
+    /// default beside `llama_server`; it may be absent (ProjectMemory then
+    /// answers that the projection is unavailable).
+    pub fit_params_bin: PathBuf,
+    /// Longest a llama-fit-params run may take before it is killed.
+    pub fit_params_timeout: Duration,
     /// Instance ports.
     pub port_range: PortRange,
     /// ggml-rpc-server ports (by default `port_range`).
@@ -532,6 +547,7 @@ impl Config {
         let node = NodeKeys::check(s.node_name, s.listen, s.roles, s.labels)?;
         let model_dirs = check_model_dirs(s.model_dirs.unwrap_or_default())?;
         let (llama_server, rpc_server) = executables(s.llama_server, s.rpc_server)?;
+        let fit_params_bin = fit_params_path(&llama_server, s.fit_params_bin);
         let ports = Ports::check(
             node.listen,
             s.port_range,
@@ -562,6 +578,8 @@ impl Config {
             model_dirs,
             llama_server,
             rpc_server,
+            fit_params_bin,
+            fit_params_timeout: DEFAULT_FIT_PARAMS_TIMEOUT,
             port_range: ports.port_range,
             rpc_port_range: ports.rpc_port_range,
             instance_host: ports.instance_host,
@@ -631,6 +649,7 @@ struct Settings {
     model_dirs: Option<Vec<PathBuf>>,
     llama_server: Option<PathBuf>,
     rpc_server: Option<PathBuf>,
+    fit_params_bin: Option<PathBuf>,
     port_range: Option<String>,
     rpc_port_range: Option<String>,
     instance_host: Option<String>,
@@ -777,6 +796,7 @@ impl Settings {
             model_dirs: args.model_dirs.or(file.model_dirs),
             llama_server: args.llama_server.or(file.llama_server),
             rpc_server: args.rpc_server.or(file.rpc_server),
+            fit_params_bin: args.fit_params_bin.or(file.fit_params_bin),
             port_range: args.port_range.or(file.port_range),
             rpc_port_range: args.rpc_port_range.or(file.rpc_port_range),
             instance_host: args.instance_host.or(file.instance_host),
@@ -896,6 +916,21 @@ impl NodeKeys {
             roles,
             labels,
         })
+    }
+}
+
+/// How long one llama-fit-params run may take: it reads only the header
+/// and builds buffer layouts, seconds even for the largest models (and
+/// under the controller's 30 s deadline for one agent call).
+pub const DEFAULT_FIT_PARAMS_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// llama-fit-params: `given` made absolute (relative to the working
+/// directory; it need not exist), else beside `llama_server`.
+fn fit_params_path(llama_server: &Path, given: Option<PathBuf>) -> PathBuf {
+    match given {
+        Some(p) if p.is_absolute() => p,
+        Some(p) => std::env::current_dir().map(|d| d.join(&p)).unwrap_or(p),
+        None => llama_server.with_file_name(DEFAULT_FIT_PARAMS),
     }
 }
 

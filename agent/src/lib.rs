@@ -10,6 +10,8 @@
 //!   under a root directory; [`procfs`]: process identity and signals.
 //! * [`loadlog`]: llama.cpp's load log → the buffers it really allocated.
 //! * [`llamabuild`]: the node's llama.cpp build (version, GPU devices, RPC).
+//! * [`engine`]: llama.cpp's own memory projection (`llama-fit-params`),
+//!   bounded, one run at a time, cached (ProjectMemory).
 //! * [`supervisor`]: instances (llama-server and ggml-rpc-server): spawn,
 //!   watch, restart, stop, re-adopt.
 //! * [`copy`]: model files between agents (FetchModel / PullModel),
@@ -28,6 +30,7 @@ pub mod cli;
 pub mod config;
 pub mod copy;
 pub mod daemon;
+pub mod engine;
 pub mod error;
 pub mod gguf;
 pub mod llamabuild;

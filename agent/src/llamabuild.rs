@@ -63,6 +63,13 @@ pub async fn probe(config: &Config) -> LlamaBuild {
             "no ggml-rpc-server: this node cannot hold a share of a split model"
         );
     }
+    if !is_executable(&config.fit_params_bin) {
+        tracing::warn!(
+            fit_params_bin = %config.fit_params_bin.display(),
+            "no llama-fit-params: the controller's estimate cannot be checked against llama.cpp's \
+             own projection on this node"
+        );
+    }
     if config.rpc_server.parent() != config.llama_server.parent() {
         tracing::warn!(
             rpc_server = %config.rpc_server.display(),

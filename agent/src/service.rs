@@ -7,7 +7,7 @@
 
 use crate::error::Error;
 use crate::supervisor::{StartRequest, Supervisor};
-use proto::domain::{AgentEvent, AgentEventKind, LogLine};
+use proto::domain::{AgentEvent, AgentEventKind, LogLine, ProjectionRequest, projection};
 use proto::tls::{Access, Policy, Role};
 use proto::v1;
 use std::pin::Pin;
@@ -107,14 +107,16 @@ pub struct AgentApi {
     mutations: std::sync::Arc<TokenBucket>,
     /// Model copies into this node.
     copies: crate::copy::Copies,
+    /// llama.cpp's memory projection (ProjectMemory).
+    engine: std::sync::Arc<crate::engine::Engine>,
 }
 
 impl AgentApi {
     /// A service whose streams end when `shutdown` is cancelled; open to
     /// every caller (plaintext) until [`AgentApi::with_access`].
     pub fn new(supervisor: Supervisor, shutdown: CancellationToken) -> AgentApi {
+        let (bin, timeout) = supervisor_fit_params(&supervisor);
         AgentApi {
-            supervisor,
             shutdown,
             access: Access::open(),
             mutations: std::sync::Arc::new(TokenBucket::new(
@@ -123,6 +125,8 @@ impl AgentApi {
                 Instant::now(),
             )),
             copies: crate::copy::Copies::default(),
+            engine: std::sync::Arc::new(crate::engine::Engine::new(bin, timeout)),
+            supervisor,
         }
     }
 
@@ -147,6 +151,12 @@ impl AgentApi {
         self.access = access;
         self
     }
+}
+
+/// The configured llama-fit-params and its deadline.
+fn supervisor_fit_params(s: &Supervisor) -> (std::path::PathBuf, Duration) {
+    let c = s.config();
+    (c.fit_params_bin.clone(), c.fit_params_timeout)
 }
 
 /// Sends one message, waiting for a slow client only until shutdown; false
@@ -338,6 +348,29 @@ impl v1::agent_service_server::AgentService for AgentApi {
         req: Request<v1::FetchModelRequest>,
     ) -> Result<Response<Self::FetchModelStream>, Status> {
         self.fetch(req).await.map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(model = %req.get_ref().model_id.escape_debug(), ctx = req.get_ref().context_size))]
+    async fn project_memory(
+        &self,
+        req: Request<v1::ProjectMemoryRequest>,
+    ) -> Result<Response<v1::ProjectMemoryResponse>, Status> {
+        self.access.check("ProjectMemory", &req)?;
+        let r = ProjectionRequest::try_from(req.into_inner()).map_err(Error::from)?;
+        let path = self
+            .supervisor
+            .model_part_path(&r.model_id, 0)
+            .ok_or_else(|| Error::UnknownModel {
+                id: r.model_id.clone(),
+            })?;
+        // In its own task: a caller that leaves does not cut a run short
+        // (its answer is cached for the next one).
+        let engine = self.engine.clone();
+        let (answer, cached) =
+            tokio::spawn(async move { engine.project(&path, &r.settings).await })
+                .await
+                .map_err(|e| Status::internal(format!("projection task failed: {e}")))?;
+        Ok(Response::new(projection::answer_to_wire(&answer, cached)))
     }
 
     type PullModelStream = ResponseStream<v1::CopyProgress>;

@@ -9,6 +9,7 @@ use crate::events::Events;
 use crate::observe::{Observed, instances_by_request};
 use crate::ondemand::{Demanded, Usage};
 use crate::placement::{self, Breakdown, PlaceRequest, estimate_options, used_by_node};
+use crate::projections;
 use crate::store::{Compare, Op, Store};
 use proto::domain::{CatalogEntry, EditorMode, InstanceState, ModelStatus, NodeStatus, Placement};
 use proto::tls::{Access, Policy, Role};
@@ -98,6 +99,55 @@ impl ControllerApi {
         self
     }
 
+    /// The nodes as placement sees them, after asking the nodes that hold
+    /// catalog model `model` for llama.cpp's projection at its first
+    /// setting (`context`, else the catalog's default, with the catalog's
+    /// cache types) unless they were asked; with `wait`, a few seconds for
+    /// the answers.
+    async fn checked_nodes(
+        &self,
+        catalog: &std::collections::BTreeMap<String, CatalogEntry>,
+        model: &str,
+        context: Option<u32>,
+        wait: bool,
+    ) -> Vec<crate::nodes::NodeState> {
+        let nodes = self.observed.node_states(Instant::now());
+        let Some(e) = catalog.get(model) else {
+            return nodes;
+        };
+        let ctx = context.unwrap_or(e.default_context).max(1);
+        let opts = estimate_options(ctx, e.parallel.max(1), &e.cache_type_k, &e.cache_type_v);
+        let asked = projections::ensure(&self.observed, &self.events, &nodes, &e.model_id, &opts);
+        if !wait || asked.is_empty() {
+            return nodes;
+        }
+        self.observed
+            .projections()
+            .wait(&asked, projections::WAIT)
+            .await;
+        self.observed.node_states(Instant::now())
+    }
+
+    /// Asks for llama.cpp's projection at the setting a decision chose, in
+    /// the background (the next decision at that setting uses it).
+    fn check_chosen(
+        &self,
+        catalog: &std::collections::BTreeMap<String, CatalogEntry>,
+        model: &str,
+        nodes: &[crate::nodes::NodeState],
+        d: &placement::Decision,
+    ) {
+        if let (Some(e), Some(b)) = (catalog.get(model), &d.estimate) {
+            let opts = estimate_options(
+                b.context_size,
+                e.parallel.max(1),
+                &b.cache_type_k,
+                &b.cache_type_v,
+            );
+            projections::ensure(&self.observed, &self.events, nodes, &e.model_id, &opts);
+        }
+    }
+
     /// Decides, and unless dry run records, a placement.
     pub async fn place(&self, r: v1::PlaceRequest) -> Result<v1::PlaceResponse, Error> {
         let mut req = place_request(&r)?;
@@ -123,8 +173,11 @@ impl ControllerApi {
             return self.make_resident(v).await;
         }
         let plain: Vec<Placement> = placed.iter().map(|v| v.value.clone()).collect();
-        let nodes = self.observed.node_states(Instant::now());
+        let nodes = self
+            .checked_nodes(&catalog, &req.model, req.context, true)
+            .await;
         let mut d = placement::place(&nodes, &plain, &catalog, &req);
+        self.check_chosen(&catalog, &req.model, &nodes, &d);
         if let Some(p) = d.placement.as_mut() {
             crate::lifecycle::continue_after(p, self.observed.max_generation(&p.name));
             p.placed_at_unix_ms = now_unix_ms();
@@ -249,7 +302,9 @@ impl ControllerApi {
             });
         }
         let plain: Vec<Placement> = placed.iter().map(|v| v.value.clone()).collect();
-        let nodes = self.observed.node_states(Instant::now());
+        // A request waits for its model: llama.cpp's check is asked in the
+        // background and used by the next decision.
+        let nodes = self.checked_nodes(&catalog, &entry.name, None, false).await;
         let outcome = crate::ondemand::decide(&nodes, &plain, &catalog, entry, &self.usage, now);
         let (decision, evicted) = match outcome {
             Demanded::Wait {
@@ -339,6 +394,22 @@ impl From<Breakdown> for v1::EstimateBreakdown {
             cache_type_v: b.cache_type_v,
         }
     }
+}
+
+/// `states` as node `node`'s plan rows see them: sized like a placement
+/// (a real load anywhere in the cluster beats the formula), checked
+/// against that node's own llama.cpp projection only.
+fn plan_view(states: &[crate::nodes::NodeState], node: &str) -> Vec<crate::nodes::NodeState> {
+    states
+        .iter()
+        .map(|s| {
+            let mut s = s.clone();
+            if s.name != node {
+                s.engine.clear();
+            }
+            s
+        })
+        .collect()
 }
 
 impl From<crate::events::ClusterEvent> for v1::ClusterEvent {
@@ -667,6 +738,29 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
         if !r.node.is_empty() && !states.iter().any(|n| n.name == r.node) {
             return Err(Error::NotFound(format!("no node named `{}`", r.node)).into());
         }
+        // llama.cpp's own projection of each row, asked of its node's agent
+        // the first time and waited for a few seconds.
+        let shown: Vec<_> = states
+            .iter()
+            .filter(|n| r.node.is_empty() || n.name == r.node)
+            .cloned()
+            .collect();
+        let mut asked = Vec::new();
+        for &ctx in &contexts {
+            let opts = estimate_options(ctx, e.parallel, &ctk, &ctv);
+            asked.extend(projections::ensure(
+                &self.observed,
+                &self.events,
+                &shown,
+                &e.model_id,
+                &opts,
+            ));
+        }
+        self.observed
+            .projections()
+            .wait(&asked, projections::WAIT)
+            .await;
+        let states = self.observed.node_states(Instant::now());
         let used = used_by_node(&states, &plain, &[]);
         let mut rows = Vec::new();
         for n in states
@@ -677,12 +771,24 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
                 continue;
             };
             let avail = n.free(&used);
+            let view = plan_view(&states, &n.name);
             for &ctx in &contexts {
                 // Sized like a placement: a real load at these settings
                 // anywhere in the cluster beats the formula.
                 let opts = estimate_options(ctx, e.parallel, &ctk, &ctv);
-                let (s, on) = placement::sized_estimate(&states, &e.model_id, p, &opts);
-                let est = Breakdown::from_sourced(&s, on, ctx, &ctk, &ctv);
+                let est =
+                    placement::checked_breakdown(&view, &e.model_id, p, &opts, (ctx, &ctk, &ctv));
+                let pending = est.engine.is_none()
+                    && asked
+                        .iter()
+                        .any(|k| k.node == n.name && k.matches(&e.model_id, &opts));
+                let mut notes = est.notes();
+                if pending {
+                    notes.push(format!(
+                        "engine check on {} still running; using the formula (plan again to see it)",
+                        n.name
+                    ));
+                }
                 let need = est.total_bytes + placement::margin(est.total_bytes);
                 // A node the controller does not hear from fits nothing now.
                 let live = n.liveness == crate::nodes::Liveness::Ready;
@@ -709,6 +815,10 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
                             proto::domain::NodeStatus::from(n.liveness).as_str()
                         )
                     },
+                    formula_total_bytes: est.formula_total_bytes,
+                    engine_total_bytes: est.engine_total_bytes,
+                    estimate_used: est.used().to_owned(),
+                    estimate_notes: notes,
                 });
             }
         }

@@ -1,7 +1,8 @@
 //! halo-controller as a library: the memory estimate ([`estimate`]), the
 //! desired-state store ([`store`]), placement as a pure function
 //! ([`placement`]), the view of agents ([`observe`]), reconcile and node
-//! loss ([`reconcile`]), a replica's generations and a split's sides
+//! loss ([`reconcile`]), llama.cpp's own projections asked of the agents
+//! ([`projections`]), a replica's generations and a split's sides
 //! ([`lifecycle`]), the gRPC API ([`api`]) with the gateways' routing
 //! table ([`routes`]), user keys ([`keys`]), bench results ([`bench`]),
 //! models on demand ([`ondemand`]) and model copies ([`copies`]), configuration ([`config`]),
@@ -27,6 +28,7 @@ pub mod nodes;
 pub mod observe;
 pub mod ondemand;
 pub mod placement;
+pub mod projections;
 pub mod reconcile;
 pub mod routes;
 pub mod split;

@@ -9,6 +9,7 @@
 //! agent reported them, else the placement's estimate; a split's shares
 //! count on each of their nodes.
 
+use crate::estimate::engine::EngineRecord;
 use crate::estimate::{CacheType, EstimateOptions, FlashAttn, ObservedRecord};
 use proto::domain::{InstanceOptions, ModelParams, Placement, Replica};
 use std::collections::{BTreeMap, HashMap};
@@ -53,6 +54,9 @@ pub struct NodeState {
     /// model and settings of each. New requests for the same model and
     /// settings are sized by them instead of the formula.
     pub loads: Vec<ObservedRecord>,
+    /// llama.cpp's own projections its agent answered (`ProjectMemory`):
+    /// the formula is checked against them.
+    pub engine: Vec<EngineRecord>,
     /// What splitting a model across nodes needs to know of it.
     pub split: SplitCaps,
     /// The extra llama-server flags its agent allows (`allowed_flags`);
@@ -235,6 +239,7 @@ mod tests {
                 .map(|(k, v)| ((*k).to_owned(), *v))
                 .collect(),
             loads: Vec::new(),
+            engine: Vec::new(),
             split: SplitCaps::default(),
             allowed_flags: None,
         }

@@ -136,6 +136,8 @@ pub struct Observed {
     /// Why the last start of a request id was refused (by its agent, or by
     /// this controller before sending it), while it has no instance.
     start_refusals: Arc<std::sync::Mutex<BTreeMap<String, String>>>,
+    /// llama.cpp's projections asked of the agents.
+    projections: crate::projections::Projections,
 }
 
 impl Observed {
@@ -167,7 +169,31 @@ impl Observed {
             changed: Arc::new(Notify::new()),
             timing,
             start_refusals: Arc::default(),
+            projections: crate::projections::Projections::default(),
         }
+    }
+
+    /// llama.cpp's projections asked of the agents, and their answers.
+    pub fn projections(&self) -> &crate::projections::Projections {
+        &self.projections
+    }
+
+    /// The agent address of `node`.
+    pub fn address(&self, node: &str) -> Option<String> {
+        self.read().get(node).map(|n| n.config.address.clone())
+    }
+
+    /// What `node` reported of `model_id`'s header.
+    pub fn model_params(&self, node: &str, model_id: &str) -> Option<ModelParams> {
+        self.read()
+            .get(node)?
+            .models
+            .iter()
+            .find(|m| m.id == model_id)
+            .and_then(|m| match &m.status {
+                ModelStatus::Ok(p) => Some((**p).clone()),
+                ModelStatus::Broken(_) => None,
+            })
     }
 
     fn refusals(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
@@ -257,6 +283,7 @@ impl Observed {
 
     /// Placement's view of every node at `now`.
     pub fn node_states(&self, now: Instant) -> Vec<NodeState> {
+        let mut engine = self.projections.by_node();
         self.read()
             .values()
             .map(|n| {
@@ -284,6 +311,7 @@ impl Observed {
                         })
                         .collect(),
                     loads: n.instances.values().filter_map(load_record).collect(),
+                    engine: engine.remove(&n.config.name).unwrap_or_default(),
                     split: n
                         .identity
                         .as_ref()

@@ -34,8 +34,10 @@ pub use crate::nodes::{
     instance_estimate_options, margin, used_by_node,
 };
 
+use crate::estimate::engine::{self, EngineCheck};
 use crate::estimate::{
     EstimateOptions, EstimateSource, SourcedEstimate, estimate_with_observed, observed::Sources,
+    rules,
 };
 use candidates::Candidates;
 use fallback::with_split;
@@ -139,6 +141,14 @@ pub struct Breakdown {
     pub observed_on: Option<String>,
     /// What the formula alone gives, for comparison.
     pub formula_total_bytes: u64,
+    /// The formula checked against llama.cpp's own projection on a node,
+    /// when an agent answered.
+    pub engine: Option<EngineCheck>,
+    /// The total with llama.cpp's figures, when it answered.
+    pub engine_total_bytes: Option<u64>,
+    /// "estimate: generic rules for ARCH" for an architecture halo has no
+    /// rules of its own for.
+    pub generic_rules: Option<String>,
 }
 
 impl Breakdown {
@@ -147,6 +157,10 @@ impl Breakdown {
             (EstimateSource::Observed, Some(n)) => format!("observed on {n}"),
             (EstimateSource::Observed, None) => "observed".to_owned(),
             (EstimateSource::Formula, _) => "formula".to_owned(),
+            (EstimateSource::Engine, _) => match &self.engine {
+                Some(c) => format!("llama.cpp on {}", c.node()),
+                None => "llama.cpp".to_owned(),
+            },
         }
     }
 
@@ -166,24 +180,73 @@ impl Breakdown {
             .any(|(_, _, s)| *s == EstimateSource::Observed)
     }
 
-    /// The estimate's source in a few words: "formula", "observed on
-    /// halo1", or "observed on halo1 (output: formula)" when mixed.
-    pub fn source(&self) -> String {
-        if !self.observed() {
-            return "formula".to_owned();
+    /// Which estimate is used, in one word: `observed` when any figure
+    /// came from a real load, else `engine` when any came from llama.cpp's
+    /// projection, else `formula`.
+    pub fn used(&self) -> &'static str {
+        let any = |want: EstimateSource| self.figures().iter().any(|(_, _, s)| *s == want);
+        if any(EstimateSource::Observed) {
+            "observed"
+        } else if any(EstimateSource::Engine) {
+            "engine"
+        } else {
+            "formula"
         }
-        let from_formula: Vec<&str> = self
-            .figures()
-            .iter()
-            .filter(|(_, _, s)| *s == EstimateSource::Formula)
-            .map(|(n, _, _)| *n)
-            .collect();
-        let on = self.tag(EstimateSource::Observed);
-        if from_formula.is_empty() {
+    }
+
+    /// The estimate's source in a few words: "formula", "observed on
+    /// halo1", "llama.cpp on halo1", or "observed on halo1 (output:
+    /// formula)" when mixed.
+    pub fn source(&self) -> String {
+        let main = match self.used() {
+            "observed" => EstimateSource::Observed,
+            "engine" => EstimateSource::Engine,
+            _ => return "formula".to_owned(),
+        };
+        let mut others: Vec<(String, Vec<&str>)> = Vec::new();
+        for (n, _, s) in self.figures() {
+            if s == main {
+                continue;
+            }
+            let tag = self.tag(s);
+            match others.iter_mut().find(|(t, _)| *t == tag) {
+                Some((_, names)) => names.push(n),
+                None => others.push((tag, vec![n])),
+            }
+        }
+        let on = self.tag(main);
+        if others.is_empty() {
             on
         } else {
-            format!("{on} ({}: formula)", from_formula.join(", "))
+            let rest: Vec<String> = others
+                .iter()
+                .map(|(t, names)| format!("{}: {t}", names.join(", ")))
+                .collect();
+            format!("{on} ({})", rest.join("; "))
         }
+    }
+
+    /// What the decision and the plan say about the estimate: the generic
+    /// rules note and the check against llama.cpp.
+    pub fn notes(&self) -> Vec<String> {
+        let observed = self.used() == "observed";
+        self.generic_rules
+            .iter()
+            .cloned()
+            .chain(self.engine.iter().map(|c| c.note_when(observed)))
+            .collect()
+    }
+
+    /// `self` with the check against llama.cpp (`check`, of the estimate
+    /// `s`) and the note for an architecture without rules of its own.
+    pub fn checked(mut self, s: &SourcedEstimate, check: Option<EngineCheck>, arch: &str) -> Self {
+        self.engine_total_bytes = match &check {
+            Some(EngineCheck::Compared(c)) => Some(engine::engine_total(s, c)),
+            _ => None,
+        };
+        self.engine = check;
+        self.generic_rules = rules::generic_rules_note(arch);
+        self
     }
 
     /// "weights 1.00 GiB (observed on halo1) + KV … (formula) + …": each
@@ -217,6 +280,9 @@ impl Breakdown {
             sources: s.sources,
             observed_on: on,
             formula_total_bytes: s.formula.total_bytes,
+            engine: None,
+            engine_total_bytes: None,
+            generic_rules: None,
         }
     }
 }
@@ -270,6 +336,50 @@ pub fn sized_estimate(
         }
     }
     (estimate_with_observed(model_id, params, opts, &[]), None)
+}
+
+/// The estimate of `model_id` under `opts` as [`sized_estimate`] gives
+/// it, checked against llama.cpp's projection when a node's agent
+/// answered for these settings (the first node with a projection, else
+/// the first that said why it has none): llama.cpp's figures replace the
+/// formula's when they disagree by more than 2 %.
+pub fn sized_estimate_checked(
+    nodes: &[NodeState],
+    model_id: &str,
+    params: &ModelParams,
+    opts: &EstimateOptions,
+) -> (SourcedEstimate, Option<String>, Option<EngineCheck>) {
+    let (s, on) = sized_estimate(nodes, model_id, params, opts);
+    let answers = || {
+        nodes.iter().flat_map(|n| {
+            n.engine
+                .iter()
+                .filter(|r| r.matches(model_id, opts))
+                .map(move |r| (n.name.as_str(), r))
+        })
+    };
+    let record = answers()
+        .find(|(_, r)| r.answer.is_ok())
+        .or_else(|| answers().next());
+    let check = record.map(|(node, r)| EngineCheck::new(node, params, opts, &r.answer));
+    let s = match &check {
+        Some(c) => engine::apply(s, c),
+        None => s,
+    };
+    (s, on, check)
+}
+
+/// The breakdown of [`sized_estimate_checked`] at context `ctx` with
+/// `ctk`/`ctv` caches.
+pub fn checked_breakdown(
+    nodes: &[NodeState],
+    model_id: &str,
+    params: &ModelParams,
+    opts: &EstimateOptions,
+    (ctx, ctk, ctv): (u32, &str, &str),
+) -> Breakdown {
+    let (s, on, check) = sized_estimate_checked(nodes, model_id, params, opts);
+    Breakdown::from_sourced(&s, on, ctx, ctk, ctv).checked(&s, check, &params.architecture)
 }
 
 /// A unique placement name for `base`.
@@ -378,6 +488,16 @@ pub fn place(
         used: used_by_node(nodes, placements, &[]),
     };
     let mut est = Estimates::new(nodes, &entry.model_id, r.parallel, &ladder.attempts);
+    let mut d = decide(&r, &ladder, &mut est);
+    if let Some(b) = &d.estimate {
+        d.explanation.extend(b.notes());
+    }
+    d
+}
+
+/// [`place`]'s steps after the ladder.
+fn decide(r: &Request<'_>, ladder: &Ladder, est: &mut Estimates<'_>) -> Decision {
+    let (entry, req) = (r.entry, r.req);
 
     if let Some(k) = req.split_across {
         let d = Decision::refused(vec![if r.candidates.len() < 2 {
@@ -393,16 +513,16 @@ pub fn place(
                 entry.name
             )
         }]);
-        return with_split(d, &r, &ladder, &format!("{k} nodes were asked for"));
+        return with_split(d, r, ladder, &format!("{k} nodes were asked for"));
     }
-    if let Some(d) = single::larger_than_any(&r, &ladder, &mut est) {
-        return with_split(d, &r, &ladder, "the model is larger than any single node");
+    if let Some(d) = single::larger_than_any(r, ladder, est) {
+        return with_split(d, r, ladder, "the model is larger than any single node");
     }
-    match single::choose(&r, &ladder, &mut est) {
-        Some(chosen) => single::decide(&r, &ladder, &mut est, chosen),
+    match single::choose(r, ladder, est) {
+        Some(chosen) => single::decide(r, ladder, est, chosen),
         None => {
-            let d = single::no_room(&r, &ladder, &mut est);
-            with_split(d, &r, &ladder, "no single node has room for it")
+            let d = single::no_room(r, ladder, est);
+            with_split(d, r, ladder, "no single node has room for it")
         }
     }
 }

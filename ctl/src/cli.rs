@@ -161,7 +161,8 @@ pub enum Command {
         haloctl completions fish > ~/.config/fish/completions/haloctl.fish")]
     Completions(CompletionsArgs),
     /// Memory needed per context size and node: a catalog model (asks the
-    /// controller) or a GGUF file (offline).
+    /// controller, which checks its formula against llama.cpp's own
+    /// projection on each node and shows both) or a GGUF file (offline).
     #[command(after_help = "Examples:\n  \
         haloctl plan deepseek-v3.1-1bit\n  \
         haloctl plan ~/models/Qwen3-Coder-30B-A3B-Q8_0.gguf\n  \

@@ -254,6 +254,17 @@ pub struct PlanRowJson {
     pub fits: bool,
     /// The arithmetic in words.
     pub reason: String,
+    /// What halo's formula gives (total).
+    pub formula_total_bytes: u64,
+    /// What llama.cpp's own projection on the node gives (total, with
+    /// halo's output buffer), when its agent answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine_total_bytes: Option<u64>,
+    /// The figure used: `formula`, `engine` or `observed`.
+    pub estimate_used: String,
+    /// About the estimate: generic rules, the check against llama.cpp.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub estimate_notes: Vec<String>,
 }
 
 /// `haloctl events -o json`: one object per line.
@@ -1050,6 +1061,14 @@ pub fn plan_json(rows: &[v1::PlanRow]) -> Vec<PlanRowJson> {
             available_bytes: r.available_bytes,
             fits: r.fits,
             reason: r.reason.clone(),
+            formula_total_bytes: r.formula_total_bytes,
+            engine_total_bytes: r.engine_total_bytes,
+            estimate_used: if r.estimate_used.is_empty() {
+                "formula".to_owned()
+            } else {
+                r.estimate_used.clone()
+            },
+            estimate_notes: r.estimate_notes.clone(),
         })
         .collect()
 }
@@ -1069,9 +1088,13 @@ pub fn render_plan(model: &str, rows: &[PlanRowJson]) -> String {
         "KV CACHE",
         "COMPUTE",
         "TOTAL",
+        "FORMULA",
+        "LLAMA.CPP",
+        "USED",
         "AVAILABLE",
         "FITS?",
     ]);
+    let mut notes: Vec<String> = Vec::new();
     for r in rows {
         t.row([
             r.node.clone(),
@@ -1080,13 +1103,37 @@ pub fn render_plan(model: &str, rows: &[PlanRowJson]) -> String {
             bytes(r.kv_bytes),
             bytes(r.compute_bytes),
             bytes(r.total_bytes),
+            bytes(r.formula_total_bytes),
+            r.engine_total_bytes.map_or_else(|| "-".to_owned(), bytes),
+            r.estimate_used.clone(),
             bytes(r.available_bytes),
             if r.fits { "yes" } else { "no" }.into(),
         ]);
+        for n in &r.estimate_notes {
+            // The architecture's note once; the others per row.
+            let line = if n.starts_with("estimate: ") {
+                n.clone()
+            } else {
+                format!("{} at {}: {n}", r.node, r.ctx)
+            };
+            if !notes.contains(&line) {
+                notes.push(line);
+            }
+        }
     }
-    let mut s =
-        format!("{model}: memory per node and context (fits = total + margin <= available)\n\n");
+    let mut s = format!(
+        "{model}: memory per node and context (fits = total + margin <= available; \
+         TOTAL is the USED estimate: halo's FORMULA, LLAMA.CPP's own projection on the node, \
+         or what a real load OBSERVED)\n\n"
+    );
     s.push_str(&t.render());
+    if !notes.is_empty() {
+        s.push('\n');
+        for n in notes {
+            s.push_str(&n);
+            s.push('\n');
+        }
+    }
     s
 }
 

@@ -10,7 +10,7 @@ use crate::cli::PlanArgs;
 use crate::inspect::{load, summary};
 use crate::output::{Format, Table, bytes, print, print_json};
 use agent::probe::Probe;
-use controller::estimate::{CacheType, Estimate, EstimateOptions, estimate};
+use controller::estimate::{CacheType, Estimate, EstimateOptions, estimate, rules};
 use proto::domain::ModelParams;
 use serde::Serialize;
 
@@ -56,6 +56,10 @@ pub struct Plan {
     pub fits_any: bool,
     /// What would fit instead, in words, when something does not.
     pub advice: Vec<String>,
+    /// About the estimate: "estimate: generic rules for ARCH" for an
+    /// architecture halo has no rules of its own for.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// Whether `haloctl plan MODEL` means a file (offline) rather than a
@@ -148,6 +152,9 @@ pub fn make_plan(args: &PlanArgs) -> Result<Plan, Failure> {
         .collect();
     let fits_any = rows.iter().any(|r| r.fits);
     let advice = advice(&params, &rows, budget_bytes, args.parallel, k, v);
+    let notes = rules::generic_rules_note(&params.architecture)
+        .into_iter()
+        .collect();
     Ok(Plan {
         path: args.model.display().to_string(),
         model: params,
@@ -159,6 +166,7 @@ pub fn make_plan(args: &PlanArgs) -> Result<Plan, Failure> {
         rows,
         fits_any,
         advice,
+        notes,
     })
 }
 
@@ -271,6 +279,11 @@ fn render(plan: &Plan) -> String {
     let p = &plan.model;
     let mut s = String::new();
     s.push_str(&format!("{}\n{}\n", plan.path, summary(p)));
+    for n in &plan.notes {
+        s.push_str(&format!(
+            "{n} (no llama.cpp check offline: `haloctl plan CATALOG-NAME` asks a node)\n"
+        ));
+    }
     s.push_str(&format!(
         "budget {} ({}); KV cache {}/{}; {} slot{}\n\n",
         bytes(plan.budget_bytes),

@@ -364,8 +364,18 @@ fn remote_plan_table_matches_its_snapshot() {
         available_bytes: 116 * GIB,
         fits,
         reason: String::new(),
+        formula_total_bytes: 158 * GIB + kv + 401 * MIB,
+        engine_total_bytes: None,
+        estimate_used: "formula".into(),
+        estimate_notes: Vec::new(),
     };
-    let rows = [row(16384, 1100 * MIB, false), row(8192, 550 * MIB, false)];
+    let mut checked = row(8192, 550 * MIB, false);
+    checked.engine_total_bytes = Some(158 * GIB + 560 * MIB + 401 * MIB);
+    checked.estimate_notes = vec![
+        "formula confirmed by llama.cpp's projection on halo1: 158.8 GiB vs 158.8 GiB (-0.0 %)"
+            .into(),
+    ];
+    let rows = [row(16384, 1100 * MIB, false), checked];
     check(
         "plan-remote",
         &render_plan("deepseek-v3.1-1bit", &plan_json(&rows)),

@@ -4,7 +4,8 @@
 # them (copied to the same paths, dynamic loader included), a passwd entry
 # for the unprivileged user and the directories the daemon writes.
 #
-#   halo-agent       halo-agent + llama-server + ggml-rpc-server + every
+#   halo-agent       halo-agent + llama-server + ggml-rpc-server +
+#                    llama-fit-params (the estimate's check) + every
 #                    lib*.so* of the llama.cpp bin dir (/opt/llama.cpp/bin)
 #   halo-controller  halo-controller (+ haloctl), when the binary exists
 #   halo-etcd        etcd (+ etcdctl) from Debian's etcd-server package
@@ -158,7 +159,7 @@ if wants agent; then
         # is $ORIGIN; a backend loaded with dlopen is not in ldd's list).
         install -d "$root/opt/llama.cpp/bin"
         find "$llama_dir" -maxdepth 1 -name 'lib*.so*' -exec cp -P -t "$root/opt/llama.cpp/bin" {} +
-        for exe in llama-server ggml-rpc-server; do
+        for exe in llama-server ggml-rpc-server llama-fit-params; do
             if [ -x "$llama_dir/$exe" ]; then
                 add_bin "$root" "$llama_dir/$exe" "/opt/llama.cpp/bin/$exe"
             else

@@ -96,11 +96,25 @@ fn start(r: v1::StartInstanceRequest) {
     }
 }
 
+/// ProjectMemory's checks: the request's conversion (the model id, bounded
+/// settings); what converts survives the wire.
+fn project(r: v1::ProjectMemoryRequest) {
+    match proto::domain::ProjectionRequest::try_from(r) {
+        Ok(p) => {
+            let back = proto::domain::ProjectionRequest::try_from(v1::ProjectMemoryRequest::from(
+                p.clone(),
+            ));
+            assert_eq!(back.as_ref(), Ok(&p));
+        }
+        Err(e) => answer(e.into()),
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some((&which, rest)) = data.split_first() else {
         return;
     };
-    match which % 8 {
+    match which % 9 {
         0 => {
             let _ = decode::<v1::GetNodeRequest>(rest);
         }
@@ -127,6 +141,11 @@ fuzz_target!(|data: &[u8]| {
         6 => {
             // The period is clamped, never refused.
             let _ = decode::<v1::WatchRequest>(rest);
+        }
+        8 => {
+            if let Some(r) = decode::<v1::ProjectMemoryRequest>(rest) {
+                project(r);
+            }
         }
         _ => {
             if let Some(r) = decode::<v1::TailLogsRequest>(rest) {

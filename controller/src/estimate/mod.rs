@@ -22,8 +22,13 @@
 //!
 //! [`observed`] prefers what a real `llama-server` load logged (the agent
 //! parses its instances' logs and reports [`proto::domain::ObservedBuffers`])
-//! over the formulas when such figures exist. The parity tooling that runs
-//! the real `llama-fit-params` and compares is in the `tests` crate
+//! over the formulas when such figures exist. [`engine`] compares the
+//! formula with llama.cpp's own projection, which an agent runs
+//! (`llama-fit-params`, `ProjectMemory`), and takes llama.cpp's figures
+//! when the two disagree by more than 2 %. [`rules`] lists the
+//! architectures with their own rules; any other is estimated with the
+//! generic ones and the estimate's notes say so. The parity tooling that
+//! runs `llama-fit-params` over every fixture is in the `tests` crate
 //! (`tests::parity`, `cargo bench -p tests --bench estimate_parity`).
 //!
 //! Families checked against `llama-fit-params` and `llama-server` on sparse
@@ -60,10 +65,15 @@
 //!   the parameter count, and the notes say so;
 //! * the layer split (`split.rs`) still gives NextN blocks their weights
 //!   and places them like trunk layers.
+//!
+//! Where a node's agent has `llama-fit-params`, [`engine`] catches what
+//! these gaps leave out (a RWKV model's per-slot state, for one).
 
 pub mod compute;
 pub mod context;
+pub mod engine;
 pub mod observed;
+pub mod rules;
 pub mod split;
 
 pub use observed::{EstimateSource, ObservedRecord, SourcedEstimate, estimate_with_observed};
@@ -395,7 +405,9 @@ pub fn nextn_weight_bytes(params: &ModelParams) -> u64 {
 /// `opts`, following llama.cpp's own rules (each cited where applied).
 pub fn estimate(params: &ModelParams, opts: &EstimateOptions) -> Estimate {
     let resolved = Resolved::new(params, opts);
-    let mut notes = Vec::new();
+    let mut notes: Vec<String> = rules::generic_rules_note(&params.architecture)
+        .into_iter()
+        .collect();
     notes.push(format!(
         "context: n_ctx {} (padded to 256), {} sequence(s), {} KV stream(s) of {} cells; \
          batch {}, ubatch {}; flash attention {}",

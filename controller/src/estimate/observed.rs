@@ -16,6 +16,9 @@ pub enum EstimateSource {
     Formula,
     /// A real load's log.
     Observed,
+    /// llama.cpp's own projection (`llama-fit-params` on a node), taken
+    /// when the formula disagrees with it ([`super::engine`]).
+    Engine,
 }
 
 /// What a real load of a model logged, and under which settings.
@@ -96,7 +99,9 @@ pub struct Sources {
 pub struct SourcedEstimate {
     /// The figures used (observed where available).
     pub estimate: Estimate,
-    /// [`EstimateSource::Observed`] when any figure came from a real load.
+    /// [`EstimateSource::Observed`] when any figure came from a real load,
+    /// else [`EstimateSource::Engine`] when any came from llama.cpp's
+    /// projection.
     pub source: EstimateSource,
     /// Per figure.
     pub sources: Sources,

@@ -206,5 +206,8 @@ fn formula_breakdown(e: &Estimate, c: &Choice) -> Breakdown {
         },
         observed_on: None,
         formula_total_bytes: e.total_bytes,
+        engine: None,
+        engine_total_bytes: None,
+        generic_rules: None,
     }
 }

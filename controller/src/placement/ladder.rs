@@ -3,7 +3,7 @@
 //! catalog's KV cache types and then [`FALLBACK_CACHE`]; and the estimate
 //! of one replica at each, computed once per model file.
 
-use super::{Breakdown, FALLBACK_CACHE, PlaceRequest, sized_estimate};
+use super::{Breakdown, FALLBACK_CACHE, PlaceRequest, checked_breakdown};
 use crate::nodes::{NodeState, estimate_options};
 use proto::domain::{CatalogEntry, ModelParams};
 use std::collections::HashMap;
@@ -112,8 +112,7 @@ impl<'a> Estimates<'a> {
             .entry((a, Arc::as_ptr(p)))
             .or_insert_with(|| {
                 let opts = estimate_options(at.ctx, parallel, &at.ctk, &at.ctv);
-                let (s, on) = sized_estimate(nodes, model_id, p, &opts);
-                Breakdown::from_sourced(&s, on, at.ctx, &at.ctk, &at.ctv)
+                checked_breakdown(nodes, model_id, p, &opts, (at.ctx, &at.ctk, &at.ctv))
             })
             .clone()
     }

@@ -9,6 +9,7 @@ pub mod memory;
 pub mod model;
 pub mod node;
 pub mod placement;
+pub mod projection;
 
 pub use bench::{BenchPoint, BenchResult, BenchSetup, Spread};
 pub use catalog::{CatalogEntry, EditorMode};
@@ -23,6 +24,9 @@ pub use node::{AgentEvent, AgentEventKind, NodeIdentity, NodeStatus, Snapshot};
 pub use placement::{
     HelpersState, NodeFit, OomRecord, Placement, PlacementOptions, Replica, ReplicaKey, SplitPlan,
     SplitShare,
+};
+pub use projection::{
+    MemoryProjection, ProjectedDevice, ProjectionAnswer, ProjectionRequest, ProjectionSettings,
 };
 
 /// A wire message that does not describe a valid domain value.
