@@ -9,8 +9,8 @@ use crate::events::Events;
 use crate::observe::{Observed, instances_by_request};
 use crate::ondemand::{Demanded, Usage};
 use crate::placement::{self, Breakdown, PlaceRequest, estimate_options, used_by_node};
-use crate::projections;
 use crate::store::{Compare, Op, Store};
+use crate::{ask_engine, projections};
 use proto::domain::{CatalogEntry, EditorMode, InstanceState, ModelStatus, NodeStatus, Placement};
 use proto::tls::{Access, Policy, Role};
 use proto::units::now_unix_ms;
@@ -117,7 +117,7 @@ impl ControllerApi {
         };
         let ctx = context.unwrap_or(e.default_context).max(1);
         let opts = estimate_options(ctx, e.parallel.max(1), &e.cache_type_k, &e.cache_type_v);
-        let asked = projections::ensure(&self.observed, &self.events, &nodes, &e.model_id, &opts);
+        let asked = ask_engine::ensure(&self.observed, &self.events, &nodes, &e.model_id, &opts);
         if !wait || asked.is_empty() {
             return nodes;
         }
@@ -144,7 +144,7 @@ impl ControllerApi {
                 &b.cache_type_k,
                 &b.cache_type_v,
             );
-            projections::ensure(&self.observed, &self.events, nodes, &e.model_id, &opts);
+            ask_engine::ensure(&self.observed, &self.events, nodes, &e.model_id, &opts);
         }
     }
 
@@ -748,7 +748,7 @@ impl v1::controller_service_server::ControllerService for ControllerApi {
         let mut asked = Vec::new();
         for &ctx in &contexts {
             let opts = estimate_options(ctx, e.parallel, &ctk, &ctv);
-            asked.extend(projections::ensure(
+            asked.extend(ask_engine::ensure(
                 &self.observed,
                 &self.events,
                 &shown,

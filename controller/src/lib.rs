@@ -10,6 +10,7 @@
 //! ([`daemon`]).
 
 pub mod api;
+pub mod ask_engine;
 pub mod bench;
 pub mod cli;
 pub mod config;
