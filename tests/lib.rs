@@ -112,23 +112,31 @@ pub fn port_outside(range: (u16, u16)) -> u16 {
 }
 
 /// `n` consecutive loopback ports that are free now, for an agent's
-/// `--port-range`. The first is drawn from 20000..50000 by time and pid,
-/// not asked of the kernel: `free_port` (port 0) and every outgoing
-/// connection take ports from the ephemeral range (32768..60999), so a
-/// range starting at a port-0 port sits where the other processes of a
-/// concurrent test run are handed theirs, and two test processes asking
-/// at once tend to start near each other. Bounded: panics after 200 tries.
+/// `--port-range`. The first is drawn by time and pid from 10000 up to the
+/// kernel's ephemeral range (`ip_local_port_range`, 32768..60999 by
+/// default), not asked of the kernel: `free_port` (port 0) and every
+/// outgoing connection take ports from the ephemeral range, so a range
+/// there can be handed to another process of a concurrent test run
+/// between this check and the agent's bind (the quick-start builds halo
+/// in that window). Bounded: panics after 200 tries.
 pub fn free_range(n: u16) -> (u16, u16) {
+    let below = ephemeral_low().max(10_000 + 2 * n);
     for _ in 0..200 {
-        let first = 20_000 + (rand_u16() % 30_000);
-        let Some(last) = first.checked_add(n - 1) else {
-            continue;
-        };
+        let first = 10_000 + (rand_u16() % (below - 10_000 - n));
+        let last = first + (n - 1);
         if (first..=last).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {
             return (first, last);
         }
     }
     panic!("no {n} free consecutive ports");
+}
+
+/// The first port of the kernel's ephemeral range (32768 when unreadable).
+fn ephemeral_low() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 fn rand_u16() -> u16 {
