@@ -95,10 +95,12 @@ pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago, drawn below the kernel's
+/// ephemeral range as [`free_range`] explains: a port-0 port can be taken
+/// by another process's outgoing connection before the daemon it is meant
+/// for binds it (etcd lost one that way).
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local addr").port()
+    free_range(1).0
 }
 
 /// A loopback port outside `range`.
@@ -114,8 +116,8 @@ pub fn port_outside(range: (u16, u16)) -> u16 {
 /// `n` consecutive loopback ports that are free now, for an agent's
 /// `--port-range`. The first is drawn by time and pid from 10000 up to the
 /// kernel's ephemeral range (`ip_local_port_range`, 32768..60999 by
-/// default), not asked of the kernel: `free_port` (port 0) and every
-/// outgoing connection take ports from the ephemeral range, so a range
+/// default), not asked of the kernel: port 0 and every outgoing
+/// connection take ports from the ephemeral range, so a range
 /// there can be handed to another process of a concurrent test run
 /// between this check and the agent's bind (the quick-start builds halo
 /// in that window). Bounded: panics after 200 tries.
@@ -140,10 +142,14 @@ fn ephemeral_low() -> u16 {
 }
 
 fn rand_u16() -> u16 {
+    static DRAWS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
-    u16::try_from((t ^ std::process::id().wrapping_mul(2_654_435_761)) % 65_536).unwrap_or(0)
+    let n = DRAWS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mixed =
+        (t ^ std::process::id().wrapping_mul(2_654_435_761)).wrapping_add(n.wrapping_mul(40_503));
+    u16::try_from(mixed % 65_536).unwrap_or(0)
 }
 
 /// A child process killed on drop; its stderr goes to a log file that is
